@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The project's one test command (README, and CI through .ci/run): installs any tool the tests
+# need that is missing, then runs every test. A missing tool is installed or the run fails;
+# no test is skipped for want of one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_cmd() { command -v "$1" >/dev/null 2>&1; }
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "test.sh: installing cargo-nextest" >&2
+  cargo install cargo-nextest --locked
+fi
+
+# Unit and integration tests; nextest runs each test in its own process.
+cargo nextest run --all-targets --no-fail-fast
+# Doc tests (nextest does not run them).
+cargo test --doc --quiet

@@ -1,0 +1,164 @@
+//! Device control routes: `POST /start|stop|reset` for all devices (the C++ original's routes),
+//! `GET /devices`, `GET /devices/{id}` and `POST /devices/{id}/start|stop|reset`.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::Serialize;
+use serde_json::json;
+
+use super::{ApiError, AppState};
+use crate::device::state::{Command, DeviceState};
+use crate::device::{CommandError, CountersSnapshot, DeviceHandle};
+use crate::worker::RollingStats;
+
+/// One device as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct DeviceView {
+    id: String,
+    kind: &'static str,
+    state: DeviceState,
+    consecutive_failures: u32,
+    last_error: Option<String>,
+    #[serde(flatten)]
+    counters: CountersSnapshot,
+    stats: Option<RollingStats>,
+}
+
+impl DeviceView {
+    pub(super) fn new(state: &AppState, device: &DeviceHandle) -> Self {
+        let status = device.status();
+        Self {
+            id: device.id().to_string(),
+            kind: device.kind(),
+            state: status.state,
+            consecutive_failures: status.consecutive_failures,
+            last_error: status.last_error,
+            counters: device.counters(),
+            stats: state.worker.stats(device.id()),
+        }
+    }
+}
+
+/// The state shown for several devices at once: the most severe one.
+pub(super) fn combined_state(devices: &[DeviceHandle]) -> DeviceState {
+    devices
+        .iter()
+        .map(DeviceHandle::state)
+        .max_by_key(|s| s.severity())
+        .unwrap_or_default()
+}
+
+pub(super) async fn start_all(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    command_all(&state, Command::Start).await
+}
+
+pub(super) async fn stop_all(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    command_all(&state, Command::Stop).await
+}
+
+pub(super) async fn reset_all(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    command_all(&state, Command::Reset).await
+}
+
+pub(super) async fn start_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    command_one(&state, &id, Command::Start).await
+}
+
+pub(super) async fn stop_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    command_one(&state, &id, Command::Stop).await
+}
+
+pub(super) async fn reset_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    command_one(&state, &id, Command::Reset).await
+}
+
+pub(super) async fn list_devices(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let devices: Vec<DeviceView> = state
+        .devices
+        .iter()
+        .map(|d| DeviceView::new(&state, d))
+        .collect();
+    Json(json!({ "devices": devices }))
+}
+
+pub(super) async fn get_device(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceView>, ApiError> {
+    let device = state.device(&id)?;
+    Ok(Json(DeviceView::new(&state, device)))
+}
+
+/// Applies `command` to every device. All are tried; if any refuses, the answer is 409 naming
+/// the devices that refused (the others did change).
+async fn command_all(
+    state: &AppState,
+    command: Command,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut refusals = Vec::new();
+    for device in state.devices.iter() {
+        match run(state, device, command).await {
+            Ok(_) => {}
+            Err(CommandError::Illegal(err)) => {
+                refusals.push(format!("device {}: {err}", device.id()))
+            }
+            Err(err @ CommandError::Unavailable(_)) => {
+                return Err(ApiError::Unavailable(err.to_string()));
+            }
+        }
+    }
+    let combined = combined_state(&state.devices);
+    if refusals.is_empty() {
+        Ok(Json(json!({ "ok": true, "state": combined })))
+    } else {
+        Err(ApiError::Conflict {
+            error: refusals.join("; "),
+            state: combined,
+        })
+    }
+}
+
+async fn command_one(
+    state: &AppState,
+    id: &str,
+    command: Command,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let device = state.device(id)?;
+    run(state, device, command).await.map_err(|err| match err {
+        CommandError::Illegal(err) => ApiError::Conflict {
+            error: err.to_string(),
+            state: device.state(),
+        },
+        CommandError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
+    })?;
+    Ok(Json(
+        json!({ "ok": true, "id": device.id(), "state": device.state() }),
+    ))
+}
+
+async fn run(
+    state: &AppState,
+    device: &DeviceHandle,
+    command: Command,
+) -> Result<DeviceState, CommandError> {
+    let next = device.command(command).await?;
+    if command == Command::Reset {
+        state.worker.reset_stats(device.id());
+    }
+    Ok(next)
+}

@@ -1,0 +1,62 @@
+//! The one error type of the HTTP API: every failure is a JSON body with the right status.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::device::state::DeviceState;
+
+/// An API failure. Client errors are not logged as errors; server errors are, once.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed (bad query, bad body).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such route or resource.
+    #[error("{0}")]
+    NotFound(String),
+    /// The route exists but not with this method.
+    #[error("method {0} is not allowed on this route")]
+    MethodNotAllowed(String),
+    /// A state transition the device refuses.
+    #[error("{error}")]
+    Conflict {
+        /// Why it was refused.
+        error: String,
+        /// The (combined) state the device is in.
+        state: DeviceState,
+    },
+    /// The gateway cannot serve this now (shutting down).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict { .. } => StatusCode::CONFLICT,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = match &self {
+            // The C++ original's control routes answered `{"ok": false, ...}`; keep that shape.
+            Self::Conflict { error, state } => {
+                json!({ "ok": false, "error": error, "state": state })
+            }
+            other => json!({ "error": other.to_string() }),
+        };
+        if status.is_server_error() {
+            tracing::error!(status = status.as_u16(), error = %self, "Request failed.");
+        }
+        (status, Json(body)).into_response()
+    }
+}

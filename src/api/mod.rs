@@ -1,0 +1,121 @@
+//! The HTTP API: REST control of the devices, status, samples, health and Prometheus metrics.
+//!
+//! [`router`] builds the axum `Router` from an [`AppState`], which holds only handle types the
+//! pipeline stages export (device handles, the buffer's accounting, the worker's statistics);
+//! the API never reaches into `app`. Routes and JSON field names follow the C++ original so its
+//! clients keep working. Every error is a JSON `{"error": ...}` body.
+
+mod control;
+mod error;
+mod status;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+pub use self::error::ApiError;
+use crate::buffer::RingBuffer;
+use crate::device::DeviceHandle;
+use crate::dispatch::PoolGauges;
+use crate::worker::Worker;
+
+/// Everything the handlers need, cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The devices, in configuration order.
+    pub devices: Arc<[DeviceHandle]>,
+    /// The ring buffer (for its accounting and depth).
+    pub buffer: Arc<RingBuffer>,
+    /// The worker stage (statistics, history, latency).
+    pub worker: Arc<Worker>,
+    /// Batches queued and running on the worker stage.
+    pub pool: Arc<PoolGauges>,
+    /// Worker permits.
+    pub workers: usize,
+    /// The Prometheus recorder's handle.
+    pub prometheus: PrometheusHandle,
+    /// Cancelled when shutdown begins; `/readyz` then answers 503.
+    pub shutdown: CancellationToken,
+    /// When the gateway started.
+    pub started: Instant,
+}
+
+impl AppState {
+    fn device(&self, id: &str) -> Result<&DeviceHandle, ApiError> {
+        self.devices
+            .iter()
+            .find(|d| d.id() == id)
+            .ok_or_else(|| ApiError::NotFound(format!("unknown device `{id}`")))
+    }
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/status", get(status::status))
+        .route("/metrics", get(status::metrics))
+        .route("/samples", get(status::samples))
+        .route("/start", post(control::start_all))
+        .route("/stop", post(control::stop_all))
+        .route("/reset", post(control::reset_all))
+        .route("/devices", get(control::list_devices))
+        .route("/devices/{id}", get(control::get_device))
+        .route("/devices/{id}/start", post(control::start_one))
+        .route("/devices/{id}/stop", post(control::stop_one))
+        .route("/devices/{id}/reset", post(control::reset_one))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(record_request))
+        .with_state(state)
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.shutdown.is_cancelled() {
+        let body = json!({ "status": "shutting_down", "error": "the gateway is shutting down" });
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    } else {
+        axum::Json(json!({ "status": "ready" })).into_response()
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::MethodNotAllowed(method.to_string())
+}
+
+/// Counts every request by method, matched route (never the raw path) and status.
+async fn record_request(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let response = next.run(request).await;
+    crate::metrics::http_request(
+        method.as_str(),
+        &route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}

@@ -1,0 +1,150 @@
+//! Read-only routes: `GET /status`, `GET /metrics` (Prometheus text, or the C++ original's JSON
+//! with `Accept: application/json`) and `GET /samples?limit=N`.
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::control::{DeviceView, combined_state};
+use super::{ApiError, AppState};
+use crate::device::state::DeviceState;
+use crate::sample::ProcessedSample;
+
+/// Prometheus text exposition format.
+const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Samples returned by `GET /samples` when no limit is given.
+const DEFAULT_SAMPLES_LIMIT: usize = 100;
+
+#[derive(Serialize)]
+struct StatusBody {
+    state: DeviceState,
+    latest_sample: Option<ProcessedSample>,
+    metrics: StatusMetrics,
+    devices: Vec<DeviceView>,
+    uptime_seconds: u64,
+    version: &'static str,
+}
+
+#[derive(Serialize)]
+struct StatusMetrics {
+    samples_processed: u64,
+    samples_dropped: u64,
+    pool_jobs_processed: u64,
+    pool_jobs_queued: u64,
+    pool_num_threads: usize,
+    queue_depth: u64,
+    queue_capacity: usize,
+}
+
+pub(super) async fn status(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let ledger = state.buffer.ledger();
+    let body = StatusBody {
+        state: combined_state(&state.devices),
+        latest_sample: state.worker.latest(),
+        metrics: StatusMetrics {
+            samples_processed: ledger.processed,
+            samples_dropped: ledger.dropped.total(),
+            pool_jobs_processed: ledger.batches,
+            pool_jobs_queued: state.pool.queued(),
+            pool_num_threads: state.workers,
+            queue_depth: ledger.in_buffer,
+            queue_capacity: state.buffer.capacity(),
+        },
+        devices: state
+            .devices
+            .iter()
+            .map(|d| DeviceView::new(&state, d))
+            .collect(),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    // Serialising these plain structs cannot fail.
+    Json(serde_json::to_value(body).expect("status serialises"))
+}
+
+pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let wants_json = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/json"));
+    if wants_json {
+        return metrics_json(&state).into_response();
+    }
+    let ledger = state.buffer.ledger();
+    let counters: Vec<_> = state.devices.iter().map(|d| d.counters()).collect();
+    crate::metrics::sync(&crate::metrics::ScrapeView {
+        ledger,
+        capacity: state.buffer.capacity(),
+        uptime: state.started.elapsed(),
+        devices: state
+            .devices
+            .iter()
+            .zip(counters)
+            .map(|(d, c)| (d.id().as_str(), c))
+            .collect(),
+    });
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE),
+        )],
+        state.prometheus.render(),
+    )
+        .into_response()
+}
+
+/// The C++ original's `/metrics` JSON, with real values.
+fn metrics_json(state: &AppState) -> Json<serde_json::Value> {
+    let ledger = state.buffer.ledger();
+    let totals = state.worker.totals();
+    let avg_processing_ms = if totals.batches == 0 {
+        0.0
+    } else {
+        totals.busy.as_secs_f64() * 1000.0 / totals.batches as f64
+    };
+    let p99_ms = state
+        .worker
+        .latency_quantile(0.99)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    Json(json!({
+        "samples_processed": ledger.processed,
+        "samples_dropped": ledger.dropped.total(),
+        "queue_depth": ledger.in_buffer,
+        "latency_p99_ms": p99_ms,
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "thread_pool": {
+            "jobs_processed": ledger.batches,
+            "jobs_queued": state.pool.queued(),
+            "avg_processing_ms": avg_processing_ms,
+            "num_threads": state.workers,
+        },
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SamplesQuery {
+    limit: Option<usize>,
+}
+
+pub(super) async fn samples(
+    State(state): State<AppState>,
+    query: Result<Query<SamplesQuery>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let max = state.worker.history_len();
+    let limit = query.limit.unwrap_or(DEFAULT_SAMPLES_LIMIT.min(max));
+    if !(1..=max).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {max}, got {limit}"
+        )));
+    }
+    let samples = state.worker.recent(limit);
+    Ok(Json(json!({ "count": samples.len(), "samples": samples })))
+}

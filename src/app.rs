@@ -1,0 +1,284 @@
+//! Builds every stage and wires them together on one `TaskTracker` and one root
+//! `CancellationToken`, then runs until a shutdown signal and drains.
+//!
+//! Data flows one way: device tasks → ring buffer → dispatcher → worker stage; the API reads
+//! the stages through their handles. Shutdown stops the sources first and lets everything
+//! downstream drain, with a deadline: readiness turns 503, devices stop, the buffer closes and
+//! drains into the workers within `shutdown_grace_ms` (what is left then is counted as dropped
+//! for `shutdown`), and finally the HTTP server finishes in-flight requests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::api::{self, AppState};
+use crate::buffer::RingBuffer;
+use crate::config::{DeviceKind, Settings};
+use crate::device::sim::SimConnector;
+use crate::device::{DeviceHandle, DeviceTask};
+use crate::dispatch::{Dispatcher, ProcessFn};
+use crate::ledger::Ledger;
+use crate::worker::Worker;
+
+/// How often the metrics recorder drains histogram samples when nobody scrapes.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// Longest wait for in-flight HTTP requests and worker batches once the grace period is over.
+const FINAL_WAIT: Duration = Duration::from_secs(2);
+
+/// Why the app could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+/// What happened to every sample, reported once at shutdown.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// The final accounting.
+    #[serde(flatten)]
+    pub ledger: Ledger,
+    /// Samples still in worker batches when the gateway gave up waiting.
+    pub abandoned_in_flight: u64,
+    /// Whether the accounting balances.
+    pub balanced: bool,
+    /// How long the drain took.
+    pub drain_seconds: f64,
+}
+
+/// A built, bound gateway, ready to run.
+pub struct App {
+    settings: Settings,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    process: Option<ProcessFn>,
+}
+
+impl App {
+    /// Binds the listen address and prepares the stages. Nothing runs until [`Self::run_until`].
+    pub async fn build(settings: Settings) -> Result<Self, AppError> {
+        let addr = settings.http.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AppError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| AppError::Bind { addr, source })?;
+        Ok(Self {
+            settings,
+            listener,
+            local_addr,
+            process: None,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Replaces the worker's processing function; for fault-injection tests.
+    pub fn with_process(mut self, process: ProcessFn) -> Self {
+        self.process = Some(process);
+        self
+    }
+
+    /// Runs every stage until `signal` completes, then shuts down in order and reports.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> Summary {
+        let Self {
+            settings,
+            listener,
+            local_addr,
+            process,
+        } = self;
+        let started = Instant::now();
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let http_cancel = CancellationToken::new();
+        let prometheus = crate::metrics::install();
+
+        let buffer = Arc::new(RingBuffer::new(
+            settings.buffer.capacity,
+            settings.buffer.overflow,
+        ));
+        let worker = Arc::new(Worker::new(
+            &settings.processing,
+            &settings.devices,
+            settings.pipeline.history,
+        ));
+        let workers = settings.pipeline.worker_count();
+        let mut dispatcher = Dispatcher::new(
+            buffer.clone(),
+            worker.clone(),
+            workers,
+            settings.pipeline.batch_max,
+            tracker.clone(),
+        );
+        if let Some(process) = process {
+            dispatcher = dispatcher.with_process(process);
+        }
+        let pool = dispatcher.gauges();
+        let dispatcher = tracker.spawn(dispatcher.run());
+
+        let (devices, device_tasks) = spawn_devices(&settings, &buffer, &tracker, &cancel);
+
+        let upkeep = prometheus.clone();
+        let upkeep_cancel = cancel.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(METRICS_UPKEEP);
+            loop {
+                tokio::select! {
+                    _ = upkeep_cancel.cancelled() => break,
+                    _ = tick.tick() => upkeep.run_upkeep(),
+                }
+            }
+        });
+
+        let state = AppState {
+            devices: devices.into(),
+            buffer: buffer.clone(),
+            worker,
+            pool,
+            workers,
+            prometheus,
+            shutdown: cancel.clone(),
+            started,
+        };
+        let server = tracker.spawn(serve(listener, api::router(state), http_cancel.clone()));
+        info!(
+            addr = %local_addr,
+            devices = settings.devices.len(),
+            workers,
+            capacity = settings.buffer.capacity,
+            overflow = ?settings.buffer.overflow,
+            "TelemetryHub listening."
+        );
+
+        signal.await;
+        let grace = settings.pipeline.shutdown_grace();
+        info!(
+            grace_ms = grace.as_millis() as u64,
+            "Shutdown requested; draining."
+        );
+        let drain_started = Instant::now();
+        let deadline = tokio::time::Instant::now() + grace;
+
+        // 1. Sources first: readiness turns 503 and devices stop reading.
+        cancel.cancel();
+        for task in device_tasks {
+            let _ = task.await;
+        }
+        // 2. The buffer drains into the workers, within the grace period.
+        buffer.close();
+        let mut dispatcher = dispatcher;
+        if tokio::time::timeout_at(deadline, &mut dispatcher)
+            .await
+            .is_err()
+        {
+            let abandoned = buffer.abandon();
+            warn!(
+                abandoned,
+                "Grace period over; queued samples counted as dropped."
+            );
+            if tokio::time::timeout(FINAL_WAIT, dispatcher).await.is_err() {
+                error!("Worker batches still running after the grace period; abandoning them.");
+            }
+        }
+        // 3. The HTTP server finishes in-flight requests.
+        http_cancel.cancel();
+        let http_deadline = deadline.max(tokio::time::Instant::now() + FINAL_WAIT);
+        if tokio::time::timeout_at(http_deadline, server)
+            .await
+            .is_err()
+        {
+            warn!("HTTP connections still open after the grace period; closing them.");
+        }
+        tracker.close();
+        let _ = tokio::time::timeout(FINAL_WAIT, tracker.wait()).await;
+
+        let ledger = buffer.ledger();
+        let summary = Summary {
+            ledger,
+            abandoned_in_flight: ledger.in_flight,
+            balanced: ledger.balanced(),
+            drain_seconds: drain_started.elapsed().as_secs_f64(),
+        };
+        info!(
+            read = ledger.read,
+            ingested = ledger.ingested,
+            processed = ledger.processed,
+            rejected = ledger.rejected.total(),
+            dropped_overflow = ledger.dropped.overflow,
+            dropped_shutdown = ledger.dropped.shutdown,
+            dropped_worker_panic = ledger.dropped.worker_panic,
+            abandoned_in_flight = summary.abandoned_in_flight,
+            balanced = summary.balanced,
+            drain_seconds = summary.drain_seconds,
+            "Shutdown complete."
+        );
+        summary
+    }
+}
+
+fn spawn_devices(
+    settings: &Settings,
+    buffer: &Arc<RingBuffer>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> (Vec<DeviceHandle>, Vec<JoinHandle<()>>) {
+    let mut handles = Vec::new();
+    let mut tasks = Vec::new();
+    for device in &settings.devices {
+        let device_cancel = cancel.child_token();
+        match device.kind {
+            DeviceKind::Simulated => {
+                let connector = SimConnector::new(
+                    device.simulator.clone(),
+                    Duration::from_millis(device.sample_interval_ms),
+                    tracker.clone(),
+                    device_cancel.clone(),
+                );
+                let (task, handle) = DeviceTask::new(
+                    device,
+                    "simulated",
+                    connector,
+                    buffer.clone(),
+                    device_cancel,
+                );
+                tasks.push(tracker.spawn(task.run()));
+                handles.push(handle);
+            }
+        }
+    }
+    (handles, tasks)
+}
+
+async fn serve(listener: TcpListener, router: axum::Router, cancel: CancellationToken) {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        // Small JSON answers must not wait for Nagle's algorithm (the C++ original's 40 ms).
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %err, "Cannot set TCP_NODELAY.");
+        }
+    });
+    if let Err(err) = axum::serve(listener, router)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+    {
+        error!(error = %err, "HTTP server failed.");
+    }
+}

@@ -1,0 +1,422 @@
+//! The bounded ring buffer between the sources (device tasks, HTTP ingest) and the dispatcher.
+//!
+//! Producers push batches; the dispatcher pops batches. When the buffer is full, the configured
+//! [`OverflowPolicy`] decides what gives. Waiters are woken through [`Notify`], never by polling.
+//! The buffer also owns the [`Ledger`], updated under the same lock as the queue, so the sample
+//! accounting is exact at every moment.
+
+use std::collections::VecDeque;
+use std::pin::pin;
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::ledger::{BatchOutcome, DropReason, Ledger, Source};
+use crate::sample::Sample;
+
+/// What happens to a sample that arrives when the buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// Evict the oldest queued sample to make room. Keeps the freshest data and never slows a
+    /// device down; loses history under sustained overload (counted as `overflow`).
+    #[default]
+    DropOldest,
+    /// Discard the arriving sample. Keeps what is queued intact; loses the newest data under
+    /// overload (counted as `overflow`).
+    DropNewest,
+    /// Make the producer wait for room. Loses nothing, but a slow worker stage backs up into
+    /// the device link (a UART's FIFO then overruns in hardware, outside our counters).
+    Block,
+}
+
+/// Why a push was refused outright.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// The buffer is closed for shutdown.
+    #[error("the buffer is closed")]
+    Closed,
+    /// The buffer is at or above its high watermark.
+    #[error("the buffer is too full")]
+    Full,
+}
+
+struct Inner {
+    queue: VecDeque<Sample>,
+    closed: bool,
+    ledger: Ledger,
+}
+
+/// A bounded, multi-producer sample queue with an overflow policy and exact accounting.
+pub struct RingBuffer {
+    inner: Mutex<Inner>,
+    capacity: usize,
+    policy: OverflowPolicy,
+    /// Signalled when samples arrive or the buffer closes.
+    readable: Notify,
+    /// Signalled when room appears (for `Block`) or the buffer closes.
+    writable: Notify,
+}
+
+impl RingBuffer {
+    /// An empty buffer holding at most `capacity` samples.
+    pub fn new(capacity: usize, policy: OverflowPolicy) -> Self {
+        assert!(capacity > 0, "capacity is validated to be at least 1");
+        Self {
+            inner: Mutex::new(Inner {
+                queue: VecDeque::with_capacity(capacity),
+                closed: false,
+                ledger: Ledger::default(),
+            }),
+            capacity,
+            policy,
+            readable: Notify::new(),
+            writable: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // No code panics while holding this lock, so poisoning cannot happen; recover anyway.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most samples the buffer holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The overflow policy.
+    pub fn policy(&self) -> OverflowPolicy {
+        self.policy
+    }
+
+    /// Samples waiting now.
+    pub fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// Whether no sample is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A consistent copy of the accounting.
+    pub fn ledger(&self) -> Ledger {
+        self.lock().ledger
+    }
+
+    /// Moves samples from the front of `samples` into the buffer, applying the overflow policy.
+    ///
+    /// With `Block`, waits for room. Cancel-safe: whatever is still in `samples` when the future
+    /// is dropped was not accepted, and the caller must account for it with [`Self::discard`].
+    /// If the buffer closes, the rest is counted as accepted and dropped for `shutdown`.
+    pub async fn push(&self, source: Source, samples: &mut VecDeque<Sample>) {
+        loop {
+            let mut writable = pin!(self.writable.notified());
+            writable.as_mut().enable();
+            {
+                let mut inner = self.lock();
+                if inner.closed {
+                    let n = samples.drain(..).count() as u64;
+                    inner.ledger.arrive(source, n);
+                    inner.ledger.discard(n, DropReason::Shutdown);
+                    return;
+                }
+                self.push_locked(&mut inner, source, samples);
+            }
+            self.readable.notify_one();
+            if samples.is_empty() {
+                return;
+            }
+            writable.await;
+        }
+    }
+
+    /// Pushes all of `samples` unless the buffer is closed or holds `high_watermark` or more.
+    /// Used by HTTP ingest, which turns refusal into backpressure for its client instead of
+    /// waiting or dropping.
+    pub fn try_push_all(
+        &self,
+        source: Source,
+        samples: Vec<Sample>,
+        high_watermark: usize,
+    ) -> Result<usize, PushError> {
+        let n = samples.len();
+        {
+            let mut inner = self.lock();
+            if inner.closed {
+                return Err(PushError::Closed);
+            }
+            if inner.queue.len() >= high_watermark {
+                return Err(PushError::Full);
+            }
+            let mut samples = VecDeque::from(samples);
+            self.push_locked(&mut inner, source, &mut samples);
+            if !samples.is_empty() {
+                // Only `Block` leaves samples behind: with the watermark checked above, drop the
+                // remainder as overflow rather than block an HTTP handler.
+                let rest = samples.len() as u64;
+                inner.ledger.discard(rest, DropReason::Overflow);
+            }
+        }
+        self.readable.notify_one();
+        Ok(n)
+    }
+
+    /// Pushes what fits under the policy; with `Block`, leaves the rest in `samples`.
+    fn push_locked(&self, inner: &mut Inner, source: Source, samples: &mut VecDeque<Sample>) {
+        let room = self.capacity - inner.queue.len();
+        match self.policy {
+            OverflowPolicy::Block => {
+                let n = room.min(samples.len());
+                inner.queue.extend(samples.drain(..n));
+                inner.ledger.arrive(source, n as u64);
+                inner.ledger.enqueue(n as u64);
+            }
+            OverflowPolicy::DropNewest => {
+                let n = room.min(samples.len());
+                inner.queue.extend(samples.drain(..n));
+                let dropped = samples.drain(..).count() as u64;
+                inner.ledger.arrive(source, n as u64 + dropped);
+                inner.ledger.enqueue(n as u64);
+                inner.ledger.discard(dropped, DropReason::Overflow);
+            }
+            OverflowPolicy::DropOldest => {
+                let n = samples.len() as u64;
+                // Samples that would be evicted by later ones in the same batch never enter.
+                let skip = samples.len().saturating_sub(self.capacity);
+                samples.drain(..skip);
+                let evict = (inner.queue.len() + samples.len()).saturating_sub(self.capacity);
+                inner.queue.drain(..evict);
+                inner.queue.extend(samples.drain(..));
+                inner.ledger.arrive(source, n);
+                inner.ledger.discard(skip as u64, DropReason::Overflow);
+                inner.ledger.enqueue(n - skip as u64);
+                inner.ledger.evict(evict as u64, DropReason::Overflow);
+            }
+        }
+    }
+
+    /// Waits until samples are available and takes up to `max` of them, oldest first.
+    /// Returns `None` once the buffer is closed and empty. Cancel-safe.
+    pub async fn pop(&self, max: usize) -> Option<Vec<Sample>> {
+        loop {
+            let mut readable = pin!(self.readable.notified());
+            readable.as_mut().enable();
+            {
+                let mut inner = self.lock();
+                if !inner.queue.is_empty() {
+                    let n = max.min(inner.queue.len());
+                    let batch: Vec<Sample> = inner.queue.drain(..n).collect();
+                    inner.ledger.dequeue(n as u64);
+                    drop(inner);
+                    if self.policy == OverflowPolicy::Block {
+                        self.writable.notify_waiters();
+                    }
+                    return Some(batch);
+                }
+                if inner.closed {
+                    return None;
+                }
+            }
+            readable.await;
+        }
+    }
+
+    /// Records a worker batch's outcome.
+    pub fn settle(&self, outcome: &BatchOutcome) {
+        self.lock().ledger.settle(outcome);
+    }
+
+    /// Records that an in-flight batch of `n` samples was lost.
+    pub fn abort_in_flight(&self, n: u64, reason: DropReason) {
+        self.lock().ledger.abort_in_flight(n, reason);
+    }
+
+    /// Counts samples a producer had accepted but could not hand over.
+    pub fn discard(&self, source: Source, n: u64, reason: DropReason) {
+        let mut inner = self.lock();
+        inner.ledger.arrive(source, n);
+        inner.ledger.discard(n, reason);
+    }
+
+    /// Refuses further pushes; the dispatcher drains what is queued, then sees the end.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.readable.notify_waiters();
+        self.writable.notify_waiters();
+    }
+
+    /// Empties the queue, counting every sample in it as dropped for `shutdown`.
+    pub fn abandon(&self) -> u64 {
+        let mut inner = self.lock();
+        let n = inner.queue.len() as u64;
+        inner.queue.clear();
+        inner.ledger.evict(n, DropReason::Shutdown);
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn samples(range: std::ops::Range<u32>) -> VecDeque<Sample> {
+        range.map(|i| Sample::test(i, f64::from(i))).collect()
+    }
+
+    fn seqs(batch: &[Sample]) -> Vec<u32> {
+        batch.iter().map(|s| s.seq.unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_keeps_the_newest() {
+        let buffer = RingBuffer::new(3, OverflowPolicy::DropOldest);
+        buffer.push(Source::Device, &mut samples(0..2)).await;
+        buffer.push(Source::Device, &mut samples(2..5)).await;
+        assert_eq!(seqs(&buffer.pop(10).await.unwrap()), [2, 3, 4]);
+        let ledger = buffer.ledger();
+        assert_eq!(ledger.read, 5);
+        assert_eq!(ledger.dropped.overflow, 2);
+        assert_eq!(ledger.in_flight, 3);
+        assert!(ledger.balanced(), "{ledger:?}");
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_with_a_batch_larger_than_capacity() {
+        let buffer = RingBuffer::new(3, OverflowPolicy::DropOldest);
+        buffer.push(Source::Device, &mut samples(0..2)).await;
+        buffer.push(Source::Device, &mut samples(2..10)).await;
+        assert_eq!(seqs(&buffer.pop(10).await.unwrap()), [7, 8, 9]);
+        let ledger = buffer.ledger();
+        assert_eq!((ledger.read, ledger.dropped.overflow), (10, 7));
+        assert!(ledger.balanced(), "{ledger:?}");
+    }
+
+    #[tokio::test]
+    async fn drop_newest_keeps_the_oldest() {
+        let buffer = RingBuffer::new(3, OverflowPolicy::DropNewest);
+        buffer.push(Source::Device, &mut samples(0..2)).await;
+        buffer.push(Source::Device, &mut samples(2..5)).await;
+        assert_eq!(seqs(&buffer.pop(10).await.unwrap()), [0, 1, 2]);
+        let ledger = buffer.ledger();
+        assert_eq!((ledger.read, ledger.dropped.overflow), (5, 2));
+        assert!(ledger.balanced(), "{ledger:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn block_waits_for_room_and_loses_nothing() {
+        let buffer = Arc::new(RingBuffer::new(2, OverflowPolicy::Block));
+        let producer = {
+            let buffer = buffer.clone();
+            tokio::spawn(async move { buffer.push(Source::Device, &mut samples(0..5)).await })
+        };
+        // The producer fills the buffer and waits.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!producer.is_finished());
+        assert_eq!(buffer.len(), 2);
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            got.extend(seqs(&buffer.pop(1).await.unwrap()));
+        }
+        producer.await.unwrap();
+        assert_eq!(got, [0, 1, 2, 3, 4]);
+        let ledger = buffer.ledger();
+        assert_eq!((ledger.read, ledger.dropped.total()), (5, 0));
+        assert!(ledger.balanced(), "{ledger:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_consumer_is_woken_by_a_push() {
+        let buffer = Arc::new(RingBuffer::new(4, OverflowPolicy::DropOldest));
+        let consumer = {
+            let buffer = buffer.clone();
+            tokio::spawn(async move { buffer.pop(10).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!consumer.is_finished());
+        buffer.push(Source::Ingest, &mut samples(0..1)).await;
+        let batch = tokio::time::timeout(Duration::from_secs(1), consumer)
+            .await
+            .expect("consumer must be woken")
+            .unwrap()
+            .unwrap();
+        assert_eq!(seqs(&batch), [0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_wakes_the_consumer_after_draining() {
+        let buffer = Arc::new(RingBuffer::new(4, OverflowPolicy::DropOldest));
+        buffer.push(Source::Device, &mut samples(0..2)).await;
+        buffer.close();
+        assert_eq!(seqs(&buffer.pop(10).await.unwrap()), [0, 1]);
+        assert!(buffer.pop(10).await.is_none());
+        let consumer = {
+            let buffer = buffer.clone();
+            tokio::spawn(async move { buffer.pop(10).await })
+        };
+        assert!(consumer.await.unwrap().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_releases_a_blocked_producer_and_counts_its_samples() {
+        let buffer = Arc::new(RingBuffer::new(1, OverflowPolicy::Block));
+        let producer = {
+            let buffer = buffer.clone();
+            tokio::spawn(async move { buffer.push(Source::Device, &mut samples(0..3)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        buffer.close();
+        producer.await.unwrap();
+        assert_eq!(buffer.abandon(), 1);
+        let ledger = buffer.ledger();
+        assert_eq!((ledger.read, ledger.dropped.shutdown), (3, 3));
+        assert!(ledger.balanced(), "{ledger:?}");
+    }
+
+    #[test]
+    fn try_push_all_refuses_at_the_watermark_without_half_accepting() {
+        let buffer = RingBuffer::new(10, OverflowPolicy::DropOldest);
+        assert_eq!(
+            buffer.try_push_all(Source::Ingest, samples(0..8).into(), 8),
+            Ok(8)
+        );
+        assert_eq!(
+            buffer.try_push_all(Source::Ingest, samples(8..9).into(), 8),
+            Err(PushError::Full)
+        );
+        assert_eq!(buffer.ledger().ingested, 8);
+        buffer.close();
+        assert_eq!(
+            buffer.try_push_all(Source::Ingest, samples(0..1).into(), 8),
+            Err(PushError::Closed)
+        );
+    }
+
+    #[tokio::test]
+    async fn settle_and_abort_keep_the_ledger_balanced() {
+        let buffer = RingBuffer::new(10, OverflowPolicy::DropOldest);
+        buffer.push(Source::Device, &mut samples(0..6)).await;
+        let a = buffer.pop(4).await.unwrap();
+        let b = buffer.pop(4).await.unwrap();
+        let mut outcome = BatchOutcome {
+            processed: 3,
+            ..Default::default()
+        };
+        outcome
+            .rejected
+            .add(crate::ledger::RejectReason::NonFinite, 1);
+        assert_eq!(outcome.size(), a.len() as u64);
+        buffer.settle(&outcome);
+        buffer.abort_in_flight(b.len() as u64, DropReason::WorkerPanic);
+        let ledger = buffer.ledger();
+        assert_eq!(ledger.processed, 3);
+        assert_eq!(ledger.dropped.worker_panic, 2);
+        assert_eq!(ledger.in_flight, 0);
+        assert!(ledger.balanced(), "{ledger:?}");
+    }
+}

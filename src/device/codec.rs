@@ -1,0 +1,446 @@
+//! The serial frame format: a `Decoder` for what devices send and an `Encoder` for simulators.
+//!
+//! One frame per line, NMEA-style, readable with `cat` on a real port:
+//!
+//! ```text
+//! $TH,<seq>,<value>,<unit>*<CC>\r\n      e.g.  $TH,42,42.914800,arb.units*30\r\n
+//! ```
+//!
+//! `<CC>` is two hex digits, the XOR of every byte between `$` and `*`. Bytes arrive from the
+//! device's link (simulated duplex stream or tty) and leave as [`Frame`]s for the device task.
+//! Bad input never fails the stream: the decoder skips it, resynchronises at the next `$` and
+//! yields a [`Frame::Invalid`] with the reason so the device task can count it. Frame length is
+//! bounded, so a line without a newline cannot make the buffer grow without limit.
+
+use std::fmt::Write as _;
+
+use bytes::{Buf, BytesMut};
+use smol_str::SmolStr;
+use tokio_util::codec::{Decoder, Encoder};
+
+/// A sample as the device sent it, before the gateway stamps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawSample {
+    /// The device's own counter.
+    pub seq: u32,
+    /// The value as sent.
+    pub value: f64,
+    /// The unit token.
+    pub unit: SmolStr,
+}
+
+/// Why a frame was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InvalidReason {
+    /// The checksum did not match the frame's bytes.
+    Checksum,
+    /// Not a well-formed frame: garbage, a missing field, a bad number, a truncated frame.
+    Syntax,
+    /// Longer than the configured maximum frame length.
+    TooLong,
+}
+
+impl InvalidReason {
+    /// Every reason, for metrics and snapshots.
+    pub const ALL: [InvalidReason; 3] = [Self::Checksum, Self::Syntax, Self::TooLong];
+
+    /// The label used in metrics and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Checksum => "checksum",
+            Self::Syntax => "syntax",
+            Self::TooLong => "too_long",
+        }
+    }
+
+    /// Position in [`Self::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One decoded item.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// A valid data frame.
+    Sample(RawSample),
+    /// Skipped bytes, and why.
+    Invalid(InvalidReason),
+}
+
+/// Decodes `$TH,...*CC` lines and encodes samples as such lines.
+#[derive(Debug, Clone)]
+pub struct FrameCodec {
+    max_len: usize,
+    /// Inside an over-long frame or a run of garbage: skip until `$` or a newline.
+    skipping: bool,
+}
+
+impl FrameCodec {
+    /// A codec that rejects frames longer than `max_len` bytes (including `\r\n`).
+    pub fn new(max_len: usize) -> Self {
+        Self {
+            max_len,
+            skipping: false,
+        }
+    }
+
+    /// Drops bytes up to the next `$` (kept) or newline (dropped). Returns whether it found one.
+    fn skip_to_boundary(&mut self, src: &mut BytesMut) -> bool {
+        match src.iter().position(|&b| b == b'$' || b == b'\n') {
+            Some(pos) => {
+                let newline = src[pos] == b'\n';
+                src.advance(pos + usize::from(newline));
+                self.skipping = false;
+                true
+            }
+            None => {
+                src.clear();
+                false
+            }
+        }
+    }
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        Self::new(128)
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, Self::Error> {
+        loop {
+            if self.skipping && !self.skip_to_boundary(src) {
+                return Ok(None);
+            }
+            let Some(&first) = src.first() else {
+                return Ok(None);
+            };
+            match first {
+                b'\r' | b'\n' => src.advance(1),
+                b'$' => return Ok(self.decode_frame(src)),
+                _ => {
+                    // Garbage: one count per run, however it is split across reads.
+                    self.skipping = true;
+                    return Ok(Some(Frame::Invalid(InvalidReason::Syntax)));
+                }
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, Self::Error> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None => {
+                // The stream ended mid-frame.
+                src.clear();
+                Ok(Some(Frame::Invalid(InvalidReason::Syntax)))
+            }
+        }
+    }
+}
+
+impl FrameCodec {
+    /// `src` starts with `$`. Returns a frame, or `None` when the line is not complete yet.
+    fn decode_frame(&mut self, src: &mut BytesMut) -> Option<Frame> {
+        let window = &src[..src.len().min(self.max_len)];
+        // A second `$` before the newline means this frame lost its end: resync there.
+        let Some(end) = window[1..]
+            .iter()
+            .position(|&b| b == b'\n' || b == b'$')
+            .map(|p| p + 1)
+        else {
+            if src.len() >= self.max_len {
+                src.advance(self.max_len);
+                self.skipping = true;
+                return Some(Frame::Invalid(InvalidReason::TooLong));
+            }
+            return None;
+        };
+        if src[end] == b'$' {
+            src.advance(end);
+            return Some(Frame::Invalid(InvalidReason::Syntax));
+        }
+        let line = src.split_to(end + 1);
+        let line = line.strip_suffix(b"\n").unwrap_or(&line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        Some(match parse_line(line) {
+            Ok(sample) => Frame::Sample(sample),
+            Err(reason) => Frame::Invalid(reason),
+        })
+    }
+}
+
+/// Parses one line without its line ending: `$TH,<seq>,<value>,<unit>*<CC>`.
+pub fn parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
+    let body = line.strip_prefix(b"$").ok_or(InvalidReason::Syntax)?;
+    let star = body.len().checked_sub(3).ok_or(InvalidReason::Syntax)?;
+    if body[star] != b'*' {
+        return Err(InvalidReason::Syntax);
+    }
+    let (payload, cc) = (&body[..star], &body[star + 1..]);
+    let sent = hex_byte(cc).ok_or(InvalidReason::Syntax)?;
+    if checksum(payload) != sent {
+        return Err(InvalidReason::Checksum);
+    }
+    let payload = std::str::from_utf8(payload).map_err(|_| InvalidReason::Syntax)?;
+    let mut fields = payload.split(',');
+    let (Some("TH"), Some(seq), Some(value), Some(unit), None) = (
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+    ) else {
+        return Err(InvalidReason::Syntax);
+    };
+    let seq = seq.parse().map_err(|_| InvalidReason::Syntax)?;
+    let value = value.parse().map_err(|_| InvalidReason::Syntax)?;
+    if !valid_unit(unit.as_bytes()) {
+        return Err(InvalidReason::Syntax);
+    }
+    Ok(RawSample {
+        seq,
+        value,
+        unit: SmolStr::new(unit),
+    })
+}
+
+/// A unit is 1 to 16 bytes of `A-Z a-z 0-9 . _ / % -`.
+pub fn valid_unit(unit: &[u8]) -> bool {
+    (1..=16).contains(&unit.len())
+        && unit
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'%' | b'-'))
+}
+
+/// XOR of every byte: the NMEA checksum of the bytes between `$` and `*`.
+pub fn checksum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0, |acc, &b| acc ^ b)
+}
+
+fn hex_byte(cc: &[u8]) -> Option<u8> {
+    let digit = |b: u8| (b as char).to_digit(16);
+    match cc {
+        [hi, lo] => Some((digit(*hi)? * 16 + digit(*lo)?) as u8),
+        _ => None,
+    }
+}
+
+impl Encoder<&RawSample> for FrameCodec {
+    type Error = std::io::Error;
+
+    fn encode(&mut self, sample: &RawSample, dst: &mut BytesMut) -> Result<(), Self::Error> {
+        encode_frame(sample.seq, sample.value, &sample.unit, dst);
+        Ok(())
+    }
+}
+
+/// Appends one frame, checksum and `\r\n` included, to `dst`.
+pub fn encode_frame(seq: u32, value: f64, unit: &str, dst: &mut BytesMut) {
+    let start = dst.len();
+    // Writing into a BytesMut cannot fail: it grows as needed.
+    let _ = write!(dst, "$TH,{seq},{value:.6},{unit}");
+    let sum = checksum(&dst[start + 1..]);
+    let _ = write!(dst, "*{sum:02X}\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seq: u32, value: f64, unit: &str) -> BytesMut {
+        let mut buf = BytesMut::new();
+        encode_frame(seq, value, unit, &mut buf);
+        buf
+    }
+
+    fn decode_all(codec: &mut FrameCodec, buf: &mut BytesMut) -> Vec<Frame> {
+        let mut out = Vec::new();
+        while let Some(f) = codec.decode(buf).unwrap() {
+            out.push(f);
+        }
+        out
+    }
+
+    fn sample(seq: u32, value: f64) -> Frame {
+        Frame::Sample(RawSample {
+            seq,
+            value,
+            unit: "arb.units".into(),
+        })
+    }
+
+    #[test]
+    fn encodes_the_documented_example() {
+        assert_eq!(
+            &frame(42, 42.9148, "arb.units")[..],
+            b"$TH,42,42.914800,arb.units*30\r\n"
+        );
+    }
+
+    #[test]
+    fn decodes_one_frame() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&b"$TH,42,42.914800,arb.units*30\r\n"[..]);
+        assert_eq!(decode_all(&mut codec, &mut buf), vec![sample(42, 42.9148)]);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn frame_split_across_reads_decodes_once_complete() {
+        let whole = frame(7, 1.5, "arb.units");
+        for cut in 1..whole.len() {
+            let mut codec = FrameCodec::default();
+            let mut buf = BytesMut::from(&whole[..cut]);
+            assert_eq!(codec.decode(&mut buf).unwrap(), None, "cut at {cut}");
+            buf.extend_from_slice(&whole[cut..]);
+            assert_eq!(
+                decode_all(&mut codec, &mut buf),
+                vec![sample(7, 1.5)],
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn several_frames_in_one_read() {
+        let mut codec = FrameCodec::default();
+        let mut buf = frame(1, 1.0, "arb.units");
+        buf.extend_from_slice(&frame(2, 2.0, "arb.units"));
+        buf.extend_from_slice(&frame(3, 3.0, "arb.units"));
+        assert_eq!(
+            decode_all(&mut codec, &mut buf),
+            vec![sample(1, 1.0), sample(2, 2.0), sample(3, 3.0)]
+        );
+    }
+
+    #[test]
+    fn garbage_is_counted_once_per_run_and_skipped() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&b"\x00\xffnoise"[..]);
+        assert_eq!(
+            decode_all(&mut codec, &mut buf),
+            vec![Frame::Invalid(InvalidReason::Syntax)]
+        );
+        // The same run continues in the next read: not counted again.
+        buf.extend_from_slice(b"more noise");
+        buf.extend_from_slice(&frame(5, 5.0, "arb.units"));
+        assert_eq!(decode_all(&mut codec, &mut buf), vec![sample(5, 5.0)]);
+    }
+
+    #[test]
+    fn resynchronises_at_dollar_after_a_truncated_frame() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&b"$TH,1,1.0"[..]);
+        buf.extend_from_slice(&frame(2, 2.0, "arb.units"));
+        assert_eq!(
+            decode_all(&mut codec, &mut buf),
+            vec![Frame::Invalid(InvalidReason::Syntax), sample(2, 2.0)]
+        );
+    }
+
+    #[test]
+    fn bad_checksum_is_reported() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&b"$TH,42,42.914800,arb.units*31\r\n"[..]);
+        assert_eq!(
+            decode_all(&mut codec, &mut buf),
+            vec![Frame::Invalid(InvalidReason::Checksum)]
+        );
+    }
+
+    #[test]
+    fn corrupted_byte_fails_the_checksum() {
+        let mut buf = frame(9, 9.25, "arb.units");
+        buf[6] ^= 0x01;
+        let mut codec = FrameCodec::default();
+        assert_eq!(
+            decode_all(&mut codec, &mut buf),
+            vec![Frame::Invalid(InvalidReason::Checksum)]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_with_valid_checksums() {
+        for payload in [
+            "XX,1,1.0,u",
+            "TH,1,1.0",
+            "TH,-1,1.0,u",
+            "TH,1,abc,u",
+            "TH,1,1.0,u,extra",
+            "TH,1,1.0,bad unit",
+        ] {
+            let line = format!("${payload}*{:02X}\r\n", checksum(payload.as_bytes()));
+            let mut buf = BytesMut::from(line.as_bytes());
+            let mut codec = FrameCodec::default();
+            assert_eq!(
+                decode_all(&mut codec, &mut buf),
+                vec![Frame::Invalid(InvalidReason::Syntax)],
+                "{payload}"
+            );
+        }
+    }
+
+    #[test]
+    fn non_finite_values_decode_for_the_worker_to_reject() {
+        let payload = "TH,1,NaN,arb.units";
+        let line = format!("${payload}*{:02X}\r\n", checksum(payload.as_bytes()));
+        let mut codec = FrameCodec::default();
+        let frames = decode_all(&mut codec, &mut BytesMut::from(line.as_bytes()));
+        assert!(matches!(&frames[..], [Frame::Sample(s)] if s.value.is_nan()));
+    }
+
+    #[test]
+    fn oversized_line_is_bounded_counted_and_skipped() {
+        let mut codec = FrameCodec::new(64);
+        let mut buf = BytesMut::from(&b"$TH,1,"[..]);
+        buf.extend_from_slice(&[b'9'; 200]);
+        let frames = decode_all(&mut codec, &mut buf);
+        assert_eq!(frames, vec![Frame::Invalid(InvalidReason::TooLong)]);
+        assert!(
+            buf.is_empty(),
+            "the decoder must not keep an over-long line"
+        );
+        // More of the same line, then its end and a good frame.
+        buf.extend_from_slice(&[b'9'; 1000]);
+        assert_eq!(decode_all(&mut codec, &mut buf), vec![]);
+        assert!(buf.is_empty());
+        buf.extend_from_slice(b"*00\r\n");
+        buf.extend_from_slice(&frame(2, 2.0, "arb.units"));
+        assert_eq!(decode_all(&mut codec, &mut buf), vec![sample(2, 2.0)]);
+    }
+
+    #[test]
+    fn eof_mid_frame_is_a_syntax_error_not_an_io_error() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&b"$TH,1,1.0,arb"[..]);
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+        assert_eq!(
+            codec.decode_eof(&mut buf).unwrap(),
+            Some(Frame::Invalid(InvalidReason::Syntax))
+        );
+        assert_eq!(codec.decode_eof(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn lowercase_checksum_and_bare_newline_are_accepted() {
+        let payload = "TH,3,0.500000,V";
+        let line = format!("${payload}*{:02x}\n", checksum(payload.as_bytes()));
+        let mut codec = FrameCodec::default();
+        let frames = decode_all(&mut codec, &mut BytesMut::from(line.as_bytes()));
+        assert_eq!(
+            frames,
+            vec![Frame::Sample(RawSample {
+                seq: 3,
+                value: 0.5,
+                unit: "V".into()
+            })]
+        );
+    }
+}

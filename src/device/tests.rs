@@ -1,0 +1,1 @@
+//! Device task tests: placeholder replaced below.

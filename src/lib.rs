@@ -1,0 +1,40 @@
+//! TelemetryHub: an edge telemetry gateway.
+//!
+//! Devices send framed telemetry over a serial link (the embedded simulator's in-memory duplex
+//! stream by default); the gateway decodes it, buffers it with an explicit overflow policy,
+//! processes it in batches on a bounded blocking worker stage, and serves control, status and
+//! Prometheus metrics over HTTP.
+//!
+//! # Layout
+//!
+//! Data flows one way, and so do the modules:
+//!
+//! ```text
+//! device (link: simulated duplex stream) --frames--> device::codec --samples-->
+//! buffer (bounded, overflow policy, ledger) --> dispatch --batches--> worker (spawn_blocking,
+//! semaphore) --> statistics and history --> api (axum: control, status, /metrics)
+//! ```
+//!
+//! - [`config`]: typed settings, defaults, environment overrides, validation.
+//! - [`app`]: builds every stage, wires them on one `TaskTracker` and `CancellationToken`, and
+//!   shuts them down in order.
+//! - [`device`]: the device task and its state machine ([`device::state`]), the frame codec
+//!   ([`device::codec`]) and the simulator ([`device::sim`]).
+//! - [`buffer`]: the ring buffer; [`ledger`]: the sample accounting it keeps.
+//! - [`dispatch`]: buffer → semaphore permit → worker batch.
+//! - [`worker`]: pure processing functions and the worker's shared statistics.
+//! - [`metrics`]: every metric name and how it is recorded.
+//! - [`api`]: the HTTP routes; it sees the pipeline only through the stages' handle types.
+//! - [`telemetry`]: logging set-up.
+
+pub mod api;
+pub mod app;
+pub mod buffer;
+pub mod config;
+pub mod device;
+pub mod dispatch;
+pub mod ledger;
+pub mod metrics;
+pub mod sample;
+pub mod telemetry;
+pub mod worker;

@@ -1,0 +1,240 @@
+//! Every metric the gateway exports: names, help texts, and small record functions.
+//!
+//! Counters that the pipeline already keeps exactly (the sample [`Ledger`], device counters)
+//! are copied into the Prometheus recorder when `/metrics` is scraped ([`sync`]), so the hot
+//! path pays nothing for them and Prometheus can never disagree with `/status`. Events with no
+//! other home (state changes, batch durations, HTTP requests) are recorded where they happen.
+//! The recorder is global: [`install`] installs it once per process and hands out its handle
+//! afterwards, so tests that build several apps share it and assert on deltas.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::device::codec::InvalidReason;
+use crate::device::state::DeviceState;
+use crate::device::{CountersSnapshot, LinkFailure};
+use crate::ledger::{DropReason, Ledger, RejectReason};
+
+/// Samples read from device links.
+pub const SAMPLES_READ: &str = "telemetryhub_samples_read_total";
+/// Samples accepted over HTTP.
+pub const SAMPLES_INGESTED: &str = "telemetryhub_samples_ingested_total";
+/// Samples the workers processed.
+pub const SAMPLES_PROCESSED: &str = "telemetryhub_samples_processed_total";
+/// Samples the workers rejected, by reason.
+pub const SAMPLES_REJECTED: &str = "telemetryhub_samples_rejected_total";
+/// Samples dropped before processing, by reason.
+pub const BUFFER_DROPPED: &str = "telemetryhub_buffer_dropped_total";
+/// Samples that entered the buffer.
+pub const BUFFER_PUSHED: &str = "telemetryhub_buffer_pushed_total";
+/// Samples taken from the buffer by the dispatcher.
+pub const BUFFER_POPPED: &str = "telemetryhub_buffer_popped_total";
+/// Samples waiting in the buffer.
+pub const BUFFER_DEPTH: &str = "telemetryhub_buffer_depth";
+/// Buffer capacity.
+pub const BUFFER_CAPACITY: &str = "telemetryhub_buffer_capacity";
+/// Samples in worker batches.
+pub const WORKER_IN_FLIGHT: &str = "telemetryhub_worker_in_flight_samples";
+/// Worker batches finished.
+pub const WORKER_BATCHES: &str = "telemetryhub_worker_batches_total";
+/// Time to process one batch.
+pub const PROCESSING_DURATION: &str = "telemetryhub_processing_duration_seconds";
+/// Valid samples read, per device.
+pub const DEVICE_SAMPLES_READ: &str = "telemetryhub_device_samples_read_total";
+/// Invalid frames, per device and reason.
+pub const FRAMES_INVALID: &str = "telemetryhub_frames_invalid_total";
+/// Samples missing by sequence number, per device.
+pub const DEVICE_SEQ_GAPS: &str = "telemetryhub_device_seq_gap_samples_total";
+/// Link failures, per device and kind.
+pub const DEVICE_LINK_FAILURES: &str = "telemetryhub_device_link_failures_total";
+/// Device state, 1 for the current state.
+pub const DEVICE_STATE: &str = "telemetryhub_device_state";
+/// HTTP requests, by method, matched route and status.
+pub const HTTP_REQUESTS: &str = "telemetryhub_http_requests_total";
+/// HTTP request duration, by method and matched route.
+pub const HTTP_DURATION: &str = "telemetryhub_http_request_duration_seconds";
+/// Build information.
+pub const BUILD_INFO: &str = "telemetryhub_build_info";
+/// Seconds since the gateway started.
+pub const UPTIME: &str = "telemetryhub_uptime_seconds";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let buckets = [
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
+                0.1, 0.25, 0.5, 1.0, 2.5,
+            ];
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &buckets)
+                .expect("the bucket list is not empty")
+                .install_recorder()
+                .expect("no other metrics recorder is installed in this process");
+            describe();
+            gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        SAMPLES_READ,
+        Unit::Count,
+        "Valid samples read from device links and handed to the buffer."
+    );
+    describe_counter!(SAMPLES_INGESTED, Unit::Count, "Samples accepted over HTTP.");
+    describe_counter!(
+        SAMPLES_PROCESSED,
+        Unit::Count,
+        "Samples the workers validated, calibrated and stored."
+    );
+    describe_counter!(
+        SAMPLES_REJECTED,
+        Unit::Count,
+        "Samples the workers refused, by reason."
+    );
+    describe_counter!(
+        BUFFER_DROPPED,
+        Unit::Count,
+        "Samples dropped before processing, by reason."
+    );
+    describe_counter!(
+        BUFFER_PUSHED,
+        Unit::Count,
+        "Samples that entered the ring buffer."
+    );
+    describe_counter!(
+        BUFFER_POPPED,
+        Unit::Count,
+        "Samples taken from the ring buffer by the dispatcher."
+    );
+    describe_gauge!(
+        BUFFER_DEPTH,
+        Unit::Count,
+        "Samples waiting in the ring buffer."
+    );
+    describe_gauge!(BUFFER_CAPACITY, Unit::Count, "Capacity of the ring buffer.");
+    describe_gauge!(
+        WORKER_IN_FLIGHT,
+        Unit::Count,
+        "Samples in worker batches being processed."
+    );
+    describe_counter!(WORKER_BATCHES, Unit::Count, "Worker batches finished.");
+    describe_histogram!(
+        PROCESSING_DURATION,
+        Unit::Seconds,
+        "Time a worker spent on one batch."
+    );
+    describe_counter!(
+        DEVICE_SAMPLES_READ,
+        Unit::Count,
+        "Valid samples read, per device."
+    );
+    describe_counter!(
+        FRAMES_INVALID,
+        Unit::Count,
+        "Frames skipped, per device and reason."
+    );
+    describe_counter!(
+        DEVICE_SEQ_GAPS,
+        Unit::Count,
+        "Samples missing according to device sequence numbers."
+    );
+    describe_counter!(
+        DEVICE_LINK_FAILURES,
+        Unit::Count,
+        "Device link failures, per device and kind."
+    );
+    describe_gauge!(
+        DEVICE_STATE,
+        "Device state: 1 for the current state, 0 for the others."
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        Unit::Count,
+        "HTTP requests, by method, matched route and status."
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "HTTP request duration, by method and matched route."
+    );
+    describe_gauge!(BUILD_INFO, "Build information; always 1.");
+    describe_gauge!(UPTIME, Unit::Seconds, "Seconds since the gateway started.");
+}
+
+/// Sets the device state gauges: 1 for `state`, 0 for the others.
+pub fn device_state(device: &str, state: DeviceState) {
+    for s in DeviceState::ALL {
+        let value = if s == state { 1.0 } else { 0.0 };
+        gauge!(DEVICE_STATE, "device" => device.to_owned(), "state" => s.as_str()).set(value);
+    }
+}
+
+/// Records one worker batch's processing time.
+pub fn batch_processed(elapsed: Duration) {
+    histogram!(PROCESSING_DURATION).record(elapsed.as_secs_f64());
+}
+
+/// Records one HTTP request.
+pub fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
+    let (method, route) = (method.to_owned(), route.to_owned());
+    counter!(HTTP_REQUESTS, "method" => method.clone(), "route" => route.clone(), "status" => status.to_string())
+        .increment(1);
+    histogram!(HTTP_DURATION, "method" => method, "route" => route).record(elapsed.as_secs_f64());
+}
+
+/// What [`sync`] copies into the recorder before a scrape.
+pub struct ScrapeView<'a> {
+    /// The sample accounting.
+    pub ledger: Ledger,
+    /// Buffer capacity.
+    pub capacity: usize,
+    /// Seconds since start.
+    pub uptime: Duration,
+    /// Each device's id and counters.
+    pub devices: Vec<(&'a str, CountersSnapshot)>,
+}
+
+/// Copies exact counters into the recorder; called on every scrape.
+pub fn sync(view: &ScrapeView<'_>) {
+    let l = &view.ledger;
+    counter!(SAMPLES_READ).absolute(l.read);
+    counter!(SAMPLES_INGESTED).absolute(l.ingested);
+    counter!(SAMPLES_PROCESSED).absolute(l.processed);
+    counter!(BUFFER_PUSHED).absolute(l.pushed);
+    counter!(BUFFER_POPPED).absolute(l.popped);
+    counter!(WORKER_BATCHES).absolute(l.batches);
+    for reason in RejectReason::ALL {
+        counter!(SAMPLES_REJECTED, "reason" => reason.as_str()).absolute(l.rejected.get(reason));
+    }
+    for reason in DropReason::ALL {
+        counter!(BUFFER_DROPPED, "reason" => reason.as_str()).absolute(l.dropped.get(reason));
+    }
+    gauge!(BUFFER_DEPTH).set(l.in_buffer as f64);
+    gauge!(BUFFER_CAPACITY).set(view.capacity as f64);
+    gauge!(WORKER_IN_FLIGHT).set(l.in_flight as f64);
+    gauge!(UPTIME).set(view.uptime.as_secs_f64());
+    for (device, c) in &view.devices {
+        let device = device.to_string();
+        counter!(DEVICE_SAMPLES_READ, "device" => device.clone()).absolute(c.samples_read);
+        counter!(DEVICE_SEQ_GAPS, "device" => device.clone()).absolute(c.seq_gaps);
+        for reason in InvalidReason::ALL {
+            counter!(FRAMES_INVALID, "device" => device.clone(), "reason" => reason.as_str())
+                .absolute(c.frames_invalid.get(reason));
+        }
+        for failure in LinkFailure::ALL {
+            counter!(DEVICE_LINK_FAILURES, "device" => device.clone(), "kind" => failure.as_str())
+                .absolute(c.link_failures.get(failure));
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! The sample: one measurement, as it travels from a source through the buffer to a worker.
+
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+use smol_str::SmolStr;
+
+/// One measurement, stamped by the gateway on arrival.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Id of the device that produced it.
+    pub device: SmolStr,
+    /// The device's sequence number, when it sends one.
+    pub seq: Option<u32>,
+    /// The raw value.
+    pub value: f64,
+    /// Unit token.
+    pub unit: SmolStr,
+    /// When the gateway received it (UTC wall clock), or the time the client gave.
+    pub timestamp: SystemTime,
+    /// When the gateway received it (monotonic), for read-to-processed latency.
+    pub received: Instant,
+}
+
+impl Sample {
+    /// A sample of device `test`, for tests.
+    #[cfg(test)]
+    pub fn test(seq: u32, value: f64) -> Self {
+        Self {
+            device: SmolStr::new_static("test"),
+            seq: Some(seq),
+            value,
+            unit: SmolStr::new_static("arb.units"),
+            timestamp: SystemTime::now(),
+            received: Instant::now(),
+        }
+    }
+}
+
+/// A processed sample as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProcessedSample {
+    /// The device's sequence number, if any.
+    pub seq: Option<u32>,
+    /// The calibrated value.
+    pub value: f64,
+    /// Unit token.
+    pub unit: SmolStr,
+    /// Device id.
+    pub device: SmolStr,
+    /// Receive time, RFC 3339 UTC.
+    #[serde(serialize_with = "rfc3339")]
+    pub timestamp: SystemTime,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_rfc3339(*t))
+}
+
+/// Formats a wall-clock time as RFC 3339 UTC with milliseconds, e.g. `2026-11-26T23:10:00.123Z`.
+pub fn format_rfc3339(t: SystemTime) -> String {
+    let t = time::OffsetDateTime::from(t);
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&format)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_millis() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_198_600_123);
+        assert_eq!(format_rfc3339(t), "2025-11-26T23:10:00.123Z");
+    }
+}

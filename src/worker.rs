@@ -1,0 +1,483 @@
+//! The worker stage: pure processing of sample batches, run on blocking threads.
+//!
+//! The dispatcher hands each batch to [`Worker::process`] inside `spawn_blocking`. A batch is
+//! validated (finite, within the range configured for its unit), calibrated per device
+//! (`value * scale + offset`), folded into per-device rolling statistics and appended to the
+//! history behind `GET /samples`. Shared state is locked once per batch, never per sample.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use smol_str::SmolStr;
+
+use crate::config::{DeviceSettings, ProcessingSettings, ValueRange};
+use crate::ledger::{BatchOutcome, RejectReason};
+use crate::sample::{ProcessedSample, Sample};
+
+/// Calibration of one device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Calibration {
+    /// Multiplier.
+    pub scale: f64,
+    /// Added after scaling.
+    pub offset: f64,
+}
+
+impl Calibration {
+    /// No change.
+    pub const IDENTITY: Calibration = Calibration {
+        scale: 1.0,
+        offset: 0.0,
+    };
+
+    /// The calibrated value.
+    pub fn apply(self, raw: f64) -> f64 {
+        raw * self.scale + self.offset
+    }
+}
+
+/// Checks a raw value: finite, and within `range` when its unit has one.
+pub fn check(value: f64, range: Option<&ValueRange>) -> Result<(), RejectReason> {
+    if !value.is_finite() {
+        return Err(RejectReason::NonFinite);
+    }
+    match range {
+        Some(r) if value < r.min || value > r.max => Err(RejectReason::OutOfRange),
+        _ => Ok(()),
+    }
+}
+
+/// Running statistics of one device's processed values.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RollingStats {
+    /// Values seen.
+    pub count: u64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+    /// Arithmetic mean.
+    pub mean: f64,
+    /// Most recent value.
+    pub last: f64,
+}
+
+impl RollingStats {
+    fn new(value: f64) -> Self {
+        Self {
+            count: 1,
+            min: value,
+            max: value,
+            mean: value,
+            last: value,
+        }
+    }
+
+    /// Adds one value.
+    pub fn update(&mut self, value: f64) {
+        self.count += 1;
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+        self.mean += (value - self.mean) / self.count as f64;
+        self.last = value;
+    }
+
+    /// Folds in statistics of later values.
+    pub fn merge(&mut self, later: &RollingStats) {
+        let total = self.count + later.count;
+        self.mean += (later.mean - self.mean) * later.count as f64 / total as f64;
+        self.count = total;
+        self.min = self.min.min(later.min);
+        self.max = self.max.max(later.max);
+        self.last = later.last;
+    }
+}
+
+/// Latency histogram with log-linear buckets (8 per power of two), in nanoseconds.
+/// Relative error of a quantile is under 1/8; recording is lock-free.
+pub struct LatencyHistogram {
+    buckets: Box<[AtomicU64]>,
+}
+
+const SUB_BUCKETS: u32 = 8;
+const HISTOGRAM_BUCKETS: usize = (64 * SUB_BUCKETS) as usize;
+
+fn bucket_of(nanos: u64) -> usize {
+    if nanos < u64::from(SUB_BUCKETS) {
+        return nanos as usize;
+    }
+    let magnitude = 63 - nanos.leading_zeros();
+    let sub = (nanos >> (magnitude - 3)) & u64::from(SUB_BUCKETS - 1);
+    ((magnitude - 2) * SUB_BUCKETS) as usize + sub as usize
+}
+
+fn bucket_upper(bucket: usize) -> u64 {
+    let bucket = bucket as u32;
+    if bucket < SUB_BUCKETS {
+        return u64::from(bucket);
+    }
+    let magnitude = bucket / SUB_BUCKETS + 2;
+    let sub = u64::from(bucket % SUB_BUCKETS);
+    let base = 1u64 << magnitude;
+    (base + ((sub + 1) << (magnitude - 3))).saturating_sub(1)
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self {
+            buckets: (0..HISTOGRAM_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl LatencyHistogram {
+    /// Adds counts collected locally by [`LocalHistogram`].
+    pub fn merge(&self, local: &LocalHistogram) {
+        for &(bucket, n) in &local.counts {
+            self.buckets[bucket].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// The value below which `q` (0..=1) of recorded latencies fall; `None` if empty.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (bucket, n) in counts.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(Duration::from_nanos(bucket_upper(bucket)));
+            }
+        }
+        None
+    }
+}
+
+/// Per-batch histogram counts, merged into the shared one once per batch.
+#[derive(Default)]
+pub struct LocalHistogram {
+    counts: Vec<(usize, u64)>,
+}
+
+impl LocalHistogram {
+    fn record(&mut self, latency: Duration) {
+        let bucket = bucket_of(latency.as_nanos().min(u128::from(u64::MAX)) as u64);
+        match self.counts.iter_mut().find(|(b, _)| *b == bucket) {
+            Some((_, n)) => *n += 1,
+            None => self.counts.push((bucket, 1)),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    stats: HashMap<SmolStr, RollingStats>,
+    history: VecDeque<ProcessedSample>,
+}
+
+/// Work done so far, for `/status` and `/metrics`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WorkerTotals {
+    /// Batches processed.
+    pub batches: u64,
+    /// Total time spent processing batches.
+    pub busy: Duration,
+}
+
+/// The worker stage's shared state and settings. `process` is called from blocking threads.
+pub struct Worker {
+    ranges: HashMap<SmolStr, ValueRange>,
+    calibration: HashMap<SmolStr, Calibration>,
+    history_len: usize,
+    shared: Mutex<Shared>,
+    latency: LatencyHistogram,
+    batches: AtomicU64,
+    busy_nanos: AtomicU64,
+}
+
+impl Worker {
+    /// A worker stage for these processing settings and devices.
+    pub fn new(
+        processing: &ProcessingSettings,
+        devices: &[DeviceSettings],
+        history: usize,
+    ) -> Self {
+        Self {
+            ranges: processing
+                .units
+                .iter()
+                .map(|(unit, range)| (SmolStr::new(unit), *range))
+                .collect(),
+            calibration: devices
+                .iter()
+                .map(|d| {
+                    let cal = Calibration {
+                        scale: d.scale,
+                        offset: d.offset,
+                    };
+                    (SmolStr::new(&d.id), cal)
+                })
+                .collect(),
+            history_len: history,
+            shared: Mutex::new(Shared::default()),
+            latency: LatencyHistogram::default(),
+            batches: AtomicU64::new(0),
+            busy_nanos: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // Nothing panics while the lock is held (all computation happens before taking it).
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Processes one batch. CPU-bound: call it from the worker stage, not from async code.
+    pub fn process(&self, batch: Vec<Sample>) -> BatchOutcome {
+        let started = Instant::now();
+        let mut outcome = BatchOutcome::default();
+        let mut stats: Vec<(SmolStr, RollingStats)> = Vec::new();
+        let mut latency = LocalHistogram::default();
+        let keep_from = batch.len().saturating_sub(self.history_len);
+        let mut kept = Vec::with_capacity(batch.len() - keep_from);
+        let mut cal_cache: Option<(SmolStr, Calibration)> = None;
+        for (i, sample) in batch.into_iter().enumerate() {
+            if let Err(reason) = check(sample.value, self.ranges.get(&sample.unit)) {
+                outcome.rejected.add(reason, 1);
+                continue;
+            }
+            let cal = match &cal_cache {
+                Some((device, cal)) if *device == sample.device => *cal,
+                _ => {
+                    let cal = self
+                        .calibration
+                        .get(&sample.device)
+                        .copied()
+                        .unwrap_or(Calibration::IDENTITY);
+                    cal_cache = Some((sample.device.clone(), cal));
+                    cal
+                }
+            };
+            let value = cal.apply(sample.value);
+            match stats.iter_mut().find(|(d, _)| *d == sample.device) {
+                Some((_, s)) => s.update(value),
+                None => stats.push((sample.device.clone(), RollingStats::new(value))),
+            }
+            latency.record(sample.received.elapsed());
+            outcome.processed += 1;
+            if i >= keep_from {
+                kept.push(ProcessedSample {
+                    seq: sample.seq,
+                    value,
+                    unit: sample.unit,
+                    device: sample.device,
+                    timestamp: sample.timestamp,
+                });
+            }
+        }
+        self.latency.merge(&latency);
+        {
+            let mut shared = self.lock();
+            for (device, batch_stats) in stats {
+                shared
+                    .stats
+                    .entry(device)
+                    .and_modify(|s| s.merge(&batch_stats))
+                    .or_insert(batch_stats);
+            }
+            let len = shared.history.len();
+            let overflow = (len + kept.len()).saturating_sub(self.history_len);
+            shared.history.drain(..overflow.min(len));
+            shared.history.extend(kept);
+        }
+        let elapsed = started.elapsed();
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.busy_nanos
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+        crate::metrics::batch_processed(elapsed);
+        outcome
+    }
+
+    /// The latest processed samples, oldest first, at most `limit`.
+    pub fn recent(&self, limit: usize) -> Vec<ProcessedSample> {
+        let shared = self.lock();
+        let skip = shared.history.len().saturating_sub(limit);
+        shared.history.iter().skip(skip).cloned().collect()
+    }
+
+    /// How many processed samples the history keeps.
+    pub fn history_len(&self) -> usize {
+        self.history_len
+    }
+
+    /// The most recent processed sample.
+    pub fn latest(&self) -> Option<ProcessedSample> {
+        self.lock().history.back().cloned()
+    }
+
+    /// Statistics of one device, if it has processed samples.
+    pub fn stats(&self, device: &str) -> Option<RollingStats> {
+        self.lock().stats.get(device).copied()
+    }
+
+    /// Forgets a device's statistics (on reset).
+    pub fn reset_stats(&self, device: &str) {
+        self.lock().stats.remove(device);
+    }
+
+    /// Read-to-processed latency quantile.
+    pub fn latency_quantile(&self, q: f64) -> Option<Duration> {
+        self.latency.quantile(q)
+    }
+
+    /// Batches and busy time so far.
+    pub fn totals(&self) -> WorkerTotals {
+        WorkerTotals {
+            batches: self.batches.load(Ordering::Relaxed),
+            busy: Duration::from_nanos(self.busy_nanos.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn worker(history: usize) -> Worker {
+        let settings = Settings::default();
+        let mut device = DeviceSettings::simulated("test");
+        device.scale = 2.0;
+        device.offset = 1.0;
+        Worker::new(&settings.processing, &[device], history)
+    }
+
+    #[test]
+    fn check_rejects_non_finite_and_out_of_range() {
+        let range = ValueRange {
+            min: 0.0,
+            max: 10.0,
+        };
+        assert_eq!(check(f64::NAN, None), Err(RejectReason::NonFinite));
+        assert_eq!(
+            check(f64::INFINITY, Some(&range)),
+            Err(RejectReason::NonFinite)
+        );
+        assert_eq!(check(10.5, Some(&range)), Err(RejectReason::OutOfRange));
+        assert_eq!(check(-0.1, Some(&range)), Err(RejectReason::OutOfRange));
+        assert_eq!(check(10.0, Some(&range)), Ok(()));
+        assert_eq!(check(1e300, None), Ok(()));
+    }
+
+    #[test]
+    fn process_calibrates_counts_and_keeps_history() {
+        let worker = worker(3);
+        let batch = vec![
+            Sample::test(0, 1.0),
+            Sample::test(1, f64::NAN),
+            Sample::test(2, 5000.0),
+            Sample::test(3, 2.0),
+            Sample::test(4, 3.0),
+            Sample::test(5, 4.0),
+        ];
+        let outcome = worker.process(batch);
+        assert_eq!(outcome.processed, 4);
+        assert_eq!(outcome.rejected.non_finite, 1);
+        assert_eq!(outcome.rejected.out_of_range, 1);
+        let recent = worker.recent(10);
+        let values: Vec<f64> = recent.iter().map(|s| s.value).collect();
+        assert_eq!(values, [5.0, 7.0, 9.0]);
+        let stats = worker.stats("test").unwrap();
+        assert_eq!(
+            (stats.count, stats.min, stats.max, stats.last),
+            (4, 3.0, 9.0, 9.0)
+        );
+        assert!((stats.mean - 6.0).abs() < 1e-12);
+        assert_eq!(worker.latest().unwrap().seq, Some(5));
+        assert_eq!(worker.recent(1).len(), 1);
+        assert!(worker.latency_quantile(0.99).is_some());
+        assert_eq!(worker.totals().batches, 1);
+    }
+
+    #[test]
+    fn history_is_bounded_across_batches() {
+        let worker = worker(5);
+        for start in (0..20).step_by(4) {
+            worker.process((start..start + 4).map(|i| Sample::test(i, 1.0)).collect());
+        }
+        let seqs: Vec<_> = worker.recent(100).iter().map(|s| s.seq.unwrap()).collect();
+        assert_eq!(seqs, [15, 16, 17, 18, 19]);
+    }
+
+    #[test]
+    fn merged_stats_equal_sequential_stats() {
+        let values = [3.0, -1.0, 4.0, 1.5, 9.0, 2.6];
+        let mut seq = RollingStats::new(values[0]);
+        values[1..].iter().for_each(|&v| seq.update(v));
+        let mut a = RollingStats::new(values[0]);
+        values[1..3].iter().for_each(|&v| a.update(v));
+        let mut b = RollingStats::new(values[3]);
+        values[4..].iter().for_each(|&v| b.update(v));
+        a.merge(&b);
+        assert_eq!(
+            (a.count, a.min, a.max, a.last),
+            (seq.count, seq.min, seq.max, seq.last)
+        );
+        assert!((a.mean - seq.mean).abs() < 1e-12);
+    }
+
+    #[test]
+    fn histogram_buckets_bound_values_within_an_eighth() {
+        for nanos in [
+            0u64,
+            1,
+            7,
+            8,
+            9,
+            15,
+            16,
+            100,
+            1_000,
+            123_456,
+            5_000_000_000,
+            u64::MAX / 3,
+        ] {
+            let bucket = bucket_of(nanos);
+            let upper = bucket_upper(bucket);
+            assert!(upper >= nanos, "{nanos}: bucket {bucket} upper {upper}");
+            assert!(upper - nanos <= nanos / 8 + 1, "{nanos}: upper {upper}");
+            assert!(bucket < HISTOGRAM_BUCKETS);
+        }
+    }
+
+    #[test]
+    fn histogram_quantiles() {
+        let histogram = LatencyHistogram::default();
+        let mut local = LocalHistogram::default();
+        for micros in 1..=100 {
+            local.record(Duration::from_micros(micros));
+        }
+        histogram.merge(&local);
+        let p50 = histogram.quantile(0.5).unwrap();
+        let p99 = histogram.quantile(0.99).unwrap();
+        assert!(
+            p50 >= Duration::from_micros(50) && p50 <= Duration::from_micros(57),
+            "{p50:?}"
+        );
+        assert!(
+            p99 >= Duration::from_micros(99) && p99 <= Duration::from_micros(112),
+            "{p99:?}"
+        );
+        assert_eq!(LatencyHistogram::default().quantile(0.5), None);
+    }
+}
