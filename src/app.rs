@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::api::{self, AppState};
 use crate::buffer::RingBuffer;
 use crate::config::{DeviceKind, Settings};
+use crate::device::serial::SerialConnector;
 use crate::device::sim::SimConnector;
 use crate::device::{DeviceHandle, DeviceTask};
 use crate::dispatch::{Dispatcher, ProcessFn};
@@ -244,25 +245,28 @@ fn spawn_devices(
     let mut tasks = Vec::new();
     for device in &settings.devices {
         let device_cancel = cancel.child_token();
-        match device.kind {
-            DeviceKind::Simulated => {
+        let kind = device.kind.as_str();
+        let (task, handle) = match (device.kind, &device.serial) {
+            (DeviceKind::Serial, Some(serial)) => {
+                let connector = SerialConnector::new(serial.clone());
+                let (task, handle) =
+                    DeviceTask::new(device, kind, connector, buffer.clone(), device_cancel);
+                (tracker.spawn(task.run()), handle)
+            }
+            _ => {
                 let connector = SimConnector::new(
                     device.simulator.clone(),
                     Duration::from_millis(device.sample_interval_ms),
                     tracker.clone(),
                     device_cancel.clone(),
                 );
-                let (task, handle) = DeviceTask::new(
-                    device,
-                    "simulated",
-                    connector,
-                    buffer.clone(),
-                    device_cancel,
-                );
-                tasks.push(tracker.spawn(task.run()));
-                handles.push(handle);
+                let (task, handle) =
+                    DeviceTask::new(device, kind, connector, buffer.clone(), device_cancel);
+                (tracker.spawn(task.run()), handle)
             }
-        }
+        };
+        tasks.push(task);
+        handles.push(handle);
     }
     (handles, tasks)
 }

@@ -286,6 +286,18 @@ pub enum DeviceKind {
     /// The embedded simulator, over an in-memory duplex stream.
     #[default]
     Simulated,
+    /// A real serial port (tty), opened with the `[devices.serial]` settings.
+    Serial,
+}
+
+impl DeviceKind {
+    /// The kind's name, as in the config and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Simulated => "simulated",
+            Self::Serial => "serial",
+        }
+    }
 }
 
 /// One device.
@@ -318,6 +330,13 @@ pub struct DeviceSettings {
     /// Longest accepted frame in bytes; longer lines are counted as `too_long` and skipped.
     #[serde(default = "default_max_frame_len")]
     pub max_frame_len: usize,
+    /// A Measuring device with no valid frame for this long makes `/readyz` fail; unset means
+    /// five sample intervals (at least one read timeout when the interval is 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_after_ms: Option<u64>,
+    /// How long `POST /devices/{id}/command` waits for the device's reply.
+    #[serde(default = "default_command_timeout_ms")]
+    pub command_timeout_ms: u64,
     /// Calibration: processed value = raw value * scale + offset.
     #[serde(default = "default_scale")]
     pub scale: f64,
@@ -327,6 +346,9 @@ pub struct DeviceSettings {
     /// The simulated device, for `kind = "simulated"`.
     #[serde(default)]
     pub simulator: SimulatorSettings,
+    /// The serial port, for `kind = "serial"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<SerialSettings>,
 }
 
 impl DeviceSettings {
@@ -342,11 +364,94 @@ impl DeviceSettings {
             backoff_initial_ms: default_backoff_initial_ms(),
             backoff_max_ms: default_backoff_max_ms(),
             max_frame_len: default_max_frame_len(),
+            stale_after_ms: None,
+            command_timeout_ms: default_command_timeout_ms(),
             scale: default_scale(),
             offset: 0.0,
             simulator: SimulatorSettings::default(),
+            serial: None,
         }
     }
+
+    /// A serial device on `path` with every other setting at its default.
+    pub fn serial(id: &str, path: impl Into<PathBuf>) -> Self {
+        Self {
+            kind: DeviceKind::Serial,
+            serial: Some(SerialSettings::new(path)),
+            ..Self::simulated(id)
+        }
+    }
+
+    /// How long a Measuring device may go without a valid frame before it counts as stale.
+    pub fn stale_after(&self) -> Duration {
+        let ms = self
+            .stale_after_ms
+            .unwrap_or(if self.sample_interval_ms == 0 {
+                self.read_timeout_ms
+            } else {
+                self.sample_interval_ms.saturating_mul(5)
+            });
+        Duration::from_millis(ms)
+    }
+}
+
+/// A serial port's line settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSettings {
+    /// The tty, e.g. `/dev/ttyUSB0` or `/dev/serial/by-id/...`.
+    pub path: PathBuf,
+    /// Bits per second.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// Data bits per character, 5 to 8.
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    /// `none`, `odd` or `even`.
+    #[serde(default)]
+    pub parity: Parity,
+    /// 1 or 2.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+}
+
+impl SerialSettings {
+    /// 115200 8N1 on `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            baud: default_baud(),
+            data_bits: default_data_bits(),
+            parity: Parity::None,
+            stop_bits: default_stop_bits(),
+        }
+    }
+}
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    /// No parity bit.
+    #[default]
+    None,
+    /// Odd parity.
+    Odd,
+    /// Even parity.
+    Even,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_command_timeout_ms() -> u64 {
+    1000
 }
 
 fn default_devices() -> Vec<DeviceSettings> {
@@ -390,9 +495,15 @@ pub struct SimulatorSettings {
     /// Seed of the simulator's random numbers; 0 picks one from the clock.
     #[serde(default)]
     pub seed: u64,
+    /// Pace bytes as a real UART at this baud rate (8N1: 10 bits per byte); 0 does not pace.
+    #[serde(default)]
+    pub baud: u32,
     /// Probability, per frame, that one byte of the frame is corrupted (fails its checksum).
     #[serde(default)]
     pub corrupt_rate: f64,
+    /// Probability, per frame, that one byte of the frame is lost on the line.
+    #[serde(default)]
+    pub drop_rate: f64,
     /// Probability, per frame, that the device stalls for `stall_ms` before sending it.
     #[serde(default)]
     pub stall_rate: f64,
@@ -410,7 +521,9 @@ impl Default for SimulatorSettings {
             unit: default_unit(),
             noise: default_noise(),
             seed: 0,
+            baud: 0,
             corrupt_rate: 0.0,
+            drop_rate: 0.0,
             stall_rate: 0.0,
             stall_ms: default_stall_ms(),
             disconnect_rate: 0.0,
@@ -575,7 +688,60 @@ impl DeviceSettings {
                 "scale and offset must be finite",
             ));
         }
-        self.simulator.validate(&format!("{at}.simulator"))
+        if !(1..=60_000).contains(&self.command_timeout_ms) {
+            return Err(ConfigError::invalid(
+                format!("{at}.command_timeout_ms"),
+                "must be between 1 and 60000",
+            ));
+        }
+        if self.stale_after_ms == Some(0) {
+            return Err(ConfigError::invalid(
+                format!("{at}.stale_after_ms"),
+                "must be at least 1 (leave it unset for five sample intervals)",
+            ));
+        }
+        match (self.kind, &self.serial) {
+            (DeviceKind::Serial, None) => Err(ConfigError::invalid(
+                format!("{at}.serial"),
+                "a serial device needs a [devices.serial] table with at least `path`",
+            )),
+            (DeviceKind::Serial, Some(serial)) => serial.validate(&format!("{at}.serial")),
+            (DeviceKind::Simulated, Some(_)) => Err(ConfigError::invalid(
+                format!("{at}.serial"),
+                "only devices of kind \"serial\" take serial settings",
+            )),
+            (DeviceKind::Simulated, None) => self.simulator.validate(&format!("{at}.simulator")),
+        }
+    }
+}
+
+impl SerialSettings {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{at}.path"),
+                "must not be empty",
+            ));
+        }
+        if !(50..=4_000_000).contains(&self.baud) {
+            return Err(ConfigError::invalid(
+                format!("{at}.baud"),
+                "must be between 50 and 4000000",
+            ));
+        }
+        if !(5..=8).contains(&self.data_bits) {
+            return Err(ConfigError::invalid(
+                format!("{at}.data_bits"),
+                "must be 5, 6, 7 or 8",
+            ));
+        }
+        if !(1..=2).contains(&self.stop_bits) {
+            return Err(ConfigError::invalid(
+                format!("{at}.stop_bits"),
+                "must be 1 or 2",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -596,6 +762,7 @@ impl SimulatorSettings {
         }
         for (key, rate) in [
             ("corrupt_rate", self.corrupt_rate),
+            ("drop_rate", self.drop_rate),
             ("stall_rate", self.stall_rate),
             ("disconnect_rate", self.disconnect_rate),
         ] {
@@ -771,6 +938,26 @@ mod tests {
         from_file.sort();
         assert_eq!(from_defaults, from_file);
         assert!(DEFAULT_TOML.contains("# workers = "));
+        assert!(DEFAULT_TOML.contains("# stale_after_ms = "));
+    }
+
+    #[test]
+    fn serial_devices_and_several_devices_parse() {
+        let text = "[[devices]]\nid = \"a\"\nsample_interval_ms = 10\n\n[[devices]]\nid = \"tty1\"\nkind = \"serial\"\n[devices.serial]\npath = \"/dev/ttyUSB0\"\nbaud = 9600\nparity = \"even\"\nstop_bits = 2\n";
+        let settings = load_toml(text, &[]).unwrap();
+        assert_eq!(settings.devices.len(), 2);
+        assert_eq!(settings.devices[0].stale_after(), Duration::from_millis(50));
+        let serial = settings.devices[1].serial.as_ref().unwrap();
+        assert_eq!(settings.devices[1].kind, DeviceKind::Serial);
+        assert_eq!(
+            (
+                serial.baud,
+                serial.data_bits,
+                serial.parity,
+                serial.stop_bits
+            ),
+            (9600, 8, Parity::Even, 2)
+        );
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! Device control routes: `POST /start|stop|reset` for all devices (the C++ original's routes),
-//! `GET /devices`, `GET /devices/{id}` and `POST /devices/{id}/start|stop|reset`.
+//! `GET /devices`, `GET /devices/{id}`, `POST /devices/{id}/start|stop|reset`, and
+//! `POST /devices/{id}/command` (a line sent down the link, answered by the device).
 
 use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{ApiError, AppState};
 use crate::device::state::{Command, DeviceState};
-use crate::device::{CommandError, CountersSnapshot, DeviceHandle};
+use crate::device::{CommandError, CountersSnapshot, DeviceHandle, SendError};
 use crate::worker::RollingStats;
 
 /// One device as the API shows it.
@@ -161,4 +163,34 @@ async fn run(
         state.worker.reset_stats(device.id());
     }
     Ok(next)
+}
+
+/// Body of `POST /devices/{id}/command`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CommandBody {
+    command: String,
+}
+
+pub(super) async fn send_command(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Json<CommandBody>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let device = state.device(&id)?;
+    let Json(body) = body?;
+    let reply = device.send(&body.command).await.map_err(|err| match err {
+        SendError::Invalid => ApiError::BadRequest(err.to_string()),
+        SendError::NotConnected { .. } => ApiError::Conflict {
+            error: err.to_string(),
+            state: device.state(),
+        },
+        SendError::Timeout(_) => ApiError::Timeout(err.to_string()),
+        SendError::Io(_) | SendError::LinkClosed => ApiError::BadGateway(err.to_string()),
+        SendError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
+    })?;
+    let ok = !reply.starts_with("ERROR:");
+    Ok(Json(
+        json!({ "ok": ok, "id": device.id(), "command": body.command, "reply": reply }),
+    ))
 }

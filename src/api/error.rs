@@ -30,6 +30,27 @@ pub enum ApiError {
     /// The gateway cannot serve this now (shutting down).
     #[error("{0}")]
     Unavailable(String),
+    /// A device did not answer in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// A device's link failed while we waited for it.
+    #[error("{0}")]
+    BadGateway(String),
+    /// An extractor refused the request (wrong content type, bad JSON, ...), with its status.
+    #[error("{1}")]
+    Rejected(StatusCode, String),
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
+        Self::Rejected(rejection.status(), rejection.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        Self::BadRequest(rejection.body_text())
+    }
 }
 
 impl ApiError {
@@ -40,6 +61,9 @@ impl ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Self::Rejected(status, _) => *status,
         }
     }
 }

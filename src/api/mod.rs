@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, RawQuery, Request, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::error::ApiError;
 use crate::buffer::RingBuffer;
 use crate::device::DeviceHandle;
+use crate::device::state::DeviceState;
 use crate::dispatch::PoolGauges;
 use crate::worker::Worker;
 
@@ -72,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .route("/devices/{id}/start", post(control::start_one))
         .route("/devices/{id}/stop", post(control::stop_one))
         .route("/devices/{id}/reset", post(control::reset_one))
+        .route("/devices/{id}/command", post(control::send_command))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -84,13 +86,51 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
-    if state.shutdown.is_cancelled() {
-        let body = json!({ "status": "shutting_down", "error": "the gateway is shutting down" });
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
-    } else {
-        axum::Json(json!({ "status": "ready" })).into_response()
+/// Readiness: 503 while shutting down, when a Measuring device has gone stale, or when every
+/// device is in SafeState. `?verbose` lists each check; machines read only the status code.
+async fn readyz(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+    let verbose = query.as_deref().is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == "verbose" || p.starts_with("verbose="))
+    });
+    let mut checks = vec![json!({
+        "check": "accepting",
+        "ok": !state.shutdown.is_cancelled(),
+    })];
+    let mut ready = !state.shutdown.is_cancelled();
+    let mut all_safe = true;
+    for device in state.devices.iter() {
+        let f = device.freshness();
+        all_safe &= f.state == DeviceState::SafeState;
+        ready &= !f.stale;
+        checks.push(json!({
+            "check": format!("device:{}", device.id()),
+            "ok": !f.stale && f.state != DeviceState::SafeState,
+            "state": f.state,
+            "ms_since_valid_frame": f.since_good.as_millis() as u64,
+            "stale_after_ms": f.stale_after.as_millis() as u64,
+        }));
     }
+    ready &= !all_safe;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut body = json!({ "status": if ready { "ready" } else { "not_ready" } });
+    if !ready {
+        body["error"] = json!(if state.shutdown.is_cancelled() {
+            "the gateway is shutting down"
+        } else if all_safe {
+            "every device is in SafeState"
+        } else {
+            "a measuring device has sent no valid frame for too long"
+        });
+    }
+    if verbose {
+        body["checks"] = json!(checks);
+    }
+    (status, axum::Json(body)).into_response()
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

@@ -137,7 +137,7 @@ pub(super) async fn samples(
     State(state): State<AppState>,
     query: Result<Query<SamplesQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Query(query) = query.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let Query(query) = query?;
     let max = state.worker.history_len();
     let limit = query.limit.unwrap_or(DEFAULT_SAMPLES_LIMIT.min(max));
     if !(1..=max).contains(&limit) {

@@ -64,9 +64,14 @@ impl InvalidReason {
 pub enum Frame {
     /// A valid data frame.
     Sample(RawSample),
+    /// A device's answer to a command: a line starting `OK:`, `ERROR:` or `STATUS:`.
+    Reply(String),
     /// Skipped bytes, and why.
     Invalid(InvalidReason),
 }
+
+/// How a device's answers to commands begin.
+pub const REPLY_PREFIXES: [&[u8]; 3] = [b"OK:", b"ERROR:", b"STATUS:"];
 
 /// Decodes `$TH,...*CC` lines and encodes samples as such lines.
 #[derive(Debug, Clone)]
@@ -123,6 +128,14 @@ impl Decoder for FrameCodec {
             match first {
                 b'\r' | b'\n' => src.advance(1),
                 b'$' => return Ok(self.decode_frame(src)),
+                b'O' | b'E' | b'S' if could_be_reply(src) => match self.decode_reply(src) {
+                    Some(frame) => return Ok(Some(frame)),
+                    None if src.len() < self.max_len => return Ok(None),
+                    None => {
+                        self.skipping = true;
+                        return Ok(Some(Frame::Invalid(InvalidReason::TooLong)));
+                    }
+                },
                 _ => {
                     // Garbage: one count per run, however it is split across reads.
                     self.skipping = true;
@@ -173,6 +186,31 @@ impl FrameCodec {
             Ok(sample) => Frame::Sample(sample),
             Err(reason) => Frame::Invalid(reason),
         })
+    }
+}
+
+/// Whether `src` starts with a reply prefix, or with the start of one (more bytes may come).
+fn could_be_reply(src: &[u8]) -> bool {
+    REPLY_PREFIXES.iter().any(|prefix| {
+        let n = prefix.len().min(src.len());
+        src[..n] == prefix[..n]
+    })
+}
+
+impl FrameCodec {
+    /// `src` starts like a reply. Returns the reply once its line is complete; a `$` before the
+    /// newline means the reply was cut short, and the part before it is garbage.
+    fn decode_reply(&mut self, src: &mut BytesMut) -> Option<Frame> {
+        let window = &src[..src.len().min(self.max_len)];
+        let end = window.iter().position(|&b| b == b'\n' || b == b'$')?;
+        let complete = src[end] == b'\n' && REPLY_PREFIXES.iter().any(|p| src.starts_with(p));
+        if !complete {
+            src.advance(end);
+            return Some(Frame::Invalid(InvalidReason::Syntax));
+        }
+        let line = src.split_to(end + 1);
+        let text = String::from_utf8_lossy(&line[..end]);
+        Some(Frame::Reply(text.trim_end_matches('\r').to_owned()))
     }
 }
 
@@ -426,6 +464,49 @@ mod tests {
             Some(Frame::Invalid(InvalidReason::Syntax))
         );
         assert_eq!(codec.decode_eof(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn replies_are_told_apart_from_frames_and_garbage() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&b"OK: rate=50\r\n"[..]);
+        buf.extend_from_slice(&frame(1, 1.0, "arb.units"));
+        buf.extend_from_slice(b"STATUS: seq=2 rate_ms=50\nERROR: unknown command\r\nOKAY\r\n");
+        assert_eq!(
+            decode_all(&mut codec, &mut buf),
+            vec![
+                Frame::Reply("OK: rate=50".into()),
+                sample(1, 1.0),
+                Frame::Reply("STATUS: seq=2 rate_ms=50".into()),
+                Frame::Reply("ERROR: unknown command".into()),
+                Frame::Invalid(InvalidReason::Syntax),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reply_split_across_reads_waits_for_its_newline() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&b"ST"[..]);
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+        buf.extend_from_slice(b"ATUS: ok");
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+        buf.extend_from_slice(b"\r\n");
+        assert_eq!(
+            codec.decode(&mut buf).unwrap(),
+            Some(Frame::Reply("STATUS: ok".into()))
+        );
+    }
+
+    #[test]
+    fn a_reply_cut_by_a_frame_is_garbage_and_the_frame_survives() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&b"OK: ra"[..]);
+        buf.extend_from_slice(&frame(4, 4.0, "arb.units"));
+        assert_eq!(
+            decode_all(&mut codec, &mut buf),
+            vec![Frame::Invalid(InvalidReason::Syntax), sample(4, 4.0)]
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! change is published on a `watch` channel so status reads never wait for the task.
 
 pub mod codec;
+pub mod serial;
 pub mod sim;
 pub mod state;
 
@@ -21,12 +22,12 @@ use futures_util::StreamExt;
 use futures_util::stream::ReadyChunks;
 use serde::Serialize;
 use smol_str::SmolStr;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::codec::{Frame, FrameCodec, InvalidReason};
 use self::state::{Breaker, Command, DeviceState, IllegalTransition};
@@ -77,12 +78,28 @@ impl LinkFailure {
 }
 
 /// A device's counters, shared between its task and the API.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DeviceCounters {
     samples_read: AtomicU64,
     frames_invalid: [AtomicU64; 3],
     seq_gaps: AtomicU64,
     link_failures: [AtomicU64; 4],
+    /// When the last valid frame arrived (or the link opened), in nanoseconds after `base`.
+    last_good_nanos: AtomicU64,
+    base: Instant,
+}
+
+impl Default for DeviceCounters {
+    fn default() -> Self {
+        Self {
+            samples_read: AtomicU64::new(0),
+            frames_invalid: Default::default(),
+            seq_gaps: AtomicU64::new(0),
+            link_failures: Default::default(),
+            last_good_nanos: AtomicU64::new(0),
+            base: Instant::now(),
+        }
+    }
 }
 
 /// A copy of a device's counters.
@@ -151,6 +168,17 @@ impl FailureCounts {
 }
 
 impl DeviceCounters {
+    fn mark_good(&self, at: Instant) {
+        let nanos = at.saturating_duration_since(self.base).as_nanos() as u64;
+        self.last_good_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    /// Time since the last valid frame, or since the link opened if none came yet.
+    fn since_good(&self) -> Duration {
+        let at = self.base + Duration::from_nanos(self.last_good_nanos.load(Ordering::Relaxed));
+        Instant::now().saturating_duration_since(at)
+    }
+
     /// A consistent-enough copy (each counter is read once).
     pub fn snapshot(&self) -> CountersSnapshot {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -185,9 +213,46 @@ pub struct DeviceStatus {
     pub last_error: Option<String>,
 }
 
-struct Request {
-    command: Command,
-    reply: oneshot::Sender<Result<DeviceState, IllegalTransition>>,
+enum Request {
+    Control {
+        command: Command,
+        reply: oneshot::Sender<Result<DeviceState, IllegalTransition>>,
+    },
+    Send {
+        line: String,
+        reply: oneshot::Sender<Result<String, SendError>>,
+    },
+}
+
+/// Longest command line sent to a device.
+pub const MAX_COMMAND_LEN: usize = 64;
+
+/// Why a device command got no reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// Not a single line of printable ASCII, or too long.
+    #[error("a command is 1 to {MAX_COMMAND_LEN} printable ASCII characters on one line")]
+    Invalid,
+    /// The device has no open link (it is not measuring).
+    #[error("device {id} has no open link (state {state})")]
+    NotConnected {
+        /// The device.
+        id: SmolStr,
+        /// Its state.
+        state: DeviceState,
+    },
+    /// Writing the command failed.
+    #[error("writing the command failed: {0}")]
+    Io(String),
+    /// The link closed before the device answered.
+    #[error("the link closed before the device answered")]
+    LinkClosed,
+    /// No reply within the command timeout.
+    #[error("no reply from the device within {0:?}")]
+    Timeout(Duration),
+    /// The device task has stopped (the gateway is shutting down).
+    #[error("device {0} is shutting down")]
+    Unavailable(SmolStr),
 }
 
 /// Why a command did not take effect.
@@ -209,6 +274,8 @@ pub struct DeviceHandle {
     requests: mpsc::Sender<Request>,
     status: watch::Receiver<DeviceStatus>,
     counters: Arc<DeviceCounters>,
+    stale_after: Duration,
+    command_timeout: Duration,
 }
 
 impl DeviceHandle {
@@ -242,10 +309,45 @@ impl DeviceHandle {
         let (reply, response) = oneshot::channel();
         let unavailable = || CommandError::Unavailable(self.id.clone());
         self.requests
-            .send(Request { command, reply })
+            .send(Request::Control { command, reply })
             .await
             .map_err(|_| unavailable())?;
         Ok(response.await.map_err(|_| unavailable())??)
+    }
+
+    /// Sends a command line (`GET_STATUS`, `SET_RATE=50`, ...) down the link and waits for the
+    /// device's `OK:`/`ERROR:`/`STATUS:` reply, at most the device's command timeout.
+    pub async fn send(&self, line: &str) -> Result<String, SendError> {
+        let printable = line.bytes().all(|b| (0x20..0x7f).contains(&b));
+        if line.is_empty() || line.len() > MAX_COMMAND_LEN || !printable {
+            return Err(SendError::Invalid);
+        }
+        let (reply, response) = oneshot::channel();
+        let request = Request::Send {
+            line: line.to_owned(),
+            reply,
+        };
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| SendError::Unavailable(self.id.clone()))?;
+        match tokio::time::timeout(self.command_timeout, response).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(SendError::LinkClosed),
+            Err(_) => Err(SendError::Timeout(self.command_timeout)),
+        }
+    }
+
+    /// Whether the device counts as stale: Measuring, yet no valid frame for `stale_after`.
+    pub fn freshness(&self) -> Freshness {
+        let state = self.state();
+        let since_good = self.counters.since_good();
+        Freshness {
+            state,
+            since_good,
+            stale_after: self.stale_after,
+            stale: state == DeviceState::Measuring && since_good > self.stale_after,
+        }
     }
 
     /// Waits until the device's state satisfies `pred`; for tests and shutdown.
@@ -258,6 +360,19 @@ impl DeviceHandle {
     }
 }
 
+/// A device's data freshness, for readiness checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freshness {
+    /// The device's state.
+    pub state: DeviceState,
+    /// Time since the last valid frame (or since the link opened).
+    pub since_good: Duration,
+    /// The configured limit.
+    pub stale_after: Duration,
+    /// Measuring, but silent for longer than `stale_after`.
+    pub stale: bool,
+}
+
 /// Timing and limits of one device, from its settings.
 #[derive(Debug, Clone)]
 struct Timing {
@@ -265,6 +380,7 @@ struct Timing {
     backoff_initial: Duration,
     backoff_max: Duration,
     max_frame_len: usize,
+    command_timeout: Duration,
 }
 
 enum LinkEvent<Io> {
@@ -275,7 +391,13 @@ enum LinkEvent<Io> {
     TimedOut,
 }
 
-type Link<Io> = ReadyChunks<FramedRead<Io, FrameCodec>>;
+/// An open link: decoded frames in, command lines out, and who waits for which reply.
+struct Link<Io: AsyncRead> {
+    frames: ReadyChunks<FramedRead<ReadHalf<Io>, FrameCodec>>,
+    writer: WriteHalf<Io>,
+    /// Callers waiting for replies, in the order their commands were sent.
+    waiting: VecDeque<oneshot::Sender<Result<String, SendError>>>,
+}
 
 /// The task that runs one device.
 pub struct DeviceTask<C: Connector> {
@@ -316,6 +438,8 @@ impl<C: Connector> DeviceTask<C> {
             requests: requests_tx,
             status: status_rx,
             counters: counters.clone(),
+            stale_after: settings.stale_after(),
+            command_timeout: Duration::from_millis(settings.command_timeout_ms),
         };
         let task = Self {
             id,
@@ -324,6 +448,7 @@ impl<C: Connector> DeviceTask<C> {
                 backoff_initial: Duration::from_millis(settings.backoff_initial_ms),
                 backoff_max: Duration::from_millis(settings.backoff_max_ms),
                 max_frame_len: settings.max_frame_len,
+                command_timeout: Duration::from_millis(settings.command_timeout_ms),
             },
             autostart: settings.autostart,
             connector,
@@ -355,9 +480,10 @@ impl<C: Connector> DeviceTask<C> {
                 biased;
                 _ = self.cancel.cancelled() => break,
                 request = self.requests.recv() => match request {
-                    Some(Request { command, reply }) => {
+                    Some(Request::Control { command, reply }) => {
                         let _ = reply.send(self.apply(command));
                     }
+                    Some(Request::Send { line, reply }) => self.send(line, reply).await,
                     None => break,
                 },
                 event = next_event(&mut self.link, &mut self.connector, self.retry_at, self.last_good + self.timing.read_timeout), if active => {
@@ -387,10 +513,17 @@ impl<C: Connector> DeviceTask<C> {
     async fn on_event(&mut self, event: LinkEvent<C::Io>) {
         match event {
             LinkEvent::Connected(io) => {
+                let (reader, writer) = tokio::io::split(io);
                 let codec = FrameCodec::new(self.timing.max_frame_len);
-                self.link = Some(FramedRead::new(io, codec).ready_chunks(CHUNK_MAX));
+                self.link = Some(Link {
+                    frames: FramedRead::new(reader, codec).ready_chunks(CHUNK_MAX),
+                    writer,
+                    waiting: VecDeque::new(),
+                });
                 self.last_good = Instant::now();
+                self.counters.mark_good(self.last_good);
                 self.last_seq = None;
+                info!(device = %self.id, "Device link opened.");
             }
             LinkEvent::ConnectFailed(err) => self.fail(LinkFailure::Connect, &err.to_string()),
             LinkEvent::Frames(frames) => self.on_frames(frames).await,
@@ -424,6 +557,7 @@ impl<C: Connector> DeviceTask<C> {
                     });
                 }
                 Ok(Frame::Invalid(reason)) => invalid[reason.index()] += 1,
+                Ok(Frame::Reply(text)) => self.deliver_reply(text),
                 Err(err) => {
                     error = Some(err);
                     break;
@@ -440,12 +574,49 @@ impl<C: Connector> DeviceTask<C> {
         }
         if !samples.is_empty() {
             self.last_good = Instant::now();
+            self.counters.mark_good(self.last_good);
             let next = self.breaker.on_success(self.state);
             self.set_state(next);
             self.push(samples).await;
         }
         if let Some(err) = error {
             self.fail(LinkFailure::Io, &err.to_string());
+        }
+    }
+
+    fn deliver_reply(&mut self, text: String) {
+        let waiter = self.link.as_mut().and_then(|link| link.waiting.pop_front());
+        match waiter {
+            Some(waiter) => {
+                let _ = waiter.send(Ok(text));
+            }
+            None => debug!(device = %self.id, reply = %text, "Unsolicited reply from the device."),
+        }
+    }
+
+    async fn send(&mut self, line: String, reply: oneshot::Sender<Result<String, SendError>>) {
+        let Some(link) = self.link.as_mut() else {
+            let _ = reply.send(Err(SendError::NotConnected {
+                id: self.id.clone(),
+                state: self.state,
+            }));
+            return;
+        };
+        let mut bytes = line.into_bytes();
+        bytes.extend_from_slice(b"\r\n");
+        let write = async {
+            link.writer.write_all(&bytes).await?;
+            link.writer.flush().await
+        };
+        match tokio::time::timeout(self.timing.command_timeout, write).await {
+            Ok(Ok(())) => link.waiting.push_back(reply),
+            Ok(Err(err)) => {
+                let _ = reply.send(Err(SendError::Io(err.to_string())));
+                self.fail(LinkFailure::Io, &err.to_string());
+            }
+            Err(_) => {
+                let _ = reply.send(Err(SendError::Timeout(self.timing.command_timeout)));
+            }
         }
     }
 
@@ -523,7 +694,7 @@ async fn next_event<C: Connector>(
                 Err(err) => LinkEvent::ConnectFailed(err),
             }
         }
-        Some(link) => match tokio::time::timeout_at(deadline, link.next()).await {
+        Some(link) => match tokio::time::timeout_at(deadline, link.frames.next()).await {
             Ok(Some(frames)) => LinkEvent::Frames(frames),
             Ok(None) => LinkEvent::Ended,
             Err(_) => LinkEvent::TimedOut,

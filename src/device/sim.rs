@@ -2,15 +2,23 @@
 //!
 //! The gateway's device task reads the other end exactly as it would read a tty. The duplex
 //! buffer is 4 KiB, like a UART FIFO, so a gateway that stops reading backs up into the
-//! simulator. Values follow `42 + sin(seq / 10)` plus uniform noise. Faults (corrupted bytes,
-//! stalls, disconnects) are injected at configured per-frame rates so every state transition of
-//! the device can be reached.
+//! simulator. Values follow `42 + sin(seq / 10)` plus uniform noise. The link is two-way: the
+//! simulator answers `GET_STATUS`, `SET_RATE=<ms>`, `CALIBRATE` and `RESET` with `OK: ...`,
+//! `ERROR: ...` or `STATUS: ...` lines between frames. With `baud` set, bytes are paced like a
+//! real UART. Faults (corrupted bytes, lost bytes, stalls, disconnects) are injected at
+//! configured per-frame rates so every state transition of the device can be reached; with
+//! pacing and faults off it is a pure throughput source for benchmarks.
 
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
 use bytes::BytesMut;
-use tokio::io::{AsyncWrite, AsyncWriteExt, DuplexStream};
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -81,6 +89,16 @@ pub struct Simulator {
     rng: SplitMix64,
 }
 
+/// What the command reader shares with the frame writer.
+struct Control {
+    interval_ms: AtomicU64,
+    seq: AtomicU32,
+    reset: AtomicBool,
+}
+
+/// Longest command line the simulator reads.
+const MAX_COMMAND_LEN: usize = 256;
+
 impl Simulator {
     /// A simulator with its own random stream.
     pub fn new(settings: SimulatorSettings, interval: Duration) -> Self {
@@ -97,37 +115,84 @@ impl Simulator {
         42.0 + (f64::from(seq) / 10.0).sin()
     }
 
-    /// Writes frames until the link fails or a disconnect fault fires.
-    pub async fn run<W: AsyncWrite + Unpin>(mut self, mut link: W) -> std::io::Result<()> {
-        let mut buf = BytesMut::with_capacity(UNPACED_BURST * 48);
-        let mut next = Instant::now();
-        let burst = if self.interval.is_zero() {
-            UNPACED_BURST
-        } else {
-            1
+    /// Writes frames and answers commands until the link fails, the gateway closes its end,
+    /// or a disconnect fault fires.
+    pub async fn run<L: AsyncRead + AsyncWrite>(self, link: L) -> std::io::Result<()> {
+        let (reader, writer) = tokio::io::split(link);
+        let control = Control {
+            interval_ms: AtomicU64::new(self.interval.as_millis() as u64),
+            seq: AtomicU32::new(0),
+            reset: AtomicBool::new(false),
         };
-        for seq in 0u32.. {
+        let (replies_tx, replies) = mpsc::channel(8);
+        let unit = self.settings.unit.clone();
+        tokio::select! {
+            result = self.write_frames(writer, &control, replies) => result,
+            // The gateway closed its end: nobody is listening any more.
+            () = serve_commands(reader, &control, &unit, replies_tx) => Ok(()),
+        }
+    }
+
+    async fn write_frames<W: AsyncWrite>(
+        mut self,
+        writer: WriteHalf<W>,
+        control: &Control,
+        mut replies: mpsc::Receiver<String>,
+    ) -> std::io::Result<()> {
+        let mut line = Line {
+            writer,
+            baud: self.settings.baud,
+            free_at: Instant::now(),
+            buf: BytesMut::with_capacity(UNPACED_BURST * 48),
+        };
+        let mut next = Instant::now();
+        let mut seq = 0u32;
+        let mut burst = 0;
+        loop {
+            if control.reset.swap(false, Ordering::Relaxed) {
+                seq = 0;
+            }
+            let interval = Duration::from_millis(control.interval_ms.load(Ordering::Relaxed));
+            while let Ok(reply) = replies.try_recv() {
+                push_line(&mut line.buf, &reply);
+            }
             if self.roll(self.settings.disconnect_rate) {
                 // The device vanishes; frames it had not sent yet vanish with it.
                 return Ok(());
             }
             if self.roll(self.settings.stall_rate) {
-                link.write_all(&buf).await?;
-                buf.clear();
+                line.flush().await?;
                 tokio::time::sleep(Duration::from_millis(self.settings.stall_ms)).await;
                 next = Instant::now();
             }
-            self.encode(seq, &mut buf);
-            if (seq as usize + 1) % burst == 0 {
-                if !self.interval.is_zero() {
-                    next += self.interval;
-                    sleep_until(next).await;
+            if interval.is_zero() {
+                self.encode(seq, &mut line.buf);
+                burst += 1;
+                if burst == UNPACED_BURST {
+                    line.flush().await?;
+                    burst = 0;
                 }
-                link.write_all(&buf).await?;
-                buf.clear();
+            } else {
+                line.flush().await?;
+                // A late tick sends at once and restarts the schedule (no catch-up burst).
+                next = (next + interval).max(Instant::now());
+                // Answer commands while waiting for the next tick, each as soon as it comes.
+                loop {
+                    tokio::select! {
+                        biased;
+                        Some(reply) = replies.recv() => {
+                            push_line(&mut line.buf, &reply);
+                            line.flush().await?;
+                        }
+                        () = sleep_until(next) => break,
+                    }
+                }
+                self.encode(seq, &mut line.buf);
+                line.flush().await?;
             }
+            seq = seq.wrapping_add(1);
+            control.seq.store(seq, Ordering::Relaxed);
         }
-        Ok(())
     }
 
     fn encode(&mut self, seq: u32, buf: &mut BytesMut) {
@@ -140,10 +205,94 @@ impl Simulator {
             let at = start + 1 + (self.rng.next_u64() as usize) % (end - start - 1);
             buf[at] ^= 0x04;
         }
+        if self.roll(self.settings.drop_rate) {
+            let len = buf.len();
+            let at = start + (self.rng.next_u64() as usize) % (len - start);
+            buf.copy_within(at + 1.., at);
+            buf.truncate(len - 1);
+        }
     }
 
     fn roll(&mut self, rate: f64) -> bool {
         rate > 0.0 && self.rng.next_f64() < rate
+    }
+}
+
+/// The simulator's side of the wire, paced like a UART when `baud` is set.
+struct Line<W> {
+    writer: WriteHalf<W>,
+    baud: u32,
+    /// When the line has finished sending what was last written.
+    free_at: Instant,
+    buf: BytesMut,
+}
+
+impl<W: AsyncWrite> Line<W> {
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        if self.baud > 0 {
+            let start = self.free_at.max(Instant::now());
+            sleep_until(start).await;
+            // 8N1: a start bit, eight data bits and a stop bit per byte.
+            let seconds = self.buf.len() as f64 * 10.0 / f64::from(self.baud);
+            self.free_at = start + Duration::from_secs_f64(seconds);
+        }
+        self.writer.write_all(&self.buf).await?;
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+fn push_line(buf: &mut BytesMut, line: &str) {
+    buf.extend_from_slice(line.as_bytes());
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// Reads command lines and queues a reply for each; returns when the gateway closes its end.
+async fn serve_commands<R: AsyncRead>(
+    reader: ReadHalf<R>,
+    control: &Control,
+    unit: &str,
+    replies: mpsc::Sender<String>,
+) {
+    let mut lines = FramedRead::new(reader, LinesCodec::new_with_max_length(MAX_COMMAND_LEN));
+    while let Some(line) = lines.next().await {
+        let reply = match line {
+            Ok(line) => answer(line.trim(), control, unit),
+            Err(LinesCodecError::MaxLineLengthExceeded) => "ERROR: command too long".to_owned(),
+            Err(LinesCodecError::Io(_)) => return,
+        };
+        if replies.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The simulator's answer to one command.
+fn answer(command: &str, control: &Control, unit: &str) -> String {
+    match command {
+        "GET_STATUS" => format!(
+            "STATUS: seq={} rate_ms={} unit={unit}",
+            control.seq.load(Ordering::Relaxed),
+            control.interval_ms.load(Ordering::Relaxed)
+        ),
+        "CALIBRATE" => "OK: calibrated".to_owned(),
+        "RESET" => {
+            control.reset.store(true, Ordering::Relaxed);
+            "OK: reset".to_owned()
+        }
+        _ => match command.strip_prefix("SET_RATE=").map(str::parse::<u64>) {
+            Some(Ok(ms)) if (10..=10_000).contains(&ms) => {
+                control.interval_ms.store(ms, Ordering::Relaxed);
+                format!("OK: rate_ms={ms}")
+            }
+            Some(_) => {
+                "ERROR: SET_RATE takes a whole number of milliseconds from 10 to 10000".to_owned()
+            }
+            None => "ERROR: unknown command".to_owned(),
+        },
     }
 }
 
