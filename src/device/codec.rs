@@ -524,4 +524,89 @@ mod tests {
             })]
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        #[derive(Debug, Clone)]
+        enum Piece {
+            Frame(u32, f64, String),
+            Garbage(Vec<u8>),
+        }
+
+        fn piece() -> impl Strategy<Value = Piece> {
+            prop_oneof![
+                (any::<u32>(), -1e9..1e9f64, "[A-Za-z0-9._/%-]{1,16}")
+                    .prop_map(|(seq, value, unit)| Piece::Frame(seq, value, unit)),
+                proptest::collection::vec(any::<u8>(), 0..300).prop_map(Piece::Garbage),
+            ]
+        }
+
+        /// Decodes `stream` fed in pieces cut at `cuts`, then at end of stream.
+        fn decode_in_pieces(stream: &[u8], cuts: &[usize]) -> Vec<Frame> {
+            let mut codec = FrameCodec::default();
+            let mut buf = BytesMut::new();
+            let mut frames = Vec::new();
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+            cuts.sort_unstable();
+            cuts.push(stream.len());
+            let mut from = 0;
+            for cut in cuts {
+                buf.extend_from_slice(&stream[from..cut]);
+                from = cut;
+                while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                    frames.push(frame);
+                }
+                assert!(buf.len() <= 128, "the decoder holds at most one frame's bytes");
+            }
+            while let Some(frame) = codec.decode_eof(&mut buf).unwrap() {
+                frames.push(frame);
+            }
+            frames
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn any_bytes_cut_anywhere_never_panic(
+                stream in proptest::collection::vec(any::<u8>(), 0..2000),
+                cuts in proptest::collection::vec(any::<usize>(), 0..20),
+            ) {
+                decode_in_pieces(&stream, &cuts);
+            }
+
+            #[test]
+            fn every_embedded_frame_decodes_exactly_once(
+                pieces in proptest::collection::vec(piece(), 0..40),
+                cuts in proptest::collection::vec(any::<usize>(), 0..20),
+            ) {
+                let mut stream = Vec::new();
+                let mut expected = Vec::new();
+                for piece in &pieces {
+                    match piece {
+                        Piece::Frame(seq, value, unit) => {
+                            let mut buf = BytesMut::new();
+                            encode_frame(*seq, *value, unit, &mut buf);
+                            stream.extend_from_slice(&buf);
+                            // What was sent, after the %.6f formatting the frame carries.
+                            let sent: f64 = format!("{value:.6}").parse().unwrap();
+                            expected.push((*seq, sent, unit.clone()));
+                        }
+                        Piece::Garbage(bytes) => stream.extend_from_slice(bytes),
+                    }
+                }
+                let decoded: Vec<_> = decode_in_pieces(&stream, &cuts)
+                    .into_iter()
+                    .filter_map(|f| match f {
+                        Frame::Sample(s) => Some((s.seq, s.value, s.unit.to_string())),
+                        _ => None,
+                    })
+                    .collect();
+                prop_assert_eq!(decoded, expected);
+            }
+        }
+    }
 }

@@ -96,6 +96,15 @@ struct Control {
     reset: AtomicBool,
 }
 
+impl Control {
+    /// Restarts the sequence if a `RESET` came in since the last frame.
+    fn take_reset(&self, seq: &mut u32) {
+        if self.reset.swap(false, Ordering::Relaxed) {
+            *seq = 0;
+        }
+    }
+}
+
 /// Longest command line the simulator reads.
 const MAX_COMMAND_LEN: usize = 256;
 
@@ -149,9 +158,6 @@ impl Simulator {
         let mut seq = 0u32;
         let mut burst = 0;
         loop {
-            if control.reset.swap(false, Ordering::Relaxed) {
-                seq = 0;
-            }
             let interval = Duration::from_millis(control.interval_ms.load(Ordering::Relaxed));
             while let Ok(reply) = replies.try_recv() {
                 push_line(&mut line.buf, &reply);
@@ -166,6 +172,7 @@ impl Simulator {
                 next = Instant::now();
             }
             if interval.is_zero() {
+                control.take_reset(&mut seq);
                 self.encode(seq, &mut line.buf);
                 burst += 1;
                 if burst == UNPACED_BURST {
@@ -187,6 +194,7 @@ impl Simulator {
                         () = sleep_until(next) => break,
                     }
                 }
+                control.take_reset(&mut seq);
                 self.encode(seq, &mut line.buf);
                 line.flush().await?;
             }
@@ -281,6 +289,7 @@ fn answer(command: &str, control: &Control, unit: &str) -> String {
         "CALIBRATE" => "OK: calibrated".to_owned(),
         "RESET" => {
             control.reset.store(true, Ordering::Relaxed);
+            control.seq.store(0, Ordering::Relaxed);
             "OK: reset".to_owned()
         }
         _ => match command.strip_prefix("SET_RATE=").map(str::parse::<u64>) {
@@ -427,6 +436,104 @@ mod tests {
             let _ = reader.read(&mut buf).await.unwrap();
         }
         assert_eq!(start.elapsed(), Duration::from_millis(300));
+    }
+
+    /// Sends `command` and returns the first reply line, skipping data frames.
+    async fn ask(link: &mut DuplexStream, command: &str) -> String {
+        use tokio::io::AsyncWriteExt;
+        link.write_all(format!("{command}\r\n").as_bytes()).await.unwrap();
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::new();
+        loop {
+            while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                if let Frame::Reply(reply) = frame {
+                    return reply;
+                }
+            }
+            let mut chunk = [0u8; 512];
+            let n = link.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the simulator closed the link");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_commands_and_set_rate_changes_the_rate() {
+        let (mut link, device_end) = tokio::io::duplex(LINK_BUFFER);
+        tokio::spawn(Simulator::new(settings(), Duration::from_millis(100)).run(device_end));
+        assert!(ask(&mut link, "GET_STATUS").await.starts_with("STATUS: seq="));
+        assert_eq!(ask(&mut link, "SET_RATE=5").await.split(':').next(), Some("ERROR"));
+        assert_eq!(ask(&mut link, "SET_RATE=abc").await.split(':').next(), Some("ERROR"));
+        assert_eq!(ask(&mut link, "NOPE").await, "ERROR: unknown command");
+        assert_eq!(ask(&mut link, "CALIBRATE").await, "OK: calibrated");
+        assert_eq!(ask(&mut link, "SET_RATE=20").await, "OK: rate_ms=20");
+        assert!(ask(&mut link, "GET_STATUS").await.contains("rate_ms=20"));
+        // Frames now come every 20 ms of (paused) time.
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::new();
+        let mut stamps = Vec::new();
+        while stamps.len() < 6 {
+            let mut chunk = [0u8; 512];
+            let n = link.read(&mut chunk).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+            while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                if matches!(frame, Frame::Sample(_)) {
+                    stamps.push(Instant::now());
+                }
+            }
+        }
+        let gaps: Vec<_> = stamps.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps[1..].iter().all(|g| *g == Duration::from_millis(20)), "{gaps:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reset_restarts_the_sequence() {
+        let (mut link, device_end) = tokio::io::duplex(LINK_BUFFER);
+        tokio::spawn(Simulator::new(settings(), Duration::from_millis(10)).run(device_end));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(ask(&mut link, "RESET").await, "OK: reset");
+        let status = ask(&mut link, "GET_STATUS").await;
+        let seq: u32 = status["STATUS: seq=".len()..].split(' ').next().unwrap().parse().unwrap();
+        assert!(seq < 5, "{status}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn baud_pacing_caps_the_byte_rate() {
+        let sim = Simulator::new(
+            SimulatorSettings {
+                baud: 9600,
+                ..settings()
+            },
+            Duration::ZERO,
+        );
+        let (mut reader, writer) = tokio::io::duplex(LINK_BUFFER);
+        tokio::spawn(sim.run(writer));
+        let start = Instant::now();
+        let mut total = 0;
+        let mut chunk = [0u8; 4096];
+        while total < 9600 {
+            total += reader.read(&mut chunk).await.unwrap();
+        }
+        // 9600 baud, 8N1: 960 bytes a second, so 9600 bytes take about ten seconds.
+        let elapsed = start.elapsed();
+        assert!(elapsed >= Duration::from_secs(8), "{elapsed:?} for {total} bytes");
+        assert!(elapsed <= Duration::from_secs(12), "{elapsed:?} for {total} bytes");
+    }
+
+    #[tokio::test]
+    async fn drop_rate_one_damages_every_frame() {
+        let sim = Simulator::new(
+            SimulatorSettings {
+                drop_rate: 1.0,
+                ..settings()
+            },
+            Duration::ZERO,
+        );
+        let frames = frames_from(sim, 4000).await;
+        assert!(frames.len() > 50);
+        // Losing the `\r` leaves a valid frame; losing any other byte breaks it.
+        let valid = frames.iter().filter(|f| matches!(f, Frame::Sample(_))).count();
+        assert!(valid * 5 < frames.len(), "{valid} of {} frames valid", frames.len());
     }
 
     #[test]
