@@ -158,8 +158,18 @@ impl App {
             prometheus,
             shutdown: cancel.clone(),
             started,
+            high_watermark: settings.buffer.high_watermark_samples(),
+            ingest_max_samples: settings.http.ingest_max_samples,
         };
-        let server = tracker.spawn(serve(listener, api::router(state), http_cancel.clone()));
+        let guard = api::Guard::new(&settings.http);
+        let router = api::router(state, guard, settings.http.body_limit_bytes);
+        let server = tracker.spawn(api::serve(
+            listener,
+            router,
+            settings.http.header_read_timeout(),
+            tracker.clone(),
+            http_cancel.clone(),
+        ));
         info!(
             addr = %local_addr,
             devices = settings.devices.len(),
@@ -225,6 +235,7 @@ impl App {
             rejected = ledger.rejected.total(),
             dropped_overflow = ledger.dropped.overflow,
             dropped_shutdown = ledger.dropped.shutdown,
+            dropped_stopped = ledger.dropped.stopped,
             dropped_worker_panic = ledger.dropped.worker_panic,
             abandoned_in_flight = summary.abandoned_in_flight,
             balanced = summary.balanced,
@@ -269,20 +280,4 @@ fn spawn_devices(
         handles.push(handle);
     }
     (handles, tasks)
-}
-
-async fn serve(listener: TcpListener, router: axum::Router, cancel: CancellationToken) {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        // Small JSON answers must not wait for Nagle's algorithm (the C++ original's 40 ms).
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %err, "Cannot set TCP_NODELAY.");
-        }
-    });
-    if let Err(err) = axum::serve(listener, router)
-        .with_graceful_shutdown(cancel.cancelled_owned())
-        .await
-    {
-        error!(error = %err, "HTTP server failed.");
-    }
 }

@@ -133,9 +133,9 @@ impl RingBuffer {
         }
     }
 
-    /// Pushes all of `samples` unless the buffer is closed or holds `high_watermark` or more.
-    /// Used by HTTP ingest, which turns refusal into backpressure for its client instead of
-    /// waiting or dropping.
+    /// Pushes all of `samples` unless the buffer is closed, holds `high_watermark` or more, or
+    /// (with `Block`) has no room for all of them. Used by HTTP ingest, which turns refusal into
+    /// backpressure for its client instead of waiting.
     pub fn try_push_all(
         &self,
         source: Source,
@@ -148,17 +148,18 @@ impl RingBuffer {
             if inner.closed {
                 return Err(PushError::Closed);
             }
-            if inner.queue.len() >= high_watermark {
+            let depth = inner.queue.len();
+            // `Block` loses nothing, so it takes a batch only if all of it fits.
+            let must_fit = self.policy == OverflowPolicy::Block && depth + n > self.capacity;
+            if depth >= high_watermark || must_fit {
                 return Err(PushError::Full);
             }
             let mut samples = VecDeque::from(samples);
             self.push_locked(&mut inner, source, &mut samples);
-            if !samples.is_empty() {
-                // Only `Block` leaves samples behind: with the watermark checked above, drop the
-                // remainder as overflow rather than block an HTTP handler.
-                let rest = samples.len() as u64;
-                inner.ledger.discard(rest, DropReason::Overflow);
-            }
+            debug_assert!(
+                samples.is_empty(),
+                "only Block leaves samples, and they fit"
+            );
         }
         self.readable.notify_one();
         Ok(n)

@@ -19,19 +19,27 @@ pub enum DropReason {
     Overflow,
     /// Shutdown's grace period ran out before the sample was processed.
     Shutdown,
+    /// The device was stopped while waiting for room in a full `block` buffer.
+    Stopped,
     /// The worker batch holding the sample panicked.
     WorkerPanic,
 }
 
 impl DropReason {
     /// Every reason, for metrics.
-    pub const ALL: [DropReason; 3] = [Self::Overflow, Self::Shutdown, Self::WorkerPanic];
+    pub const ALL: [DropReason; 4] = [
+        Self::Overflow,
+        Self::Shutdown,
+        Self::Stopped,
+        Self::WorkerPanic,
+    ];
 
     /// The label used in metrics and JSON.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Overflow => "overflow",
             Self::Shutdown => "shutdown",
+            Self::Stopped => "stopped",
             Self::WorkerPanic => "worker_panic",
         }
     }
@@ -66,6 +74,8 @@ pub struct DropCounts {
     pub overflow: u64,
     /// See [`DropReason::Shutdown`].
     pub shutdown: u64,
+    /// See [`DropReason::Stopped`].
+    pub stopped: u64,
     /// See [`DropReason::WorkerPanic`].
     pub worker_panic: u64,
 }
@@ -76,6 +86,7 @@ impl DropCounts {
         match reason {
             DropReason::Overflow => self.overflow,
             DropReason::Shutdown => self.shutdown,
+            DropReason::Stopped => self.stopped,
             DropReason::WorkerPanic => self.worker_panic,
         }
     }
@@ -84,13 +95,14 @@ impl DropCounts {
         match reason {
             DropReason::Overflow => self.overflow += n,
             DropReason::Shutdown => self.shutdown += n,
+            DropReason::Stopped => self.stopped += n,
             DropReason::WorkerPanic => self.worker_panic += n,
         }
     }
 
     /// All reasons together.
     pub fn total(&self) -> u64 {
-        self.overflow + self.shutdown + self.worker_panic
+        self.overflow + self.shutdown + self.stopped + self.worker_panic
     }
 }
 

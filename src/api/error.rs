@@ -78,7 +78,8 @@ impl IntoResponse for ApiError {
             }
             other => json!({ "error": other.to_string() }),
         };
-        if status.is_server_error() {
+        // 503 is load shedding or shutdown: expected, and too frequent under overload to log.
+        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
             tracing::error!(status = status.as_u16(), error = %self, "Request failed.");
         }
         (status, Json(body)).into_response()

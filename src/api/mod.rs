@@ -7,13 +7,16 @@
 
 mod control;
 mod error;
+mod guard;
+pub mod ingest;
+mod server;
 mod status;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{MatchedPath, RawQuery, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +26,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 pub use self::error::ApiError;
+pub use self::guard::Guard;
+pub use self::server::serve;
 use crate::buffer::RingBuffer;
 use crate::device::DeviceHandle;
 use crate::device::state::DeviceState;
@@ -48,6 +53,10 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// When the gateway started.
     pub started: Instant,
+    /// Buffer depth at which `POST /samples` answers 429.
+    pub high_watermark: usize,
+    /// Most samples in one `POST /samples`.
+    pub ingest_max_samples: usize,
 }
 
 impl AppState {
@@ -59,12 +68,12 @@ impl AppState {
     }
 }
 
-/// The API's routes.
-pub fn router(state: AppState) -> Router {
+/// The API's routes, behind the request guard and body limit.
+pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
     Router::new()
         .route("/status", get(status::status))
         .route("/metrics", get(status::metrics))
-        .route("/samples", get(status::samples))
+        .route("/samples", get(status::samples).post(ingest::ingest))
         .route("/start", post(control::start_all))
         .route("/stop", post(control::stop_all))
         .route("/reset", post(control::reset_all))
@@ -78,6 +87,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(guard, guard::guard))
         .layer(middleware::from_fn(record_request))
         .with_state(state)
 }

@@ -559,7 +559,10 @@ mod tests {
                 while let Some(frame) = codec.decode(&mut buf).unwrap() {
                     frames.push(frame);
                 }
-                assert!(buf.len() <= 128, "the decoder holds at most one frame's bytes");
+                assert!(
+                    buf.len() <= 128,
+                    "the decoder holds at most one frame's bytes"
+                );
             }
             while let Some(frame) = codec.decode_eof(&mut buf).unwrap() {
                 frames.push(frame);

@@ -14,6 +14,7 @@ pub mod state;
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -480,10 +481,7 @@ impl<C: Connector> DeviceTask<C> {
                 biased;
                 _ = self.cancel.cancelled() => break,
                 request = self.requests.recv() => match request {
-                    Some(Request::Control { command, reply }) => {
-                        let _ = reply.send(self.apply(command));
-                    }
-                    Some(Request::Send { line, reply }) => self.send(line, reply).await,
+                    Some(request) => self.handle(request).await,
                     None => break,
                 },
                 event = next_event(&mut self.link, &mut self.connector, self.retry_at, self.last_good + self.timing.read_timeout), if active => {
@@ -492,6 +490,15 @@ impl<C: Connector> DeviceTask<C> {
             }
         }
         self.link = None;
+    }
+
+    async fn handle(&mut self, request: Request) {
+        match request {
+            Request::Control { command, reply } => {
+                let _ = reply.send(self.apply(command));
+            }
+            Request::Send { line, reply } => self.send(line, reply).await,
+        }
     }
 
     fn apply(&mut self, command: Command) -> Result<DeviceState, IllegalTransition> {
@@ -620,14 +627,38 @@ impl<C: Connector> DeviceTask<C> {
         }
     }
 
+    /// Hands samples to the buffer. With `Block` this may wait for room; commands are still
+    /// served meanwhile, and a stop (or shutdown) drops what is left, counted with a reason.
     async fn push(&mut self, mut samples: VecDeque<Sample>) {
         let n = samples.len() as u64;
-        tokio::select! {
-            _ = self.buffer.push(Source::Device, &mut samples) => {}
-            _ = self.cancel.cancelled() => {
-                // Shutdown while blocked on a full buffer: these were read, so count them.
-                self.buffer.discard(Source::Device, samples.len() as u64, DropReason::Shutdown);
+        let buffer = self.buffer.clone();
+        let mut abandoned = None;
+        {
+            let mut push = pin!(buffer.push(Source::Device, &mut samples));
+            loop {
+                tokio::select! {
+                    () = &mut push => break,
+                    () = self.cancel.cancelled() => {
+                        abandoned = Some(DropReason::Shutdown);
+                        break;
+                    }
+                    request = self.requests.recv() => {
+                        let Some(request) = request else {
+                            abandoned = Some(DropReason::Shutdown);
+                            break;
+                        };
+                        self.handle(request).await;
+                        if !self.state.is_active() {
+                            abandoned = Some(DropReason::Stopped);
+                            break;
+                        }
+                    }
+                }
             }
+        }
+        if let Some(reason) = abandoned {
+            self.buffer
+                .discard(Source::Device, samples.len() as u64, reason);
         }
         self.counters.samples_read.fetch_add(n, Ordering::Relaxed);
     }

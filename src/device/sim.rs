@@ -441,7 +441,9 @@ mod tests {
     /// Sends `command` and returns the first reply line, skipping data frames.
     async fn ask(link: &mut DuplexStream, command: &str) -> String {
         use tokio::io::AsyncWriteExt;
-        link.write_all(format!("{command}\r\n").as_bytes()).await.unwrap();
+        link.write_all(format!("{command}\r\n").as_bytes())
+            .await
+            .unwrap();
         let mut codec = FrameCodec::default();
         let mut buf = BytesMut::new();
         loop {
@@ -461,9 +463,19 @@ mod tests {
     async fn answers_commands_and_set_rate_changes_the_rate() {
         let (mut link, device_end) = tokio::io::duplex(LINK_BUFFER);
         tokio::spawn(Simulator::new(settings(), Duration::from_millis(100)).run(device_end));
-        assert!(ask(&mut link, "GET_STATUS").await.starts_with("STATUS: seq="));
-        assert_eq!(ask(&mut link, "SET_RATE=5").await.split(':').next(), Some("ERROR"));
-        assert_eq!(ask(&mut link, "SET_RATE=abc").await.split(':').next(), Some("ERROR"));
+        assert!(
+            ask(&mut link, "GET_STATUS")
+                .await
+                .starts_with("STATUS: seq=")
+        );
+        assert_eq!(
+            ask(&mut link, "SET_RATE=5").await.split(':').next(),
+            Some("ERROR")
+        );
+        assert_eq!(
+            ask(&mut link, "SET_RATE=abc").await.split(':').next(),
+            Some("ERROR")
+        );
         assert_eq!(ask(&mut link, "NOPE").await, "ERROR: unknown command");
         assert_eq!(ask(&mut link, "CALIBRATE").await, "OK: calibrated");
         assert_eq!(ask(&mut link, "SET_RATE=20").await, "OK: rate_ms=20");
@@ -483,7 +495,10 @@ mod tests {
             }
         }
         let gaps: Vec<_> = stamps.windows(2).map(|w| w[1] - w[0]).collect();
-        assert!(gaps[1..].iter().all(|g| *g == Duration::from_millis(20)), "{gaps:?}");
+        assert!(
+            gaps[1..].iter().all(|g| *g == Duration::from_millis(20)),
+            "{gaps:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -493,7 +508,12 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(ask(&mut link, "RESET").await, "OK: reset");
         let status = ask(&mut link, "GET_STATUS").await;
-        let seq: u32 = status["STATUS: seq=".len()..].split(' ').next().unwrap().parse().unwrap();
+        let seq: u32 = status["STATUS: seq=".len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(seq < 5, "{status}");
     }
 
@@ -516,8 +536,14 @@ mod tests {
         }
         // 9600 baud, 8N1: 960 bytes a second, so 9600 bytes take about ten seconds.
         let elapsed = start.elapsed();
-        assert!(elapsed >= Duration::from_secs(8), "{elapsed:?} for {total} bytes");
-        assert!(elapsed <= Duration::from_secs(12), "{elapsed:?} for {total} bytes");
+        assert!(
+            elapsed >= Duration::from_secs(8),
+            "{elapsed:?} for {total} bytes"
+        );
+        assert!(
+            elapsed <= Duration::from_secs(12),
+            "{elapsed:?} for {total} bytes"
+        );
     }
 
     #[tokio::test]
@@ -532,8 +558,15 @@ mod tests {
         let frames = frames_from(sim, 4000).await;
         assert!(frames.len() > 50);
         // Losing the `\r` leaves a valid frame; losing any other byte breaks it.
-        let valid = frames.iter().filter(|f| matches!(f, Frame::Sample(_))).count();
-        assert!(valid * 5 < frames.len(), "{valid} of {} frames valid", frames.len());
+        let valid = frames
+            .iter()
+            .filter(|f| matches!(f, Frame::Sample(_)))
+            .count();
+        assert!(
+            valid * 5 < frames.len(),
+            "{valid} of {} frames valid",
+            frames.len()
+        );
     }
 
     #[test]

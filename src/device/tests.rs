@@ -1,1 +1,816 @@
-//! Device task tests: placeholder replaced below.
+//! Tests of the device task through its public surface only: [`DeviceTask::new`],
+//! [`DeviceTask::run`] and [`DeviceHandle`].
+//!
+//! A [`ScriptedConnector`] hands the task, in order, the links and open failures a test scripted
+//! through its [`Script`]; the test keeps the device's end of every link to write frames or
+//! garbage into it, or drops it to close the link. Samples come out of a real [`RingBuffer`].
+//! Time is paused, so timeouts and backoff are instant and exact, and every wait is on a
+//! condition (a status, samples in the buffer, a recorded connect) bounded by [`DEADLINE`].
+
+use std::io;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::task::JoinHandle;
+
+use super::codec::encode_frame;
+use super::*;
+use crate::buffer::OverflowPolicy;
+use crate::ledger::Ledger;
+
+/// Upper bound on every wait, in virtual time: far beyond any timer a test sets, so reaching it
+/// means the awaited condition never came.
+const DEADLINE: Duration = Duration::from_secs(600);
+
+/// Most outcomes a test scripts ahead of the task.
+const SCRIPT_LEN: usize = 64;
+
+/// The test's side of a [`ScriptedConnector`]: what it will hand out, and when it did.
+struct Script {
+    outcomes: mpsc::Sender<io::Result<DuplexStream>>,
+    connects: watch::Receiver<Vec<Instant>>,
+}
+
+/// Hands out the scripted outcomes in order. With nothing scripted, an open waits until the
+/// test scripts one, so the task never sees a link the test did not plan.
+struct ScriptedConnector {
+    outcomes: mpsc::Receiver<io::Result<DuplexStream>>,
+    connects: watch::Sender<Vec<Instant>>,
+}
+
+fn scripted() -> (Script, ScriptedConnector) {
+    let (outcomes_tx, outcomes) = mpsc::channel(SCRIPT_LEN);
+    let (connects, connects_rx) = watch::channel(Vec::new());
+    let script = Script {
+        outcomes: outcomes_tx,
+        connects: connects_rx,
+    };
+    (script, ScriptedConnector { outcomes, connects })
+}
+
+impl Connector for ScriptedConnector {
+    type Io = DuplexStream;
+
+    async fn connect(&mut self) -> io::Result<DuplexStream> {
+        let Some(outcome) = self.outcomes.recv().await else {
+            // The test dropped its script: no link will ever open.
+            return std::future::pending().await;
+        };
+        self.connects.send_modify(|c| c.push(Instant::now()));
+        outcome
+    }
+}
+
+impl Script {
+    /// Scripts a working link; returns the device's end of it.
+    fn link(&self) -> DuplexStream {
+        let (gateway, device) = tokio::io::duplex(4096);
+        self.push(Ok(gateway));
+        device
+    }
+
+    /// Scripts an open that fails.
+    fn fail(&self) {
+        self.push(Err(io::Error::new(io::ErrorKind::NotFound, "no such port")));
+    }
+
+    fn push(&self, outcome: io::Result<DuplexStream>) {
+        self.outcomes
+            .try_send(outcome)
+            .expect("tests script fewer than SCRIPT_LEN outcomes ahead");
+    }
+
+    /// Outcomes scripted but not handed out yet.
+    fn remaining(&self) -> usize {
+        self.outcomes.max_capacity() - self.outcomes.capacity()
+    }
+
+    /// When each outcome was handed out, oldest first.
+    fn connects(&self) -> Vec<Instant> {
+        self.connects.borrow().clone()
+    }
+
+    /// Waits until `n` outcomes have been handed out; returns when each was.
+    async fn wait_connects(&self, n: usize) -> Vec<Instant> {
+        let mut connects = self.connects.clone();
+        let what = format!("connect #{n}");
+        within(&what, async move {
+            connects
+                .wait_for(|c| c.len() >= n)
+                .await
+                .map(|c| c.clone())
+                .unwrap_or_else(|_| panic!("the device task ended before connect #{n}"))
+        })
+        .await
+    }
+}
+
+/// A running device task and what the test needs to drive and observe it.
+struct Device {
+    handle: DeviceHandle,
+    buffer: Arc<RingBuffer>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Device {
+    fn spawn(settings: &DeviceSettings, buffer: RingBuffer, connector: ScriptedConnector) -> Self {
+        let buffer = Arc::new(buffer);
+        let cancel = CancellationToken::new();
+        let (task, handle) = DeviceTask::new(
+            settings,
+            "simulated",
+            connector,
+            buffer.clone(),
+            cancel.clone(),
+        );
+        let task = tokio::spawn(task.run());
+        Self {
+            handle,
+            buffer,
+            cancel,
+            task,
+        }
+    }
+
+    async fn command(&self, command: Command) -> Result<DeviceState, CommandError> {
+        within(command.as_str(), self.handle.command(command)).await
+    }
+
+    /// Waits for a status that satisfies `pred`, and checks it does (the task may have ended).
+    async fn wait_for(
+        &self,
+        what: &str,
+        mut pred: impl FnMut(&DeviceStatus) -> bool,
+    ) -> DeviceStatus {
+        let status = within(what, self.handle.wait_for(&mut pred)).await;
+        assert!(
+            pred(&status),
+            "the device task ended before {what}: {status:?}"
+        );
+        status
+    }
+
+    async fn wait_state(&self, state: DeviceState) -> DeviceStatus {
+        self.wait_for(state.as_str(), |s| s.state == state).await
+    }
+
+    /// Pops exactly `n` samples, waiting for them, and checks that no more are queued.
+    async fn samples(&self, n: usize) -> Vec<Sample> {
+        let mut got = Vec::new();
+        within(&format!("{n} samples"), async {
+            while got.len() < n {
+                let batch = self.buffer.pop(n - got.len()).await;
+                got.extend(batch.expect("tests never close the buffer"));
+            }
+        })
+        .await;
+        assert!(self.buffer.is_empty(), "more samples than the {n} expected");
+        got
+    }
+
+    /// Cancels the task, waits for `run()` to end and returns the buffer's final accounting.
+    async fn shutdown(&mut self) -> Ledger {
+        self.cancel.cancel();
+        within("run() to end", &mut self.task)
+            .await
+            .expect("run() does not panic");
+        self.buffer.ledger()
+    }
+}
+
+/// Default settings for these tests: a long read timeout, so that only the tests about
+/// timeouts ever see one.
+fn settings() -> DeviceSettings {
+    DeviceSettings {
+        read_timeout_ms: 3_600_000,
+        failure_threshold: 5,
+        backoff_initial_ms: 100,
+        backoff_max_ms: 1_000,
+        ..DeviceSettings::simulated("dev")
+    }
+}
+
+fn idle_settings() -> DeviceSettings {
+    DeviceSettings {
+        autostart: false,
+        ..settings()
+    }
+}
+
+fn roomy_buffer() -> RingBuffer {
+    RingBuffer::new(1024, OverflowPolicy::DropOldest)
+}
+
+fn ms(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
+
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(DEADLINE, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Lets `duration` of virtual time pass. The paused clock only advances once every task is
+/// idle, so afterwards the device task has done all it could without the test acting; used to
+/// show that something does *not* happen, or that the task is stuck waiting.
+async fn idle_for(duration: Duration) {
+    tokio::time::sleep(duration).await;
+}
+
+fn frame(seq: u32, value: f64, unit: &str) -> BytesMut {
+    let mut buf = BytesMut::new();
+    encode_frame(seq, value, unit, &mut buf);
+    buf
+}
+
+fn frames(seqs: impl IntoIterator<Item = u32>) -> BytesMut {
+    let mut buf = BytesMut::new();
+    for seq in seqs {
+        encode_frame(seq, f64::from(seq), "V", &mut buf);
+    }
+    buf
+}
+
+/// A well-formed frame whose checksum does not match (one digit of its sequence flipped).
+fn corrupted(seq: u32) -> BytesMut {
+    let mut buf = frame(seq, 1.0, "V");
+    buf[4] ^= 0x01;
+    buf
+}
+
+async fn send(peer: &mut DuplexStream, bytes: &[u8]) {
+    within("a write to the link", peer.write_all(bytes))
+        .await
+        .expect("the gateway keeps the link open");
+}
+
+/// Checks the gateway dropped its end: reads see the end of the stream, writes fail.
+async fn assert_closed(peer: &mut DuplexStream) {
+    let mut buf = [0u8; 16];
+    let n = within("the gateway to close the link", peer.read(&mut buf))
+        .await
+        .expect("reading a duplex stream cannot fail");
+    assert_eq!(n, 0, "the gateway never writes to the link");
+    let err = peer.write_all(b"$").await.expect_err("the link is closed");
+    assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+}
+
+fn seqs(samples: &[Sample]) -> Vec<u32> {
+    samples
+        .iter()
+        .map(|s| s.seq.expect("device samples carry a seq"))
+        .collect()
+}
+
+fn measuring() -> DeviceStatus {
+    DeviceStatus {
+        state: DeviceState::Measuring,
+        consecutive_failures: 0,
+        last_error: None,
+    }
+}
+
+fn illegal(result: Result<DeviceState, CommandError>) -> IllegalTransition {
+    match result {
+        Err(CommandError::Illegal(refused)) => refused,
+        other => panic!("expected an illegal transition, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_autostart_the_device_stays_idle_and_never_connects() {
+    let (script, connector) = scripted();
+    let _peer = script.link();
+    let dev = Device::spawn(&idle_settings(), roomy_buffer(), connector);
+
+    idle_for(Duration::from_secs(60)).await;
+
+    assert_eq!(dev.handle.status(), DeviceStatus::default());
+    assert_eq!(dev.handle.state(), DeviceState::Idle);
+    assert!(script.connects().is_empty());
+    assert_eq!(script.remaining(), 1, "the scripted link was not taken");
+    assert_eq!(dev.handle.counters(), CountersSnapshot::default());
+    assert!(dev.buffer.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_connects_and_frames_become_samples_in_the_buffer() {
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&idle_settings(), roomy_buffer(), connector);
+
+    assert_eq!(
+        dev.command(Command::Start).await.unwrap(),
+        DeviceState::Measuring
+    );
+    script.wait_connects(1).await;
+    let mut bytes = frame(1, 21.5, "degC");
+    bytes.extend_from_slice(&frame(2, -3.25, "V"));
+    bytes.extend_from_slice(&frame(3, 0.0, "arb.units"));
+    send(&mut peer, &bytes).await;
+
+    let samples = dev.samples(3).await;
+    let got: Vec<_> = samples
+        .iter()
+        .map(|s| (s.device.as_str(), s.seq, s.value, s.unit.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("dev", Some(1), 21.5, "degC"),
+            ("dev", Some(2), -3.25, "V"),
+            ("dev", Some(3), 0.0, "arb.units"),
+        ]
+    );
+    assert_eq!(
+        dev.handle.counters(),
+        CountersSnapshot {
+            samples_read: 3,
+            ..Default::default()
+        }
+    );
+    assert_eq!(dev.buffer.ledger().read, 3);
+    assert_eq!(dev.handle.status(), measuring());
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_drops_the_link_and_start_opens_a_new_one() {
+    let (script, connector) = scripted();
+    let mut first = script.link();
+    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut first, &frames([1])).await;
+    dev.samples(1).await;
+
+    assert_eq!(dev.command(Command::Stop).await.unwrap(), DeviceState::Idle);
+    assert_closed(&mut first).await;
+    assert_eq!(dev.handle.status(), DeviceStatus::default());
+
+    // Idle: a link is available, but the device does not want it.
+    let mut second = script.link();
+    idle_for(Duration::from_secs(60)).await;
+    assert_eq!(script.connects().len(), 1);
+
+    assert_eq!(
+        dev.command(Command::Start).await.unwrap(),
+        DeviceState::Measuring
+    );
+    script.wait_connects(2).await;
+    send(&mut second, &frames([7])).await;
+    assert_eq!(seqs(&dev.samples(1).await), [7]);
+    assert_eq!(
+        dev.handle.counters(),
+        CountersSnapshot {
+            samples_read: 2,
+            ..Default::default()
+        },
+        "a stop is not a link failure"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn fifty_stop_start_cycles_each_open_a_fresh_link() {
+    let (script, connector) = scripted();
+    let dev = Device::spawn(&idle_settings(), roomy_buffer(), connector);
+
+    for cycle in 0..50u32 {
+        let mut peer = script.link();
+        assert_eq!(
+            dev.command(Command::Start).await.unwrap(),
+            DeviceState::Measuring,
+            "cycle {cycle}"
+        );
+        script.wait_connects(cycle as usize + 1).await;
+        // Each link's numbering starts far from the last one: a new link is not a gap.
+        send(&mut peer, &frames([cycle * 10])).await;
+        assert_eq!(seqs(&dev.samples(1).await), [cycle * 10], "cycle {cycle}");
+        assert_eq!(
+            dev.command(Command::Stop).await.unwrap(),
+            DeviceState::Idle,
+            "cycle {cycle}"
+        );
+        assert_closed(&mut peer).await;
+    }
+
+    assert_eq!(script.connects().len(), 50);
+    assert_eq!(
+        dev.handle.counters(),
+        CountersSnapshot {
+            samples_read: 50,
+            ..Default::default()
+        }
+    );
+    assert_eq!(dev.handle.status(), DeviceStatus::default());
+}
+
+#[tokio::test(start_paused = true)]
+async fn eof_is_an_error_and_a_good_frame_after_the_backoff_recovers() {
+    let (script, connector) = scripted();
+    let mut first = script.link();
+    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut first, &frames([1])).await;
+    dev.samples(1).await;
+
+    let mut second = script.link();
+    drop(first);
+    let failed_at = Instant::now();
+    let status = dev.wait_state(DeviceState::Error).await;
+    assert_eq!(status.consecutive_failures, 1);
+    let error = status.last_error.expect("a failure is reported");
+    assert!(error.starts_with("closed"), "{error}");
+    assert_eq!(
+        dev.handle.counters().link_failures,
+        FailureCounts {
+            closed: 1,
+            ..Default::default()
+        }
+    );
+    // Start while retrying changes nothing, and in particular does not skip the backoff.
+    assert_eq!(
+        dev.command(Command::Start).await.unwrap(),
+        DeviceState::Error
+    );
+
+    let reopened_at = script.wait_connects(2).await[1];
+    let waited = reopened_at - failed_at;
+    assert!(
+        waited >= ms(100) && waited < ms(200),
+        "reopened after {waited:?}"
+    );
+    // Reopening alone is not recovery; a good frame is.
+    assert_eq!(dev.handle.state(), DeviceState::Error);
+    send(&mut second, &frames([2])).await;
+    let status = dev.wait_state(DeviceState::Measuring).await;
+    assert_eq!(status.consecutive_failures, 0);
+    assert_eq!(seqs(&dev.samples(1).await), [2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn silence_past_the_read_timeout_is_an_error() {
+    let settings = DeviceSettings {
+        read_timeout_ms: 500,
+        ..settings()
+    };
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings, roomy_buffer(), connector);
+    let connected_at = script.wait_connects(1).await[0];
+
+    // A good frame restarts the clock: the timeout counts from it, not from the connect.
+    idle_for(ms(300)).await;
+    send(&mut peer, &frames([1])).await;
+    dev.samples(1).await;
+    let last_good = Instant::now();
+    assert_eq!(last_good - connected_at, ms(300));
+
+    let status = dev.wait_state(DeviceState::Error).await;
+    let silent = Instant::now() - last_good;
+    assert!(
+        silent >= ms(500) && silent < ms(600),
+        "timed out after {silent:?}"
+    );
+    assert_eq!(status.consecutive_failures, 1);
+    let error = status.last_error.expect("a failure is reported");
+    assert!(error.starts_with("timeout"), "{error}");
+    assert_eq!(
+        dev.handle.counters().link_failures,
+        FailureCounts {
+            timeout: 1,
+            ..Default::default()
+        }
+    );
+    assert_closed(&mut peer).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_link_sending_only_invalid_frames_times_out() {
+    let settings = DeviceSettings {
+        read_timeout_ms: 500,
+        ..settings()
+    };
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings, roomy_buffer(), connector);
+    let connected_at = script.wait_connects(1).await[0];
+
+    // Every 100 ms a run of garbage and a frame with a bad checksum, until the link closes.
+    let writer = tokio::spawn(async move {
+        let mut round = BytesMut::from(&b"noise\r\n"[..]);
+        round.extend_from_slice(&corrupted(1));
+        let mut rounds = 0u32;
+        while peer.write_all(&round).await.is_ok() {
+            rounds += 1;
+            tokio::time::sleep(ms(100)).await;
+        }
+        rounds
+    });
+
+    let status = dev.wait_state(DeviceState::Error).await;
+    let elapsed = Instant::now() - connected_at;
+    assert!(
+        elapsed >= ms(500) && elapsed < ms(600),
+        "timed out after {elapsed:?}"
+    );
+    assert_eq!(status.consecutive_failures, 1);
+    let counters = dev.handle.counters();
+    assert_eq!(
+        counters.link_failures,
+        FailureCounts {
+            timeout: 1,
+            ..Default::default()
+        }
+    );
+    assert_eq!(counters.samples_read, 0);
+    let invalid = counters.frames_invalid;
+    assert!(invalid.checksum >= 5, "{invalid:?}");
+    assert_eq!(invalid.syntax, invalid.checksum, "{invalid:?}");
+    assert_eq!(invalid.too_long, 0);
+    let rounds = within("the writer to see the link close", writer)
+        .await
+        .unwrap();
+    assert!(rounds >= 5, "{rounds}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn repeated_connect_errors_trip_the_breaker_until_reset() {
+    let settings = DeviceSettings {
+        failure_threshold: 3,
+        ..settings()
+    };
+    let (script, connector) = scripted();
+    for _ in 0..3 {
+        script.fail();
+    }
+    let dev = Device::spawn(&settings, roomy_buffer(), connector);
+
+    let status = dev.wait_state(DeviceState::SafeState).await;
+    assert_eq!(status.consecutive_failures, 3);
+    let error = status.last_error.expect("a failure is reported");
+    assert!(
+        error.starts_with("connect") && error.contains("no such port"),
+        "{error}"
+    );
+    assert_eq!(script.connects().len(), 3);
+    assert_eq!(
+        dev.handle.counters().link_failures,
+        FailureCounts {
+            connect: 3,
+            ..Default::default()
+        }
+    );
+
+    // Tripped: the device stops trying, even with a link to be had.
+    let mut peer = script.link();
+    idle_for(Duration::from_secs(60)).await;
+    assert_eq!(script.connects().len(), 3);
+    assert_eq!(script.remaining(), 1);
+
+    for command in [Command::Start, Command::Stop] {
+        assert_eq!(
+            illegal(dev.command(command).await),
+            IllegalTransition {
+                from: DeviceState::SafeState,
+                command
+            }
+        );
+    }
+    assert_eq!(dev.handle.state(), DeviceState::SafeState);
+
+    assert_eq!(
+        dev.command(Command::Reset).await.unwrap(),
+        DeviceState::Idle
+    );
+    assert_eq!(dev.handle.status(), DeviceStatus::default());
+    assert_eq!(
+        dev.command(Command::Start).await.unwrap(),
+        DeviceState::Measuring
+    );
+    script.wait_connects(4).await;
+    send(&mut peer, &frames([1])).await;
+    assert_eq!(seqs(&dev.samples(1).await), [1]);
+    assert_eq!(dev.handle.status(), measuring());
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconnect_delays_double_up_to_the_cap() {
+    let settings = DeviceSettings {
+        failure_threshold: 10,
+        backoff_initial_ms: 100,
+        backoff_max_ms: 1_000,
+        ..settings()
+    };
+    let (script, connector) = scripted();
+    for _ in 0..8 {
+        script.fail();
+    }
+    let started = Instant::now();
+    let dev = Device::spawn(&settings, roomy_buffer(), connector);
+
+    let connects = script.wait_connects(8).await;
+    assert_eq!(connects[0], started, "the first open is immediate");
+    // Each open fails at once, so each gap is the delay after the previous failure.
+    let gaps: Vec<Duration> = connects.windows(2).map(|w| w[1] - w[0]).collect();
+    let expected = [100, 200, 400, 800, 1000, 1000, 1000].map(ms);
+    for (n, (gap, delay)) in gaps.iter().zip(expected).enumerate() {
+        assert!(
+            *gap >= delay && *gap < delay + ms(10),
+            "retry {}: {gap:?}, expected {delay:?} ({gaps:?})",
+            n + 1
+        );
+    }
+    let status = dev.handle.status();
+    assert_eq!(
+        (status.state, status.consecutive_failures),
+        (DeviceState::Error, 8)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_frames_are_counted_by_reason_and_change_nothing() {
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+
+    let mut bytes = frames([1]);
+    bytes.extend_from_slice(&corrupted(2));
+    bytes.extend_from_slice(b"garbage\r\n");
+    bytes.extend_from_slice(b"$TH,2,");
+    bytes.extend_from_slice(&[b'9'; 300]);
+    bytes.extend_from_slice(b",V*00\r\n");
+    bytes.extend_from_slice(&frames([2]));
+    send(&mut peer, &bytes).await;
+
+    assert_eq!(seqs(&dev.samples(2).await), [1, 2]);
+    assert_eq!(
+        dev.handle.counters(),
+        CountersSnapshot {
+            samples_read: 2,
+            frames_invalid: InvalidCounts {
+                checksum: 1,
+                syntax: 1,
+                too_long: 1,
+            },
+            ..Default::default()
+        }
+    );
+    assert_eq!(dev.handle.status(), measuring());
+}
+
+#[tokio::test(start_paused = true)]
+async fn sequence_gaps_count_missing_samples_but_not_backward_jumps() {
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+
+    send(&mut peer, &frames([1, 2, 5])).await;
+    assert_eq!(seqs(&dev.samples(3).await), [1, 2, 5]);
+    assert_eq!(dev.handle.counters().seq_gaps, 2);
+
+    // Backwards (a restarted counter), onwards from there, a repeat: no gaps.
+    send(&mut peer, &frames([3, 4, 4])).await;
+    assert_eq!(seqs(&dev.samples(3).await), [3, 4, 4]);
+    assert_eq!(dev.handle.counters().seq_gaps, 2);
+
+    // Counting resumes from the new position: 5 and 6 are missing.
+    send(&mut peer, &frames([7])).await;
+    dev.samples(1).await;
+    assert_eq!(dev.handle.counters().seq_gaps, 4);
+    assert_eq!(dev.handle.status(), measuring());
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_ends_run_and_closes_the_link() {
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let mut dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut peer, &frames([1, 2])).await;
+    dev.samples(2).await;
+
+    let cancelled_at = Instant::now();
+    let ledger = dev.shutdown().await;
+    assert_eq!(Instant::now(), cancelled_at, "run() ends without waiting");
+    assert_closed(&mut peer).await;
+    assert!(ledger.balanced(), "{ledger:?}");
+    assert!(matches!(
+        dev.command(Command::Start).await,
+        Err(CommandError::Unavailable(id)) if id == "dev"
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_while_blocked_on_a_full_buffer_counts_held_samples_as_shutdown() {
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let buffer = RingBuffer::new(2, OverflowPolicy::Block);
+    let mut dev = Device::spawn(&settings(), buffer, connector);
+    script.wait_connects(1).await;
+    send(&mut peer, &frames(1..=5)).await;
+
+    // Two samples fit; the task holds the other three, waiting for room.
+    idle_for(ms(1)).await;
+    assert_eq!(dev.buffer.len(), 2);
+    assert!(!dev.task.is_finished());
+
+    let cancelled_at = Instant::now();
+    let ledger = dev.shutdown().await;
+    assert_eq!(Instant::now(), cancelled_at, "run() ends without waiting");
+    assert_eq!(ledger.read, 5);
+    assert_eq!(ledger.in_buffer, 2);
+    assert_eq!(ledger.dropped.shutdown, 3);
+    assert!(ledger.balanced(), "{ledger:?}");
+    assert_eq!(dev.handle.counters().samples_read, 5);
+    assert_closed(&mut peer).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_is_served_while_blocked_on_a_full_buffer() {
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let buffer = RingBuffer::new(2, OverflowPolicy::Block);
+    let dev = Device::spawn(&settings(), buffer, connector);
+    script.wait_connects(1).await;
+    send(&mut peer, &frames(1..=5)).await;
+    idle_for(ms(1)).await;
+    assert_eq!(
+        dev.buffer.len(),
+        2,
+        "the task is blocked on the full buffer"
+    );
+
+    // Nothing drains the buffer; an operator's stop must still take effect.
+    let stop = tokio::time::timeout(Duration::from_secs(30), dev.handle.command(Command::Stop));
+    let stopped = stop
+        .await
+        .expect("stop is answered while the buffer stays full");
+    assert_eq!(stopped.unwrap(), DeviceState::Idle);
+    assert_closed(&mut peer).await;
+    let ledger = dev.buffer.ledger();
+    assert_eq!(
+        (ledger.read, ledger.in_buffer, ledger.dropped.stopped),
+        (5, 2, 3)
+    );
+    assert!(ledger.balanced(), "{ledger:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reset_while_measuring_is_refused_and_changes_nothing() {
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut peer, &frames([1])).await;
+    dev.samples(1).await;
+
+    let refused = illegal(dev.command(Command::Reset).await);
+    assert_eq!(
+        refused,
+        IllegalTransition {
+            from: DeviceState::Measuring,
+            command: Command::Reset
+        }
+    );
+    assert!(refused.to_string().contains("stop it first"), "{refused}");
+    assert_eq!(dev.handle.status(), measuring());
+
+    // The link is untouched: frames keep flowing on it.
+    send(&mut peer, &frames([2])).await;
+    assert_eq!(seqs(&dev.samples(1).await), [2]);
+    assert_eq!(script.connects().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_while_waiting_to_reconnect_abandons_the_retry() {
+    let (script, connector) = scripted();
+    let first = script.link();
+    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    let _second = script.link();
+    drop(first);
+    dev.wait_state(DeviceState::Error).await;
+
+    assert_eq!(dev.command(Command::Stop).await.unwrap(), DeviceState::Idle);
+    assert_eq!(dev.handle.status(), DeviceStatus::default());
+    idle_for(Duration::from_secs(60)).await;
+    assert_eq!(script.connects().len(), 1);
+    assert_eq!(script.remaining(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_every_handle_ends_run() {
+    let (_script, connector) = scripted();
+    let Device { handle, task, .. } = Device::spawn(&settings(), roomy_buffer(), connector);
+    let other = handle.clone();
+    drop(handle);
+    idle_for(ms(1)).await;
+    assert!(!task.is_finished(), "one handle is left");
+    drop(other);
+    within("run() to end", task)
+        .await
+        .expect("run() does not panic");
+}

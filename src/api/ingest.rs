@@ -1,0 +1,270 @@
+//! `POST /samples`: HTTP ingest of a JSON array of samples into the same ring buffer as the
+//! devices. All or nothing: a request is refused whole (400 naming the item and field, 413,
+//! 415, 429 with `Retry-After` under backpressure) or accepted whole (202).
+
+use std::time::{Instant, SystemTime};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use smol_str::SmolStr;
+
+use super::guard::with_retry_after;
+use super::{ApiError, AppState};
+use crate::buffer::PushError;
+use crate::device::codec::valid_unit;
+use crate::ledger::Source;
+use crate::sample::Sample;
+
+/// One sample as a client posts it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IngestSample {
+    device: SmolStr,
+    value: f64,
+    unit: SmolStr,
+    #[serde(default)]
+    seq: Option<u32>,
+    #[serde(default)]
+    timestamp: Option<String>,
+}
+
+/// Parses and validates a request body into samples stamped `received`; the error names the
+/// offending item and field. Public for the fuzzer.
+pub fn parse_body(
+    body: &[u8],
+    known_device: impl Fn(&str) -> bool,
+    max_samples: usize,
+    received: (SystemTime, Instant),
+) -> Result<Vec<Sample>, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let items: Vec<IngestSample> =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+            ApiError::BadRequest(format!("samples{}: {}", path_of(&err), err.inner()))
+        })?;
+    deserializer
+        .end()
+        .map_err(|err| ApiError::BadRequest(format!("trailing data after the array: {err}")))?;
+    if items.len() > max_samples {
+        return Err(ApiError::Rejected(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} samples in one request; at most {max_samples}",
+                items.len()
+            ),
+        ));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let bad = |field: &str, why: String| {
+                ApiError::BadRequest(format!("samples[{i}].{field}: {why}"))
+            };
+            if !known_device(&item.device) {
+                return Err(bad("device", format!("unknown device `{}`", item.device)));
+            }
+            if !valid_unit(item.unit.as_bytes()) {
+                return Err(bad(
+                    "unit",
+                    "must be 1-16 characters of A-Z a-z 0-9 . _ / % -".to_owned(),
+                ));
+            }
+            let timestamp = match &item.timestamp {
+                None => received.0,
+                Some(text) => parse_timestamp(text)
+                    .ok_or_else(|| bad("timestamp", "must be an RFC 3339 time".to_owned()))?,
+            };
+            Ok(Sample {
+                device: item.device,
+                seq: item.seq,
+                value: item.value,
+                unit: item.unit,
+                timestamp,
+                received: received.1,
+            })
+        })
+        .collect()
+}
+
+fn path_of<E>(err: &serde_path_to_error::Error<E>) -> String {
+    // `[3].value` reads well after "samples"; the root path prints as ".".
+    let path = err.path().to_string();
+    if path == "." { String::new() } else { path }
+}
+
+fn parse_timestamp(text: &str) -> Option<SystemTime> {
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(SystemTime::from(t))
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+pub(super) async fn ingest(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match accept(&state, &headers, body) {
+        Ok(accepted) => {
+            (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response()
+        }
+        Err(Refusal::Full) => with_retry_after(ApiError::Rejected(
+            StatusCode::TOO_MANY_REQUESTS,
+            "the buffer is above its high watermark; retry shortly".to_owned(),
+        )),
+        Err(Refusal::Error(err)) => err.into_response(),
+    }
+}
+
+enum Refusal {
+    Full,
+    Error(ApiError),
+}
+
+impl From<ApiError> for Refusal {
+    fn from(err: ApiError) -> Self {
+        Self::Error(err)
+    }
+}
+
+fn accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<usize, Refusal> {
+    if !is_json(headers) {
+        return Err(ApiError::Rejected(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "expected `Content-Type: application/json`".to_owned(),
+        )
+        .into());
+    }
+    let body =
+        body.map_err(|rejection| ApiError::Rejected(rejection.status(), rejection.body_text()))?;
+    // Refuse early, before parsing, when the answer will be 429 anyway.
+    if state.buffer.len() >= state.high_watermark {
+        return Err(Refusal::Full);
+    }
+    let known = |id: &str| state.devices.iter().any(|d| d.id() == id);
+    let samples = parse_body(
+        &body,
+        known,
+        state.ingest_max_samples,
+        (SystemTime::now(), Instant::now()),
+    )?;
+    match state
+        .buffer
+        .try_push_all(Source::Ingest, samples, state.high_watermark)
+    {
+        Ok(n) => Ok(n),
+        Err(PushError::Full) => Err(Refusal::Full),
+        Err(PushError::Closed) => {
+            Err(ApiError::Unavailable("the gateway is shutting down".to_owned()).into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<Vec<Sample>, String> {
+        parse_body(
+            body.as_bytes(),
+            |d| d == "sim0",
+            3,
+            (SystemTime::now(), Instant::now()),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_valid_batch_parses() {
+        let samples = parse(
+            r#"[{"device":"sim0","value":1.5,"unit":"V"},
+                {"device":"sim0","value":-2,"unit":"degC","seq":7,"timestamp":"2026-11-26T23:00:00Z"}]"#,
+        )
+        .unwrap();
+        assert_eq!(samples.len(), 2);
+        assert_eq!((samples[1].seq, samples[1].value), (Some(7), -2.0));
+        assert_eq!(
+            samples[1].timestamp,
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_734_000)
+        );
+    }
+
+    #[test]
+    fn errors_name_the_item_and_field() {
+        let cases = [
+            (
+                r#"[{"device":"sim0","value":"x","unit":"V"}]"#,
+                "samples[0].value",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"V"},{"device":"sim0","unit":"V"}]"#,
+                "samples[1]",
+            ),
+            (
+                r#"[{"device":"nope","value":1,"unit":"V"}]"#,
+                "samples[0].device",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"bad unit"}]"#,
+                "samples[0].unit",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"V","seq":-1}]"#,
+                "samples[0].seq",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"V","timestamp":"yesterday"}]"#,
+                "samples[0].timestamp",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"V","extra":1}]"#,
+                "samples[0]",
+            ),
+            (
+                r#"[{"device":"sim0","value":1e999,"unit":"V"}]"#,
+                "samples[0].value",
+            ),
+            (r#"{"device":"sim0"}"#, "samples"),
+            (r#"[{"device":"sim0","value":1,"unit":"V"}"#, "samples"),
+            (r#"[] []"#, "trailing"),
+        ];
+        for (body, expected) in cases {
+            let err = parse(body).expect_err(body);
+            assert!(err.starts_with(expected), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn too_many_samples_is_413() {
+        let item = r#"{"device":"sim0","value":1,"unit":"V"}"#;
+        let body = format!("[{item},{item},{item},{item}]");
+        let err = parse_body(
+            body.as_bytes(),
+            |_| true,
+            3,
+            (SystemTime::now(), Instant::now()),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ApiError::Rejected(StatusCode::PAYLOAD_TOO_LARGE, _)),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,238 @@
+//! Real serial links: a pseudo-terminal pair made by `socat`, the gateway reading one end as a
+//! `kind = "serial"` device through tokio-serial, the test playing the device on the other end.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use reqwest::StatusCode;
+use telemetryhub::config::{DeviceSettings, Settings, SimulatorSettings};
+use telemetryhub::device::codec::encode_frame;
+use telemetryhub::device::sim::Simulator;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{DEADLINE, TestApp, spawn_app, temp_path, u64_at, wait_until};
+
+/// A `socat` pty pair: the gateway opens `gateway`, the test writes to `device`.
+struct PtyPair {
+    child: Child,
+    gateway: PathBuf,
+    device: PathBuf,
+}
+
+impl PtyPair {
+    async fn spawn(dir: &Path) -> Self {
+        let gateway = dir.join("ttyGW");
+        let device = dir.join("ttyDEV");
+        let child = Command::new("socat")
+            .arg("-d")
+            .arg(format!("pty,raw,echo=0,link={}", gateway.display()))
+            .arg(format!("pty,raw,echo=0,link={}", device.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat is installed (scripts/test.sh installs it)");
+        let pair = Self {
+            child,
+            gateway,
+            device,
+        };
+        wait_until(DEADLINE, "socat creates both pty links", async || {
+            pair.gateway.exists() && pair.device.exists()
+        })
+        .await;
+        pair
+    }
+
+    /// Kills socat: both ptys disappear, as when a USB adapter is unplugged.
+    fn unplug(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PtyPair {
+    fn drop(&mut self) {
+        self.unplug();
+    }
+}
+
+/// Plays the device: writes a frame every 5 ms to `path` (and garbage before every tenth),
+/// reopening the path whenever it goes away, until `stop` is cancelled.
+fn spawn_writer(path: PathBuf, garbage: bool, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut seq = 0u32;
+        while !stop.is_cancelled() {
+            let Ok(mut file) = tokio::fs::OpenOptions::new().write(true).open(&path).await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            loop {
+                let mut buf = BytesMut::new();
+                if garbage && seq % 10 == 0 {
+                    buf.extend_from_slice(b"\x00\xffnoise on the line\r\n");
+                }
+                encode_frame(seq, 40.0 + f64::from(seq % 7), "degC", &mut buf);
+                let written = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = file.write_all(&buf) => r.and(file.flush().await),
+                };
+                if written.is_err() {
+                    break;
+                }
+                seq = seq.wrapping_add(1);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+}
+
+fn serial_device(path: &Path) -> DeviceSettings {
+    let mut device = DeviceSettings::serial("tty0", path);
+    device.sample_interval_ms = 5;
+    device.read_timeout_ms = 30_000;
+    device.failure_threshold = 1_000;
+    device.backoff_initial_ms = 20;
+    device.backoff_max_ms = 100;
+    device
+}
+
+fn with_device(device: DeviceSettings) -> impl FnOnce(&mut Settings) {
+    move |settings| settings.devices = vec![device]
+}
+
+async fn device_field(app: &TestApp, pointer: &str) -> u64 {
+    u64_at(&app.device("tty0").await, pointer)
+}
+
+async fn wait_device_state(app: &TestApp, state: &str) {
+    wait_until(DEADLINE, &format!("tty0 reaches {state}"), async || {
+        app.device("tty0").await["state"] == state
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn frames_arrive_garbage_is_skipped_and_a_replugged_link_resumes() {
+    let dir = temp_path("pty-replug");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut pair = PtyPair::spawn(&dir).await;
+    let app = spawn_app(with_device(serial_device(&pair.gateway))).await;
+    let stop = CancellationToken::new();
+    spawn_writer(pair.device.clone(), true, stop.clone());
+
+    wait_until(DEADLINE, "200 samples read from the pty", async || {
+        device_field(&app, "/samples_read").await >= 200
+    })
+    .await;
+    let device = app.device("tty0").await;
+    assert_eq!(device["state"], "Measuring", "{device}");
+    assert!(u64_at(&device, "/frames_invalid/syntax") >= 10, "{device}");
+    assert_eq!(u64_at(&device, "/frames_invalid/checksum"), 0, "{device}");
+    let (code, body) = app.get_json("/samples?limit=50").await;
+    assert_eq!(code, StatusCode::OK);
+    let samples = body["samples"].as_array().unwrap();
+    assert!(samples.iter().all(|s| s["device"] == "tty0" && s["unit"] == "degC"), "{body}");
+    let seqs: Vec<u64> = samples.iter().map(|s| s["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "in order, none lost: {seqs:?}");
+
+    // Unplug: the gateway's end fails, the device goes to Error and retries the path.
+    pair.unplug();
+    wait_device_state(&app, "Error").await;
+    let failures = app.device("tty0").await;
+    assert!(u64_at(&failures, "/consecutive_failures") >= 1, "{failures}");
+
+    // Replug at the same path: the device resumes by itself.
+    let read_before = device_field(&app, "/samples_read").await;
+    let _pair = PtyPair::spawn(&dir).await;
+    wait_until(DEADLINE, "samples flow again after replugging", async || {
+        device_field(&app, "/samples_read").await >= read_before + 100
+    })
+    .await;
+    wait_device_state(&app, "Measuring").await;
+    assert_eq!(device_field(&app, "/consecutive_failures").await, 0);
+    stop.cancel();
+    let summary = app.shut_down().await;
+    assert!(summary.balanced, "{summary:?}");
+}
+
+#[tokio::test]
+async fn the_breaker_trips_on_a_missing_tty_and_reset_then_start_recovers() {
+    let dir = temp_path("pty-breaker");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut device = serial_device(&dir.join("ttyGW"));
+    device.failure_threshold = 3;
+    device.backoff_initial_ms = 10;
+    device.backoff_max_ms = 20;
+    let app = spawn_app(with_device(device)).await;
+
+    wait_device_state(&app, "SafeState").await;
+    let tripped = app.device("tty0").await;
+    assert_eq!(u64_at(&tripped, "/link_failures/connect"), 3, "{tripped}");
+    let (code, body) = app.post_json("/devices/tty0/start").await;
+    assert_eq!(code, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["ok"], false);
+    let (code, _) = app.post_json("/start").await;
+    assert_eq!(code, StatusCode::CONFLICT);
+
+    let pair = PtyPair::spawn(&dir).await;
+    let stop = CancellationToken::new();
+    spawn_writer(pair.device.clone(), false, stop.clone());
+    let (code, body) = app.post_json("/devices/tty0/reset").await;
+    assert_eq!((code, &body["state"]), (StatusCode::OK, &"Idle".into()), "{body}");
+    let (code, body) = app.post_json("/devices/tty0/start").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    wait_until(DEADLINE, "samples flow after reset and start", async || {
+        device_field(&app, "/samples_read").await >= 50
+    })
+    .await;
+    wait_device_state(&app, "Measuring").await;
+    stop.cancel();
+    app.shut_down().await;
+}
+
+#[tokio::test]
+async fn commands_reach_a_simulator_on_the_far_end_of_a_pty() {
+    let dir = temp_path("pty-commands");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pair = PtyPair::spawn(&dir).await;
+    let app = spawn_app(with_device(serial_device(&pair.gateway))).await;
+    // The embedded simulator plays the device on the other end of the pty.
+    let far_end = tokio::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pair.device)
+        .await
+        .unwrap();
+    let settings = SimulatorSettings {
+        seed: 3,
+        ..SimulatorSettings::default()
+    };
+    // One frame a second, so the rate change below is unmistakable.
+    tokio::spawn(Simulator::new(settings, Duration::from_secs(1)).run(far_end));
+    wait_until(DEADLINE, "simulator frames arrive over the pty", async || {
+        device_field(&app, "/samples_read").await >= 1
+    })
+    .await;
+
+    let response = app
+        .client
+        .post(app.url("/devices/tty0/command"))
+        .json(&serde_json::json!({ "command": "SET_RATE=10" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["reply"], "OK: rate_ms=10", "{body}");
+    // At 10 ms a frame, 200 more samples take two seconds; at the old rate, 200.
+    let before = device_field(&app, "/samples_read").await;
+    wait_until(DEADLINE, "the faster rate shows", async || {
+        device_field(&app, "/samples_read").await >= before + 200
+    })
+    .await;
+    app.shut_down().await;
+}
