@@ -8,25 +8,19 @@
 //! for `shutdown`), and finally the HTTP server finishes in-flight requests.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::api::{self, AppState};
-use crate::buffer::RingBuffer;
-use crate::config::{DeviceKind, Settings};
-use crate::device::serial::SerialConnector;
-use crate::device::sim::SimConnector;
-use crate::device::{DeviceHandle, DeviceTask};
-use crate::dispatch::{Dispatcher, ProcessFn};
+use crate::config::Settings;
+use crate::dispatch::ProcessFn;
 use crate::ledger::Ledger;
-use crate::worker::Worker;
+use crate::pipeline::Pipeline;
 
 /// How often the metrics recorder drains histogram samples when nobody scrapes.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
@@ -112,30 +106,7 @@ impl App {
         let http_cancel = CancellationToken::new();
         let prometheus = crate::metrics::install();
 
-        let buffer = Arc::new(RingBuffer::new(
-            settings.buffer.capacity,
-            settings.buffer.overflow,
-        ));
-        let worker = Arc::new(Worker::new(
-            &settings.processing,
-            &settings.devices,
-            settings.pipeline.history,
-        ));
-        let workers = settings.pipeline.worker_count();
-        let mut dispatcher = Dispatcher::new(
-            buffer.clone(),
-            worker.clone(),
-            workers,
-            settings.pipeline.batch_max,
-            tracker.clone(),
-        );
-        if let Some(process) = process {
-            dispatcher = dispatcher.with_process(process);
-        }
-        let pool = dispatcher.gauges();
-        let dispatcher = tracker.spawn(dispatcher.run());
-
-        let (devices, device_tasks) = spawn_devices(&settings, &buffer, &tracker, &cancel);
+        let pipeline = Pipeline::start(&settings, &tracker, &cancel, process);
 
         let upkeep = prometheus.clone();
         let upkeep_cancel = cancel.clone();
@@ -149,11 +120,12 @@ impl App {
             }
         });
 
+        let workers = pipeline.workers;
         let state = AppState {
-            devices: devices.into(),
-            buffer: buffer.clone(),
-            worker,
-            pool,
+            devices: pipeline.devices.clone().into(),
+            buffer: pipeline.buffer.clone(),
+            worker: pipeline.worker.clone(),
+            pool: pipeline.pool.clone(),
             workers,
             prometheus,
             shutdown: cancel.clone(),
@@ -188,28 +160,10 @@ impl App {
         let drain_started = Instant::now();
         let deadline = tokio::time::Instant::now() + grace;
 
-        // 1. Sources first: readiness turns 503 and devices stop reading.
+        // Sources first: readiness turns 503, devices stop, the buffer drains into the workers
+        // within the grace period. Then the HTTP server finishes in-flight requests.
         cancel.cancel();
-        for task in device_tasks {
-            let _ = task.await;
-        }
-        // 2. The buffer drains into the workers, within the grace period.
-        buffer.close();
-        let mut dispatcher = dispatcher;
-        if tokio::time::timeout_at(deadline, &mut dispatcher)
-            .await
-            .is_err()
-        {
-            let abandoned = buffer.abandon();
-            warn!(
-                abandoned,
-                "Grace period over; queued samples counted as dropped."
-            );
-            if tokio::time::timeout(FINAL_WAIT, dispatcher).await.is_err() {
-                error!("Worker batches still running after the grace period; abandoning them.");
-            }
-        }
-        // 3. The HTTP server finishes in-flight requests.
+        let ledger = pipeline.drain(deadline).await;
         http_cancel.cancel();
         let http_deadline = deadline.max(tokio::time::Instant::now() + FINAL_WAIT);
         if tokio::time::timeout_at(http_deadline, server)
@@ -221,7 +175,6 @@ impl App {
         tracker.close();
         let _ = tokio::time::timeout(FINAL_WAIT, tracker.wait()).await;
 
-        let ledger = buffer.ledger();
         let summary = Summary {
             ledger,
             abandoned_in_flight: ledger.in_flight,
@@ -244,40 +197,4 @@ impl App {
         );
         summary
     }
-}
-
-fn spawn_devices(
-    settings: &Settings,
-    buffer: &Arc<RingBuffer>,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
-) -> (Vec<DeviceHandle>, Vec<JoinHandle<()>>) {
-    let mut handles = Vec::new();
-    let mut tasks = Vec::new();
-    for device in &settings.devices {
-        let device_cancel = cancel.child_token();
-        let kind = device.kind.as_str();
-        let (task, handle) = match (device.kind, &device.serial) {
-            (DeviceKind::Serial, Some(serial)) => {
-                let connector = SerialConnector::new(serial.clone());
-                let (task, handle) =
-                    DeviceTask::new(device, kind, connector, buffer.clone(), device_cancel);
-                (tracker.spawn(task.run()), handle)
-            }
-            _ => {
-                let connector = SimConnector::new(
-                    device.simulator.clone(),
-                    Duration::from_millis(device.sample_interval_ms),
-                    tracker.clone(),
-                    device_cancel.clone(),
-                );
-                let (task, handle) =
-                    DeviceTask::new(device, kind, connector, buffer.clone(), device_cancel);
-                (tracker.spawn(task.run()), handle)
-            }
-        };
-        tasks.push(task);
-        handles.push(handle);
-    }
-    (handles, tasks)
 }

@@ -167,6 +167,10 @@ impl RingBuffer {
 
     /// Pushes what fits under the policy; with `Block`, leaves the rest in `samples`.
     fn push_locked(&self, inner: &mut Inner, source: Source, samples: &mut VecDeque<Sample>) {
+        let first = inner.ledger.pushed + inner.ledger.dropped.overflow;
+        for (i, sample) in samples.iter_mut().enumerate() {
+            sample.order = first + i as u64;
+        }
         let room = self.capacity - inner.queue.len();
         match self.policy {
             OverflowPolicy::Block => {

@@ -16,8 +16,10 @@
 //! ```
 //!
 //! - [`config`]: typed settings, defaults, environment overrides, validation.
-//! - [`app`]: builds every stage, wires them on one `TaskTracker` and `CancellationToken`, and
-//!   shuts them down in order.
+//! - [`app`]: the gateway: the pipeline plus the HTTP API, on one `TaskTracker` and one root
+//!   `CancellationToken`, shut down in order.
+//! - [`pipeline`]: the data path without HTTP (devices → buffer → dispatcher → workers); also
+//!   what `telemetryhub bench` drives.
 //! - [`device`]: the device task and its state machine ([`device::state`]), the frame codec
 //!   ([`device::codec`]) and the simulator ([`device::sim`]).
 //! - [`buffer`]: the ring buffer; [`ledger`]: the sample accounting it keeps.
@@ -26,15 +28,18 @@
 //! - [`metrics`]: every metric name and how it is recorded.
 //! - [`api`]: the HTTP routes; it sees the pipeline only through the stages' handle types.
 //! - [`telemetry`]: logging set-up.
+//! - [`bench`]: the end-to-end pipeline benchmark behind `telemetryhub bench`.
 
 pub mod api;
 pub mod app;
+pub mod bench;
 pub mod buffer;
 pub mod config;
 pub mod device;
 pub mod dispatch;
 pub mod ledger;
 pub mod metrics;
+pub mod pipeline;
 pub mod sample;
 pub mod telemetry;
 pub mod worker;

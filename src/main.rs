@@ -4,8 +4,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
 use telemetryhub::app::App;
+use telemetryhub::bench::BenchOptions;
 use telemetryhub::config::{LogFormat, Settings};
 
 /// Exit code for a bad configuration or command line.
@@ -35,6 +40,39 @@ struct Cli {
 enum Cmd {
     /// Check the configuration and exit: 0 if valid, 2 with a message naming the bad key.
     Validate,
+    /// Exit 0 if the gateway at URL answers 200 (for container health checks; needs no curl).
+    Healthcheck {
+        /// The URL to probe (plain HTTP).
+        #[arg(long, default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// Run the real pipeline in-process (unpaced simulators, no HTTP); print one JSON line.
+    Bench {
+        /// Samples to push through the pipeline.
+        #[arg(long, default_value_t = 5_000_000)]
+        samples: u64,
+        /// Simulated devices, each on its own link.
+        #[arg(long, default_value_t = 1)]
+        devices: usize,
+        /// Total frames per second (paced like a UART); unpaced when omitted.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Buffer overflow policy: block, drop_oldest or drop_newest.
+        #[arg(long, default_value = "block")]
+        policy: String,
+        /// Buffer capacity.
+        #[arg(long, default_value_t = 65_536)]
+        capacity: usize,
+        /// Samples per worker batch.
+        #[arg(long, default_value_t = 1024)]
+        batch_max: usize,
+        /// Worker permits (default: one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,9 +92,58 @@ fn main() -> ExitCode {
     if let Some(format) = cli.log_format {
         settings.log.format = format;
     }
-    if let Some(Cmd::Validate) = cli.command {
-        println!("configuration is valid");
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Some(Cmd::Validate) => {
+            println!("configuration is valid");
+            return ExitCode::SUCCESS;
+        }
+        Some(Cmd::Healthcheck { url, timeout_ms }) => {
+            return healthcheck(&url, Duration::from_millis(timeout_ms));
+        }
+        Some(Cmd::Bench {
+            samples,
+            devices,
+            rate,
+            policy,
+            capacity,
+            batch_max,
+            workers,
+        }) => {
+            let Ok(policy) = serde_json::from_value(serde_json::Value::String(policy.clone()))
+            else {
+                eprintln!(
+                    "telemetryhub: --policy must be block, drop_oldest or drop_newest, not {policy}"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            if samples == 0 || devices == 0 || capacity == 0 || batch_max == 0 || workers == Some(0)
+            {
+                eprintln!("telemetryhub: bench sizes must be at least 1");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let options = BenchOptions {
+                samples,
+                devices,
+                rate,
+                policy,
+                capacity,
+                batch_max,
+                workers,
+            };
+            let report = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime.block_on(telemetryhub::bench::run(&options)),
+                Err(err) => {
+                    eprintln!("telemetryhub: cannot start the async runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("the report serialises")
+            );
+            return ExitCode::SUCCESS;
+        }
+        None => {}
     }
     telemetryhub::telemetry::init(&settings.log.level, settings.log.format);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -113,5 +200,49 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!(signal = "SIGINT", "Signal received."),
         _ = terminate => tracing::info!(signal = "SIGTERM", "Signal received."),
+    }
+}
+
+/// `GET url` over plain HTTP/1.1; success is a 200 status line. Kept dependency-free so a
+/// container health check needs nothing but this binary.
+fn healthcheck(url: &str, timeout: Duration) -> ExitCode {
+    match probe(url, timeout) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("telemetryhub: healthcheck {url}: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn probe(url: &str, timeout: Duration) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs are supported")?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let addr = authority
+        .to_socket_addrs()
+        .map_err(|e| format!("bad address {authority}: {e}"))?
+        .next()
+        .ok_or("the address resolves to nothing")?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head).map_err(|e| e.to_string())?;
+    let status_line = String::from_utf8_lossy(&head[..n]);
+    match status_line.split(' ').nth(1) {
+        Some("200") => Ok(()),
+        Some(code) => Err(format!("status {code}")),
+        None => Err("no HTTP status line".to_owned()),
     }
 }

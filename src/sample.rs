@@ -20,6 +20,9 @@ pub struct Sample {
     pub timestamp: SystemTime,
     /// When the gateway received it (monotonic), for read-to-processed latency.
     pub received: Instant,
+    /// Position in the buffer's arrival order, stamped on entry; keeps the history in order
+    /// when batches finish out of order on several workers.
+    pub order: u64,
 }
 
 impl Sample {
@@ -33,6 +36,7 @@ impl Sample {
             unit: SmolStr::new_static("arb.units"),
             timestamp: SystemTime::now(),
             received: Instant::now(),
+            order: u64::from(seq),
         }
     }
 }
@@ -51,6 +55,9 @@ pub struct ProcessedSample {
     /// Receive time, RFC 3339 UTC.
     #[serde(serialize_with = "rfc3339")]
     pub timestamp: SystemTime,
+    /// Arrival order in the buffer (not shown).
+    #[serde(skip)]
+    pub order: u64,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

@@ -186,6 +186,29 @@ struct Shared {
     history: VecDeque<ProcessedSample>,
 }
 
+/// Adds `kept` (in arrival order) to `history`, keeping the whole history in arrival order
+/// although batches finish out of order on several workers, and at most `max` long.
+fn insert_in_order(
+    history: &mut VecDeque<ProcessedSample>,
+    kept: Vec<ProcessedSample>,
+    max: usize,
+) {
+    let in_order = match (history.back(), kept.first()) {
+        (Some(last), Some(first)) => last.order < first.order,
+        _ => true,
+    };
+    if in_order {
+        history.extend(kept);
+    } else {
+        for sample in kept {
+            let at = history.partition_point(|s| s.order < sample.order);
+            history.insert(at, sample);
+        }
+    }
+    let excess = history.len().saturating_sub(max);
+    history.drain(..excess);
+}
+
 /// Work done so far, for `/status` and `/metrics`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WorkerTotals {
@@ -282,6 +305,7 @@ impl Worker {
                     unit: sample.unit,
                     device: sample.device,
                     timestamp: sample.timestamp,
+                    order: sample.order,
                 });
             }
         }
@@ -295,10 +319,7 @@ impl Worker {
                     .and_modify(|s| s.merge(&batch_stats))
                     .or_insert(batch_stats);
             }
-            let len = shared.history.len();
-            let overflow = (len + kept.len()).saturating_sub(self.history_len);
-            shared.history.drain(..overflow.min(len));
-            shared.history.extend(kept);
+            insert_in_order(&mut shared.history, kept, self.history_len);
         }
         let elapsed = started.elapsed();
         self.batches.fetch_add(1, Ordering::Relaxed);
@@ -417,6 +438,24 @@ mod tests {
         }
         let seqs: Vec<_> = worker.recent(100).iter().map(|s| s.seq.unwrap()).collect();
         assert_eq!(seqs, [15, 16, 17, 18, 19]);
+    }
+
+    #[test]
+    fn batches_finishing_out_of_order_keep_the_history_in_arrival_order() {
+        let worker = worker(6);
+        let batch = |range: std::ops::Range<u32>| -> Vec<Sample> {
+            range
+                .map(|i| Sample {
+                    order: u64::from(i),
+                    ..Sample::test(i, 1.0)
+                })
+                .collect()
+        };
+        worker.process(batch(4..8));
+        worker.process(batch(0..4));
+        worker.process(batch(8..10));
+        let seqs: Vec<_> = worker.recent(100).iter().map(|s| s.seq.unwrap()).collect();
+        assert_eq!(seqs, [4, 5, 6, 7, 8, 9]);
     }
 
     #[test]

@@ -87,6 +87,7 @@ pub fn parse_body(
                 unit: item.unit,
                 timestamp,
                 received: received.1,
+                order: 0,
             })
         })
         .collect()

@@ -561,6 +561,7 @@ impl<C: Connector> DeviceTask<C> {
                         unit: raw.unit,
                         timestamp,
                         received,
+                        order: 0,
                     });
                 }
                 Ok(Frame::Invalid(reason)) => invalid[reason.index()] += 1,
@@ -630,13 +631,18 @@ impl<C: Connector> DeviceTask<C> {
     /// Hands samples to the buffer. With `Block` this may wait for room; commands are still
     /// served meanwhile, and a stop (or shutdown) drops what is left, counted with a reason.
     async fn push(&mut self, mut samples: VecDeque<Sample>) {
-        let n = samples.len() as u64;
+        // Counted as read before the push, so the device never shows fewer than the ledger.
+        self.counters
+            .samples_read
+            .fetch_add(samples.len() as u64, Ordering::Relaxed);
         let buffer = self.buffer.clone();
         let mut abandoned = None;
         {
             let mut push = pin!(buffer.push(Source::Device, &mut samples));
             loop {
                 tokio::select! {
+                    // A push that does not have to wait always completes, even during shutdown.
+                    biased;
                     () = &mut push => break,
                     () = self.cancel.cancelled() => {
                         abandoned = Some(DropReason::Shutdown);
@@ -660,7 +666,6 @@ impl<C: Connector> DeviceTask<C> {
             self.buffer
                 .discard(Source::Device, samples.len() as u64, reason);
         }
-        self.counters.samples_read.fetch_add(n, Ordering::Relaxed);
     }
 
     fn fail(&mut self, failure: LinkFailure, message: &str) {

@@ -105,6 +105,9 @@ impl Control {
     }
 }
 
+/// How far behind schedule the paced line may catch up.
+const PACING_SLACK: Duration = Duration::from_millis(20);
+
 /// Longest command line the simulator reads.
 const MAX_COMMAND_LEN: usize = 256;
 
@@ -241,7 +244,9 @@ impl<W: AsyncWrite> Line<W> {
             return Ok(());
         }
         if self.baud > 0 {
-            let start = self.free_at.max(Instant::now());
+            // The timer ticks in milliseconds: a write that started late is made up by the next
+            // ones (within PACING_SLACK), so the average rate is the baud rate's.
+            let start = self.free_at.max(Instant::now() - PACING_SLACK);
             sleep_until(start).await;
             // 8N1: a start bit, eight data bits and a stop bit per byte.
             let seconds = self.buf.len() as f64 * 10.0 / f64::from(self.baud);

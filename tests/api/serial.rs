@@ -135,22 +135,35 @@ async fn frames_arrive_garbage_is_skipped_and_a_replugged_link_resumes() {
     let (code, body) = app.get_json("/samples?limit=50").await;
     assert_eq!(code, StatusCode::OK);
     let samples = body["samples"].as_array().unwrap();
-    assert!(samples.iter().all(|s| s["device"] == "tty0" && s["unit"] == "degC"), "{body}");
+    assert!(
+        samples
+            .iter()
+            .all(|s| s["device"] == "tty0" && s["unit"] == "degC"),
+        "{body}"
+    );
     let seqs: Vec<u64> = samples.iter().map(|s| s["seq"].as_u64().unwrap()).collect();
-    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "in order, none lost: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "in order, none lost: {seqs:?}"
+    );
 
     // Unplug: the gateway's end fails, the device goes to Error and retries the path.
     pair.unplug();
     wait_device_state(&app, "Error").await;
     let failures = app.device("tty0").await;
-    assert!(u64_at(&failures, "/consecutive_failures") >= 1, "{failures}");
+    assert!(
+        u64_at(&failures, "/consecutive_failures") >= 1,
+        "{failures}"
+    );
 
     // Replug at the same path: the device resumes by itself.
     let read_before = device_field(&app, "/samples_read").await;
     let _pair = PtyPair::spawn(&dir).await;
-    wait_until(DEADLINE, "samples flow again after replugging", async || {
-        device_field(&app, "/samples_read").await >= read_before + 100
-    })
+    wait_until(
+        DEADLINE,
+        "samples flow again after replugging",
+        async || device_field(&app, "/samples_read").await >= read_before + 100,
+    )
     .await;
     wait_device_state(&app, "Measuring").await;
     assert_eq!(device_field(&app, "/consecutive_failures").await, 0);
@@ -182,7 +195,11 @@ async fn the_breaker_trips_on_a_missing_tty_and_reset_then_start_recovers() {
     let stop = CancellationToken::new();
     spawn_writer(pair.device.clone(), false, stop.clone());
     let (code, body) = app.post_json("/devices/tty0/reset").await;
-    assert_eq!((code, &body["state"]), (StatusCode::OK, &"Idle".into()), "{body}");
+    assert_eq!(
+        (code, &body["state"]),
+        (StatusCode::OK, &"Idle".into()),
+        "{body}"
+    );
     let (code, body) = app.post_json("/devices/tty0/start").await;
     assert_eq!(code, StatusCode::OK, "{body}");
     wait_until(DEADLINE, "samples flow after reset and start", async || {
@@ -200,22 +217,24 @@ async fn commands_reach_a_simulator_on_the_far_end_of_a_pty() {
     std::fs::create_dir_all(&dir).unwrap();
     let pair = PtyPair::spawn(&dir).await;
     let app = spawn_app(with_device(serial_device(&pair.gateway))).await;
-    // The embedded simulator plays the device on the other end of the pty.
-    let far_end = tokio::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&pair.device)
-        .await
-        .unwrap();
+    // The embedded simulator plays the device on the other end of the pty, opened as a
+    // serial port too (a plain file cannot read and write at the same time).
+    let far_end = tokio_serial::SerialStream::open(&tokio_serial::new(
+        pair.device.to_string_lossy(),
+        115_200,
+    ))
+    .expect("the far end of the pty opens as a serial port");
     let settings = SimulatorSettings {
         seed: 3,
         ..SimulatorSettings::default()
     };
     // One frame a second, so the rate change below is unmistakable.
     tokio::spawn(Simulator::new(settings, Duration::from_secs(1)).run(far_end));
-    wait_until(DEADLINE, "simulator frames arrive over the pty", async || {
-        device_field(&app, "/samples_read").await >= 1
-    })
+    wait_until(
+        DEADLINE,
+        "simulator frames arrive over the pty",
+        async || device_field(&app, "/samples_read").await >= 1,
+    )
     .await;
 
     let response = app

@@ -1,0 +1,148 @@
+//! The data path without HTTP: device tasks → ring buffer → dispatcher → worker stage, started
+//! on a caller's `TaskTracker` under a caller's `CancellationToken`, and drained in order.
+//!
+//! [`crate::app`] wraps it with the HTTP API; `telemetryhub bench` drives it alone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, warn};
+
+use crate::buffer::RingBuffer;
+use crate::config::{DeviceKind, Settings};
+use crate::device::serial::SerialConnector;
+use crate::device::sim::SimConnector;
+use crate::device::{DeviceHandle, DeviceTask};
+use crate::dispatch::{Dispatcher, PoolGauges, ProcessFn};
+use crate::ledger::Ledger;
+use crate::worker::Worker;
+
+/// Longest wait for running worker batches once the grace period is over.
+const FINAL_WAIT: Duration = Duration::from_secs(2);
+
+/// The running stages, and handles on them for the API.
+pub struct Pipeline {
+    /// The ring buffer (and its ledger).
+    pub buffer: Arc<RingBuffer>,
+    /// The worker stage's shared state.
+    pub worker: Arc<Worker>,
+    /// Batch gauges.
+    pub pool: Arc<PoolGauges>,
+    /// Worker permits.
+    pub workers: usize,
+    /// The devices, in configuration order.
+    pub devices: Vec<DeviceHandle>,
+    device_tasks: Vec<JoinHandle<()>>,
+    dispatcher: JoinHandle<()>,
+    devices_cancel: CancellationToken,
+}
+
+impl Pipeline {
+    /// Starts every stage on `tracker`; devices stop when `cancel` is cancelled or on
+    /// [`Self::drain`].
+    pub fn start(
+        settings: &Settings,
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+        process: Option<ProcessFn>,
+    ) -> Self {
+        let buffer = Arc::new(RingBuffer::new(
+            settings.buffer.capacity,
+            settings.buffer.overflow,
+        ));
+        let worker = Arc::new(Worker::new(
+            &settings.processing,
+            &settings.devices,
+            settings.pipeline.history,
+        ));
+        let workers = settings.pipeline.worker_count();
+        let mut dispatcher = Dispatcher::new(
+            buffer.clone(),
+            worker.clone(),
+            workers,
+            settings.pipeline.batch_max,
+            tracker.clone(),
+        );
+        if let Some(process) = process {
+            dispatcher = dispatcher.with_process(process);
+        }
+        let pool = dispatcher.gauges();
+        let dispatcher = tracker.spawn(dispatcher.run());
+        let devices_cancel = cancel.child_token();
+        let (devices, device_tasks) = spawn_devices(settings, &buffer, tracker, &devices_cancel);
+        Self {
+            buffer,
+            worker,
+            pool,
+            workers,
+            devices,
+            device_tasks,
+            dispatcher,
+            devices_cancel,
+        }
+    }
+
+    /// Stops the sources, then lets the buffer drain into the workers until `deadline`;
+    /// whatever is still queued then is counted as dropped for `shutdown`.
+    pub async fn drain(self, deadline: tokio::time::Instant) -> Ledger {
+        self.devices_cancel.cancel();
+        for task in self.device_tasks {
+            let _ = task.await;
+        }
+        self.buffer.close();
+        let mut dispatcher = self.dispatcher;
+        if tokio::time::timeout_at(deadline, &mut dispatcher)
+            .await
+            .is_err()
+        {
+            let abandoned = self.buffer.abandon();
+            warn!(
+                abandoned,
+                "Grace period over; queued samples counted as dropped."
+            );
+            if tokio::time::timeout(FINAL_WAIT, dispatcher).await.is_err() {
+                error!("Worker batches still running after the grace period; abandoning them.");
+            }
+        }
+        self.buffer.ledger()
+    }
+}
+
+fn spawn_devices(
+    settings: &Settings,
+    buffer: &Arc<RingBuffer>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> (Vec<DeviceHandle>, Vec<JoinHandle<()>>) {
+    let mut handles = Vec::new();
+    let mut tasks = Vec::new();
+    for device in &settings.devices {
+        let device_cancel = cancel.child_token();
+        let kind = device.kind.as_str();
+        let (task, handle) = match (device.kind, &device.serial) {
+            (DeviceKind::Serial, Some(serial)) => {
+                let connector = SerialConnector::new(serial.clone());
+                let (task, handle) =
+                    DeviceTask::new(device, kind, connector, buffer.clone(), device_cancel);
+                (tracker.spawn(task.run()), handle)
+            }
+            _ => {
+                let connector = SimConnector::new(
+                    device.simulator.clone(),
+                    Duration::from_millis(device.sample_interval_ms),
+                    tracker.clone(),
+                    device_cancel.clone(),
+                );
+                let (task, handle) =
+                    DeviceTask::new(device, kind, connector, buffer.clone(), device_cancel);
+                (tracker.spawn(task.run()), handle)
+            }
+        };
+        tasks.push(task);
+        handles.push(handle);
+    }
+    (handles, tasks)
+}

@@ -1,0 +1,17 @@
+//! Integration tests: a real gateway on `127.0.0.1:0` driven over HTTP, and the real binary
+//! driven through its command line and signals.
+//!
+//! One test binary (as in zero2prod) so the crate links once; each topic is a module, and
+//! [`helpers`] holds `spawn_app` and the small tools every module uses.
+
+mod accounting;
+mod binary;
+mod control;
+mod errors;
+mod faults;
+mod health;
+mod helpers;
+mod lifecycle;
+mod metrics;
+mod serial;
+mod status;
