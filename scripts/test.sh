@@ -7,6 +7,15 @@ cd "$(dirname "$0")/.."
 
 need_cmd() { command -v "$1" >/dev/null 2>&1; }
 
+# Debian packages the tests drive: socat makes the pty pairs of the serial-device tests.
+missing=()
+need_cmd socat || missing+=(socat)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test.sh: installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "test.sh: installing cargo-nextest" >&2
   cargo install cargo-nextest --locked

@@ -7,8 +7,9 @@
 //! The recorder is global: [`install`] installs it once per process and hands out its handle
 //! afterwards, so tests that build several apps share it and assert on deltas.
 
+use std::fmt::Write as _;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
@@ -64,6 +65,7 @@ pub const BUILD_INFO: &str = "telemetryhub_build_info";
 pub const UPTIME: &str = "telemetryhub_uptime_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static STARTED: OnceLock<SystemTime> = OnceLock::new();
 
 /// Installs the Prometheus recorder once per process and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -79,6 +81,7 @@ pub fn install() -> PrometheusHandle {
                 .install_recorder()
                 .expect("no other metrics recorder is installed in this process");
             describe();
+            STARTED.get_or_init(SystemTime::now);
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
@@ -185,10 +188,19 @@ pub fn batch_processed(elapsed: Duration) {
     histogram!(PROCESSING_DURATION).record(elapsed.as_secs_f64());
 }
 
-/// Records one HTTP request.
+/// Records one HTTP request. Methods outside the standard set are labelled `other`, so
+/// clients cannot grow the label set.
 pub fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
-    let (method, route) = (method.to_owned(), route.to_owned());
-    counter!(HTTP_REQUESTS, "method" => method.clone(), "route" => route.clone(), "status" => status.to_string())
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    let method = KNOWN
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other");
+    let route = route.to_owned();
+    counter!(HTTP_REQUESTS, "method" => method, "route" => route.clone(), "status" => status.to_string())
         .increment(1);
     histogram!(HTTP_DURATION, "method" => method, "route" => route).record(elapsed.as_secs_f64());
 }
@@ -237,4 +249,102 @@ pub fn sync(view: &ScrapeView<'_>) {
                 .absolute(c.link_failures.get(failure));
         }
     }
+}
+
+/// Appends the standard `process_*` metrics, read from `/proc/self` (Linux; elsewhere only the
+/// start time). Written directly because the `metrics` crate's counters are integers, and CPU
+/// seconds need fractions.
+pub fn render_process(out: &mut String) {
+    let mut family = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = write!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n"
+        );
+    };
+    if let Some(cpu) = proc_cpu_seconds() {
+        family(
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            cpu,
+        );
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |key: &str| status_field(&status, key).map(|kb| kb * 1024.0);
+    if let Some(rss) = kib("VmRSS:") {
+        family(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            rss,
+        );
+    }
+    if let Some(vsz) = kib("VmSize:") {
+        family(
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            vsz,
+        );
+    }
+    if let Some(threads) = status_field(&status, "Threads:") {
+        family(
+            "process_threads",
+            "gauge",
+            "Number of OS threads in the process.",
+            threads,
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        family(
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            fds.count() as f64,
+        );
+    }
+    if let Some(max) = max_open_files() {
+        family(
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            max,
+        );
+    }
+    let started = STARTED.get().copied().unwrap_or_else(SystemTime::now);
+    let since_epoch = started
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    family(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        since_epoch.as_secs_f64(),
+    );
+}
+
+/// User plus system CPU time from `/proc/self/stat`, in seconds (the kernel's USER_HZ is 100).
+fn proc_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; fields after its closing parenthesis are fixed.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ').skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+fn status_field(status: &str, key: &str) -> Option<f64> {
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..].split_whitespace().next()?.parse().ok()
+}
+
+fn max_open_files() -> Option<f64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

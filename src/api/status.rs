@@ -89,12 +89,14 @@ pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -
             .map(|(d, c)| (d.id().as_str(), c))
             .collect(),
     });
+    let mut body = state.prometheus.render();
+    crate::metrics::render_process(&mut body);
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static(PROMETHEUS_CONTENT_TYPE),
         )],
-        state.prometheus.render(),
+        body,
     )
         .into_response()
 }
