@@ -673,7 +673,10 @@ impl Settings {
     fn from_value(value: toml::Value) -> Result<Self, ConfigError> {
         let settings: Settings = serde_path_to_error::deserialize(value).map_err(|err| {
             let key = err.path().to_string();
-            ConfigError::invalid(key, err.into_inner().to_string())
+            // The TOML error repeats the key on a second line; the path already names it.
+            let message = err.into_inner().to_string();
+            let message = message.lines().next().unwrap_or_default().to_owned();
+            ConfigError::invalid(key, message)
         })?;
         settings.validate()?;
         Ok(settings)

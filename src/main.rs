@@ -49,6 +49,18 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// Play a simulated device on a tty (e.g. one end of a socat pty pair) until Ctrl-C.
+    Simulate {
+        /// The tty to write frames to and read commands from.
+        #[arg(long)]
+        path: PathBuf,
+        /// Milliseconds between frames; 0 sends as fast as the tty takes them.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        /// Line speed (also paces the simulator like a UART when not 0).
+        #[arg(long, default_value_t = 0)]
+        baud: u32,
+    },
     /// Run the real pipeline in-process (unpaced simulators, no HTTP); print one JSON line.
     Bench {
         /// Samples to push through the pipeline.
@@ -99,6 +111,13 @@ fn main() -> ExitCode {
         }
         Some(Cmd::Healthcheck { url, timeout_ms }) => {
             return healthcheck(&url, Duration::from_millis(timeout_ms));
+        }
+        Some(Cmd::Simulate {
+            path,
+            interval_ms,
+            baud,
+        }) => {
+            return simulate(&path, Duration::from_millis(interval_ms), baud);
         }
         Some(Cmd::Bench {
             samples,
@@ -245,4 +264,43 @@ fn probe(url: &str, timeout: Duration) -> Result<(), String> {
         Some(code) => Err(format!("status {code}")),
         None => Err("no HTTP status line".to_owned()),
     }
+}
+
+/// Runs the embedded simulator on a tty until Ctrl-C or until the tty goes away.
+fn simulate(path: &std::path::Path, interval: Duration, baud: u32) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("telemetryhub: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let line_speed = if baud == 0 { 115_200 } else { baud };
+        let port = match tokio_serial::SerialStream::open(&tokio_serial::new(
+            path.to_string_lossy(),
+            line_speed,
+        )) {
+            Ok(port) => port,
+            Err(err) => {
+                eprintln!("telemetryhub: cannot open {}: {err}", path.display());
+                return ExitCode::FAILURE;
+            }
+        };
+        let settings = telemetryhub::config::SimulatorSettings {
+            baud,
+            ..Default::default()
+        };
+        let simulator = telemetryhub::device::sim::Simulator::new(settings, interval);
+        tokio::select! {
+            result = simulator.run(port) => match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("telemetryhub: {}: {err}", path.display());
+                    ExitCode::FAILURE
+                }
+            },
+            _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+        }
+    })
 }
