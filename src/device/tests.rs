@@ -12,11 +12,14 @@ use std::io;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::codec::encode_frame;
 use super::*;
-use crate::buffer::OverflowPolicy;
+use crate::buffer::{OverflowPolicy, RingBuffer};
+use crate::config::DeviceSettings;
 use crate::ledger::Ledger;
+use crate::sample::Sample;
 
 /// Upper bound on every wait, in virtual time: far beyond any timer a test sets, so reaching it
 /// means the awaited condition never came.

@@ -1,0 +1,404 @@
+//! `[[devices]]`: each device's link (simulated or serial), timing, circuit breaker, backoff,
+//! calibration, and the simulator's fault injection.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// Which kind of link a device is read over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// The embedded simulator, over an in-memory duplex stream.
+    #[default]
+    Simulated,
+    /// A real serial port (tty), opened with the `[devices.serial]` settings.
+    Serial,
+}
+
+impl DeviceKind {
+    /// The kind's name, as in the config and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Simulated => "simulated",
+            Self::Serial => "serial",
+        }
+    }
+}
+
+/// One device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSettings {
+    /// Unique id, used in URLs, metric labels and logs.
+    pub id: String,
+    /// The kind of link.
+    #[serde(default)]
+    pub kind: DeviceKind,
+    /// Start measuring when the gateway starts, without waiting for `POST /start`.
+    #[serde(default = "default_true")]
+    pub autostart: bool,
+    /// Interval between frames the device sends; 0 sends as fast as the link takes them.
+    #[serde(default = "default_sample_interval_ms")]
+    pub sample_interval_ms: u64,
+    /// A read that yields no frame for this long is a failure.
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+    /// Consecutive failures that trip the circuit breaker into `SafeState`.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    /// First retry delay after a failure; doubles with each further failure.
+    #[serde(default = "default_backoff_initial_ms")]
+    pub backoff_initial_ms: u64,
+    /// Cap on the retry delay.
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+    /// Longest accepted frame in bytes; longer lines are counted as `too_long` and skipped.
+    #[serde(default = "default_max_frame_len")]
+    pub max_frame_len: usize,
+    /// A Measuring device with no valid frame for this long makes `/readyz` fail; unset means
+    /// five sample intervals (at least one read timeout when the interval is 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_after_ms: Option<u64>,
+    /// How long `POST /devices/{id}/command` waits for the device's reply.
+    #[serde(default = "default_command_timeout_ms")]
+    pub command_timeout_ms: u64,
+    /// Calibration: processed value = raw value * scale + offset.
+    #[serde(default = "default_scale")]
+    pub scale: f64,
+    /// Calibration offset, see `scale`.
+    #[serde(default)]
+    pub offset: f64,
+    /// The simulated device, for `kind = "simulated"`.
+    #[serde(default)]
+    pub simulator: SimulatorSettings,
+    /// The serial port, for `kind = "serial"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<SerialSettings>,
+}
+
+impl DeviceSettings {
+    /// A simulated device with every other setting at its default.
+    pub fn simulated(id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            kind: DeviceKind::Simulated,
+            autostart: true,
+            sample_interval_ms: default_sample_interval_ms(),
+            read_timeout_ms: default_read_timeout_ms(),
+            failure_threshold: default_failure_threshold(),
+            backoff_initial_ms: default_backoff_initial_ms(),
+            backoff_max_ms: default_backoff_max_ms(),
+            max_frame_len: default_max_frame_len(),
+            stale_after_ms: None,
+            command_timeout_ms: default_command_timeout_ms(),
+            scale: default_scale(),
+            offset: 0.0,
+            simulator: SimulatorSettings::default(),
+            serial: None,
+        }
+    }
+
+    /// A serial device on `path` with every other setting at its default.
+    pub fn serial(id: &str, path: impl Into<PathBuf>) -> Self {
+        Self {
+            kind: DeviceKind::Serial,
+            serial: Some(SerialSettings::new(path)),
+            ..Self::simulated(id)
+        }
+    }
+
+    /// How long a Measuring device may go without a valid frame before it counts as stale.
+    pub fn stale_after(&self) -> Duration {
+        let ms = self
+            .stale_after_ms
+            .unwrap_or(if self.sample_interval_ms == 0 {
+                self.read_timeout_ms
+            } else {
+                self.sample_interval_ms.saturating_mul(5)
+            });
+        Duration::from_millis(ms)
+    }
+}
+
+/// A serial port's line settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSettings {
+    /// The tty, e.g. `/dev/ttyUSB0` or `/dev/serial/by-id/...`.
+    pub path: PathBuf,
+    /// Bits per second.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// Data bits per character, 5 to 8.
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    /// `none`, `odd` or `even`.
+    #[serde(default)]
+    pub parity: Parity,
+    /// 1 or 2.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+}
+
+impl SerialSettings {
+    /// 115200 8N1 on `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            baud: default_baud(),
+            data_bits: default_data_bits(),
+            parity: Parity::None,
+            stop_bits: default_stop_bits(),
+        }
+    }
+}
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    /// No parity bit.
+    #[default]
+    None,
+    /// Odd parity.
+    Odd,
+    /// Even parity.
+    Even,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_command_timeout_ms() -> u64 {
+    1000
+}
+
+pub(super) fn default_devices() -> Vec<DeviceSettings> {
+    vec![DeviceSettings::simulated("sim0")]
+}
+fn default_true() -> bool {
+    true
+}
+fn default_sample_interval_ms() -> u64 {
+    100
+}
+fn default_read_timeout_ms() -> u64 {
+    1000
+}
+fn default_failure_threshold() -> u32 {
+    5
+}
+fn default_backoff_initial_ms() -> u64 {
+    100
+}
+fn default_backoff_max_ms() -> u64 {
+    5000
+}
+fn default_max_frame_len() -> usize {
+    128
+}
+fn default_scale() -> f64 {
+    1.0
+}
+
+/// The simulated sensor and the faults it can inject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatorSettings {
+    /// Unit token written in every frame.
+    #[serde(default = "default_unit")]
+    pub unit: String,
+    /// Amplitude of the uniform noise added to `42 + sin(seq / 10)`.
+    #[serde(default = "default_noise")]
+    pub noise: f64,
+    /// Seed of the simulator's random numbers; 0 picks one from the clock.
+    #[serde(default)]
+    pub seed: u64,
+    /// Pace bytes as a real UART at this baud rate (8N1: 10 bits per byte); 0 does not pace.
+    #[serde(default)]
+    pub baud: u32,
+    /// Probability, per frame, that one byte of the frame is corrupted (fails its checksum).
+    #[serde(default)]
+    pub corrupt_rate: f64,
+    /// Probability, per frame, that one byte of the frame is lost on the line.
+    #[serde(default)]
+    pub drop_rate: f64,
+    /// Probability, per frame, that the device stalls for `stall_ms` before sending it.
+    #[serde(default)]
+    pub stall_rate: f64,
+    /// How long a stall lasts.
+    #[serde(default = "default_stall_ms")]
+    pub stall_ms: u64,
+    /// Probability, per frame, that the device closes the link instead of sending it.
+    #[serde(default)]
+    pub disconnect_rate: f64,
+}
+
+impl Default for SimulatorSettings {
+    fn default() -> Self {
+        Self {
+            unit: default_unit(),
+            noise: default_noise(),
+            seed: 0,
+            baud: 0,
+            corrupt_rate: 0.0,
+            drop_rate: 0.0,
+            stall_rate: 0.0,
+            stall_ms: default_stall_ms(),
+            disconnect_rate: 0.0,
+        }
+    }
+}
+
+fn default_unit() -> String {
+    "arb.units".to_owned()
+}
+fn default_noise() -> f64 {
+    0.01
+}
+fn default_stall_ms() -> u64 {
+    2000
+}
+
+impl DeviceSettings {
+    pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let valid_id = !self.id.is_empty()
+            && self.id.len() <= 64
+            && self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !valid_id {
+            return Err(ConfigError::invalid(
+                format!("{at}.id"),
+                "must be 1-64 characters of A-Z, a-z, 0-9, '-', '_' or '.'",
+            ));
+        }
+        if self.read_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                format!("{at}.read_timeout_ms"),
+                "must be at least 1",
+            ));
+        }
+        if self.failure_threshold == 0 {
+            return Err(ConfigError::invalid(
+                format!("{at}.failure_threshold"),
+                "must be at least 1",
+            ));
+        }
+        if self.backoff_initial_ms == 0 || self.backoff_max_ms < self.backoff_initial_ms {
+            return Err(ConfigError::invalid(
+                format!("{at}.backoff_max_ms"),
+                "needs 1 <= backoff_initial_ms <= backoff_max_ms",
+            ));
+        }
+        if !(16..=65536).contains(&self.max_frame_len) {
+            return Err(ConfigError::invalid(
+                format!("{at}.max_frame_len"),
+                "must be between 16 and 65536",
+            ));
+        }
+        if !(self.scale.is_finite() && self.offset.is_finite()) {
+            return Err(ConfigError::invalid(
+                format!("{at}.scale"),
+                "scale and offset must be finite",
+            ));
+        }
+        if !(1..=60_000).contains(&self.command_timeout_ms) {
+            return Err(ConfigError::invalid(
+                format!("{at}.command_timeout_ms"),
+                "must be between 1 and 60000",
+            ));
+        }
+        if self.stale_after_ms == Some(0) {
+            return Err(ConfigError::invalid(
+                format!("{at}.stale_after_ms"),
+                "must be at least 1 (leave it unset for five sample intervals)",
+            ));
+        }
+        match (self.kind, &self.serial) {
+            (DeviceKind::Serial, None) => Err(ConfigError::invalid(
+                format!("{at}.serial"),
+                "a serial device needs a [devices.serial] table with at least `path`",
+            )),
+            (DeviceKind::Serial, Some(serial)) => serial.validate(&format!("{at}.serial")),
+            (DeviceKind::Simulated, Some(_)) => Err(ConfigError::invalid(
+                format!("{at}.serial"),
+                "only devices of kind \"serial\" take serial settings",
+            )),
+            (DeviceKind::Simulated, None) => self.simulator.validate(&format!("{at}.simulator")),
+        }
+    }
+}
+
+impl SerialSettings {
+    pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{at}.path"),
+                "must not be empty",
+            ));
+        }
+        if !(50..=4_000_000).contains(&self.baud) {
+            return Err(ConfigError::invalid(
+                format!("{at}.baud"),
+                "must be between 50 and 4000000",
+            ));
+        }
+        if !(5..=8).contains(&self.data_bits) {
+            return Err(ConfigError::invalid(
+                format!("{at}.data_bits"),
+                "must be 5, 6, 7 or 8",
+            ));
+        }
+        if !(1..=2).contains(&self.stop_bits) {
+            return Err(ConfigError::invalid(
+                format!("{at}.stop_bits"),
+                "must be 1 or 2",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl SimulatorSettings {
+    pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let unit_ok = crate::device::codec::valid_unit(self.unit.as_bytes());
+        if !unit_ok {
+            return Err(ConfigError::invalid(
+                format!("{at}.unit"),
+                "must be 1-16 characters of A-Z, a-z, 0-9, '.', '_', '/', '%' or '-'",
+            ));
+        }
+        if !(self.noise.is_finite() && self.noise >= 0.0) {
+            return Err(ConfigError::invalid(
+                format!("{at}.noise"),
+                "must be finite and >= 0",
+            ));
+        }
+        for (key, rate) in [
+            ("corrupt_rate", self.corrupt_rate),
+            ("drop_rate", self.drop_rate),
+            ("stall_rate", self.stall_rate),
+            ("disconnect_rate", self.disconnect_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.{key}"),
+                    "must be a probability between 0 and 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,154 @@
+//! `[http]`: the API's listen address, bearer token and request limits.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// The HTTP API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address to listen on. Loopback by default.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// When set, every `POST` needs `Authorization: Bearer <token>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_token: Option<Secret>,
+    /// With a token set, also require it for reads (except `/healthz` and `/readyz`).
+    #[serde(default)]
+    pub protect_reads: bool,
+    /// Largest accepted request body; larger ones get 413.
+    #[serde(default = "default_body_limit_bytes")]
+    pub body_limit_bytes: usize,
+    /// Most samples in one `POST /samples`.
+    #[serde(default = "default_ingest_max_samples")]
+    pub ingest_max_samples: usize,
+    /// A request that takes longer than this gets 408.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// A client must send a request's headers within this time, or the connection is closed.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Requests handled at once; more are refused at once with 503 and `Retry-After`.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            api_token: None,
+            protect_reads: false,
+            body_limit_bytes: default_body_limit_bytes(),
+            ingest_max_samples: default_ingest_max_samples(),
+            request_timeout_ms: default_request_timeout_ms(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            max_concurrent_requests: default_max_concurrent_requests(),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_body_limit_bytes() -> usize {
+    1 << 20
+}
+fn default_ingest_max_samples() -> usize {
+    10_000
+}
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_concurrent_requests() -> usize {
+    1024
+}
+
+/// A secret string: compared in constant time, never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// Whether `candidate` equals the secret. Takes the same time for every candidate of the
+    /// secret's length, so response times do not reveal how much of a guess was right.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        let secret = self.0.as_bytes();
+        if candidate.len() != secret.len() {
+            return false;
+        }
+        candidate
+            .iter()
+            .zip(secret)
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl HttpSettings {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self
+            .api_token
+            .as_ref()
+            .is_some_and(|t| t.is_empty() || t.0.len() > 256)
+        {
+            return Err(ConfigError::invalid(
+                "http.api_token",
+                "must be 1 to 256 characters",
+            ));
+        }
+        if self.protect_reads && self.api_token.is_none() {
+            return Err(ConfigError::invalid(
+                "http.protect_reads",
+                "needs http.api_token to be set",
+            ));
+        }
+        for (key, value) in [
+            ("http.body_limit_bytes", self.body_limit_bytes as u64),
+            ("http.ingest_max_samples", self.ingest_max_samples as u64),
+            ("http.request_timeout_ms", self.request_timeout_ms),
+            ("http.header_read_timeout_ms", self.header_read_timeout_ms),
+            (
+                "http.max_concurrent_requests",
+                self.max_concurrent_requests as u64,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// The header-read timeout.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
+    }
+}

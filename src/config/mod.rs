@@ -1,0 +1,397 @@
+//! Typed settings for the whole gateway.
+//!
+//! Settings come in layers, later layers winning: the built-in defaults (which equal
+//! `config/default.toml`, a test checks it), an optional TOML file, `TELEMETRYHUB__SECTION__KEY`
+//! environment variables, and finally CLI flags (applied by `main`). Every struct denies unknown
+//! keys, and [`Settings::validate`] rejects values that parse but make no sense, so a typo or a
+//! broken value is a clear start-up error naming the key, never a panic later.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::buffer::OverflowPolicy;
+
+mod device;
+mod http;
+mod layers;
+#[cfg(test)]
+mod tests;
+
+use self::device::default_devices;
+pub use self::device::{DeviceKind, DeviceSettings, Parity, SerialSettings, SimulatorSettings};
+pub use self::http::{HttpSettings, Secret};
+use self::layers::{apply_env_override, merge, parse_table};
+
+/// Prefix of environment variables that override settings, e.g. `TELEMETRYHUB__BUFFER__CAPACITY`.
+pub const ENV_PREFIX: &str = "TELEMETRYHUB__";
+
+/// The default configuration file, embedded so the defaults test and `validate` can use it.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file that was parsed.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A key is unknown or its value has the wrong type.
+    #[error("invalid config key `{key}`: {message}")]
+    Invalid {
+        /// Dotted path of the offending key, e.g. `buffer.capacity`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// An environment override names a key that cannot exist.
+    #[error("invalid environment override {var}: {message}")]
+    Env {
+        /// The variable's name.
+        var: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// All settings of the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The HTTP API.
+    #[serde(default)]
+    pub http: HttpSettings,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSettings,
+    /// The ring buffer between devices and workers.
+    #[serde(default)]
+    pub buffer: BufferSettings,
+    /// The dispatcher and the worker stage.
+    #[serde(default)]
+    pub pipeline: PipelineSettings,
+    /// What the workers do to each sample.
+    #[serde(default)]
+    pub processing: ProcessingSettings,
+    /// The devices to read from.
+    #[serde(default = "default_devices")]
+    pub devices: Vec<DeviceSettings>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            http: HttpSettings::default(),
+            log: LogSettings::default(),
+            buffer: BufferSettings::default(),
+            pipeline: PipelineSettings::default(),
+            processing: ProcessingSettings::default(),
+            devices: default_devices(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// Filter directive (`info`, `telemetryhub=debug,tower_http=info`); `RUST_LOG` wins over it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+/// The ring buffer between devices and workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferSettings {
+    /// Maximum number of samples held.
+    #[serde(default = "default_capacity")]
+    pub capacity: usize,
+    /// What happens to a sample that arrives when the buffer is full.
+    #[serde(default)]
+    pub overflow: OverflowPolicy,
+    /// Fraction of capacity at which `POST /samples` is refused with 429 (backpressure).
+    #[serde(default = "default_high_watermark")]
+    pub high_watermark: f64,
+}
+
+impl Default for BufferSettings {
+    fn default() -> Self {
+        Self {
+            capacity: default_capacity(),
+            overflow: OverflowPolicy::default(),
+            high_watermark: default_high_watermark(),
+        }
+    }
+}
+
+impl BufferSettings {
+    /// The depth at which HTTP ingest is refused.
+    pub fn high_watermark_samples(&self) -> usize {
+        ((self.capacity as f64 * self.high_watermark).ceil() as usize).clamp(1, self.capacity)
+    }
+}
+
+fn default_high_watermark() -> f64 {
+    0.8
+}
+
+fn default_capacity() -> usize {
+    1000
+}
+
+/// The dispatcher and the worker stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Most samples handed to one worker batch.
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+    /// Batches processed at once (semaphore permits); unset means the number of CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// Processed samples kept for `GET /samples`.
+    #[serde(default = "default_history")]
+    pub history: usize,
+    /// How long shutdown may take to drain the buffer before the rest is counted as dropped.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self {
+            batch_max: default_batch_max(),
+            workers: None,
+            history: default_history(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+        }
+    }
+}
+
+impl PipelineSettings {
+    /// The number of worker permits, resolving "unset" to the number of CPUs.
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(NonZeroUsize::get)
+                .unwrap_or(1)
+        })
+    }
+
+    /// The shutdown drain deadline.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+fn default_batch_max() -> usize {
+    256
+}
+fn default_history() -> usize {
+    1000
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+
+/// What the workers do to each sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessingSettings {
+    /// Accepted range of raw values, per unit. Units not listed only need a finite value.
+    #[serde(default = "default_units")]
+    pub units: BTreeMap<String, ValueRange>,
+}
+
+impl Default for ProcessingSettings {
+    fn default() -> Self {
+        Self {
+            units: default_units(),
+        }
+    }
+}
+
+fn default_units() -> BTreeMap<String, ValueRange> {
+    BTreeMap::from([(
+        "arb.units".to_owned(),
+        ValueRange {
+            min: -1000.0,
+            max: 1000.0,
+        },
+    )])
+}
+
+/// An inclusive range of accepted values.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueRange {
+    /// Smallest accepted value.
+    pub min: f64,
+    /// Largest accepted value.
+    pub max: f64,
+}
+
+impl Settings {
+    /// Loads settings from an optional file, then applies environment overrides.
+    ///
+    /// `env` is every environment variable (name, value); only those starting with
+    /// [`ENV_PREFIX`] are used. The result is validated.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        // Start from the defaults so a file or a variable can change one key of a device.
+        let mut root = toml::Value::try_from(Settings::default())
+            .expect("default settings always serialize to TOML");
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            merge(&mut root, toml::Value::Table(parse_table(&text, path)?));
+        }
+        for (name, value) in env {
+            if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+                apply_env_override(&mut root, &name, rest, &value)?;
+            }
+        }
+        Self::from_value(root)
+    }
+
+    /// Parses settings from TOML text and validates them.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::from_value(toml::Value::Table(parse_table(
+            text,
+            Path::new("<inline>"),
+        )?))
+    }
+
+    fn from_value(value: toml::Value) -> Result<Self, ConfigError> {
+        let settings: Settings = serde_path_to_error::deserialize(value).map_err(|err| {
+            let key = err.path().to_string();
+            // The TOML error repeats the key on a second line; the path already names it.
+            let message = err.into_inner().to_string();
+            let message = message.lines().next().unwrap_or_default().to_owned();
+            ConfigError::invalid(key, message)
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks values that parse but cannot work, naming the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.buffer.capacity == 0 {
+            return Err(ConfigError::invalid(
+                "buffer.capacity",
+                "must be at least 1",
+            ));
+        }
+        if !(self.buffer.high_watermark > 0.0 && self.buffer.high_watermark <= 1.0) {
+            return Err(ConfigError::invalid(
+                "buffer.high_watermark",
+                "must be a fraction of capacity above 0 and at most 1",
+            ));
+        }
+        self.http.validate()?;
+        if self.pipeline.batch_max == 0 {
+            return Err(ConfigError::invalid(
+                "pipeline.batch_max",
+                "must be at least 1",
+            ));
+        }
+        if self.pipeline.workers == Some(0) {
+            return Err(ConfigError::invalid(
+                "pipeline.workers",
+                "must be at least 1 (leave it unset for one per CPU)",
+            ));
+        }
+        if self.pipeline.history == 0 {
+            return Err(ConfigError::invalid(
+                "pipeline.history",
+                "must be at least 1",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!("`{}` is not a valid filter directive", self.log.level),
+            ));
+        }
+        for (unit, range) in &self.processing.units {
+            if !(range.min.is_finite() && range.max.is_finite() && range.min <= range.max) {
+                return Err(ConfigError::invalid(
+                    format!("processing.units.{unit}"),
+                    "needs finite min <= max",
+                ));
+            }
+        }
+        if self.devices.is_empty() {
+            return Err(ConfigError::invalid(
+                "devices",
+                "at least one device is needed",
+            ));
+        }
+        for (i, device) in self.devices.iter().enumerate() {
+            device.validate(&format!("devices[{i}]"))?;
+            if self.devices[..i].iter().any(|d| d.id == device.id) {
+                return Err(ConfigError::invalid(
+                    format!("devices[{i}].id"),
+                    format!("duplicate device id `{}`", device.id),
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,407 @@
+//! The device task: owns one link, reads and decodes it, runs the state machine, and pushes
+//! samples into the ring buffer; commands reach it from [`DeviceHandle`]s over a channel.
+
+use std::collections::VecDeque;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use futures_util::stream::ReadyChunks;
+use smol_str::SmolStr;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::codec::{Frame, FrameCodec};
+use super::state::{self, Breaker, Command, DeviceState, IllegalTransition};
+use super::{
+    Connector, DeviceCounters, DeviceHandle, DeviceStatus, LinkFailure, Request, SendError,
+};
+use crate::buffer::RingBuffer;
+use crate::config::DeviceSettings;
+use crate::ledger::{DropReason, Source};
+use crate::sample::Sample;
+
+/// Most frames decoded into one push to the buffer.
+const CHUNK_MAX: usize = 256;
+
+/// Timing and limits of one device, from its settings.
+#[derive(Debug, Clone)]
+struct Timing {
+    read_timeout: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    max_frame_len: usize,
+    command_timeout: Duration,
+}
+
+enum LinkEvent<Io> {
+    Connected(Io),
+    ConnectFailed(std::io::Error),
+    Frames(Vec<std::io::Result<Frame>>),
+    Ended,
+    TimedOut,
+}
+
+/// An open link: decoded frames in, command lines out, and who waits for which reply.
+struct Link<Io: AsyncRead> {
+    frames: ReadyChunks<FramedRead<ReadHalf<Io>, FrameCodec>>,
+    writer: WriteHalf<Io>,
+    /// Callers waiting for replies, in the order their commands were sent.
+    waiting: VecDeque<oneshot::Sender<Result<String, SendError>>>,
+}
+
+/// The task that runs one device.
+pub struct DeviceTask<C: Connector> {
+    id: SmolStr,
+    timing: Timing,
+    autostart: bool,
+    connector: C,
+    buffer: Arc<RingBuffer>,
+    requests: mpsc::Receiver<Request>,
+    status: watch::Sender<DeviceStatus>,
+    counters: Arc<DeviceCounters>,
+    cancel: CancellationToken,
+    state: DeviceState,
+    breaker: Breaker,
+    last_error: Option<String>,
+    link: Option<Link<C::Io>>,
+    retry_at: Instant,
+    last_good: Instant,
+    last_seq: Option<u32>,
+}
+
+impl<C: Connector> DeviceTask<C> {
+    /// A device task and the handle that controls it. Nothing runs until [`Self::run`].
+    pub fn new(
+        settings: &DeviceSettings,
+        kind: &'static str,
+        connector: C,
+        buffer: Arc<RingBuffer>,
+        cancel: CancellationToken,
+    ) -> (Self, DeviceHandle) {
+        let id = SmolStr::new(&settings.id);
+        let (requests_tx, requests) = mpsc::channel(16);
+        let (status, status_rx) = watch::channel(DeviceStatus::default());
+        let counters = Arc::new(DeviceCounters::default());
+        let handle = DeviceHandle {
+            id: id.clone(),
+            kind,
+            requests: requests_tx,
+            status: status_rx,
+            counters: counters.clone(),
+            stale_after: settings.stale_after(),
+            command_timeout: Duration::from_millis(settings.command_timeout_ms),
+        };
+        let task = Self {
+            id,
+            timing: Timing {
+                read_timeout: Duration::from_millis(settings.read_timeout_ms),
+                backoff_initial: Duration::from_millis(settings.backoff_initial_ms),
+                backoff_max: Duration::from_millis(settings.backoff_max_ms),
+                max_frame_len: settings.max_frame_len,
+                command_timeout: Duration::from_millis(settings.command_timeout_ms),
+            },
+            autostart: settings.autostart,
+            connector,
+            buffer,
+            requests,
+            status,
+            counters,
+            cancel,
+            state: DeviceState::Idle,
+            breaker: Breaker::new(settings.failure_threshold),
+            last_error: None,
+            link: None,
+            retry_at: Instant::now(),
+            last_good: Instant::now(),
+            last_seq: None,
+        };
+        (task, handle)
+    }
+
+    /// Runs until cancelled or until every handle is dropped.
+    pub async fn run(mut self) {
+        crate::metrics::device_state(&self.id, self.state);
+        if self.autostart {
+            self.apply(Command::Start).ok();
+        }
+        loop {
+            let active = self.state.is_active();
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                request = self.requests.recv() => match request {
+                    Some(request) => self.handle(request).await,
+                    None => break,
+                },
+                event = next_event(&mut self.link, &mut self.connector, self.retry_at, self.last_good + self.timing.read_timeout), if active => {
+                    self.on_event(event).await;
+                }
+            }
+        }
+        self.link = None;
+    }
+
+    async fn handle(&mut self, request: Request) {
+        match request {
+            Request::Control { command, reply } => {
+                let _ = reply.send(self.apply(command));
+            }
+            Request::Send { line, reply } => self.send(line, reply).await,
+        }
+    }
+
+    fn apply(&mut self, command: Command) -> Result<DeviceState, IllegalTransition> {
+        let next = state::on_command(self.state, command)?;
+        if matches!(command, Command::Stop | Command::Reset) {
+            self.link = None;
+            self.breaker.clear();
+            self.last_error = None;
+        }
+        if self.state == DeviceState::Idle && next == DeviceState::Measuring {
+            self.retry_at = Instant::now();
+            self.last_error = None;
+        }
+        info!(device = %self.id, command = command.as_str(), "Device command accepted.");
+        self.set_state(next);
+        Ok(next)
+    }
+
+    async fn on_event(&mut self, event: LinkEvent<C::Io>) {
+        match event {
+            LinkEvent::Connected(io) => {
+                let (reader, writer) = tokio::io::split(io);
+                let codec = FrameCodec::new(self.timing.max_frame_len);
+                self.link = Some(Link {
+                    frames: FramedRead::new(reader, codec).ready_chunks(CHUNK_MAX),
+                    writer,
+                    waiting: VecDeque::new(),
+                });
+                self.last_good = Instant::now();
+                self.counters.mark_good(self.last_good);
+                self.last_seq = None;
+                info!(device = %self.id, "Device link opened.");
+            }
+            LinkEvent::ConnectFailed(err) => self.fail(LinkFailure::Connect, &err.to_string()),
+            LinkEvent::Frames(frames) => self.on_frames(frames).await,
+            LinkEvent::Ended => self.fail(LinkFailure::Closed, "link closed by the device"),
+            LinkEvent::TimedOut => self.fail(
+                LinkFailure::Timeout,
+                &format!("no valid frame for {:?}", self.timing.read_timeout),
+            ),
+        }
+    }
+
+    async fn on_frames(&mut self, frames: Vec<std::io::Result<Frame>>) {
+        // Frames of one chunk arrived together: one timestamp serves them all.
+        let (timestamp, received) = (SystemTime::now(), std::time::Instant::now());
+        let mut samples = VecDeque::with_capacity(frames.len());
+        let mut invalid = [0u64; 3];
+        let mut gaps = 0u64;
+        let mut error = None;
+        for frame in frames {
+            match frame {
+                Ok(Frame::Sample(raw)) => {
+                    gaps += seq_gap(self.last_seq, raw.seq);
+                    self.last_seq = Some(raw.seq);
+                    samples.push_back(Sample {
+                        device: self.id.clone(),
+                        seq: Some(raw.seq),
+                        value: raw.value,
+                        unit: raw.unit,
+                        timestamp,
+                        received,
+                        order: 0,
+                    });
+                }
+                Ok(Frame::Invalid(reason)) => invalid[reason.index()] += 1,
+                Ok(Frame::Reply(text)) => self.deliver_reply(text),
+                Err(err) => {
+                    error = Some(err);
+                    break;
+                }
+            }
+        }
+        for (counter, n) in self.counters.frames_invalid.iter().zip(invalid) {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        if gaps > 0 {
+            self.counters.seq_gaps.fetch_add(gaps, Ordering::Relaxed);
+        }
+        if !samples.is_empty() {
+            self.last_good = Instant::now();
+            self.counters.mark_good(self.last_good);
+            let next = self.breaker.on_success(self.state);
+            self.set_state(next);
+            self.push(samples).await;
+        }
+        if let Some(err) = error {
+            self.fail(LinkFailure::Io, &err.to_string());
+        }
+    }
+
+    fn deliver_reply(&mut self, text: String) {
+        let waiter = self.link.as_mut().and_then(|link| link.waiting.pop_front());
+        match waiter {
+            Some(waiter) => {
+                let _ = waiter.send(Ok(text));
+            }
+            None => debug!(device = %self.id, reply = %text, "Unsolicited reply from the device."),
+        }
+    }
+
+    async fn send(&mut self, line: String, reply: oneshot::Sender<Result<String, SendError>>) {
+        let Some(link) = self.link.as_mut() else {
+            let _ = reply.send(Err(SendError::NotConnected {
+                id: self.id.clone(),
+                state: self.state,
+            }));
+            return;
+        };
+        let mut bytes = line.into_bytes();
+        bytes.extend_from_slice(b"\r\n");
+        let write = async {
+            link.writer.write_all(&bytes).await?;
+            link.writer.flush().await
+        };
+        match tokio::time::timeout(self.timing.command_timeout, write).await {
+            Ok(Ok(())) => link.waiting.push_back(reply),
+            Ok(Err(err)) => {
+                let _ = reply.send(Err(SendError::Io(err.to_string())));
+                self.fail(LinkFailure::Io, &err.to_string());
+            }
+            Err(_) => {
+                let _ = reply.send(Err(SendError::Timeout(self.timing.command_timeout)));
+            }
+        }
+    }
+
+    /// Hands samples to the buffer. With `Block` this may wait for room; commands are still
+    /// served meanwhile, and a stop (or shutdown) drops what is left, counted with a reason.
+    async fn push(&mut self, mut samples: VecDeque<Sample>) {
+        // Counted as read before the push, so the device never shows fewer than the ledger.
+        self.counters
+            .samples_read
+            .fetch_add(samples.len() as u64, Ordering::Relaxed);
+        let buffer = self.buffer.clone();
+        let mut abandoned = None;
+        {
+            let mut push = pin!(buffer.push(Source::Device, &mut samples));
+            loop {
+                tokio::select! {
+                    // A push that does not have to wait always completes, even during shutdown.
+                    biased;
+                    () = &mut push => break,
+                    () = self.cancel.cancelled() => {
+                        abandoned = Some(DropReason::Shutdown);
+                        break;
+                    }
+                    request = self.requests.recv() => {
+                        let Some(request) = request else {
+                            abandoned = Some(DropReason::Shutdown);
+                            break;
+                        };
+                        self.handle(request).await;
+                        if !self.state.is_active() {
+                            abandoned = Some(DropReason::Stopped);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(reason) = abandoned {
+            self.buffer
+                .discard(Source::Device, samples.len() as u64, reason);
+        }
+    }
+
+    fn fail(&mut self, failure: LinkFailure, message: &str) {
+        self.link = None;
+        self.counters.link_failures[failure as usize].fetch_add(1, Ordering::Relaxed);
+        let next = self.breaker.on_failure(self.state);
+        let failures = self.breaker.failures();
+        let delay = state::backoff(
+            failures,
+            self.timing.backoff_initial,
+            self.timing.backoff_max,
+        );
+        self.retry_at = Instant::now() + delay;
+        self.last_error = Some(format!("{}: {message}", failure.as_str()));
+        warn!(
+            device = %self.id,
+            failure = failure.as_str(),
+            error = message,
+            failures,
+            retry_in_ms = delay.as_millis() as u64,
+            "Device link failed."
+        );
+        self.set_state(next);
+    }
+
+    fn set_state(&mut self, next: DeviceState) {
+        let previous = self.state;
+        self.state = next;
+        if previous != next {
+            info!(device = %self.id, from = %previous, to = %next, "Device state changed.");
+            crate::metrics::device_state(&self.id, next);
+            if next == DeviceState::SafeState {
+                warn!(device = %self.id, failures = self.breaker.failures(), "Circuit breaker tripped; reset the device to resume.");
+            }
+        }
+        let status = DeviceStatus {
+            state: next,
+            consecutive_failures: self.breaker.failures(),
+            last_error: self.last_error.clone(),
+        };
+        self.status.send_if_modified(|current| {
+            let changed = *current != status;
+            *current = status;
+            changed
+        });
+    }
+}
+
+/// Waits for the next thing to happen on the link: (re)connection when it is closed, else the
+/// next chunk of frames, bounded by the deadline for a valid frame.
+async fn next_event<C: Connector>(
+    link: &mut Option<Link<C::Io>>,
+    connector: &mut C,
+    retry_at: Instant,
+    deadline: Instant,
+) -> LinkEvent<C::Io> {
+    match link {
+        None => {
+            tokio::time::sleep_until(retry_at).await;
+            match connector.connect().await {
+                Ok(io) => LinkEvent::Connected(io),
+                Err(err) => LinkEvent::ConnectFailed(err),
+            }
+        }
+        Some(link) => match tokio::time::timeout_at(deadline, link.frames.next()).await {
+            Ok(Some(frames)) => LinkEvent::Frames(frames),
+            Ok(None) => LinkEvent::Ended,
+            Err(_) => LinkEvent::TimedOut,
+        },
+    }
+}
+
+/// Samples missing between `last` and `seq`. A backwards jump (the device restarted its
+/// counter) is not a gap.
+fn seq_gap(last: Option<u32>, seq: u32) -> u64 {
+    let Some(last) = last else { return 0 };
+    let missing = seq.wrapping_sub(last.wrapping_add(1));
+    if missing < u32::MAX / 2 {
+        u64::from(missing)
+    } else {
+        0
+    }
+}
