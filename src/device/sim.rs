@@ -157,7 +157,7 @@ impl Simulator {
             free_at: Instant::now(),
             buf: BytesMut::with_capacity(UNPACED_BURST * 48),
         };
-        let mut next = Instant::now();
+        let mut last_tick = Instant::now();
         let mut seq = 0u32;
         let mut burst = 0;
         loop {
@@ -172,7 +172,7 @@ impl Simulator {
             if self.roll(self.settings.stall_rate) {
                 line.flush().await?;
                 tokio::time::sleep(Duration::from_millis(self.settings.stall_ms)).await;
-                next = Instant::now();
+                last_tick = Instant::now();
             }
             if interval.is_zero() {
                 control.take_reset(&mut seq);
@@ -184,19 +184,22 @@ impl Simulator {
                 }
             } else {
                 line.flush().await?;
-                // A late tick sends at once and restarts the schedule (no catch-up burst).
-                next = (next + interval).max(Instant::now());
-                // Answer commands while waiting for the next tick, each as soon as it comes.
-                loop {
+                // Answer commands while waiting for the next tick, each as soon as it comes. A
+                // new rate applies to the tick being waited for; a late tick sends at once and
+                // restarts the schedule (no catch-up burst).
+                last_tick = loop {
+                    let interval =
+                        Duration::from_millis(control.interval_ms.load(Ordering::Relaxed));
+                    let next = (last_tick + interval).max(Instant::now());
                     tokio::select! {
                         biased;
                         Some(reply) = replies.recv() => {
                             push_line(&mut line.buf, &reply);
                             line.flush().await?;
                         }
-                        () = sleep_until(next) => break,
+                        () = sleep_until(next) => break next,
                     }
-                }
+                };
                 control.take_reset(&mut seq);
                 self.encode(seq, &mut line.buf);
                 line.flush().await?;

@@ -7,6 +7,7 @@
 mod accounting;
 mod binary;
 mod control;
+mod devices;
 mod errors;
 mod faults;
 mod health;
