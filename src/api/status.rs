@@ -21,7 +21,7 @@ const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8"
 const DEFAULT_SAMPLES_LIMIT: usize = 100;
 
 #[derive(Serialize)]
-struct StatusBody {
+pub(super) struct StatusBody {
     state: DeviceState,
     latest_sample: Option<ProcessedSample>,
     metrics: StatusMetrics,
@@ -41,7 +41,7 @@ struct StatusMetrics {
     queue_capacity: usize,
 }
 
-pub(super) async fn status(State(state): State<AppState>) -> Json<serde_json::Value> {
+pub(super) async fn status(State(state): State<AppState>) -> Json<StatusBody> {
     let ledger = state.buffer.ledger();
     let body = StatusBody {
         state: combined_state(&state.devices),
@@ -63,8 +63,7 @@ pub(super) async fn status(State(state): State<AppState>) -> Json<serde_json::Va
         uptime_seconds: state.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION"),
     };
-    // Serialising these plain structs cannot fail.
-    Json(serde_json::to_value(body).expect("status serialises"))
+    Json(body)
 }
 
 pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
