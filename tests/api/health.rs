@@ -129,3 +129,65 @@ async fn samples_left_after_the_grace_period_count_as_dropped() {
     assert_eq!((l.in_buffer, l.in_flight), (0, 0), "{summary:?}");
     assert!(summary.drain_seconds < 5.0, "{summary:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_while_a_measuring_device_is_stale_and_recovers() {
+    // The simulator stalls for 1.5 s before every frame; the device's read timeout is longer,
+    // so it stays Measuring, but after 300 ms without a frame it is stale.
+    let app = spawn_app(|s| {
+        let device = &mut s.devices[0];
+        device.simulator.stall_rate = 1.0;
+        device.simulator.stall_ms = 1_500;
+        device.read_timeout_ms = 10_000;
+        device.stale_after_ms = Some(300);
+    })
+    .await;
+    wait_until(DEADLINE, "/readyz to report the stale device", async || {
+        app.get_json("/readyz").await.0 == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    let (_, body) = app.get_json("/readyz?verbose").await;
+    assert_eq!(body["status"], "not_ready", "{body}");
+    let check = &body["checks"][1];
+    assert_eq!(
+        (&check["check"], &check["ok"]),
+        (&"device:sim0".into(), &false.into()),
+        "{body}"
+    );
+    assert_eq!(check["state"], "Measuring", "{body}");
+    assert!(
+        check["ms_since_valid_frame"].as_u64().unwrap() > 300,
+        "{body}"
+    );
+    // The next frame arrives and the gateway is ready again.
+    wait_until(DEADLINE, "/readyz to recover after a frame", async || {
+        app.get_json("/readyz").await.0 == StatusCode::OK
+    })
+    .await;
+    // A stopped device is not stale: Idle on purpose is ready.
+    app.post_json("/stop").await;
+    wait_until(DEADLINE, "/readyz with the device stopped", async || {
+        app.get_json("/readyz").await.0 == StatusCode::OK
+    })
+    .await;
+    app.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_when_every_device_is_in_safe_state() {
+    let app = spawn_app(|s| {
+        let device = &mut s.devices[0];
+        device.simulator.disconnect_rate = 1.0;
+        device.failure_threshold = 2;
+        device.backoff_initial_ms = 5;
+        device.backoff_max_ms = 10;
+    })
+    .await;
+    app.wait_state("SafeState").await;
+    let (code, body) = app.get_json("/readyz").await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "every device is in SafeState", "{body}");
+    // The checks are only listed on request.
+    assert!(body.get("checks").is_none(), "{body}");
+    app.shut_down().await;
+}
