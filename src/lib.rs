@@ -29,11 +29,13 @@
 //! - [`api`]: the HTTP routes; it sees the pipeline only through the stages' handle types.
 //! - [`telemetry`]: logging set-up.
 //! - [`bench`]: the end-to-end pipeline benchmark behind `telemetryhub bench`.
+//! - [`cli`]: the binary's helper subcommands (`healthcheck`, `simulate`).
 
 pub mod api;
 pub mod app;
 pub mod bench;
 pub mod buffer;
+pub mod cli;
 pub mod config;
 pub mod device;
 pub mod dispatch;

@@ -4,13 +4,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use telemetryhub::app::App;
 use telemetryhub::bench::BenchOptions;
+use telemetryhub::buffer::OverflowPolicy;
+use telemetryhub::cli;
 use telemetryhub::config::{LogFormat, Settings};
 
 /// Exit code for a bad configuration or command line.
@@ -73,8 +73,8 @@ enum Cmd {
         #[arg(long)]
         rate: Option<u64>,
         /// Buffer overflow policy: block, drop_oldest or drop_newest.
-        #[arg(long, default_value = "block")]
-        policy: String,
+        #[arg(long, default_value = "block", value_parser = parse_policy)]
+        policy: OverflowPolicy,
         /// Buffer capacity.
         #[arg(long, default_value_t = 65_536)]
         capacity: usize,
@@ -107,18 +107,34 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Cmd::Validate) => {
             println!("configuration is valid");
-            return ExitCode::SUCCESS;
+            ExitCode::SUCCESS
         }
         Some(Cmd::Healthcheck { url, timeout_ms }) => {
-            return healthcheck(&url, Duration::from_millis(timeout_ms));
+            match cli::probe(&url, Duration::from_millis(timeout_ms)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("telemetryhub: healthcheck {url}: {err}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Some(Cmd::Simulate {
             path,
             interval_ms,
             baud,
-        }) => {
-            return simulate(&path, Duration::from_millis(interval_ms), baud);
-        }
+        }) => block_on(async move {
+            let result = tokio::select! {
+                result = cli::simulate(&path, Duration::from_millis(interval_ms), baud) => result,
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("telemetryhub: {}: {err}", path.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }),
         Some(Cmd::Bench {
             samples,
             devices,
@@ -128,13 +144,6 @@ fn main() -> ExitCode {
             batch_max,
             workers,
         }) => {
-            let Ok(policy) = serde_json::from_value(serde_json::Value::String(policy.clone()))
-            else {
-                eprintln!(
-                    "telemetryhub: --policy must be block, drop_oldest or drop_newest, not {policy}"
-                );
-                return ExitCode::from(EXIT_CONFIG);
-            };
             if samples == 0 || devices == 0 || capacity == 0 || batch_max == 0 || workers == Some(0)
             {
                 eprintln!("telemetryhub: bench sizes must be at least 1");
@@ -149,30 +158,36 @@ fn main() -> ExitCode {
                 batch_max,
                 workers,
             };
-            let report = match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime.block_on(telemetryhub::bench::run(&options)),
-                Err(err) => {
-                    eprintln!("telemetryhub: cannot start the async runtime: {err}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            println!(
-                "{}",
-                serde_json::to_string(&report).expect("the report serialises")
-            );
-            return ExitCode::SUCCESS;
+            block_on(async move {
+                let report = telemetryhub::bench::run(&options).await;
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("the report serialises")
+                );
+                ExitCode::SUCCESS
+            })
         }
-        None => {}
+        None => {
+            telemetryhub::telemetry::init(&settings.log.level, settings.log.format);
+            block_on(run(settings, cli.stats_file))
+        }
     }
-    telemetryhub::telemetry::init(&settings.log.level, settings.log.format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
+}
+
+/// Runs `future` on a new multi-threaded runtime.
+fn block_on(future: impl Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(future),
         Err(err) => {
             eprintln!("telemetryhub: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    runtime.block_on(run(settings, cli.stats_file))
+    }
+}
+
+fn parse_policy(text: &str) -> Result<OverflowPolicy, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|_| format!("`{text}` is not block, drop_oldest or drop_newest"))
 }
 
 async fn run(settings: Settings, stats_file: Option<PathBuf>) -> ExitCode {
@@ -220,87 +235,4 @@ async fn shutdown_signal() {
         _ = ctrl_c => tracing::info!(signal = "SIGINT", "Signal received."),
         _ = terminate => tracing::info!(signal = "SIGTERM", "Signal received."),
     }
-}
-
-/// `GET url` over plain HTTP/1.1; success is a 200 status line. Kept dependency-free so a
-/// container health check needs nothing but this binary.
-fn healthcheck(url: &str, timeout: Duration) -> ExitCode {
-    match probe(url, timeout) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("telemetryhub: healthcheck {url}: {err}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn probe(url: &str, timeout: Duration) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or("only http:// URLs are supported")?;
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let path = if path.is_empty() { "/" } else { path };
-    let addr = authority
-        .to_socket_addrs()
-        .map_err(|e| format!("bad address {authority}: {e}"))?
-        .next()
-        .ok_or("the address resolves to nothing")?;
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut head = [0u8; 64];
-    let n = stream.read(&mut head).map_err(|e| e.to_string())?;
-    let status_line = String::from_utf8_lossy(&head[..n]);
-    match status_line.split(' ').nth(1) {
-        Some("200") => Ok(()),
-        Some(code) => Err(format!("status {code}")),
-        None => Err("no HTTP status line".to_owned()),
-    }
-}
-
-/// Runs the embedded simulator on a tty until Ctrl-C or until the tty goes away.
-fn simulate(path: &std::path::Path, interval: Duration, baud: u32) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("telemetryhub: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        let line_speed = if baud == 0 { 115_200 } else { baud };
-        let port = match tokio_serial::SerialStream::open(&tokio_serial::new(
-            path.to_string_lossy(),
-            line_speed,
-        )) {
-            Ok(port) => port,
-            Err(err) => {
-                eprintln!("telemetryhub: cannot open {}: {err}", path.display());
-                return ExitCode::FAILURE;
-            }
-        };
-        let settings = telemetryhub::config::SimulatorSettings {
-            baud,
-            ..Default::default()
-        };
-        let simulator = telemetryhub::device::sim::Simulator::new(settings, interval);
-        tokio::select! {
-            result = simulator.run(port) => match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    eprintln!("telemetryhub: {}: {err}", path.display());
-                    ExitCode::FAILURE
-                }
-            },
-            _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
-        }
-    })
 }
