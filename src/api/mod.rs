@@ -8,6 +8,7 @@
 mod control;
 mod error;
 mod guard;
+mod health;
 pub mod ingest;
 mod server;
 mod status;
@@ -16,13 +17,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{Method, Uri};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 pub use self::error::ApiError;
@@ -30,7 +30,6 @@ pub use self::guard::Guard;
 pub use self::server::serve;
 use crate::buffer::RingBuffer;
 use crate::device::DeviceHandle;
-use crate::device::state::DeviceState;
 use crate::dispatch::PoolGauges;
 use crate::worker::Worker;
 
@@ -112,65 +111,14 @@ pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
         .route("/devices/{id}/stop", post(control::stop_one))
         .route("/devices/{id}/reset", post(control::reset_one))
         .route("/devices/{id}/command", post(control::send_command))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(guard, guard::guard))
         .layer(middleware::from_fn(record_request))
         .with_state(state)
-}
-
-async fn healthz() -> impl IntoResponse {
-    axum::Json(json!({ "status": "ok" }))
-}
-
-/// Readiness: 503 while shutting down, when a Measuring device has gone stale, or when every
-/// device is in SafeState. `?verbose` lists each check; machines read only the status code.
-async fn readyz(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
-    let verbose = query.as_deref().is_some_and(|q| {
-        q.split('&')
-            .any(|p| p == "verbose" || p.starts_with("verbose="))
-    });
-    let mut checks = vec![json!({
-        "check": "accepting",
-        "ok": !state.shutdown.is_cancelled(),
-    })];
-    let mut ready = !state.shutdown.is_cancelled();
-    let mut all_safe = true;
-    for device in state.devices.iter() {
-        let f = device.freshness();
-        all_safe &= f.state == DeviceState::SafeState;
-        ready &= !f.stale;
-        checks.push(json!({
-            "check": format!("device:{}", device.id()),
-            "ok": !f.stale && f.state != DeviceState::SafeState,
-            "state": f.state,
-            "ms_since_valid_frame": f.since_good.as_millis() as u64,
-            "stale_after_ms": f.stale_after.as_millis() as u64,
-        }));
-    }
-    ready &= !all_safe;
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let mut body = json!({ "status": if ready { "ready" } else { "not_ready" } });
-    if !ready {
-        body["error"] = json!(if state.shutdown.is_cancelled() {
-            "the gateway is shutting down"
-        } else if all_safe {
-            "every device is in SafeState"
-        } else {
-            "a measuring device has sent no valid frame for too long"
-        });
-    }
-    if verbose {
-        body["checks"] = json!(checks);
-    }
-    (status, axum::Json(body)).into_response()
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
