@@ -72,12 +72,31 @@ static STARTED: OnceLock<SystemTime> = OnceLock::new();
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let buckets = [
+            // HTTP requests take tens of microseconds to seconds; a batch takes microseconds.
+            let request_buckets = [
                 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
                 0.1, 0.25, 0.5, 1.0, 2.5,
             ];
+            let batch_buckets = [
+                0.000_001,
+                0.000_002_5,
+                0.000_005,
+                0.000_01,
+                0.000_025,
+                0.000_05,
+                0.000_1,
+                0.000_25,
+                0.001,
+                0.01,
+                0.1,
+            ];
             let handle = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &buckets)
+                .set_buckets_for_metric(
+                    Matcher::Full(PROCESSING_DURATION.to_owned()),
+                    &batch_buckets,
+                )
+                .expect("the bucket list is not empty")
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &request_buckets)
                 .expect("the bucket list is not empty")
                 .install_recorder()
                 .expect("no other metrics recorder is installed in this process");

@@ -1,4 +1,5 @@
-//! The HTTP API: REST control of the devices, status, samples, health and Prometheus metrics.
+//! The HTTP API: REST control of the devices, status, samples, health, Prometheus metrics, and
+//! a live page (`GET /`, fed by server-sent events from `GET /events`).
 //!
 //! [`router`] builds the axum `Router` from an [`AppState`], which holds only handle types the
 //! pipeline stages export (device handles, the buffer's accounting, the worker's statistics);
@@ -10,6 +11,7 @@ mod error;
 mod guard;
 mod health;
 pub mod ingest;
+mod live;
 mod server;
 mod status;
 
@@ -68,7 +70,9 @@ impl AppState {
 }
 
 /// Every route pattern, as metric labels use them.
-const ROUTES: [&str; 14] = [
+const ROUTES: [&str; 16] = [
+    "/",
+    "/events",
     "/status",
     "/metrics",
     "/samples",
@@ -99,6 +103,8 @@ fn route_label(request: &Request) -> &'static str {
 /// The API's routes, behind the request guard and body limit.
 pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
     Router::new()
+        .route("/", get(live::page))
+        .route("/events", get(live::events))
         .route("/status", get(status::status))
         .route("/metrics", get(status::metrics))
         .route("/samples", get(status::samples).post(ingest::ingest))

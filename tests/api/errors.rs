@@ -31,7 +31,7 @@ async fn unknown_routes_are_json_404s() {
         (Method::POST, "/nope"),
         (Method::GET, "/devices/sim0/extra/segments"),
         (Method::GET, "/status/"),
-        (Method::DELETE, "/"),
+        (Method::DELETE, "/nothing/here"),
     ] {
         assert_json_error(&app, method, path, StatusCode::NOT_FOUND).await;
     }
@@ -52,6 +52,8 @@ async fn wrong_methods_are_json_405s() {
         (Method::PUT, "/devices/sim0"),
         (Method::GET, "/devices/sim0/start"),
         (Method::POST, "/healthz"),
+        (Method::DELETE, "/"),
+        (Method::POST, "/events"),
     ] {
         assert_json_error(&app, method, path, StatusCode::METHOD_NOT_ALLOWED).await;
     }

@@ -1,0 +1,246 @@
+//! The live page: `GET /` serves a small dashboard (device states with start / stop / reset
+//! buttons, live charts of values and buffer depth, counters), and `GET /events` feeds it a
+//! server-sent-events stream of snapshots.
+//!
+//! The page's HTML, stylesheet and script live under `assets/live/` and are compiled into the
+//! binary, inlined into one response, so the page needs no other route, no file on disk and
+//! nothing from a CDN. Each snapshot carries what `GET /status` shows plus the processed
+//! samples that arrived since the previous snapshot; the stream ends when the gateway starts
+//! shutting down, so it never holds the HTTP server's drain open.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use serde_json::json;
+use tokio::time::{Interval, MissedTickBehavior};
+
+use super::AppState;
+
+/// The whole page: markup, then its stylesheet and script inlined.
+const PAGE: &str = concat!(
+    include_str!("../../assets/live/index.html"),
+    "<style>\n",
+    include_str!("../../assets/live/live.css"),
+    "</style>\n<script>\n",
+    include_str!("../../assets/live/live.js"),
+    "</script>\n</body>\n</html>\n",
+);
+
+/// Everything the page may load: only itself and the API (no CDN, no third-party origin).
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+     style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; \
+     form-action 'none'; frame-ancestors 'none'";
+
+/// Time between two snapshots on `/events`: fast enough for a live chart, slow enough that
+/// an open page costs the gateway next to nothing.
+pub const EVENT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Most samples one snapshot carries (the page's chart needs no more; the first snapshot
+/// back-fills with up to this many).
+pub const MAX_SAMPLES_PER_EVENT: usize = 250;
+
+/// How long a browser waits before reconnecting after the stream ends (e.g. on a restart).
+const RECONNECT_AFTER: Duration = Duration::from_secs(2);
+
+/// `GET /`: the live page.
+pub(super) async fn page() -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+/// `GET /events`: a `snapshot` event every [`EVENT_INTERVAL`] until shutdown begins.
+pub(super) async fn events(
+    State(state): State<AppState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    Sse::new(snapshots(state))
+}
+
+/// The snapshot stream behind `/events`, ending when the gateway begins shutting down.
+fn snapshots(state: AppState) -> impl Stream<Item = Result<Event, Infallible>> {
+    let mut tick = tokio::time::interval(EVENT_INTERVAL);
+    // A slow client gets fewer snapshots, never a burst of stale ones.
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let cursor = Cursor {
+        state,
+        tick,
+        started: false,
+        last_order: None,
+    };
+    futures_util::stream::unfold(cursor, |mut cursor| async move {
+        let event = cursor.next().await?;
+        Some((Ok(event), cursor))
+    })
+}
+
+/// Where one `/events` client is: its timer, whether it has had a snapshot, and the newest
+/// sample it has been sent.
+struct Cursor {
+    state: AppState,
+    tick: Interval,
+    started: bool,
+    last_order: Option<u64>,
+}
+
+impl Cursor {
+    /// Waits for the next tick and builds its event; `None` once shutdown has begun.
+    async fn next(&mut self) -> Option<Event> {
+        tokio::select! {
+            biased;
+            _ = self.state.shutdown.cancelled() => return None,
+            _ = self.tick.tick() => {}
+        }
+        let event = Event::default()
+            .event("snapshot")
+            .data(self.snapshot().await.to_string());
+        if self.started {
+            Some(event)
+        } else {
+            self.started = true;
+            Some(event.retry(RECONNECT_AFTER))
+        }
+    }
+
+    /// What `GET /status` shows, plus the processed samples this client has not seen yet.
+    async fn snapshot(&mut self) -> serde_json::Value {
+        let mut samples = self.state.worker.recent(MAX_SAMPLES_PER_EVENT);
+        if let Some(last) = self.last_order {
+            samples.retain(|s| s.order > last);
+        }
+        if let Some(newest) = samples.last() {
+            self.last_order = Some(newest.order);
+        }
+        let axum::Json(status) = super::status::status(State(self.state.clone())).await;
+        json!({ "status": status, "samples": samples })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use futures_util::StreamExt;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::config::Settings;
+    use crate::pipeline::Pipeline;
+
+    fn state(tracker: &TaskTracker, cancel: &CancellationToken) -> AppState {
+        let mut settings = Settings::default();
+        settings.devices[0].sample_interval_ms = 10;
+        let pipeline = Pipeline::start(&settings, tracker, cancel, None);
+        AppState {
+            devices: Arc::from(pipeline.devices.clone()),
+            buffer: pipeline.buffer.clone(),
+            worker: pipeline.worker.clone(),
+            pool: pipeline.pool.clone(),
+            workers: pipeline.workers,
+            prometheus: crate::metrics::install(),
+            shutdown: cancel.clone(),
+            started: Instant::now(),
+            high_watermark: settings.buffer.high_watermark_samples(),
+            ingest_max_samples: settings.http.ingest_max_samples,
+        }
+    }
+
+    #[test]
+    fn the_page_inlines_its_assets_and_loads_nothing_from_elsewhere() {
+        assert!(PAGE.starts_with("<!doctype html>"));
+        assert!(PAGE.contains("new EventSource"));
+        assert!(PAGE.trim_end().ends_with("</html>"));
+        for external in [
+            "http://",
+            "https://",
+            "//cdn",
+            "<script src",
+            "<link rel=\"stylesheet\"",
+        ] {
+            assert!(!PAGE.contains(external), "the page refers to {external}");
+        }
+    }
+
+    fn seqs(snapshot: &serde_json::Value) -> Vec<u64> {
+        snapshot["samples"]
+            .as_array()
+            .expect("samples is an array")
+            .iter()
+            .map(|s| s["seq"].as_u64().expect("simulated samples have a seq"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn snapshots_carry_status_and_only_new_samples() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let state = state(&tracker, &cancel);
+        let mut cursor = Cursor {
+            state,
+            tick: tokio::time::interval(EVENT_INTERVAL),
+            started: false,
+            last_order: None,
+        };
+        let mut seen = Vec::new();
+        let mut batches = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while batches < 3 {
+            assert!(tokio::time::Instant::now() < deadline, "no samples arrived");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let snapshot = cursor.snapshot().await;
+            assert_eq!(snapshot["status"]["devices"][0]["id"], "sim0");
+            assert!(snapshot["status"]["metrics"]["queue_capacity"].as_u64() > Some(0));
+            let batch = seqs(&snapshot);
+            if let (Some(prev), Some(first)) = (seen.last(), batch.first()) {
+                assert!(
+                    first > prev,
+                    "snapshot repeats sample {first} (last sent {prev})"
+                );
+            }
+            batches += usize::from(!batch.is_empty());
+            seen.extend(batch);
+        }
+        cancel.cancel();
+        tracker.close();
+    }
+
+    #[tokio::test]
+    async fn the_stream_ends_when_shutdown_begins() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let mut stream = Box::pin(snapshots(state(&tracker, &cancel)));
+        let deadline = Duration::from_secs(10);
+        let first = tokio::time::timeout(deadline, stream.next())
+            .await
+            .expect("the first snapshot comes at once");
+        assert!(matches!(first, Some(Ok(_))));
+        cancel.cancel();
+        let end = tokio::time::timeout(deadline, stream.next())
+            .await
+            .expect("the stream ends promptly on shutdown");
+        assert!(end.is_none(), "no event after shutdown began");
+        tracker.close();
+    }
+}
