@@ -65,13 +65,23 @@ fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error
 }
 
 /// Formats a wall-clock time as RFC 3339 UTC with milliseconds, e.g. `2026-11-26T23:10:00.123Z`.
+/// Never panics: a time outside what RFC 3339 can show is written as the Unix epoch.
 pub fn format_rfc3339(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
-    t.format(&format)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_owned())
+    let epoch = time::OffsetDateTime::UNIX_EPOCH;
+    let t = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => time::Duration::try_from(after)
+            .ok()
+            .and_then(|d| epoch.checked_add(d)),
+        Err(before) => time::Duration::try_from(before.duration())
+            .ok()
+            .and_then(|d| epoch.checked_sub(d)),
+    };
+    t.filter(|t| (0..=9999).contains(&t.year()))
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".to_owned())
 }
 
 #[cfg(test)]
@@ -84,5 +94,13 @@ mod tests {
     fn timestamps_are_rfc3339_utc_with_millis() {
         let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_198_600_123);
         assert_eq!(format_rfc3339(t), "2025-11-26T23:10:00.123Z");
+    }
+
+    #[test]
+    fn times_outside_rfc3339_do_not_panic() {
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(300_000_000_000);
+        assert_eq!(format_rfc3339(far), "1970-01-01T00:00:00.000Z");
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(86_400);
+        assert_eq!(format_rfc3339(before), "1969-12-31T00:00:00.000Z");
     }
 }

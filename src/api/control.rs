@@ -3,7 +3,7 @@
 //! `POST /devices/{id}/command` (a line sent down the link, answered by the device).
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -70,22 +70,25 @@ pub(super) async fn reset_all(
 
 pub(super) async fn start_one(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = id?;
     command_one(&state, &id, Command::Start).await
 }
 
 pub(super) async fn stop_one(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = id?;
     command_one(&state, &id, Command::Stop).await
 }
 
 pub(super) async fn reset_one(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = id?;
     command_one(&state, &id, Command::Reset).await
 }
 
@@ -100,8 +103,9 @@ pub(super) async fn list_devices(State(state): State<AppState>) -> Json<serde_js
 
 pub(super) async fn get_device(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<DeviceView>, ApiError> {
+    let Path(id) = id?;
     let device = state.device(&id)?;
     Ok(Json(DeviceView::new(&state, device)))
 }
@@ -174,9 +178,10 @@ pub(super) struct CommandBody {
 
 pub(super) async fn send_command(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     body: Result<Json<CommandBody>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = id?;
     let device = state.device(&id)?;
     let Json(body) = body?;
     let reply = device.send(&body.command).await.map_err(|err| match err {

@@ -102,7 +102,11 @@ fn path_of<E>(err: &serde_path_to_error::Error<E>) -> String {
 fn parse_timestamp(text: &str) -> Option<SystemTime> {
     let t =
         time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
-    Some(SystemTime::from(t))
+    // In UTC, "9999-12-31T23:59:59-23:59" is in year 10000, which no RFC 3339 time can show.
+    let utc = t.checked_to_offset(time::UtcOffset::UTC)?;
+    (0..=9999)
+        .contains(&utc.year())
+        .then(|| SystemTime::from(utc))
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

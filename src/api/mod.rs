@@ -26,6 +26,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
 
 pub use self::error::ApiError;
 pub use self::guard::Guard;
@@ -121,6 +122,7 @@ pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
         .route("/readyz", get(health::readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(CatchPanicLayer::custom(error::panic_response))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(guard, guard::guard))
         .layer(middleware::from_fn(record_request))

@@ -437,3 +437,266 @@ fn the_scrape_parser_reads_labels_escapes_and_special_values() {
         assert!(Scrape::parse(bad).is_err(), "{bad}");
     }
 }
+
+/// One HTTP/1.1 exchange as it happened on the wire, for requests `reqwest` will not send.
+#[derive(Debug, Default)]
+pub struct RawReply {
+    /// The status code, when a status line arrived.
+    pub status: Option<u16>,
+    /// Header names (lower-cased) and values, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body, as far as `Content-Length` says (or up to EOF without one).
+    pub body: Vec<u8>,
+    /// The server closed (or reset) the connection after its answer, or without one.
+    pub closed: bool,
+}
+
+impl RawReply {
+    /// The first header called `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON, when the content type and the body both say JSON.
+    pub fn json(&self) -> Option<Value> {
+        let json = self
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("application/json"));
+        json.then(|| serde_json::from_slice(&self.body).ok())
+            .flatten()
+    }
+}
+
+/// Opens a connection to `addr`, writes `request` byte for byte (errors ignored: the server may
+/// close before it has read everything) and reads one response, for at most `limit`. The
+/// connection counts as closed if the server ends it within `limit` after a `Connection: close`
+/// answer, or without answering.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8], limit: Duration) -> RawReply {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the test server accepts connections");
+    let (mut reader, mut writer) = stream.into_split();
+    let request = request.to_vec();
+    let write = tokio::spawn(async move {
+        let _ = writer.write_all(&request).await;
+        // Keep the write half open: a half-close could read as the end of the request.
+        std::future::pending::<()>().await;
+        drop(writer);
+    });
+    let give_up = Instant::now() + limit;
+    let mut reply = RawReply::default();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let mut head_len = None;
+    let mut body_len = None;
+    loop {
+        if let (Some(head), Some(len)) = (head_len, body_len)
+            && buf.len() >= head + len
+        {
+            break;
+        }
+        match tokio::time::timeout_at(give_up, reader.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                reply.closed = true;
+                break;
+            }
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => break,
+        }
+        if head_len.is_none()
+            && let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n")
+        {
+            head_len = Some(end + 4);
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let mut lines = head.split("\r\n");
+            reply.status = lines
+                .next()
+                .and_then(|l| l.split(' ').nth(1))
+                .and_then(|c| c.parse().ok());
+            reply.headers = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+                .collect();
+            body_len = reply
+                .header("content-length")
+                .and_then(|v| v.parse::<usize>().ok());
+        }
+    }
+    if let Some(head) = head_len {
+        let end = body_len.map_or(buf.len(), |len| (head + len).min(buf.len()));
+        reply.body = buf[head..end].to_vec();
+    }
+    if !reply.closed && reply.header("connection") == Some("close") {
+        // Wait for the close the server announced.
+        let closed = async {
+            loop {
+                match reader.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        reply.closed = tokio::time::timeout_at(give_up, closed).await.is_ok();
+    }
+    write.abort();
+    reply
+}
+
+/// The built `telemetryhub` binary, running on a free loopback port with a config file and a
+/// stats file of its own; killed if dropped while running.
+pub struct Binary {
+    /// The process.
+    pub child: tokio::process::Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The `--stats-file` it writes at shutdown.
+    pub stats: PathBuf,
+    config: PathBuf,
+    stderr: JoinHandle<String>,
+}
+
+impl Binary {
+    /// Writes `config` (which must not set `http.listen`) to a file and starts the binary with
+    /// it, a free port, a stats file, `RUST_LOG=info` and the `env` pairs, then waits until
+    /// `/healthz` answers. Retries on another port if the binary exits first (port taken).
+    pub async fn start(config: &str, env: &[(&str, &str)]) -> Self {
+        let config_path = temp_path("binary.toml");
+        std::fs::write(&config_path, config).expect("the temp dir is writable");
+        let stats = temp_path("binary-stats.json");
+        for _attempt in 0..3 {
+            let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .and_then(|l| l.local_addr())
+                .expect("a free loopback port")
+                .port();
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_telemetryhub"));
+            command
+                .arg("--config")
+                .arg(&config_path)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--stats-file")
+                .arg(&stats);
+            for (key, _) in std::env::vars_os() {
+                if key.to_string_lossy().starts_with("TELEMETRYHUB") {
+                    command.env_remove(key);
+                }
+            }
+            command.env("RUST_LOG", "info");
+            for (key, value) in env {
+                command.env(key, value);
+            }
+            let mut child = command
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("the binary starts");
+            let mut pipe = child.stderr.take().expect("stderr is piped");
+            // Read stderr all along, so a chatty child never blocks on a full pipe.
+            let stderr = tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes).await;
+                String::from_utf8_lossy(&bytes).into_owned()
+            });
+            let http = client();
+            let mut exited = false;
+            wait_until(DEADLINE, "the binary to answer /healthz", async || {
+                if let Ok(Some(_)) = child.try_wait() {
+                    exited = true;
+                    return true;
+                }
+                let response = http.get(format!("http://{addr}/healthz")).send().await;
+                response.is_ok_and(|r| r.status() == StatusCode::OK)
+            })
+            .await;
+            if !exited {
+                return Self {
+                    child,
+                    addr,
+                    stats,
+                    config: config_path,
+                    stderr,
+                };
+            }
+            let text = stderr.await.unwrap_or_default();
+            eprintln!("The binary exited before serving; retrying.\n{text}");
+        }
+        panic!("the binary did not start in three attempts");
+    }
+
+    /// The URL of `path` on the binary.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends signal `name` (`TERM`, `INT`) with the `kill` command.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("the child is running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .expect("the kill command runs");
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
+    /// Waits at most `limit` for the process to exit; returns its status and everything it
+    /// wrote to stderr.
+    pub async fn wait_exit(&mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        let status = match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(status) => status.expect("waiting for the child works"),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                let stderr = (&mut self.stderr).await.unwrap_or_default();
+                panic!("the binary did not exit within {limit:?}\n{stderr}");
+            }
+        };
+        let stderr = (&mut self.stderr).await.unwrap_or_default();
+        (status, stderr)
+    }
+
+    /// The stats file, parsed.
+    pub fn read_stats(&self) -> Value {
+        let text = std::fs::read_to_string(&self.stats).expect("the stats file was written");
+        serde_json::from_str(&text).expect("the stats file is JSON")
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(&self.stats);
+    }
+}
+
+/// Asserts the stats file's accounting is exact: `read + ingested = processed + rejected +
+/// dropped (every reason) + in_buffer + in_flight`, and `balanced` says so.
+pub fn assert_stats_balanced(stats: &Value) {
+    let sum = |pointer: &str| -> u64 {
+        stats
+            .pointer(pointer)
+            .and_then(Value::as_object)
+            .unwrap_or_else(|| panic!("no object at {pointer} in {stats}"))
+            .values()
+            .map(|v| v.as_u64().unwrap_or_else(|| panic!("{v} in {stats}")))
+            .sum()
+    };
+    let accepted = u64_at(stats, "/read") + u64_at(stats, "/ingested");
+    let settled = u64_at(stats, "/processed")
+        + sum("/rejected")
+        + sum("/dropped")
+        + u64_at(stats, "/in_buffer")
+        + u64_at(stats, "/in_flight");
+    assert_eq!(
+        accepted, settled,
+        "the accounting does not balance: {stats}"
+    );
+    assert_eq!(stats["balanced"], true, "{stats}");
+}

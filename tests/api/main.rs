@@ -5,6 +5,7 @@
 //! [`helpers`] holds `spawn_app` and the small tools every module uses.
 
 mod accounting;
+mod bad_input;
 mod binary;
 mod control;
 mod devices;
@@ -14,5 +15,8 @@ mod health;
 mod helpers;
 mod lifecycle;
 mod metrics;
+mod resilience;
+mod security;
 mod serial;
+mod shutdown_load;
 mod status;
