@@ -1,0 +1,147 @@
+//! Criterion benchmarks of the ring buffer (`src/buffer.rs`), in samples per second, for every
+//! overflow policy:
+//!
+//! - `push_pop/<policy>`: a device-sized batch pushed into a buffer with room, then popped as
+//!   one worker batch: the steady-state cost per sample of getting through the buffer.
+//! - `push_full/<policy>`: a batch pushed into a full buffer, where the policy decides what
+//!   gives (`drop_oldest` evicts, `drop_newest` discards). `block` would wait, so it has no
+//!   such case.
+//! - `try_push_all/<policy>`: HTTP ingest's all-or-nothing push of a 1,000-sample request,
+//!   then a pop of the same size.
+//!
+//! ```text
+//! cargo bench --bench buffer
+//! ```
+//!
+//! Every call here completes without waiting, so the futures are polled once with
+//! `now_or_never` instead of on a runtime: what is measured is the buffer, not a scheduler.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use futures_util::FutureExt;
+use smol_str::SmolStr;
+use telemetryhub::buffer::{OverflowPolicy, RingBuffer};
+use telemetryhub::ledger::Source;
+use telemetryhub::sample::Sample;
+
+/// Frames the device task pushes at most at once (`CHUNK_MAX` in `src/device/mod.rs`).
+const DEVICE_BATCH: usize = 256;
+/// Samples in one benchmark `POST /samples`.
+const INGEST_BATCH: usize = 1000;
+/// The benchmark gateway configuration's capacity.
+const CAPACITY: usize = 100_000;
+
+const POLICIES: [(OverflowPolicy, &str); 3] = [
+    (OverflowPolicy::Block, "block"),
+    (OverflowPolicy::DropOldest, "drop_oldest"),
+    (OverflowPolicy::DropNewest, "drop_newest"),
+];
+
+fn samples(n: usize) -> Vec<Sample> {
+    let (timestamp, received) = (SystemTime::now(), Instant::now());
+    (0..n)
+        .map(|i| Sample {
+            device: SmolStr::new_static("bench0"),
+            seq: Some(i as u32),
+            value: 42.0 + i as f64 * 1e-3,
+            unit: SmolStr::new_static("arb.units"),
+            timestamp,
+            received,
+            order: 0,
+        })
+        .collect()
+}
+
+fn push(buffer: &RingBuffer, batch: &mut VecDeque<Sample>) {
+    buffer
+        .push(Source::Device, batch)
+        .now_or_never()
+        .expect("a push into a buffer with room (or a dropping policy) never waits");
+}
+
+fn pop(buffer: &RingBuffer, max: usize) -> Vec<Sample> {
+    buffer
+        .pop(max)
+        .now_or_never()
+        .expect("a pop from a non-empty buffer never waits")
+        .expect("the buffer is open")
+}
+
+fn push_pop(c: &mut Criterion) {
+    let template = samples(DEVICE_BATCH);
+    let mut group = c.benchmark_group("push_pop");
+    group
+        .throughput(Throughput::Elements(DEVICE_BATCH as u64))
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for (policy, name) in POLICIES {
+        let buffer = RingBuffer::new(CAPACITY, policy);
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || VecDeque::from(template.clone()),
+                |mut batch| {
+                    push(&buffer, &mut batch);
+                    pop(&buffer, DEVICE_BATCH)
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn push_full(c: &mut Criterion) {
+    let template = samples(DEVICE_BATCH);
+    let mut group = c.benchmark_group("push_full");
+    group
+        .throughput(Throughput::Elements(DEVICE_BATCH as u64))
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for (policy, name) in POLICIES {
+        if policy == OverflowPolicy::Block {
+            continue;
+        }
+        let buffer = RingBuffer::new(CAPACITY, policy);
+        push(&buffer, &mut VecDeque::from(samples(CAPACITY)));
+        assert_eq!(buffer.len(), CAPACITY);
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || VecDeque::from(template.clone()),
+                |mut batch| push(&buffer, &mut batch),
+                BatchSize::SmallInput,
+            )
+        });
+        assert_eq!(buffer.len(), CAPACITY, "{name} stays full");
+    }
+    group.finish();
+}
+
+fn try_push_all(c: &mut Criterion) {
+    let template = samples(INGEST_BATCH);
+    let mut group = c.benchmark_group("try_push_all");
+    group
+        .throughput(Throughput::Elements(INGEST_BATCH as u64))
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for (policy, name) in POLICIES {
+        let buffer = RingBuffer::new(CAPACITY, policy);
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || template.clone(),
+                |batch| {
+                    buffer
+                        .try_push_all(Source::Ingest, batch, CAPACITY * 8 / 10)
+                        .expect("an empty buffer takes the batch");
+                    pop(&buffer, INGEST_BATCH)
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, push_pop, push_full, try_push_all);
+criterion_main!(benches);

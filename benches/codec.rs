@@ -1,0 +1,102 @@
+//! Criterion benchmarks of the serial frame codec (`src/device/codec.rs`): encoding (what the
+//! simulator does per frame) and decoding with checksum verification (what a device task does
+//! per frame), reported both in frames per second and in bytes per second.
+//!
+//! ```text
+//! cargo bench --bench codec
+//! ```
+//!
+//! The input is what the simulator sends: `$TH,<seq>,<42 + sin(seq/10) + noise>,arb.units*CC`.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use telemetryhub::device::codec::{Frame, FrameCodec, encode_frame, parse_line};
+use tokio_util::codec::Decoder;
+
+/// Frames per iteration: a few reads' worth, like one `ready_chunks` batch of the device task.
+const FRAMES: u32 = 4096;
+
+/// Values like the simulator's.
+fn value(seq: u32) -> f64 {
+    42.0 + (f64::from(seq) / 10.0).sin() + f64::from(seq % 17) * 0.000_37
+}
+
+/// `FRAMES` encoded frames, back to back, as they sit in a link's read buffer.
+fn wire() -> BytesMut {
+    let mut buf = BytesMut::new();
+    for seq in 0..FRAMES {
+        encode_frame(seq, value(seq), "arb.units", &mut buf);
+    }
+    buf
+}
+
+fn encode(buf: &mut BytesMut) {
+    buf.clear();
+    for seq in 0..FRAMES {
+        encode_frame(black_box(seq), black_box(value(seq)), "arb.units", buf);
+    }
+}
+
+fn decode(mut src: BytesMut) -> u32 {
+    let mut codec = FrameCodec::default();
+    let mut n = 0;
+    while let Some(frame) = codec.decode(&mut src).expect("decoding never fails") {
+        if matches!(frame, Frame::Sample(_)) {
+            n += 1;
+        }
+    }
+    n
+}
+
+fn bench(c: &mut Criterion, unit: &str, throughput: impl Fn(u64) -> Throughput) {
+    let wire = wire();
+    let bytes = wire.len() as u64;
+    let first_line = {
+        let end = wire
+            .iter()
+            .position(|&b| b == b'\r')
+            .expect("a frame ends in CRLF");
+        wire[..end].to_vec()
+    };
+    assert_eq!(decode(wire.clone()), FRAMES, "every frame decodes");
+
+    let mut group = c.benchmark_group(format!("codec_{unit}"));
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+
+    group.throughput(throughput(if unit == "frames" {
+        u64::from(FRAMES)
+    } else {
+        bytes
+    }));
+    let mut out = BytesMut::with_capacity(wire.len());
+    group.bench_function("encode", |b| b.iter(|| encode(&mut out)));
+    group.bench_function("decode", |b| {
+        b.iter_batched(|| wire.clone(), decode, BatchSize::SmallInput)
+    });
+
+    group.throughput(throughput(if unit == "frames" {
+        1
+    } else {
+        first_line.len() as u64
+    }));
+    group.bench_function("parse_line", |b| {
+        b.iter(|| parse_line(black_box(&first_line)).expect("the line is valid"))
+    });
+    group.finish();
+}
+
+fn frames(c: &mut Criterion) {
+    bench(c, "frames", Throughput::Elements);
+}
+
+fn bytes(c: &mut Criterion) {
+    bench(c, "bytes", Throughput::BytesDecimal);
+}
+
+criterion_group!(benches, frames, bytes);
+criterion_main!(benches);
