@@ -7,13 +7,16 @@
 //! The recorder is global: [`install`] installs it once per process and hands out its handle
 //! afterwards, so tests that build several apps share it and assert on deltas.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use axum::http::{Method, StatusCode};
 use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -227,8 +230,42 @@ pub fn http_request(method: &Method, route: &'static str, status: StatusCode, el
         .find(|s| **s == status)
         .copied()
         .unwrap_or("other");
-    counter!(HTTP_REQUESTS, "method" => method, "route" => route, "status" => status).increment(1);
-    histogram!(HTTP_DURATION, "method" => method, "route" => route).record(elapsed.as_secs_f64());
+    if HANDLE.get().is_none() {
+        // No recorder yet: the macros hand out no-op handles, which must not be cached.
+        return;
+    }
+    HTTP_HANDLES.with_borrow_mut(|handles| {
+        let (requests, duration) = handles
+            .entry(LabelKey::new(method, route, status))
+            .or_insert_with(|| {
+                (
+                    counter!(HTTP_REQUESTS, "method" => method, "route" => route, "status" => status),
+                    histogram!(HTTP_DURATION, "method" => method, "route" => route),
+                )
+            });
+        requests.increment(1);
+        duration.record(elapsed.as_secs_f64());
+    });
+}
+
+thread_local! {
+    /// The HTTP metrics' handles, per thread: a request then costs one small map lookup, with
+    /// no lock shared between threads, instead of building a labelled key, hashing it and
+    /// finding it in the recorder's registry on every request. Bounded like the labels are.
+    static HTTP_HANDLES: RefCell<HashMap<LabelKey, (Counter, Histogram)>> =
+        RefCell::new(HashMap::new());
+}
+
+/// Static label strings, compared by address and length. Two copies of one literal at two
+/// addresses only cost two entries holding handles to the same series, so this is always
+/// correct.
+#[derive(PartialEq, Eq, Hash)]
+struct LabelKey([(usize, usize); 3]);
+
+impl LabelKey {
+    fn new(method: &'static str, route: &'static str, status: &'static str) -> Self {
+        Self([method, route, status].map(|s| (s.as_ptr() as usize, s.len())))
+    }
 }
 
 /// Status codes the API answers with, as static labels.
