@@ -2,11 +2,14 @@
 //! `GET /devices`, `GET /devices/{id}`, `POST /devices/{id}/start|stop|reset`, and
 //! `POST /devices/{id}/command` (a line sent down the link, answered by the device).
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use smol_str::SmolStr;
 
 use super::{ApiError, AppState};
 use crate::device::state::{Command, DeviceState};
@@ -14,9 +17,9 @@ use crate::device::{CommandError, CountersSnapshot, DeviceHandle, SendError};
 use crate::worker::RollingStats;
 
 /// One device as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, PartialEq)]
 pub struct DeviceView {
-    id: String,
+    id: SmolStr,
     kind: &'static str,
     state: DeviceState,
     consecutive_failures: u32,
@@ -30,7 +33,7 @@ impl DeviceView {
     pub(super) fn new(state: &AppState, device: &DeviceHandle) -> Self {
         let status = device.status();
         Self {
-            id: device.id().to_string(),
+            id: device.id().clone(),
             kind: device.kind(),
             state: status.state,
             consecutive_failures: status.consecutive_failures,
@@ -51,25 +54,25 @@ pub(super) fn combined_state(devices: &[DeviceHandle]) -> DeviceState {
 }
 
 pub(super) async fn start_all(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     command_all(&state, Command::Start).await
 }
 
 pub(super) async fn stop_all(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     command_all(&state, Command::Stop).await
 }
 
 pub(super) async fn reset_all(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     command_all(&state, Command::Reset).await
 }
 
 pub(super) async fn start_one(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(id) = id?;
@@ -77,7 +80,7 @@ pub(super) async fn start_one(
 }
 
 pub(super) async fn stop_one(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(id) = id?;
@@ -85,14 +88,14 @@ pub(super) async fn stop_one(
 }
 
 pub(super) async fn reset_one(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(id) = id?;
     command_one(&state, &id, Command::Reset).await
 }
 
-pub(super) async fn list_devices(State(state): State<AppState>) -> Json<serde_json::Value> {
+pub(super) async fn list_devices(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let devices: Vec<DeviceView> = state
         .devices
         .iter()
@@ -102,7 +105,7 @@ pub(super) async fn list_devices(State(state): State<AppState>) -> Json<serde_js
 }
 
 pub(super) async fn get_device(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<DeviceView>, ApiError> {
     let Path(id) = id?;
@@ -177,7 +180,7 @@ pub(super) struct CommandBody {
 }
 
 pub(super) async fn send_command(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     id: Result<Path<String>, PathRejection>,
     body: Result<Json<CommandBody>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {

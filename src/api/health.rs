@@ -1,6 +1,8 @@
 //! Probes: `GET /healthz` (the process serves) and `GET /readyz` (it should get traffic: not
 //! shutting down, no stale measuring device, not every device in SafeState).
 
+use std::sync::Arc;
+
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -16,7 +18,10 @@ pub(super) async fn healthz() -> impl IntoResponse {
 
 /// Readiness: 503 while shutting down, when a Measuring device has gone stale, or when every
 /// device is in SafeState. `?verbose` lists each check; machines read only the status code.
-pub(super) async fn readyz(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
+pub(super) async fn readyz(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Response {
     let verbose = query.as_deref().is_some_and(|q| {
         q.split('&')
             .any(|p| p == "verbose" || p.starts_with("verbose="))

@@ -2,6 +2,7 @@
 //! devices. All or nothing: a request is refused whole (400 naming the item and field, 413,
 //! 415, 429 with `Retry-After` under backpressure) or accepted whole (202).
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use axum::Json;
@@ -118,7 +119,7 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 pub(super) async fn ingest(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {

@@ -9,6 +9,7 @@
 //! shutting down, so it never holds the HTTP server's drain open.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -72,13 +73,13 @@ pub(super) async fn page() -> Response {
 
 /// `GET /events`: a `snapshot` event every [`EVENT_INTERVAL`] until shutdown begins.
 pub(super) async fn events(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     Sse::new(snapshots(state))
 }
 
 /// The snapshot stream behind `/events`, ending when the gateway begins shutting down.
-fn snapshots(state: AppState) -> impl Stream<Item = Result<Event, Infallible>> {
+fn snapshots(state: Arc<AppState>) -> impl Stream<Item = Result<Event, Infallible>> {
     let mut tick = tokio::time::interval(EVENT_INTERVAL);
     // A slow client gets fewer snapshots, never a burst of stale ones.
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -97,7 +98,7 @@ fn snapshots(state: AppState) -> impl Stream<Item = Result<Event, Infallible>> {
 /// Where one `/events` client is: its timer, whether it has had a snapshot, and the newest
 /// sample it has been sent.
 struct Cursor {
-    state: AppState,
+    state: Arc<AppState>,
     tick: Interval,
     started: bool,
     last_order: Option<u64>,
@@ -131,7 +132,7 @@ impl Cursor {
         if let Some(newest) = samples.last() {
             self.last_order = Some(newest.order);
         }
-        let axum::Json(status) = super::status::status(State(self.state.clone())).await;
+        let status = super::status::status_body(&self.state);
         json!({ "status": status, "samples": samples })
     }
 }
@@ -198,7 +199,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let state = state(&tracker, &cancel);
         let mut cursor = Cursor {
-            state,
+            state: Arc::new(state),
             tick: tokio::time::interval(EVENT_INTERVAL),
             started: false,
             last_order: None,
@@ -230,7 +231,7 @@ mod tests {
     async fn the_stream_ends_when_shutdown_begins() {
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let mut stream = Box::pin(snapshots(state(&tracker, &cancel)));
+        let mut stream = Box::pin(snapshots(Arc::new(state(&tracker, &cancel))));
         let deadline = Duration::from_secs(10);
         let first = tokio::time::timeout(deadline, stream.next())
             .await

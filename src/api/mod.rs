@@ -21,12 +21,9 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{Method, Uri};
-use axum::middleware::{self, Next};
-use axum::response::Response;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
-use tower_http::catch_panic::CatchPanicLayer;
 
 pub use self::error::ApiError;
 pub use self::guard::Guard;
@@ -103,10 +100,14 @@ fn route_label(request: &Request) -> &'static str {
 
 /// The API's routes, behind the request guard and body limit.
 pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
+    let status_cache = Arc::new(status::StatusCache::default());
     Router::new()
         .route("/", get(live::page))
         .route("/events", get(live::events))
-        .route("/status", get(status::status))
+        .route(
+            "/status",
+            get(move |state| status::status(state, status_cache.clone())),
+        )
         .route("/metrics", get(status::metrics))
         .route("/samples", get(status::samples).post(ingest::ingest))
         .route("/start", post(control::start_all))
@@ -122,11 +123,9 @@ pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
         .route("/readyz", get(health::readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(CatchPanicLayer::custom(error::panic_response))
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn_with_state(guard, guard::guard))
-        .layer(middleware::from_fn(record_request))
-        .with_state(state)
+        .layer(guard::GuardLayer::new(guard))
+        .with_state(Arc::new(state))
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -135,14 +134,4 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
 
 async fn method_not_allowed(method: Method) -> ApiError {
     ApiError::MethodNotAllowed(method.to_string())
-}
-
-/// Counts every request by method, matched route (never the raw path) and status.
-async fn record_request(request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let route = route_label(&request);
-    let response = next.run(request).await;
-    crate::metrics::http_request(&method, route, response.status(), started.elapsed());
-    response
 }

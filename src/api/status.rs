@@ -1,7 +1,10 @@
 //! Read-only routes: `GET /status`, `GET /metrics` (Prometheus text, or the C++ original's JSON
 //! with `Accept: application/json`) and `GET /samples?limit=N`.
 
+use std::sync::{Arc, Mutex};
+
 use axum::Json;
+use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
@@ -20,7 +23,10 @@ const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8"
 /// Samples returned by `GET /samples` when no limit is given.
 const DEFAULT_SAMPLES_LIMIT: usize = 100;
 
-#[derive(Serialize)]
+/// Room for a `/status` body with a few devices, so serialising rarely reallocates.
+const STATUS_BODY_CAPACITY: usize = 2048;
+
+#[derive(Serialize, PartialEq)]
 pub(super) struct StatusBody {
     state: DeviceState,
     latest_sample: Option<ProcessedSample>,
@@ -30,7 +36,7 @@ pub(super) struct StatusBody {
     version: &'static str,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, PartialEq)]
 struct StatusMetrics {
     samples_processed: u64,
     samples_dropped: u64,
@@ -41,9 +47,49 @@ struct StatusMetrics {
     queue_capacity: usize,
 }
 
-pub(super) async fn status(State(state): State<AppState>) -> Json<StatusBody> {
+/// The last `/status` body and its JSON. Dashboards poll far more often than the pipeline
+/// changes what `/status` shows, and comparing a freshly gathered body with the last one costs a
+/// fraction of serialising it again (callgrind, docs/PERFORMANCE.md). Nothing can be stale:
+/// every request gathers the body afresh, and any difference is serialised anew.
+#[derive(Default)]
+pub(super) struct StatusCache(Mutex<Option<(StatusBody, Bytes)>>);
+
+impl StatusCache {
+    /// The JSON of `body`, reusing the last serialisation when `body` equals the last one.
+    fn json(&self, body: StatusBody) -> Bytes {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((cached, json)) = last.as_ref()
+            && *cached == body
+        {
+            return json.clone();
+        }
+        let mut json = Vec::with_capacity(STATUS_BODY_CAPACITY);
+        // Serialising these plain structs into memory cannot fail.
+        serde_json::to_writer(&mut json, &body).expect("status serialises");
+        let json = Bytes::from(json);
+        *last = Some((body, json.clone()));
+        json
+    }
+}
+
+pub(super) async fn status(
+    State(state): State<Arc<AppState>>,
+    cache: Arc<StatusCache>,
+) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        cache.json(status_body(&state)),
+    )
+        .into_response()
+}
+
+/// What `GET /status` shows, gathered now.
+pub(super) fn status_body(state: &AppState) -> StatusBody {
     let ledger = state.buffer.ledger();
-    let body = StatusBody {
+    StatusBody {
         state: combined_state(&state.devices),
         latest_sample: state.worker.latest(),
         metrics: StatusMetrics {
@@ -58,15 +104,14 @@ pub(super) async fn status(State(state): State<AppState>) -> Json<StatusBody> {
         devices: state
             .devices
             .iter()
-            .map(|d| DeviceView::new(&state, d))
+            .map(|d| DeviceView::new(state, d))
             .collect(),
         uptime_seconds: state.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION"),
-    };
-    Json(body)
+    }
 }
 
-pub(super) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub(super) async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let wants_json = headers
         .get_all(header::ACCEPT)
         .iter()
@@ -135,7 +180,7 @@ pub(super) struct SamplesQuery {
 }
 
 pub(super) async fn samples(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     query: Result<Query<SamplesQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(query) = query?;
@@ -148,4 +193,49 @@ pub(super) async fn samples(
     }
     let samples = state.worker.recent(limit);
     Ok(Json(json!({ "count": samples.len(), "samples": samples })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(processed: u64) -> StatusBody {
+        StatusBody {
+            state: DeviceState::Measuring,
+            latest_sample: None,
+            metrics: StatusMetrics {
+                samples_processed: processed,
+                samples_dropped: 0,
+                pool_jobs_processed: 0,
+                pool_jobs_queued: 0,
+                pool_num_threads: 2,
+                queue_depth: 0,
+                queue_capacity: 1000,
+            },
+            devices: Vec::new(),
+            uptime_seconds: 1,
+            version: "test",
+        }
+    }
+
+    fn processed(json: &[u8]) -> u64 {
+        let value: serde_json::Value = serde_json::from_slice(json).unwrap();
+        value["metrics"]["samples_processed"].as_u64().unwrap()
+    }
+
+    #[test]
+    fn the_status_cache_reuses_equal_bodies_and_never_serves_a_stale_one() {
+        let cache = StatusCache::default();
+        let first = cache.json(body(1));
+        let again = cache.json(body(1));
+        assert_eq!(
+            first.as_ptr(),
+            again.as_ptr(),
+            "an equal body reuses the JSON"
+        );
+        let changed = cache.json(body(2));
+        assert_eq!(processed(&first), 1);
+        assert_eq!(processed(&changed), 2);
+        assert_eq!(processed(&cache.json(body(1))), 1);
+    }
 }
