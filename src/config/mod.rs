@@ -130,7 +130,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
-    /// Filter directive (`info`, `telemetryhub=debug,tower_http=info`); `RUST_LOG` wins over it.
+    /// Filter directive (`info`, `telemetryhub=debug,hyper=info`); `RUST_LOG` wins over it.
     #[serde(default = "default_log_level")]
     pub level: String,
     /// `text` or `json`.
