@@ -234,7 +234,9 @@ pub fn http_request(method: &Method, route: &'static str, status: StatusCode, el
         // No recorder yet: the macros hand out no-op handles, which must not be cached.
         return;
     }
-    HTTP_HANDLES.with_borrow_mut(|handles| {
+    // `try_with`: a request finishing while its thread shuts down is not worth a panic.
+    let _ = HTTP_HANDLES.try_with(|handles| {
+        let mut handles = handles.borrow_mut();
         let (requests, duration) = handles
             .entry(LabelKey::new(method, route, status))
             .or_insert_with(|| {

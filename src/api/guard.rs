@@ -150,13 +150,15 @@ fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
 /// (callgrind, docs/PERFORMANCE.md). This does the same work with no allocation of its own.
 #[derive(Clone)]
 pub struct GuardLayer {
-    guard: Guard,
+    guard: Arc<Guard>,
 }
 
 impl GuardLayer {
     /// A layer enforcing `guard`.
     pub fn new(guard: Guard) -> Self {
-        Self { guard }
+        Self {
+            guard: Arc::new(guard),
+        }
     }
 }
 
@@ -174,9 +176,11 @@ impl<S> Layer<S> for GuardLayer {
 /// The service [`GuardLayer`] wraps a route in: refuses what the guard refuses, bounds the
 /// request's time, turns a panicking handler into a 500, and counts every request by method,
 /// matched route (never the raw path) and status, refusals included.
+///
+/// axum clones it for every request, so the guard is behind an `Arc` (the token is not copied).
 #[derive(Clone)]
 pub struct GuardService<S> {
-    guard: Guard,
+    guard: Arc<Guard>,
     inner: S,
 }
 
@@ -199,7 +203,7 @@ where
             route: super::route_label(&request),
         };
         let state = match self.guard.admit(&request) {
-            Err(refusal) => Stage::Refused {
+            Err(refusal) => Stage::Answer {
                 response: Some(refusal.into_response()),
             },
             Ok(permit) => {
@@ -211,7 +215,7 @@ where
                         timeout: self.guard.timeout,
                         _permit: permit,
                     },
-                    Err(panic) => Stage::Refused {
+                    Err(panic) => Stage::Answer {
                         response: Some(super::error::panic_response(panic)),
                     },
                 }
@@ -243,7 +247,8 @@ pin_project! {
 pin_project! {
     #[project = StageProj]
     enum Stage<F> {
-        Refused { response: Option<Response> },
+        // A response to hand out (a refusal), or none once the future has completed.
+        Answer { response: Option<Response> },
         Running {
             #[pin]
             future: Timeout<F>,
@@ -261,9 +266,9 @@ where
     type Output = Result<Response, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = match this.stage.project() {
-            StageProj::Refused { response } => response
+        let mut this = self.project();
+        let response = match this.stage.as_mut().project() {
+            StageProj::Answer { response } => response
                 .take()
                 .expect("a GuardFuture is not polled after it completed"),
             StageProj::Running {
@@ -280,6 +285,9 @@ where
                 .into_response(),
             },
         };
+        // Never poll the handler again (after a timeout or a panic it could still answer), and
+        // free the request's slot now rather than whenever the future is dropped.
+        this.stage.set(Stage::Answer { response: None });
         let record = &*this.record;
         crate::metrics::http_request(
             &record.method,
@@ -361,6 +369,25 @@ mod service_tests {
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(body, r#"{"error":"internal error"}"#);
         assert_eq!(get_status(&router, "/status").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn the_slot_is_freed_when_the_response_is_ready_not_when_the_future_is_dropped() {
+        let http = HttpSettings {
+            max_concurrent_requests: 1,
+            ..HttpSettings::default()
+        };
+        let mut service =
+            GuardLayer::new(Guard::new(&http)).layer(tower::service_fn(|_: Request| async {
+                Ok::<_, Infallible>(Response::new(Body::empty()))
+            }));
+        let request = || Request::get("/status").body(Body::empty()).unwrap();
+        let mut first = Box::pin(service.call(request()));
+        assert_eq!((&mut first).await.unwrap().status(), StatusCode::OK);
+        // `first` is still alive; the one slot must be free all the same.
+        let second = service.call(request()).await.unwrap();
+        assert_eq!(second.status(), StatusCode::OK);
+        drop(first);
     }
 
     #[tokio::test(start_paused = true)]

@@ -56,19 +56,28 @@ pub(super) struct StatusCache(Mutex<Option<(StatusBody, Bytes)>>);
 
 impl StatusCache {
     /// The JSON of `body`, reusing the last serialisation when `body` equals the last one.
+    ///
+    /// Equality is `PartialEq`'s: a NaN never equals itself (a cache miss, nothing worse), and
+    /// `0.0 == -0.0`, the one case where the reused JSON may spell a number differently from a
+    /// fresh serialisation (`0.0` for `-0.0`), the same value to every JSON reader.
     fn json(&self, body: StatusBody) -> Bytes {
-        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((cached, json)) = last.as_ref()
+        if let Some((cached, json)) = self.lock().as_ref()
             && *cached == body
         {
             return json.clone();
         }
+        // Serialised outside the lock, so concurrent misses do not queue behind each other.
         let mut json = Vec::with_capacity(STATUS_BODY_CAPACITY);
         // Serialising these plain structs into memory cannot fail.
         serde_json::to_writer(&mut json, &body).expect("status serialises");
         let json = Bytes::from(json);
-        *last = Some((body, json.clone()));
+        *self.lock() = Some((body, json.clone()));
         json
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(StatusBody, Bytes)>> {
+        // Nothing panics while the lock is held; a poisoned cache is still a valid one.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
