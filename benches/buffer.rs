@@ -19,7 +19,10 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};
 
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BatchSize, BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main,
+};
 use futures_util::FutureExt;
 use smol_str::SmolStr;
 use telemetryhub::buffer::{OverflowPolicy, RingBuffer};
@@ -69,13 +72,19 @@ fn pop(buffer: &RingBuffer, max: usize) -> Vec<Sample> {
         .expect("the buffer is open")
 }
 
-fn push_pop(c: &mut Criterion) {
-    let template = samples(DEVICE_BATCH);
-    let mut group = c.benchmark_group("push_pop");
+/// A benchmark group counting `elements` per iteration, with short warm-up and measurement.
+fn group<'a>(c: &'a mut Criterion, name: &str, elements: usize) -> BenchmarkGroup<'a, WallTime> {
+    let mut group = c.benchmark_group(name);
     group
-        .throughput(Throughput::Elements(DEVICE_BATCH as u64))
+        .throughput(Throughput::Elements(elements as u64))
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
+    group
+}
+
+fn push_pop(c: &mut Criterion) {
+    let template = samples(DEVICE_BATCH);
+    let mut group = group(c, "push_pop", DEVICE_BATCH);
     for (policy, name) in POLICIES {
         let buffer = RingBuffer::new(CAPACITY, policy);
         group.bench_function(name, |b| {
@@ -94,11 +103,7 @@ fn push_pop(c: &mut Criterion) {
 
 fn push_full(c: &mut Criterion) {
     let template = samples(DEVICE_BATCH);
-    let mut group = c.benchmark_group("push_full");
-    group
-        .throughput(Throughput::Elements(DEVICE_BATCH as u64))
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    let mut group = group(c, "push_full", DEVICE_BATCH);
     for (policy, name) in POLICIES {
         if policy == OverflowPolicy::Block {
             continue;
@@ -120,11 +125,7 @@ fn push_full(c: &mut Criterion) {
 
 fn try_push_all(c: &mut Criterion) {
     let template = samples(INGEST_BATCH);
-    let mut group = c.benchmark_group("try_push_all");
-    group
-        .throughput(Throughput::Elements(INGEST_BATCH as u64))
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    let mut group = group(c, "try_push_all", INGEST_BATCH);
     for (policy, name) in POLICIES {
         let buffer = RingBuffer::new(CAPACITY, policy);
         group.bench_function(name, |b| {
