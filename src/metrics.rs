@@ -271,9 +271,9 @@ impl LabelKey {
 }
 
 /// Status codes the API answers with, as static labels.
-const HTTP_STATUSES: [&str; 16] = [
-    "200", "202", "400", "401", "404", "405", "408", "409", "413", "415", "422", "429", "500",
-    "502", "503", "504",
+const HTTP_STATUSES: [&str; 17] = [
+    "200", "202", "400", "401", "403", "404", "405", "408", "409", "413", "415", "422", "429",
+    "500", "502", "503", "504",
 ];
 
 /// What [`sync`] copies into the recorder before a scrape.

@@ -34,6 +34,7 @@ pub struct Guard {
     token: Option<Secret>,
     protect_reads: bool,
     body_limit: u64,
+    allowed_hosts: Vec<String>,
 }
 
 impl Guard {
@@ -45,12 +46,66 @@ impl Guard {
             token: http.api_token.clone(),
             protect_reads: http.protect_reads,
             body_limit: http.body_limit_bytes as u64,
+            allowed_hosts: http
+                .allowed_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
         }
     }
 
     fn needs_token(&self, request: &Request) -> bool {
-        let is_read = matches!(*request.method(), Method::GET | Method::HEAD);
-        self.token.is_some() && (!is_read || (self.protect_reads && !is_probe(request)))
+        self.token.is_some() && (!is_read(request) || (self.protect_reads && !is_probe(request)))
+    }
+
+    /// Whether a browser sends this request on behalf of a page that is not the gateway's own
+    /// (cross-site request forgery, or DNS rebinding: a foreign name resolving to us).
+    ///
+    /// Browsers say where a request comes from (`Sec-Fetch-Site`, `Origin`); clients that are
+    /// not browsers send neither and are not affected. A browser's request must come from the
+    /// origin it is sent to, under a host that is an IP address, `localhost`, or one of
+    /// `allowed_hosts`.
+    fn sent_for_a_foreign_page(&self, request: &Request) -> bool {
+        let headers = request.headers();
+        let fetch_site = headers.get("sec-fetch-site");
+        let origin = headers.get(header::ORIGIN);
+        if fetch_site.is_none() && origin.is_none() {
+            return false;
+        }
+        if fetch_site.is_some_and(|site| site != "same-origin" && site != "none") {
+            return true;
+        }
+        let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+            return true;
+        };
+        let same_origin = origin.is_none_or(|origin| {
+            origin.to_str().is_ok_and(|origin| {
+                origin
+                    .strip_prefix("http://")
+                    .or_else(|| origin.strip_prefix("https://"))
+                    .is_some_and(|authority| authority.eq_ignore_ascii_case(host))
+            })
+        });
+        !same_origin || !self.host_allowed(host)
+    }
+
+    /// Whether `host` (a `Host` header, with or without a port) names this gateway.
+    fn host_allowed(&self, host: &str) -> bool {
+        let name = match host.strip_prefix('[') {
+            // An IPv6 literal.
+            Some(rest) => {
+                return rest
+                    .split_once(']')
+                    .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+            }
+            None => host.rsplit_once(':').map_or(host, |(name, _port)| name),
+        };
+        name.parse::<std::net::Ipv4Addr>().is_ok()
+            || name.eq_ignore_ascii_case("localhost")
+            || self
+                .allowed_hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(name))
     }
 
     /// A body declared larger than the limit is refused before it is read, so a client cannot
@@ -70,6 +125,9 @@ impl Guard {
         let permit = self.in_progress.clone().try_acquire_owned().ok();
         if permit.is_none() && !is_probe(request) {
             return Err(Refusal::Busy);
+        }
+        if !is_read(request) && self.sent_for_a_foreign_page(request) {
+            return Err(Refusal::CrossSite);
         }
         if self.needs_token(request) && !self.authorized(request) {
             return Err(Refusal::Unauthorized);
@@ -100,6 +158,8 @@ enum Refusal {
     Unauthorized,
     /// The declared body is larger than this limit.
     TooLarge(u64),
+    /// A browser sends it for a page of another origin.
+    CrossSite,
 }
 
 impl IntoResponse for Refusal {
@@ -120,6 +180,13 @@ impl IntoResponse for Refusal {
                 );
                 response
             }
+            Refusal::CrossSite => ApiError::Rejected(
+                StatusCode::FORBIDDEN,
+                "a web page of another origin may not change the gateway; \
+                 add its host to http.allowed_hosts if it is this gateway's own name"
+                    .to_owned(),
+            )
+            .into_response(),
             Refusal::TooLarge(limit) => ApiError::Rejected(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("the body is larger than {limit} bytes"),
@@ -127,6 +194,11 @@ impl IntoResponse for Refusal {
             .into_response(),
         }
     }
+}
+
+/// Reads change nothing.
+fn is_read(request: &Request) -> bool {
+    matches!(*request.method(), Method::GET | Method::HEAD)
 }
 
 /// Orchestrators probe these; they are never shed or token-protected.
@@ -360,6 +432,120 @@ mod service_tests {
         let status = response.status();
         let body = to_bytes(response.into_body(), 1 << 16).await.unwrap();
         (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+
+    /// The status of `POST /start` with these headers, through the guard.
+    async fn post_with(http: &HttpSettings, headers: &[(&str, &str)]) -> StatusCode {
+        let router = Router::new()
+            .route("/start", axum::routing::post(|| async { "started" }))
+            .layer(GuardLayer::new(Guard::new(http)));
+        let mut request = Request::post("/start");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Body::empty()).unwrap();
+        router.oneshot(request).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn browsers_may_post_only_from_the_gateways_own_page_under_a_name_it_knows() {
+        let http = HttpSettings::default();
+        let host = ("host", "127.0.0.1:8080");
+        let cases: &[(Headers, StatusCode, &str)] = &[
+            (
+                &[host],
+                StatusCode::OK,
+                "curl: no Origin, no Sec-Fetch-Site",
+            ),
+            (
+                &[
+                    host,
+                    ("origin", "http://127.0.0.1:8080"),
+                    ("sec-fetch-site", "same-origin"),
+                ],
+                StatusCode::OK,
+                "the live page",
+            ),
+            (
+                &[
+                    ("host", "localhost:8080"),
+                    ("origin", "http://localhost:8080"),
+                ],
+                StatusCode::OK,
+                "the live page under localhost",
+            ),
+            (
+                &[("host", "[::1]:8080"), ("origin", "http://[::1]:8080")],
+                StatusCode::OK,
+                "the live page under an IPv6 address",
+            ),
+            (
+                &[host, ("origin", "https://evil.example")],
+                StatusCode::FORBIDDEN,
+                "another site's page",
+            ),
+            (
+                &[host, ("origin", "null")],
+                StatusCode::FORBIDDEN,
+                "an opaque origin",
+            ),
+            (
+                &[host, ("sec-fetch-site", "cross-site")],
+                StatusCode::FORBIDDEN,
+                "a cross-site fetch without Origin",
+            ),
+            (
+                &[
+                    host,
+                    ("origin", "http://127.0.0.1:3000"),
+                    ("sec-fetch-site", "same-site"),
+                ],
+                StatusCode::FORBIDDEN,
+                "another port of this host (Grafana, say)",
+            ),
+            (
+                &[
+                    ("host", "rebind.example:8080"),
+                    ("origin", "http://rebind.example:8080"),
+                    ("sec-fetch-site", "same-origin"),
+                ],
+                StatusCode::FORBIDDEN,
+                "DNS rebinding: a foreign name resolving to the gateway",
+            ),
+        ];
+        for (headers, expected, what) in cases {
+            assert_eq!(post_with(&http, headers).await, *expected, "{what}");
+        }
+        let named = HttpSettings {
+            allowed_hosts: vec!["Gateway.LAN".to_owned()],
+            ..HttpSettings::default()
+        };
+        let behind_a_proxy = [
+            ("host", "gateway.lan"),
+            ("origin", "https://gateway.lan"),
+            ("sec-fetch-site", "same-origin"),
+        ];
+        assert_eq!(post_with(&named, &behind_a_proxy).await, StatusCode::OK);
+        assert_eq!(
+            post_with(&http, &behind_a_proxy).await,
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    #[tokio::test]
+    async fn a_foreign_page_may_still_read() {
+        let router = router(&HttpSettings::default());
+        let request = Request::get("/status")
+            .header("origin", "https://evil.example")
+            .header("sec-fetch-site", "cross-site")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            router.oneshot(request).await.unwrap().status(),
+            StatusCode::OK
+        );
     }
 
     #[tokio::test]

@@ -35,6 +35,10 @@ pub struct HttpSettings {
     /// Requests handled at once; more are refused at once with 503 and `Retry-After`.
     #[serde(default = "default_max_concurrent_requests")]
     pub max_concurrent_requests: usize,
+    /// Host names, besides IP addresses and `localhost`, under which a browser may send
+    /// state-changing requests (the live page's buttons behind a reverse proxy, say).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for HttpSettings {
@@ -48,6 +52,7 @@ impl Default for HttpSettings {
             request_timeout_ms: default_request_timeout_ms(),
             header_read_timeout_ms: default_header_read_timeout_ms(),
             max_concurrent_requests: default_max_concurrent_requests(),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -69,6 +74,17 @@ fn default_header_read_timeout_ms() -> u64 {
 }
 fn default_max_concurrent_requests() -> usize {
     1024
+}
+
+/// A DNS host name as `Host` headers carry it, without a port.
+fn is_host_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// A secret string: compared in constant time, never shown by `Debug`.
@@ -138,6 +154,12 @@ impl HttpSettings {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
             }
+        }
+        if let Some(bad) = self.allowed_hosts.iter().find(|h| !is_host_name(h)) {
+            return Err(ConfigError::invalid(
+                "http.allowed_hosts",
+                format!("`{bad}` is not a host name (letters, digits, `-` and `.`; no port)"),
+            ));
         }
         Ok(())
     }

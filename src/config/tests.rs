@@ -180,6 +180,10 @@ fn values_that_cannot_work_are_rejected_by_name() {
         ("[pipeline]\nhistory = 0\n", "pipeline.history"),
         ("[buffer]\noverflow = \"sometimes\"\n", "buffer.overflow"),
         ("[http]\nlisten = \"nowhere\"\n", "http.listen"),
+        (
+            "[http]\nallowed_hosts = [\"gw.lan:8080\"]\n",
+            "http.allowed_hosts",
+        ),
         ("[pipeline]\nworkers = -1\n", "pipeline.workers"),
         ("[log]\nlevel = \"=[\"\n", "log.level"),
         (

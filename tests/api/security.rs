@@ -252,6 +252,49 @@ async fn an_unauthenticated_upload_is_refused_before_its_body_is_read() {
     app.shut_down().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_web_page_cannot_stop_the_gateway_through_a_browser() {
+    // Without a token, any page a local user opens could otherwise `fetch(..., {method:
+    // "POST", mode: "no-cors"})` the loopback API: a simple request, sent without a preflight.
+    let app = spawn_app(|_| {}).await;
+    app.wait_processed_above(0).await;
+    let own_origin = format!("http://{}", app.addr);
+    for (origin, fetch_site) in [
+        ("https://evil.example", "cross-site"),
+        ("http://127.0.0.1:1", "same-site"),
+    ] {
+        let response = app
+            .client
+            .post(app.url("/stop"))
+            .header("Origin", origin)
+            .header("Sec-Fetch-Site", fetch_site)
+            .send()
+            .await
+            .unwrap();
+        let (code, body) = json_of(response).await;
+        assert_eq!(code, StatusCode::FORBIDDEN, "{origin}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("another origin"),
+            "{body}"
+        );
+        let status = app.status().await;
+        assert_eq!(status["state"], "Measuring", "{origin} changed nothing");
+    }
+    // The gateway's own page (the live page's buttons) and plain clients still may.
+    let response = app
+        .client
+        .post(app.url("/stop"))
+        .header("Origin", &own_origin)
+        .header("Sec-Fetch-Site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = app.client.post(app.url("/start")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    app.shut_down().await;
+}
+
 /// Config for the binary: one fast device; the token comes from the environment.
 const BINARY_CONFIG: &str = "
 [pipeline]
