@@ -1,7 +1,7 @@
 //! The HTTP ceiling of our own stack, for `docs/PERFORMANCE.md`: an axum server that answers
-//! every `GET /status` with a fixed JSON body, served by the same hyper HTTP/1.1 connection loop
-//! as the gateway (`src/api/server.rs`: TCP_NODELAY, a header-read timeout on `TokioTimer`, one
-//! task per connection on the multi-threaded runtime) but with no middleware, no state and no
+//! every `GET /status` with a fixed JSON body, served by the gateway's own connection loop
+//! (`telemetryhub::api::serve`: hyper HTTP/1.1, TCP_NODELAY, a header-read timeout, one task
+//! per connection on the multi-threaded runtime) but with no middleware, no state and no
 //! serialisation. Load-test numbers for the gateway are reported as a ratio to this server,
 //! measured in the same run, so a noisy machine cancels out.
 //!
@@ -20,10 +20,8 @@ use axum::body::Bytes;
 use axum::http::{HeaderValue, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// The gateway's default `header_read_timeout_ms`.
@@ -96,31 +94,14 @@ async fn main() {
         "baseline: listening on {} ({len}-byte body)",
         options.listen
     );
-    serve(listener, router).await;
-}
-
-/// The gateway's connection loop (`src/api/server.rs`), minus the cancellation branch: it
-/// runs until the process is killed.
-async fn serve(listener: TcpListener, router: Router) {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let graceful = GracefulShutdown::new();
-    let tracker = TaskTracker::new();
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(err) => {
-                eprintln!("baseline: accept: {err}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tracker.spawn(async move {
-            let _ = connection.await;
-        });
-    }
+    // The gateway's own connection loop, so the two servers differ only in what runs per
+    // request. Never cancelled: the server runs until the process is killed.
+    telemetryhub::api::serve(
+        listener,
+        router,
+        HEADER_READ_TIMEOUT,
+        TaskTracker::new(),
+        CancellationToken::new(),
+    )
+    .await;
 }

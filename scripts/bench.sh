@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The numbers behind docs/PERFORMANCE.md, in one command:
 #
-#   scripts/bench.sh            # about 10 minutes; results and a summary under $OUT
+#   scripts/bench.sh            # about 7 minutes after the build (2 cores); results and a summary under $OUT
 #
 # It builds the release binary and examples, then, with every server on 127.0.0.1 and every
 # run bounded by `timeout`:

@@ -27,7 +27,6 @@ use crate::config::{HttpSettings, Secret};
 pub const RETRY_AFTER_SECONDS: &str = "1";
 
 /// What the guard enforces.
-#[derive(Clone)]
 pub struct Guard {
     in_progress: Arc<Semaphore>,
     timeout: Duration,
@@ -46,11 +45,7 @@ impl Guard {
             token: http.api_token.clone(),
             protect_reads: http.protect_reads,
             body_limit: http.body_limit_bytes as u64,
-            allowed_hosts: http
-                .allowed_hosts
-                .iter()
-                .map(|h| h.to_ascii_lowercase())
-                .collect(),
+            allowed_hosts: http.allowed_hosts.clone(),
         }
     }
 
@@ -383,6 +378,11 @@ pub fn with_retry_after(error: ApiError) -> Response {
 
 #[cfg(test)]
 mod tests {
+    use axum::Router;
+    use axum::body::{Body, to_bytes};
+    use axum::routing::get;
+    use tower::ServiceExt;
+
     use super::*;
 
     #[test]
@@ -393,16 +393,6 @@ mod tests {
         assert_eq!(bearer_credentials(b"Basic abcdef"), None);
         assert_eq!(bearer_credentials(b"Bearer"), None);
     }
-}
-
-#[cfg(test)]
-mod service_tests {
-    use axum::Router;
-    use axum::body::{Body, to_bytes};
-    use axum::routing::get;
-    use tower::ServiceExt;
-
-    use super::*;
 
     fn router(http: &HttpSettings) -> Router {
         Router::new()

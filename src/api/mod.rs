@@ -33,8 +33,7 @@ use crate::device::DeviceHandle;
 use crate::dispatch::PoolGauges;
 use crate::worker::Worker;
 
-/// Everything the handlers need, cheap to clone.
-#[derive(Clone)]
+/// Everything the handlers need; the router shares it behind one `Arc`.
 pub struct AppState {
     /// The devices, in configuration order.
     pub devices: Arc<[DeviceHandle]>,

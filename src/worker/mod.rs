@@ -141,6 +141,32 @@ fn insert_in_order(
     history.drain(..excess);
 }
 
+/// The value looked up for the last key, so a run of samples with one key costs one map
+/// lookup (a SipHash of the key) instead of one per sample.
+struct LastLookup<V> {
+    last: Option<(SmolStr, V)>,
+}
+
+impl<V> Default for LastLookup<V> {
+    fn default() -> Self {
+        Self { last: None }
+    }
+}
+
+impl<V: Copy> LastLookup<V> {
+    /// The value for `key`: the last one if `key` is the last key, else `lookup(key)`.
+    fn get(&mut self, key: &SmolStr, lookup: impl FnOnce(&SmolStr) -> V) -> V {
+        match &self.last {
+            Some((last, value)) if last == key => *value,
+            _ => {
+                let value = lookup(key);
+                self.last = Some((key.clone(), value));
+                value
+            }
+        }
+    }
+}
+
 /// Work done so far, for `/status` and `/metrics`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WorkerTotals {
@@ -205,34 +231,21 @@ impl Worker {
         let mut latency = LocalHistogram::default();
         let keep_from = batch.len().saturating_sub(self.history_len);
         let mut kept = Vec::with_capacity(batch.len() - keep_from);
-        let mut cal_cache: Option<(SmolStr, Calibration)> = None;
-        // A batch is mostly one unit: look its range up once per run of it, not per sample.
-        let mut range_cache: Option<(SmolStr, Option<ValueRange>)> = None;
+        // Batches come in runs of one device and one unit: look each up once per run.
+        let mut ranges = LastLookup::default();
+        let mut calibrations = LastLookup::default();
         for (i, sample) in batch.into_iter().enumerate() {
-            let range = match &range_cache {
-                Some((unit, range)) if *unit == sample.unit => *range,
-                _ => {
-                    let range = self.ranges.get(&sample.unit).copied();
-                    range_cache = Some((sample.unit.clone(), range));
-                    range
-                }
-            };
+            let range = ranges.get(&sample.unit, |unit| self.ranges.get(unit).copied());
             if let Err(reason) = check(sample.value, range.as_ref()) {
                 outcome.rejected.add(reason, 1);
                 continue;
             }
-            let cal = match &cal_cache {
-                Some((device, cal)) if *device == sample.device => *cal,
-                _ => {
-                    let cal = self
-                        .calibration
-                        .get(&sample.device)
-                        .copied()
-                        .unwrap_or(Calibration::IDENTITY);
-                    cal_cache = Some((sample.device.clone(), cal));
-                    cal
-                }
-            };
+            let cal = calibrations.get(&sample.device, |device| {
+                self.calibration
+                    .get(device)
+                    .copied()
+                    .unwrap_or(Calibration::IDENTITY)
+            });
             let value = cal.apply(sample.value);
             match stats.iter_mut().find(|(d, _)| *d == sample.device) {
                 Some((_, s)) => s.update(value),
@@ -417,6 +430,21 @@ mod tests {
         insert_in_order(&mut history, vec![sample(7)], 8);
         let orders: Vec<_> = history.iter().map(|s| s.order).collect();
         assert_eq!(orders, [3, 4, 5, 6, 7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn last_lookup_looks_up_once_per_run_of_a_key() {
+        let (a, bb) = (SmolStr::new("a"), SmolStr::new("bb"));
+        let mut cache = LastLookup::default();
+        let mut lookups = Vec::new();
+        for key in [&a, &a, &bb, &bb, &bb, &a] {
+            let value = cache.get(key, |k| {
+                lookups.push(k.clone());
+                k.len()
+            });
+            assert_eq!(value, key.len(), "{key}");
+        }
+        assert_eq!(lookups, [a.clone(), bb, a]);
     }
 
     #[test]
