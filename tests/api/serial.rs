@@ -255,3 +255,38 @@ async fn commands_reach_a_simulator_on_the_far_end_of_a_pty() {
     .await;
     app.shut_down().await;
 }
+
+#[tokio::test]
+async fn a_command_the_device_never_answers_is_a_504_and_the_link_keeps_measuring() {
+    let dir = temp_path("pty-silent");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pair = PtyPair::spawn(&dir).await;
+    let mut device = serial_device(&pair.gateway);
+    device.command_timeout_ms = 300;
+    let app = spawn_app(with_device(device)).await;
+    // This device only sends frames: it never reads, so it never answers a command.
+    let stop = CancellationToken::new();
+    spawn_writer(pair.device.clone(), false, stop.clone());
+    wait_device_state(&app, "Measuring").await;
+
+    let response = app
+        .client
+        .post(app.url("/devices/tty0/command"))
+        .json(&serde_json::json!({ "command": "GET_STATUS" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(body["error"].is_string(), "{body}");
+    let before = device_field(&app, "/samples_read").await;
+    wait_until(
+        DEADLINE,
+        "frames still arrive after the timeout",
+        async || device_field(&app, "/samples_read").await > before,
+    )
+    .await;
+    assert_eq!(app.device("tty0").await["state"], "Measuring");
+    stop.cancel();
+    app.shut_down().await;
+}
