@@ -267,7 +267,10 @@ async fn a_command_the_device_never_answers_is_a_504_and_the_link_keeps_measurin
     // This device only sends frames: it never reads, so it never answers a command.
     let stop = CancellationToken::new();
     spawn_writer(pair.device.clone(), false, stop.clone());
-    wait_device_state(&app, "Measuring").await;
+    wait_until(DEADLINE, "frames arrive over the pty", async || {
+        device_field(&app, "/samples_read").await >= 1
+    })
+    .await;
 
     let response = app
         .client
@@ -276,8 +279,9 @@ async fn a_command_the_device_never_answers_is_a_504_and_the_link_keeps_measurin
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    let status = response.status();
     let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
     assert!(body["error"].is_string(), "{body}");
     let before = device_field(&app, "/samples_read").await;
     wait_until(
