@@ -121,7 +121,7 @@ fn bench_settings(options: &BenchOptions) -> Settings {
         .map(|i| {
             let mut device = DeviceSettings::simulated(&format!("bench{i}"));
             device.sample_interval_ms = 0;
-            device.read_timeout_ms = 60_000;
+            device.read_timeout_ms = Some(60_000);
             device.simulator.seed = i as u64 + 1;
             if let Some(rate) = options.rate {
                 let per_device = rate.div_ceil(options.devices as u64);

@@ -44,9 +44,10 @@ pub struct DeviceSettings {
     /// Interval between frames the device sends; 0 sends as fast as the link takes them.
     #[serde(default = "default_sample_interval_ms")]
     pub sample_interval_ms: u64,
-    /// A read that yields no frame for this long is a failure.
-    #[serde(default = "default_read_timeout_ms")]
-    pub read_timeout_ms: u64,
+    /// A read that yields no frame for this long is a failure; unset means
+    /// [`read_timeout_for`] the sample interval (three intervals, at least one second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_timeout_ms: Option<u64>,
     /// Consecutive failures that trip the circuit breaker into `SafeState`.
     #[serde(default = "default_failure_threshold")]
     pub failure_threshold: u32,
@@ -88,7 +89,7 @@ impl DeviceSettings {
             kind: DeviceKind::Simulated,
             autostart: true,
             sample_interval_ms: default_sample_interval_ms(),
-            read_timeout_ms: default_read_timeout_ms(),
+            read_timeout_ms: None,
             failure_threshold: default_failure_threshold(),
             backoff_initial_ms: default_backoff_initial_ms(),
             backoff_max_ms: default_backoff_max_ms(),
@@ -111,16 +112,41 @@ impl DeviceSettings {
         }
     }
 
-    /// How long a Measuring device may go without a valid frame before it counts as stale.
+    /// The read timeout: the configured one, else derived from the sample interval.
+    pub fn read_timeout(&self) -> Duration {
+        self.read_timeout_ms
+            .map_or_else(|| read_timeout_for(self.interval()), Duration::from_millis)
+    }
+
+    /// How long a Measuring device may go without a valid frame before it counts as stale:
+    /// the configured time, else derived from the sample interval.
     pub fn stale_after(&self) -> Duration {
-        let ms = self
-            .stale_after_ms
-            .unwrap_or(if self.sample_interval_ms == 0 {
-                self.read_timeout_ms
-            } else {
-                self.sample_interval_ms.saturating_mul(5)
-            });
-        Duration::from_millis(ms)
+        self.stale_after_ms.map_or_else(
+            || stale_after_for(self.interval(), self.read_timeout()),
+            Duration::from_millis,
+        )
+    }
+
+    /// The configured sample interval.
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.sample_interval_ms)
+    }
+}
+
+/// The default read timeout for a device sending every `interval`: three intervals, and at
+/// least one second, so a frame that comes a little late is not a failure. Also applied when a
+/// `SET_RATE` command changes the interval at run time.
+pub fn read_timeout_for(interval: Duration) -> Duration {
+    interval.saturating_mul(3).max(Duration::from_secs(1))
+}
+
+/// The default staleness limit for a device sending every `interval`: five intervals, or one
+/// read timeout when the device sends as fast as it can (`interval` 0).
+pub fn stale_after_for(interval: Duration, read_timeout: Duration) -> Duration {
+    if interval.is_zero() {
+        read_timeout
+    } else {
+        interval.saturating_mul(5)
     }
 }
 
@@ -191,9 +217,6 @@ fn default_true() -> bool {
 }
 fn default_sample_interval_ms() -> u64 {
     100
-}
-fn default_read_timeout_ms() -> u64 {
-    1000
 }
 fn default_failure_threshold() -> u32 {
     5
@@ -284,10 +307,10 @@ impl DeviceSettings {
                 "must be 1-64 characters of A-Z, a-z, 0-9, '-', '_' or '.'",
             ));
         }
-        if self.read_timeout_ms == 0 {
+        if self.read_timeout_ms == Some(0) {
             return Err(ConfigError::invalid(
                 format!("{at}.read_timeout_ms"),
-                "must be at least 1",
+                "must be at least 1 (leave it unset for three sample intervals)",
             ));
         }
         if self.failure_threshold == 0 {

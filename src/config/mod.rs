@@ -22,7 +22,10 @@ mod layers;
 mod tests;
 
 use self::device::default_devices;
-pub use self::device::{DeviceKind, DeviceSettings, Parity, SerialSettings, SimulatorSettings};
+pub use self::device::{
+    DeviceKind, DeviceSettings, Parity, SerialSettings, SimulatorSettings, read_timeout_for,
+    stale_after_for,
+};
 pub use self::http::{HttpSettings, Secret};
 use self::layers::{apply_env_override, merge, parse_table};
 

@@ -79,6 +79,7 @@ fn the_default_file_sets_every_key() {
     assert_eq!(from_defaults, from_file);
     assert!(DEFAULT_TOML.contains("# workers = "));
     assert!(DEFAULT_TOML.contains("# stale_after_ms = "));
+    assert!(DEFAULT_TOML.contains("# read_timeout_ms = "));
     assert!(DEFAULT_TOML.contains("# api_token = "));
 }
 

@@ -101,7 +101,7 @@ impl<C: Connector> DeviceTask<C> {
         let task = Self {
             id,
             timing: Timing {
-                read_timeout: Duration::from_millis(settings.read_timeout_ms),
+                read_timeout: settings.read_timeout(),
                 backoff_initial: Duration::from_millis(settings.backoff_initial_ms),
                 backoff_max: Duration::from_millis(settings.backoff_max_ms),
                 max_frame_len: settings.max_frame_len,

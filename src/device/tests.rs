@@ -186,7 +186,7 @@ impl Device {
 /// timeouts ever see one.
 fn settings() -> DeviceSettings {
     DeviceSettings {
-        read_timeout_ms: 3_600_000,
+        read_timeout_ms: Some(3_600_000),
         failure_threshold: 5,
         backoff_initial_ms: 100,
         backoff_max_ms: 1_000,
@@ -454,7 +454,7 @@ async fn eof_is_an_error_and_a_good_frame_after_the_backoff_recovers() {
 #[tokio::test(start_paused = true)]
 async fn silence_past_the_read_timeout_is_an_error() {
     let settings = DeviceSettings {
-        read_timeout_ms: 500,
+        read_timeout_ms: Some(500),
         ..settings()
     };
     let (script, connector) = scripted();
@@ -491,7 +491,7 @@ async fn silence_past_the_read_timeout_is_an_error() {
 #[tokio::test(start_paused = true)]
 async fn a_link_sending_only_invalid_frames_times_out() {
     let settings = DeviceSettings {
-        read_timeout_ms: 500,
+        read_timeout_ms: Some(500),
         ..settings()
     };
     let (script, connector) = scripted();

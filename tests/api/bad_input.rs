@@ -538,7 +538,7 @@ async fn link_garbage_partial_frames_and_64k_lines_are_counted_and_skipped() {
     let buffer = Arc::new(RingBuffer::new(10_000, OverflowPolicy::Block));
     let cancel = CancellationToken::new();
     let mut settings = DeviceSettings::simulated("link0");
-    settings.read_timeout_ms = 5_000;
+    settings.read_timeout_ms = Some(5_000);
     let (task, handle) = DeviceTask::new(
         &settings,
         "simulated",

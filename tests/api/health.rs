@@ -138,7 +138,7 @@ async fn readyz_fails_while_a_measuring_device_is_stale_and_recovers() {
         let device = &mut s.devices[0];
         device.simulator.stall_rate = 1.0;
         device.simulator.stall_ms = 1_500;
-        device.read_timeout_ms = 10_000;
+        device.read_timeout_ms = Some(10_000);
         device.stale_after_ms = Some(300);
     })
     .await;

@@ -93,7 +93,7 @@ fn spawn_writer(path: PathBuf, garbage: bool, stop: CancellationToken) {
 fn serial_device(path: &Path) -> DeviceSettings {
     let mut device = DeviceSettings::serial("tty0", path);
     device.sample_interval_ms = 5;
-    device.read_timeout_ms = 30_000;
+    device.read_timeout_ms = Some(30_000);
     device.failure_threshold = 1_000;
     device.backoff_initial_ms = 20;
     device.backoff_max_ms = 100;
