@@ -31,15 +31,36 @@ pub enum OverflowPolicy {
     Block,
 }
 
-/// Why a push was refused outright.
+/// Why [`RingBuffer::try_push_all`] refused a batch. Nothing of a refused batch is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {
     /// The buffer is closed for shutdown.
     #[error("the buffer is closed")]
     Closed,
-    /// The buffer is at or above its high watermark.
-    #[error("the buffer is too full")]
-    Full,
+    /// The batch is larger than the buffer's capacity: it can never be taken.
+    #[error("{n} samples can never fit in a buffer of {capacity}")]
+    TooLarge {
+        /// Samples in the batch.
+        n: usize,
+        /// The buffer's capacity.
+        capacity: usize,
+    },
+    /// The buffer holds its high watermark or more; retry once it has drained.
+    #[error("the buffer holds {depth} samples, at or above its high watermark of {high_watermark}")]
+    AboveWatermark {
+        /// Samples queued.
+        depth: usize,
+        /// The depth at which batches are refused.
+        high_watermark: usize,
+    },
+    /// The batch does not fit beside what is queued; retry once it has drained.
+    #[error("the buffer has room for {room} samples, not {n}")]
+    NoRoom {
+        /// Samples in the batch.
+        n: usize,
+        /// Free places in the buffer.
+        room: usize,
+    },
 }
 
 struct Inner {
@@ -133,9 +154,14 @@ impl RingBuffer {
         }
     }
 
-    /// Pushes all of `samples` unless the buffer is closed, holds `high_watermark` or more, or
-    /// (with `Block`) has no room for all of them. Used by HTTP ingest, which turns refusal into
-    /// backpressure for its client instead of waiting.
+    /// Pushes all of `samples` if they fit beside what is queued, without evicting or dropping
+    /// any sample, whatever the overflow policy, and only while the buffer holds less than
+    /// `high_watermark`; otherwise takes none of them. Used by HTTP ingest, which turns refusal
+    /// into backpressure for its client instead of waiting: the overflow policy is for sources
+    /// that cannot be pushed back (device links).
+    ///
+    /// So the largest batch that can ever be taken is [`Self::capacity`] (into an empty buffer,
+    /// which is always below its high watermark of at least 1).
     pub fn try_push_all(
         &self,
         source: Source,
@@ -148,17 +174,28 @@ impl RingBuffer {
             if inner.closed {
                 return Err(PushError::Closed);
             }
+            if n > self.capacity {
+                return Err(PushError::TooLarge {
+                    n,
+                    capacity: self.capacity,
+                });
+            }
             let depth = inner.queue.len();
-            // `Block` loses nothing, so it takes a batch only if all of it fits.
-            let must_fit = self.policy == OverflowPolicy::Block && depth + n > self.capacity;
-            if depth >= high_watermark || must_fit {
-                return Err(PushError::Full);
+            if depth >= high_watermark {
+                return Err(PushError::AboveWatermark {
+                    depth,
+                    high_watermark,
+                });
+            }
+            let room = self.capacity - depth;
+            if n > room {
+                return Err(PushError::NoRoom { n, room });
             }
             let mut samples = VecDeque::from(samples);
             self.push_locked(&mut inner, source, &mut samples);
             debug_assert!(
                 samples.is_empty(),
-                "only Block leaves samples, and they fit"
+                "the batch fits, so every policy takes it"
             );
         }
         self.readable.notify_one();
@@ -392,7 +429,10 @@ mod tests {
         );
         assert_eq!(
             buffer.try_push_all(Source::Ingest, samples(8..9).into(), 8),
-            Err(PushError::Full)
+            Err(PushError::AboveWatermark {
+                depth: 8,
+                high_watermark: 8
+            })
         );
         assert_eq!(buffer.ledger().ingested, 8);
         buffer.close();
@@ -400,6 +440,47 @@ mod tests {
             buffer.try_push_all(Source::Ingest, samples(0..1).into(), 8),
             Err(PushError::Closed)
         );
+    }
+
+    #[test]
+    fn try_push_all_takes_a_batch_only_if_it_fits_whole_under_every_policy() {
+        for policy in [
+            OverflowPolicy::DropOldest,
+            OverflowPolicy::DropNewest,
+            OverflowPolicy::Block,
+        ] {
+            let buffer = RingBuffer::new(10, policy);
+            assert_eq!(
+                buffer.try_push_all(Source::Ingest, samples(0..6).into(), 10),
+                Ok(6)
+            );
+            // Room for 4: five would evict (or drop) one.
+            assert_eq!(
+                buffer.try_push_all(Source::Ingest, samples(6..11).into(), 10),
+                Err(PushError::NoRoom { n: 5, room: 4 }),
+                "{policy:?}"
+            );
+            assert_eq!(
+                buffer.try_push_all(Source::Ingest, samples(6..10).into(), 10),
+                Ok(4)
+            );
+            // Larger than the buffer: it could never fit.
+            let empty = RingBuffer::new(10, policy);
+            assert_eq!(
+                empty.try_push_all(Source::Ingest, samples(0..11).into(), 10),
+                Err(PushError::TooLarge {
+                    n: 11,
+                    capacity: 10
+                }),
+                "{policy:?}"
+            );
+            for (buffer, ingested) in [(&buffer, 10), (&empty, 0)] {
+                let ledger = buffer.ledger();
+                assert_eq!(ledger.ingested, ingested, "{policy:?}: {ledger:?}");
+                assert_eq!(ledger.dropped.total(), 0, "{policy:?}: {ledger:?}");
+                assert!(ledger.balanced(), "{ledger:?}");
+            }
+        }
     }
 
     #[tokio::test]

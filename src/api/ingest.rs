@@ -1,6 +1,9 @@
 //! `POST /samples`: HTTP ingest of a JSON array of samples into the same ring buffer as the
-//! devices. All or nothing: a request is refused whole (400 naming the item and field, 413,
-//! 415, 429 with `Retry-After` under backpressure) or accepted whole (202).
+//! devices. All or nothing: a request is accepted whole (202) only if every sample fits in the
+//! buffer beside what is queued, so the overflow policy never drops or evicts for it; otherwise
+//! it is refused whole: 400 naming the item and field, 415, 413 when it can never succeed (more
+//! samples than [`SampleLimit`]), 429 with `Retry-After` when it could later (the buffer is at
+//! its high watermark, or has too little room for this batch).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -12,6 +15,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::json;
 use smol_str::SmolStr;
 
@@ -35,14 +39,65 @@ struct IngestSample {
     timestamp: Option<String>,
 }
 
+/// The most samples one request may hold, and the setting that makes it so (for the 413).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleLimit {
+    /// The most samples.
+    pub max: usize,
+    /// The configuration key that sets `max`.
+    pub setting: &'static str,
+}
+
+impl From<usize> for SampleLimit {
+    /// A limit set by `http.ingest_max_samples` alone.
+    fn from(max: usize) -> Self {
+        Self {
+            max,
+            setting: "http.ingest_max_samples",
+        }
+    }
+}
+
+impl SampleLimit {
+    /// The smaller of `http.ingest_max_samples` and the largest batch the buffer can ever take
+    /// (its capacity: see [`RingBuffer::try_push_all`](crate::buffer::RingBuffer::try_push_all)).
+    /// A request above it can never succeed, so it gets 413, not a 429 to retry forever.
+    pub fn effective(ingest_max_samples: usize, capacity: usize) -> Self {
+        if ingest_max_samples <= capacity {
+            Self::from(ingest_max_samples)
+        } else {
+            Self::by_capacity(capacity)
+        }
+    }
+
+    fn by_capacity(capacity: usize) -> Self {
+        Self {
+            max: capacity,
+            setting: "buffer.capacity",
+        }
+    }
+
+    /// The 413 for a request of `n` samples.
+    fn refuse(self, n: usize) -> ApiError {
+        ApiError::Rejected(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{n} samples in one request; at most {} (set by `{}`)",
+                self.max, self.setting
+            ),
+        )
+    }
+}
+
 /// Parses and validates a request body into samples stamped `received`; the error names the
-/// offending item and field. Public for the fuzzer.
+/// offending item and field, or is a 413 naming the limit. Public for the fuzzer.
 pub fn parse_body(
     body: &[u8],
     known_device: impl Fn(&str) -> bool,
-    max_samples: usize,
+    limit: impl Into<SampleLimit>,
     received: (SystemTime, Instant),
 ) -> Result<Vec<Sample>, ApiError> {
+    let limit = limit.into();
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let items: Vec<IngestSample> =
         serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
@@ -51,14 +106,8 @@ pub fn parse_body(
     deserializer
         .end()
         .map_err(|err| ApiError::BadRequest(format!("trailing data after the array: {err}")))?;
-    if items.len() > max_samples {
-        return Err(ApiError::Rejected(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "{} samples in one request; at most {max_samples}",
-                items.len()
-            ),
-        ));
+    if items.len() > limit.max {
+        return Err(limit.refuse(items.len()));
     }
     items
         .into_iter()
@@ -118,6 +167,14 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
 }
 
+/// How many items a JSON array holds, by scanning it without building them; `None` if the body
+/// is not a JSON array.
+fn count_items(body: &[u8]) -> Option<usize> {
+    serde_json::from_slice::<Vec<IgnoredAny>>(body)
+        .ok()
+        .map(|items| items.len())
+}
+
 pub(super) async fn ingest(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -127,16 +184,17 @@ pub(super) async fn ingest(
         Ok(accepted) => {
             (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response()
         }
-        Err(Refusal::Full) => with_retry_after(ApiError::Rejected(
+        Err(Refusal::Busy(why)) => with_retry_after(ApiError::Rejected(
             StatusCode::TOO_MANY_REQUESTS,
-            "the buffer is above its high watermark; retry shortly".to_owned(),
+            format!("{why}; retry shortly"),
         )),
         Err(Refusal::Error(err)) => err.into_response(),
     }
 }
 
 enum Refusal {
-    Full,
+    /// Could succeed later: 429.
+    Busy(PushError),
     Error(ApiError),
 }
 
@@ -160,23 +218,33 @@ fn accept(
     }
     let body =
         body.map_err(|rejection| ApiError::Rejected(rejection.status(), rejection.body_text()))?;
-    // Refuse early, before parsing, when the answer will be 429 anyway.
-    if state.buffer.len() >= state.high_watermark {
-        return Err(Refusal::Full);
+    let limit = SampleLimit::effective(state.ingest_max_samples, state.buffer.capacity());
+    // Above the high watermark the answer is 429, unless the request could never succeed:
+    // count its items without building them (most requests under overload end here).
+    let depth = state.buffer.len();
+    if depth >= state.high_watermark {
+        return match count_items(&body) {
+            Some(n) if n > limit.max => Err(limit.refuse(n).into()),
+            _ => Err(Refusal::Busy(PushError::AboveWatermark {
+                depth,
+                high_watermark: state.high_watermark,
+            })),
+        };
     }
     let known = |id: &str| state.devices.iter().any(|d| d.id() == id);
-    let samples = parse_body(
-        &body,
-        known,
-        state.ingest_max_samples,
-        (SystemTime::now(), Instant::now()),
-    )?;
+    let samples = parse_body(&body, known, limit, (SystemTime::now(), Instant::now()))?;
     match state
         .buffer
         .try_push_all(Source::Ingest, samples, state.high_watermark)
     {
         Ok(n) => Ok(n),
-        Err(PushError::Full) => Err(Refusal::Full),
+        Err(why @ (PushError::AboveWatermark { .. } | PushError::NoRoom { .. })) => {
+            Err(Refusal::Busy(why))
+        }
+        // `limit` is at most the capacity, so this cannot happen; answer it truthfully anyway.
+        Err(PushError::TooLarge { n, capacity }) => {
+            Err(SampleLimit::by_capacity(capacity).refuse(n).into())
+        }
         Err(PushError::Closed) => {
             Err(ApiError::Unavailable("the gateway is shutting down".to_owned()).into())
         }
@@ -272,5 +340,30 @@ mod tests {
             matches!(err, ApiError::Rejected(StatusCode::PAYLOAD_TOO_LARGE, _)),
             "{err}"
         );
+        assert_eq!(
+            err.to_string(),
+            "4 samples in one request; at most 3 (set by `http.ingest_max_samples`)"
+        );
+    }
+
+    #[test]
+    fn the_sample_limit_is_the_smaller_of_the_setting_and_the_capacity() {
+        assert_eq!(
+            SampleLimit::effective(10_000, 1000),
+            SampleLimit {
+                max: 1000,
+                setting: "buffer.capacity"
+            }
+        );
+        assert_eq!(SampleLimit::effective(500, 1000), SampleLimit::from(500));
+        assert_eq!(SampleLimit::effective(1000, 1000), SampleLimit::from(1000));
+    }
+
+    #[test]
+    fn count_items_counts_a_json_array_only() {
+        assert_eq!(count_items(br#"[{"a":[1,2]},2,"x"]"#), Some(3));
+        assert_eq!(count_items(b"[]"), Some(0));
+        assert_eq!(count_items(br#"{"a":1}"#), None);
+        assert_eq!(count_items(b"[1,"), None);
     }
 }

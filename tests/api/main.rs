@@ -13,6 +13,7 @@ mod errors;
 mod faults;
 mod health;
 mod helpers;
+mod ingest;
 mod lifecycle;
 mod metrics;
 mod resilience;
