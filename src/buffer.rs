@@ -82,11 +82,15 @@ pub struct RingBuffer {
 
 impl RingBuffer {
     /// An empty buffer holding at most `capacity` samples.
+    ///
+    /// Memory grows with the deepest queue seen, never beyond `capacity` samples, and is not
+    /// reserved up front: a generous capacity costs nothing until it is used (reserving 1e9
+    /// samples aborted on a 104 GB allocation).
     pub fn new(capacity: usize, policy: OverflowPolicy) -> Self {
         assert!(capacity > 0, "capacity is validated to be at least 1");
         Self {
             inner: Mutex::new(Inner {
-                queue: VecDeque::with_capacity(capacity),
+                queue: VecDeque::new(),
                 closed: false,
                 ledger: Ledger::default(),
             }),
@@ -202,6 +206,16 @@ impl RingBuffer {
         Ok(n)
     }
 
+    /// Makes room in the queue's allocation for `n` more samples: by doubling, as `VecDeque`
+    /// would, so growth is amortised, but never past `capacity` samples.
+    fn grow_for(&self, queue: &mut VecDeque<Sample>, n: usize) {
+        let needed = queue.len() + n;
+        if needed > queue.capacity() {
+            let target = needed.max(queue.capacity() * 2).min(self.capacity);
+            queue.reserve_exact(target.max(needed) - queue.len());
+        }
+    }
+
     /// Pushes what fits under the policy; with `Block`, leaves the rest in `samples`.
     fn push_locked(&self, inner: &mut Inner, source: Source, samples: &mut VecDeque<Sample>) {
         let first = inner.ledger.pushed + inner.ledger.dropped.overflow;
@@ -212,12 +226,14 @@ impl RingBuffer {
         match self.policy {
             OverflowPolicy::Block => {
                 let n = room.min(samples.len());
+                self.grow_for(&mut inner.queue, n);
                 inner.queue.extend(samples.drain(..n));
                 inner.ledger.arrive(source, n as u64);
                 inner.ledger.enqueue(n as u64);
             }
             OverflowPolicy::DropNewest => {
                 let n = room.min(samples.len());
+                self.grow_for(&mut inner.queue, n);
                 inner.queue.extend(samples.drain(..n));
                 let dropped = samples.drain(..).count() as u64;
                 inner.ledger.arrive(source, n as u64 + dropped);
@@ -231,6 +247,7 @@ impl RingBuffer {
                 samples.drain(..skip);
                 let evict = (inner.queue.len() + samples.len()).saturating_sub(self.capacity);
                 inner.queue.drain(..evict);
+                self.grow_for(&mut inner.queue, samples.len());
                 inner.queue.extend(samples.drain(..));
                 inner.ledger.arrive(source, n);
                 inner.ledger.discard(skip as u64, DropReason::Overflow);
@@ -481,6 +498,30 @@ mod tests {
                 assert!(ledger.balanced(), "{ledger:?}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_new_buffer_reserves_nothing_and_grows_with_use_up_to_its_capacity() {
+        // Reserving the capacity up front made a capacity of 1e9 abort on a 104 GB allocation.
+        let big = RingBuffer::new(1 << 30, OverflowPolicy::DropOldest);
+        assert_eq!(big.lock().queue.capacity(), 0);
+
+        let buffer = RingBuffer::new(1000, OverflowPolicy::DropOldest);
+        buffer
+            .try_push_all(Source::Ingest, samples(0..600).into(), 1000)
+            .unwrap();
+        assert!((600..=1000).contains(&buffer.lock().queue.capacity()));
+        // Doubling would reserve 1,200.
+        buffer
+            .try_push_all(Source::Ingest, samples(0..400).into(), 1000)
+            .unwrap();
+        assert_eq!(buffer.lock().queue.capacity(), 1000);
+        buffer.push(Source::Device, &mut samples(0..500)).await;
+        assert_eq!(
+            buffer.lock().queue.capacity(),
+            1000,
+            "evicting needs no more"
+        );
     }
 
     #[tokio::test]
