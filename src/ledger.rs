@@ -52,17 +52,21 @@ pub enum RejectReason {
     NonFinite,
     /// Outside the range configured for its unit.
     OutOfRange,
+    /// Finite, but not after the device's calibration (`value * scale + offset` overflowed).
+    CalibrationOverflow,
 }
 
 impl RejectReason {
     /// Every reason, for metrics.
-    pub const ALL: [RejectReason; 2] = [Self::NonFinite, Self::OutOfRange];
+    pub const ALL: [RejectReason; 3] =
+        [Self::NonFinite, Self::OutOfRange, Self::CalibrationOverflow];
 
     /// The label used in metrics and JSON.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::NonFinite => "non_finite",
             Self::OutOfRange => "out_of_range",
+            Self::CalibrationOverflow => "calibration_overflow",
         }
     }
 }
@@ -113,6 +117,8 @@ pub struct RejectCounts {
     pub non_finite: u64,
     /// See [`RejectReason::OutOfRange`].
     pub out_of_range: u64,
+    /// See [`RejectReason::CalibrationOverflow`].
+    pub calibration_overflow: u64,
 }
 
 impl RejectCounts {
@@ -121,6 +127,7 @@ impl RejectCounts {
         match reason {
             RejectReason::NonFinite => self.non_finite,
             RejectReason::OutOfRange => self.out_of_range,
+            RejectReason::CalibrationOverflow => self.calibration_overflow,
         }
     }
 
@@ -129,17 +136,19 @@ impl RejectCounts {
         match reason {
             RejectReason::NonFinite => self.non_finite += n,
             RejectReason::OutOfRange => self.out_of_range += n,
+            RejectReason::CalibrationOverflow => self.calibration_overflow += n,
         }
     }
 
     /// All reasons together.
     pub fn total(&self) -> u64 {
-        self.non_finite + self.out_of_range
+        self.non_finite + self.out_of_range + self.calibration_overflow
     }
 
     fn merge(&mut self, other: &RejectCounts) {
         self.non_finite += other.non_finite;
         self.out_of_range += other.out_of_range;
+        self.calibration_overflow += other.calibration_overflow;
     }
 }
 

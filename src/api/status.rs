@@ -39,6 +39,7 @@ pub(super) struct StatusBody {
 #[derive(Serialize, PartialEq)]
 struct StatusMetrics {
     samples_processed: u64,
+    samples_rejected: u64,
     samples_dropped: u64,
     pool_jobs_processed: u64,
     pool_jobs_queued: u64,
@@ -103,6 +104,7 @@ pub(super) fn status_body(state: &AppState) -> StatusBody {
         latest_sample: state.worker.latest(),
         metrics: StatusMetrics {
             samples_processed: ledger.processed,
+            samples_rejected: ledger.rejected.total(),
             samples_dropped: ledger.dropped.total(),
             pool_jobs_processed: ledger.batches,
             pool_jobs_queued: state.pool.queued(),
@@ -214,6 +216,7 @@ mod tests {
             latest_sample: None,
             metrics: StatusMetrics {
                 samples_processed: processed,
+                samples_rejected: 0,
                 samples_dropped: 0,
                 pool_jobs_processed: 0,
                 pool_jobs_queued: 0,

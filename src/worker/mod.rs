@@ -2,7 +2,7 @@
 //!
 //! The dispatcher hands each batch to [`Worker::process`] inside `spawn_blocking`. A batch is
 //! validated (finite, within the range configured for its unit), calibrated per device
-//! (`value * scale + offset`), folded into per-device rolling statistics and appended to the
+//! (`value * scale + offset`, which must stay finite), folded into per-device rolling statistics and appended to the
 //! history behind `GET /samples`. Shared state is locked once per batch, never per sample.
 
 use std::collections::{HashMap, VecDeque};
@@ -37,9 +37,15 @@ impl Calibration {
         offset: 0.0,
     };
 
-    /// The calibrated value.
-    pub fn apply(self, raw: f64) -> f64 {
-        raw * self.scale + self.offset
+    /// The calibrated value; a finite raw value can still overflow (`1e300 * 1e10`), and JSON
+    /// has no infinity to show it with.
+    pub fn apply(self, raw: f64) -> Result<f64, RejectReason> {
+        let value = raw * self.scale + self.offset;
+        if value.is_finite() {
+            Ok(value)
+        } else {
+            Err(RejectReason::CalibrationOverflow)
+        }
     }
 }
 
@@ -85,18 +91,34 @@ impl RollingStats {
         self.count += 1;
         self.min = self.min.min(value);
         self.max = self.max.max(value);
-        self.mean += (value - self.mean) / self.count as f64;
+        self.mean = self.mean_with(value, 1.0 / self.count as f64);
         self.last = value;
     }
 
     /// Folds in statistics of later values.
     pub fn merge(&mut self, later: &RollingStats) {
         let total = self.count + later.count;
-        self.mean += (later.mean - self.mean) * later.count as f64 / total as f64;
         self.count = total;
         self.min = self.min.min(later.min);
         self.max = self.max.max(later.max);
+        self.mean = self.mean_with(later.mean, later.count as f64 / total as f64);
         self.last = later.last;
+    }
+
+    /// The mean moved towards `other` by `weight` (0..=1), with `min` and `max` already
+    /// covering `other`. `mean + (other - mean) * weight` is the stable form, but `other - mean`
+    /// overflows for values of opposite signs beyond `f64::MAX / 2`; the weighted sum then
+    /// cannot, being no larger than its largest term. Rounding may still step outside the
+    /// values seen, which the clamp undoes: so the mean of finite values is finite. (`max` and
+    /// `min` rather than `clamp`, which panics on a NaN bound; this runs under the lock.)
+    fn mean_with(&self, other: f64, weight: f64) -> f64 {
+        let stable = self.mean + (other - self.mean) * weight;
+        let mean = if stable.is_finite() {
+            stable
+        } else {
+            self.mean * (1.0 - weight) + other * weight
+        };
+        mean.max(self.min).min(self.max)
     }
 }
 
@@ -246,7 +268,13 @@ impl Worker {
                     .copied()
                     .unwrap_or(Calibration::IDENTITY)
             });
-            let value = cal.apply(sample.value);
+            let value = match cal.apply(sample.value) {
+                Ok(value) => value,
+                Err(reason) => {
+                    outcome.rejected.add(reason, 1);
+                    continue;
+                }
+            };
             match stats.iter_mut().find(|(d, _)| *d == sample.device) {
                 Some((_, s)) => s.update(value),
                 None => stats.push((sample.device.clone(), RollingStats::new(value))),
@@ -445,6 +473,43 @@ mod tests {
             assert_eq!(value, key.len(), "{key}");
         }
         assert_eq!(lookups, [a.clone(), bb, a]);
+    }
+
+    #[test]
+    fn a_calibration_that_overflows_is_rejected() {
+        let settings = Settings::default();
+        let mut device = DeviceSettings::simulated("test");
+        device.scale = 1e307;
+        let worker = Worker::new(&settings.processing, &[device], 10);
+        // 100 * 1e307 is beyond f64::MAX; 1e-300 * 1e307 is 1e7.
+        let outcome = worker.process(vec![Sample::test(0, 100.0), Sample::test(1, 1e-300)]);
+        assert_eq!(outcome.processed, 1, "{outcome:?}");
+        assert_eq!(outcome.rejected.calibration_overflow, 1, "{outcome:?}");
+        assert_eq!(outcome.rejected.total(), 1, "{outcome:?}");
+        let values: Vec<f64> = worker.recent(10).iter().map(|s| s.value).collect();
+        assert_eq!(values.len(), 1);
+        assert!((values[0] - 1e7).abs() < 1e-6, "{values:?}");
+    }
+
+    #[test]
+    fn stats_of_values_near_the_f64_limits_stay_finite() {
+        let mut stats = RollingStats::new(f64::MAX);
+        stats.update(-f64::MAX);
+        assert_eq!(stats.mean, 0.0, "{stats:?}");
+        stats.update(f64::MAX);
+        assert!(stats.mean.is_finite() && stats.mean > 0.0, "{stats:?}");
+
+        let mut a = RollingStats::new(-f64::MAX);
+        let mut b = RollingStats::new(f64::MAX);
+        b.update(f64::MAX);
+        a.merge(&b);
+        assert!(a.mean.is_finite(), "{a:?}");
+        assert!((a.mean - f64::MAX / 3.0).abs() <= f64::MAX * 1e-12, "{a:?}");
+
+        let mut same = RollingStats::new(f64::MAX);
+        (0..5).for_each(|_| same.update(f64::MAX));
+        same.merge(&RollingStats::new(f64::MAX));
+        assert_eq!(same.mean, f64::MAX, "{same:?}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use telemetryhub::buffer::{OverflowPolicy, RingBuffer};
 use telemetryhub::config::DeviceSettings;
 use telemetryhub::device::codec::encode_frame;
 use telemetryhub::device::{Connector, DeviceTask};
+use telemetryhub::ledger::RejectReason;
 use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio_util::sync::CancellationToken;
 
@@ -605,4 +606,104 @@ async fn link_garbage_partial_frames_and_64k_lines_are_counted_and_skipped() {
     cancel.cancel();
     task.await.expect("the device task ends cleanly");
     drop(device_end);
+}
+
+/// Paths of `null`s among a JSON document's numbers (`value`, `min`, `max`, `mean`, `last`).
+fn null_numbers(value: &serde_json::Value, path: &str, found: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                let at = format!("{path}/{key}");
+                if v.is_null() && ["value", "min", "max", "mean", "last"].contains(&key.as_str()) {
+                    found.push(at);
+                } else {
+                    null_numbers(v, &at, found);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                null_numbers(v, &format!("{path}/{i}"), found);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `POST /samples` of `body`, which must be accepted; then waits until `GET /samples` shows
+/// a sample of `last` (the batch's last sample, so the whole batch has been through a worker).
+async fn ingest_and_wait(app: &TestApp, body: serde_json::Value, last: f64) {
+    let response = app
+        .client
+        .post(app.url("/samples"))
+        .json(&body)
+        .send()
+        .await
+        .expect("POST /samples answers");
+    let (code, answer) = json_of(response).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{answer}");
+    wait_until(DEADLINE, &format!("a sample of {last}"), async || {
+        let (_, body) = app.get_json("/samples?limit=100").await;
+        body["samples"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["value"] == last))
+    })
+    .await;
+}
+
+/// Every route that shows sample values or statistics, checked for `null` numbers.
+async fn assert_no_null_numbers(app: &TestApp) {
+    for path in ["/samples?limit=100", "/status", "/devices", "/devices/sim0"] {
+        let (code, body) = app.get_json(path).await;
+        assert_eq!(code, StatusCode::OK, "{path}: {body}");
+        let mut nulls = Vec::new();
+        null_numbers(&body, "", &mut nulls);
+        assert!(nulls.is_empty(), "GET {path}: null at {nulls:?} in {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calibration_that_overflows_is_rejected_not_shown_as_null() {
+    let app = spawn_app(|s| {
+        s.devices[0].scale = 1e307;
+        s.devices[0].autostart = false;
+    })
+    .await;
+    // 100 * 1e307 is beyond f64::MAX; 1e-300 * 1e307 = 1e7 is fine.
+    let body = json!([
+        {"device": "sim0", "value": 100, "unit": "V"},
+        {"device": "sim0", "value": 1e-300, "unit": "V"},
+    ]);
+    ingest_and_wait(&app, body, 1e7).await;
+    assert_no_null_numbers(&app).await;
+    wait_until(DEADLINE, "the rejection to be counted", async || {
+        u64_at(&app.status().await, "/metrics/samples_rejected") == 1
+    })
+    .await;
+    let reason = [("reason", "calibration_overflow")];
+    let scraped = app
+        .scrape()
+        .await
+        .value("telemetryhub_samples_rejected_total", &reason);
+    // The recorder is shared by every app in this test binary: at least ours.
+    assert!(scraped >= 1.0, "{scraped}");
+    let summary = app.shut_down().await;
+    let l = &summary.ledger;
+    assert_eq!(l.processed, 1, "{summary:?}");
+    assert_eq!(l.rejected.get(RejectReason::CalibrationOverflow), 1);
+    assert_eq!(l.rejected.total(), 1, "{summary:?}");
+    assert!(summary.balanced, "{summary:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_near_the_f64_limits_keep_statistics_finite() {
+    let app = spawn_app(|s| s.devices[0].autostart = false).await;
+    // Their mean is 0, but a naive running mean computes 1e308 + (-1e308 - 1e308) / 2 = -inf.
+    let body = json!([
+        {"device": "sim0", "value": 1e308, "unit": "V"},
+        {"device": "sim0", "value": -1e308, "unit": "V"},
+    ]);
+    ingest_and_wait(&app, body, -1e308).await;
+    assert_no_null_numbers(&app).await;
+    app.shut_down().await;
 }

@@ -204,8 +204,10 @@ async fn drains_and_exits_on(signal: &str) {
     let settled = u64_at(&summary, "/processed")
         + u64_at(rejected, "/non_finite")
         + u64_at(rejected, "/out_of_range")
+        + u64_at(rejected, "/calibration_overflow")
         + u64_at(dropped, "/overflow")
         + u64_at(dropped, "/shutdown")
+        + u64_at(dropped, "/stopped")
         + u64_at(dropped, "/worker_panic")
         + u64_at(&summary, "/in_buffer")
         + u64_at(&summary, "/in_flight");

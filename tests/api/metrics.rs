@@ -60,8 +60,13 @@ async fn prometheus_scrape_has_every_documented_family() {
 
     let dropped = "telemetryhub_buffer_dropped_total";
     assert_eq!(scrape.type_of(dropped), Some("counter"));
-    for reason in ["overflow", "shutdown", "worker_panic"] {
+    for reason in ["overflow", "shutdown", "stopped", "worker_panic"] {
         assert!(scrape.value(dropped, &[("reason", reason)]) >= 0.0);
+    }
+    let rejected = "telemetryhub_samples_rejected_total";
+    assert_eq!(scrape.type_of(rejected), Some("counter"));
+    for reason in ["non_finite", "out_of_range", "calibration_overflow"] {
+        assert!(scrape.value(rejected, &[("reason", reason)]) >= 0.0);
     }
 
     assert_eq!(scrape.type_of("telemetryhub_buffer_depth"), Some("gauge"));

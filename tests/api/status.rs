@@ -59,7 +59,8 @@ async fn status_has_the_documented_shape_and_real_numbers() {
             "queue_capacity",
             "queue_depth",
             "samples_dropped",
-            "samples_processed"
+            "samples_processed",
+            "samples_rejected"
         ]
     );
     for key in keys(metrics) {
@@ -72,6 +73,8 @@ async fn status_has_the_documented_shape_and_real_numbers() {
     assert!(u64_at(metrics, "/queue_depth") <= 123, "{metrics}");
     // Paced at 10 ms into a buffer of 123: nothing overflows.
     assert_eq!(u64_at(metrics, "/samples_dropped"), 0, "{metrics}");
+    // The simulator stays within the default range of its unit.
+    assert_eq!(u64_at(metrics, "/samples_rejected"), 0, "{metrics}");
 
     let devices = status["devices"].as_array().expect("devices is an array");
     assert_eq!(devices.len(), 1);
