@@ -53,6 +53,7 @@ fn samples(n: usize) -> Vec<Sample> {
             timestamp,
             received,
             order: 0,
+            source: Source::Device,
         })
         .collect()
 }
@@ -124,7 +125,8 @@ fn push_full(c: &mut Criterion) {
 }
 
 fn try_push_all(c: &mut Criterion) {
-    let template = samples(INGEST_BATCH);
+    let mut template = samples(INGEST_BATCH);
+    template.iter_mut().for_each(|s| s.source = Source::Ingest);
     let mut group = group(c, "try_push_all", INGEST_BATCH);
     for (policy, name) in POLICIES {
         let buffer = RingBuffer::new(CAPACITY, policy);

@@ -221,6 +221,10 @@ impl RingBuffer {
         let first = inner.ledger.pushed + inner.ledger.dropped.overflow;
         for (i, sample) in samples.iter_mut().enumerate() {
             sample.order = first + i as u64;
+            debug_assert_eq!(
+                sample.source, source,
+                "the ledger counts what statistics show"
+            );
         }
         let room = self.capacity - inner.queue.len();
         match self.policy {
@@ -328,6 +332,13 @@ mod tests {
         range.map(|i| Sample::test(i, f64::from(i))).collect()
     }
 
+    /// Like [`samples`], posted over HTTP.
+    fn ingested(range: std::ops::Range<u32>) -> VecDeque<Sample> {
+        let mut samples = samples(range);
+        samples.iter_mut().for_each(|s| s.source = Source::Ingest);
+        samples
+    }
+
     fn seqs(batch: &[Sample]) -> Vec<u32> {
         batch.iter().map(|s| s.seq.unwrap()).collect()
     }
@@ -398,7 +409,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(!consumer.is_finished());
-        buffer.push(Source::Ingest, &mut samples(0..1)).await;
+        buffer.push(Source::Ingest, &mut ingested(0..1)).await;
         let batch = tokio::time::timeout(Duration::from_secs(1), consumer)
             .await
             .expect("consumer must be woken")
@@ -441,11 +452,11 @@ mod tests {
     fn try_push_all_refuses_at_the_watermark_without_half_accepting() {
         let buffer = RingBuffer::new(10, OverflowPolicy::DropOldest);
         assert_eq!(
-            buffer.try_push_all(Source::Ingest, samples(0..8).into(), 8),
+            buffer.try_push_all(Source::Ingest, ingested(0..8).into(), 8),
             Ok(8)
         );
         assert_eq!(
-            buffer.try_push_all(Source::Ingest, samples(8..9).into(), 8),
+            buffer.try_push_all(Source::Ingest, ingested(8..9).into(), 8),
             Err(PushError::AboveWatermark {
                 depth: 8,
                 high_watermark: 8
@@ -454,7 +465,7 @@ mod tests {
         assert_eq!(buffer.ledger().ingested, 8);
         buffer.close();
         assert_eq!(
-            buffer.try_push_all(Source::Ingest, samples(0..1).into(), 8),
+            buffer.try_push_all(Source::Ingest, ingested(0..1).into(), 8),
             Err(PushError::Closed)
         );
     }
@@ -468,23 +479,23 @@ mod tests {
         ] {
             let buffer = RingBuffer::new(10, policy);
             assert_eq!(
-                buffer.try_push_all(Source::Ingest, samples(0..6).into(), 10),
+                buffer.try_push_all(Source::Ingest, ingested(0..6).into(), 10),
                 Ok(6)
             );
             // Room for 4: five would evict (or drop) one.
             assert_eq!(
-                buffer.try_push_all(Source::Ingest, samples(6..11).into(), 10),
+                buffer.try_push_all(Source::Ingest, ingested(6..11).into(), 10),
                 Err(PushError::NoRoom { n: 5, room: 4 }),
                 "{policy:?}"
             );
             assert_eq!(
-                buffer.try_push_all(Source::Ingest, samples(6..10).into(), 10),
+                buffer.try_push_all(Source::Ingest, ingested(6..10).into(), 10),
                 Ok(4)
             );
             // Larger than the buffer: it could never fit.
             let empty = RingBuffer::new(10, policy);
             assert_eq!(
-                empty.try_push_all(Source::Ingest, samples(0..11).into(), 10),
+                empty.try_push_all(Source::Ingest, ingested(0..11).into(), 10),
                 Err(PushError::TooLarge {
                     n: 11,
                     capacity: 10
@@ -508,12 +519,12 @@ mod tests {
 
         let buffer = RingBuffer::new(1000, OverflowPolicy::DropOldest);
         buffer
-            .try_push_all(Source::Ingest, samples(0..600).into(), 1000)
+            .try_push_all(Source::Ingest, ingested(0..600).into(), 1000)
             .unwrap();
         assert!((600..=1000).contains(&buffer.lock().queue.capacity()));
         // Doubling would reserve 1,200.
         buffer
-            .try_push_all(Source::Ingest, samples(0..400).into(), 1000)
+            .try_push_all(Source::Ingest, ingested(0..400).into(), 1000)
             .unwrap();
         assert_eq!(buffer.lock().queue.capacity(), 1000);
         buffer.push(Source::Device, &mut samples(0..500)).await;

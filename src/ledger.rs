@@ -152,12 +152,14 @@ impl RejectCounts {
     }
 }
 
-/// Where samples come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where samples come from. Shown in JSON as `link` and `http`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Source {
     /// Read from a device link.
+    #[serde(rename = "link")]
     Device,
     /// Posted over HTTP.
+    #[serde(rename = "http")]
     Ingest,
 }
 

@@ -5,6 +5,8 @@ use std::time::{Instant, SystemTime};
 use serde::Serialize;
 use smol_str::SmolStr;
 
+use crate::ledger::Source;
+
 /// One measurement, stamped by the gateway on arrival.
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -23,6 +25,9 @@ pub struct Sample {
     /// Position in the buffer's arrival order, stamped on entry; keeps the history in order
     /// when batches finish out of order on several workers.
     pub order: u64,
+    /// Where it came from; statistics keep sources apart. The buffer's ledger counts by the
+    /// source its producer pushes with, which must be this one.
+    pub source: Source,
 }
 
 impl Sample {
@@ -37,6 +42,7 @@ impl Sample {
             timestamp: SystemTime::now(),
             received: Instant::now(),
             order: u64::from(seq),
+            source: Source::Device,
         }
     }
 }

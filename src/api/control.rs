@@ -14,7 +14,7 @@ use smol_str::SmolStr;
 use super::{ApiError, AppState};
 use crate::device::state::{Command, DeviceState};
 use crate::device::{CommandError, CountersSnapshot, DeviceHandle, SendError};
-use crate::worker::RollingStats;
+use crate::worker::DeviceStats;
 
 /// One device as the API shows it.
 #[derive(Debug, Serialize, PartialEq)]
@@ -26,7 +26,8 @@ pub struct DeviceView {
     last_error: Option<String>,
     #[serde(flatten)]
     counters: CountersSnapshot,
-    stats: Option<RollingStats>,
+    #[serde(flatten)]
+    stats: DeviceStats,
 }
 
 impl DeviceView {

@@ -138,6 +138,7 @@ pub fn parse_body(
                 timestamp,
                 received: received.1,
                 order: 0,
+                source: Source::Ingest,
             })
         })
         .collect()

@@ -218,6 +218,7 @@ impl<C: Connector> DeviceTask<C> {
                         timestamp,
                         received,
                         order: 0,
+                        source: Source::Device,
                     });
                 }
                 Ok(Frame::Invalid(reason)) => invalid[reason.index()] += 1,

@@ -2,15 +2,16 @@
 //!
 //! The dispatcher hands each batch to [`Worker::process`] inside `spawn_blocking`. A batch is
 //! validated (finite, within the range configured for its unit), calibrated per device
-//! (`value * scale + offset`, which must stay finite), folded into per-device rolling statistics and appended to the
-//! history behind `GET /samples`. Shared state is locked once per batch, never per sample.
+//! (`value * scale + offset`, which must stay finite), folded into rolling statistics per
+//! device and [`Series`] (unit and source: a mean across units means nothing, and HTTP clients
+//! can post values a device never sent), and appended to the history behind `GET /samples`.
+//! Shared state is locked once per batch, never per sample.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use smol_str::SmolStr;
 
 use crate::config::{DeviceSettings, ProcessingSettings, ValueRange};
@@ -18,8 +19,11 @@ use crate::ledger::{BatchOutcome, RejectReason};
 use crate::sample::{ProcessedSample, Sample};
 
 mod histogram;
+mod stats;
 
 pub use self::histogram::{LatencyHistogram, LocalHistogram};
+use self::stats::{BatchStats, StatsStore};
+pub use self::stats::{DeviceStats, MAX_SERIES_PER_DEVICE, RollingStats, Series, SeriesStats};
 
 /// Calibration of one device.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -60,71 +64,9 @@ pub fn check(value: f64, range: Option<&ValueRange>) -> Result<(), RejectReason>
     }
 }
 
-/// Running statistics of one device's processed values.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct RollingStats {
-    /// Values seen.
-    pub count: u64,
-    /// Smallest value.
-    pub min: f64,
-    /// Largest value.
-    pub max: f64,
-    /// Arithmetic mean.
-    pub mean: f64,
-    /// Most recent value.
-    pub last: f64,
-}
-
-impl RollingStats {
-    fn new(value: f64) -> Self {
-        Self {
-            count: 1,
-            min: value,
-            max: value,
-            mean: value,
-            last: value,
-        }
-    }
-
-    /// Adds one value.
-    pub fn update(&mut self, value: f64) {
-        self.count += 1;
-        self.min = self.min.min(value);
-        self.max = self.max.max(value);
-        self.mean = self.mean_with(value, 1.0 / self.count as f64);
-        self.last = value;
-    }
-
-    /// Folds in statistics of later values.
-    pub fn merge(&mut self, later: &RollingStats) {
-        let total = self.count + later.count;
-        self.count = total;
-        self.min = self.min.min(later.min);
-        self.max = self.max.max(later.max);
-        self.mean = self.mean_with(later.mean, later.count as f64 / total as f64);
-        self.last = later.last;
-    }
-
-    /// The mean moved towards `other` by `weight` (0..=1), with `min` and `max` already
-    /// covering `other`. `mean + (other - mean) * weight` is the stable form, but `other - mean`
-    /// overflows for values of opposite signs beyond `f64::MAX / 2`; the weighted sum then
-    /// cannot, being no larger than its largest term. Rounding may still step outside the
-    /// values seen, which the clamp undoes: so the mean of finite values is finite. (`max` and
-    /// `min` rather than `clamp`, which panics on a NaN bound; this runs under the lock.)
-    fn mean_with(&self, other: f64, weight: f64) -> f64 {
-        let stable = self.mean + (other - self.mean) * weight;
-        let mean = if stable.is_finite() {
-            stable
-        } else {
-            self.mean * (1.0 - weight) + other * weight
-        };
-        mean.max(self.min).min(self.max)
-    }
-}
-
 #[derive(Default)]
 struct Shared {
-    stats: HashMap<SmolStr, RollingStats>,
+    stats: StatsStore,
     history: VecDeque<ProcessedSample>,
 }
 
@@ -249,7 +191,7 @@ impl Worker {
     pub fn process(&self, batch: Vec<Sample>) -> BatchOutcome {
         let started = Instant::now();
         let mut outcome = BatchOutcome::default();
-        let mut stats: Vec<(SmolStr, RollingStats)> = Vec::new();
+        let mut stats = BatchStats::default();
         let mut latency = LocalHistogram::default();
         let keep_from = batch.len().saturating_sub(self.history_len);
         let mut kept = Vec::with_capacity(batch.len() - keep_from);
@@ -275,10 +217,7 @@ impl Worker {
                     continue;
                 }
             };
-            match stats.iter_mut().find(|(d, _)| *d == sample.device) {
-                Some((_, s)) => s.update(value),
-                None => stats.push((sample.device.clone(), RollingStats::new(value))),
-            }
+            stats.add(&sample, value);
             latency.record(sample.received.elapsed());
             outcome.processed += 1;
             if i >= keep_from {
@@ -295,13 +234,7 @@ impl Worker {
         self.latency.merge(&latency);
         {
             let mut shared = self.lock();
-            for (device, batch_stats) in stats {
-                shared
-                    .stats
-                    .entry(device)
-                    .and_modify(|s| s.merge(&batch_stats))
-                    .or_insert(batch_stats);
-            }
+            shared.stats.merge(stats);
             insert_in_order(&mut shared.history, kept, self.history_len);
         }
         let elapsed = started.elapsed();
@@ -329,14 +262,14 @@ impl Worker {
         self.lock().history.back().cloned()
     }
 
-    /// Statistics of one device, if it has processed samples.
-    pub fn stats(&self, device: &str) -> Option<RollingStats> {
-        self.lock().stats.get(device).copied()
+    /// Statistics of one device, per series; empty if it has processed no samples.
+    pub fn stats(&self, device: &str) -> DeviceStats {
+        self.lock().stats.device(device)
     }
 
     /// Forgets a device's statistics (on reset).
     pub fn reset_stats(&self, device: &str) {
-        self.lock().stats.remove(device);
+        self.lock().stats.reset(device);
     }
 
     /// Read-to-processed latency quantile.
@@ -401,7 +334,7 @@ mod tests {
         let recent = worker.recent(10);
         let values: Vec<f64> = recent.iter().map(|s| s.value).collect();
         assert_eq!(values, [5.0, 7.0, 9.0]);
-        let stats = worker.stats("test").unwrap();
+        let stats = worker.stats("test").stats.unwrap();
         assert_eq!(
             (stats.count, stats.min, stats.max, stats.last),
             (4, 3.0, 9.0, 9.0)
@@ -489,43 +422,5 @@ mod tests {
         let values: Vec<f64> = worker.recent(10).iter().map(|s| s.value).collect();
         assert_eq!(values.len(), 1);
         assert!((values[0] - 1e7).abs() < 1e-6, "{values:?}");
-    }
-
-    #[test]
-    fn stats_of_values_near_the_f64_limits_stay_finite() {
-        let mut stats = RollingStats::new(f64::MAX);
-        stats.update(-f64::MAX);
-        assert_eq!(stats.mean, 0.0, "{stats:?}");
-        stats.update(f64::MAX);
-        assert!(stats.mean.is_finite() && stats.mean > 0.0, "{stats:?}");
-
-        let mut a = RollingStats::new(-f64::MAX);
-        let mut b = RollingStats::new(f64::MAX);
-        b.update(f64::MAX);
-        a.merge(&b);
-        assert!(a.mean.is_finite(), "{a:?}");
-        assert!((a.mean - f64::MAX / 3.0).abs() <= f64::MAX * 1e-12, "{a:?}");
-
-        let mut same = RollingStats::new(f64::MAX);
-        (0..5).for_each(|_| same.update(f64::MAX));
-        same.merge(&RollingStats::new(f64::MAX));
-        assert_eq!(same.mean, f64::MAX, "{same:?}");
-    }
-
-    #[test]
-    fn merged_stats_equal_sequential_stats() {
-        let values = [3.0, -1.0, 4.0, 1.5, 9.0, 2.6];
-        let mut seq = RollingStats::new(values[0]);
-        values[1..].iter().for_each(|&v| seq.update(v));
-        let mut a = RollingStats::new(values[0]);
-        values[1..3].iter().for_each(|&v| a.update(v));
-        let mut b = RollingStats::new(values[3]);
-        values[4..].iter().for_each(|&v| b.update(v));
-        a.merge(&b);
-        assert_eq!(
-            (a.count, a.min, a.max, a.last),
-            (seq.count, seq.min, seq.max, seq.last)
-        );
-        assert!((a.mean - seq.mean).abs() < 1e-12);
     }
 }

@@ -136,3 +136,75 @@ async fn a_tiny_drop_newest_buffer_reports_its_drops() {
         "{summary:?}"
     );
 }
+
+/// Waits until `GET /samples` shows a processed sample of `value`.
+async fn wait_sample(app: &crate::helpers::TestApp, value: f64) {
+    wait_until(DEADLINE, &format!("a sample of {value}"), async || {
+        let (_, body) = app.get_json("/samples?limit=1000").await;
+        body["samples"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["value"] == value))
+    })
+    .await;
+}
+
+/// The statistics entry of `device` for `unit` and `source`.
+fn series<'a>(device: &'a Value, unit: &str, source: &str) -> &'a Value {
+    device["series"]
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|s| s["unit"] == unit && s["source"] == source)
+        })
+        .unwrap_or_else(|| panic!("no {unit}/{source} series: {device}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_are_kept_per_unit_and_apart_by_source() {
+    let app = spawn_app(|_| {}).await;
+    app.wait_processed_above(5).await;
+    // The simulator sends `arb.units` around 42; a client posts volts and degrees.
+    let body = serde_json::json!([
+        {"device": "sim0", "value": 1e6, "unit": "V"},
+        {"device": "sim0", "value": -5, "unit": "degC"},
+        {"device": "sim0", "value": 3e6, "unit": "V"},
+    ]);
+    let response = app
+        .client
+        .post(app.url("/samples"))
+        .json(&body)
+        .send()
+        .await
+        .expect("POST /samples answers");
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    wait_sample(&app, 3e6).await;
+
+    for device in [
+        app.device("sim0").await,
+        app.status().await["devices"][0].clone(),
+    ] {
+        let volts = series(&device, "V", "http");
+        assert_eq!(
+            (
+                volts["count"].as_u64(),
+                volts["min"].as_f64(),
+                volts["max"].as_f64()
+            ),
+            (Some(2), Some(1e6), Some(3e6)),
+            "{device}"
+        );
+        assert_eq!(volts["mean"].as_f64(), Some(2e6), "{device}");
+        assert_eq!(volts["last"].as_f64(), Some(3e6), "{device}");
+        assert_eq!(series(&device, "degC", "http")["count"], 1, "{device}");
+        let link = series(&device, "arb.units", "link");
+        assert!(u64_at(link, "/count") > 5, "{device}");
+        assert!(link["max"].as_f64() < Some(1000.0), "{device}");
+        // The old `stats` object: the link's samples only, in their one unit.
+        assert_eq!(device["stats"]["max"], link["max"], "{device}");
+        assert!(
+            u64_at(&device, "/stats/count") >= u64_at(link, "/count"),
+            "{device}"
+        );
+    }
+    app.shut_down().await;
+}
