@@ -210,6 +210,8 @@ enum Request {
     },
     Send {
         line: String,
+        /// When the caller stops waiting; the command gives up its place in the reply queue then.
+        deadline: Instant,
         reply: oneshot::Sender<Result<String, SendError>>,
     },
 }
@@ -234,12 +236,15 @@ pub enum SendError {
     /// Writing the command failed.
     #[error("writing the command failed: {0}")]
     Io(String),
-    /// The link closed before the device answered.
+    /// The link failed, or an operator stopped or reset the device, before the device answered.
     #[error("the link closed before the device answered")]
     LinkClosed,
     /// No reply within the command timeout.
     #[error("no reply from the device within {0:?}")]
     Timeout(Duration),
+    /// Too many commands are already waiting for this device's replies.
+    #[error("device {0} has too many commands waiting for replies")]
+    Busy(SmolStr),
     /// The device task has stopped (the gateway is shutting down).
     #[error("device {0} is shutting down")]
     Unavailable(SmolStr),
@@ -307,24 +312,37 @@ impl DeviceHandle {
 
     /// Sends a command line (`GET_STATUS`, `SET_RATE=50`, ...) down the link and waits for the
     /// device's `OK:`/`ERROR:`/`STATUS:` reply, at most the device's command timeout.
+    ///
+    /// Replies carry no command id, so they are matched to commands in the order the commands
+    /// were sent. A command keeps its place until its reply arrives or its command timeout
+    /// passes; then it gives up its place, and the next reply goes to the oldest command still
+    /// within its timeout. A caller that stops waiting early (a client that hung up) keeps its
+    /// place: the device will likely still answer it, and that reply is discarded. So one
+    /// unanswered command costs one timeout and nothing after it; but a device that answers
+    /// *after* the timeout may have its late reply taken by the next command, which is why
+    /// `command_timeout_ms` should exceed the device's slowest answer.
     pub async fn send(&self, line: &str) -> Result<String, SendError> {
         let printable = line.bytes().all(|b| (0x20..0x7f).contains(&b));
         if line.is_empty() || line.len() > MAX_COMMAND_LEN || !printable {
             return Err(SendError::Invalid);
         }
+        let deadline = Instant::now() + self.command_timeout;
+        let timeout = SendError::Timeout(self.command_timeout);
         let (reply, response) = oneshot::channel();
         let request = Request::Send {
             line: line.to_owned(),
+            deadline,
             reply,
         };
-        self.requests
-            .send(request)
-            .await
-            .map_err(|_| SendError::Unavailable(self.id.clone()))?;
-        match tokio::time::timeout(self.command_timeout, response).await {
+        match tokio::time::timeout_at(deadline, self.requests.send(request)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(SendError::Unavailable(self.id.clone())),
+            Err(_) => return Err(timeout),
+        }
+        match tokio::time::timeout_at(deadline, response).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(SendError::LinkClosed),
-            Err(_) => Err(SendError::Timeout(self.command_timeout)),
+            Err(_) => Err(timeout),
         }
     }
 

@@ -30,6 +30,9 @@ use crate::sample::Sample;
 /// Most frames decoded into one push to the buffer.
 const CHUNK_MAX: usize = 256;
 
+/// Most commands waiting for replies on one link; more are refused as [`SendError::Busy`].
+const MAX_WAITING: usize = 32;
+
 /// Timing and limits of one device, from its settings.
 #[derive(Debug, Clone)]
 struct Timing {
@@ -52,8 +55,35 @@ enum LinkEvent<Io> {
 struct Link<Io: AsyncRead> {
     frames: ReadyChunks<FramedRead<ReadHalf<Io>, FrameCodec>>,
     writer: WriteHalf<Io>,
-    /// Callers waiting for replies, in the order their commands were sent.
-    waiting: VecDeque<oneshot::Sender<Result<String, SendError>>>,
+    /// Commands waiting for replies, in the order they were sent. Replies carry no command id,
+    /// so the next reply belongs to the oldest command whose deadline has not passed; see
+    /// [`Link::take_waiting`].
+    waiting: VecDeque<Pending>,
+}
+
+/// A command written to the link, waiting for the device's reply.
+struct Pending {
+    reply: oneshot::Sender<Result<String, SendError>>,
+    /// The end of the command timeout: past it, the command gives up its place in the queue.
+    deadline: Instant,
+}
+
+impl<Io: AsyncRead> Link<Io> {
+    /// Drops the commands whose deadline has passed: the device had its time to answer them,
+    /// and their callers have been told it timed out.
+    fn expire_waiting(&mut self, now: Instant) {
+        while self.waiting.front().is_some_and(|p| p.deadline <= now) {
+            self.waiting.pop_front();
+        }
+    }
+
+    /// The command a reply arriving now answers: the oldest one still within its deadline. A
+    /// command whose caller stopped waiting early keeps its place (the device is likely to
+    /// answer it still), so its reply cannot shift onto the commands after it.
+    fn take_waiting(&mut self, now: Instant) -> Option<Pending> {
+        self.expire_waiting(now);
+        self.waiting.pop_front()
+    }
 }
 
 /// The task that runs one device.
@@ -153,7 +183,11 @@ impl<C: Connector> DeviceTask<C> {
             Request::Control { command, reply } => {
                 let _ = reply.send(self.apply(command));
             }
-            Request::Send { line, reply } => self.send(line, reply).await,
+            Request::Send {
+                line,
+                deadline,
+                reply,
+            } => self.send(line, deadline, reply).await,
         }
     }
 
@@ -249,16 +283,24 @@ impl<C: Connector> DeviceTask<C> {
     }
 
     fn deliver_reply(&mut self, text: String) {
-        let waiter = self.link.as_mut().and_then(|link| link.waiting.pop_front());
+        let now = Instant::now();
+        let waiter = self.link.as_mut().and_then(|link| link.take_waiting(now));
         match waiter {
+            // The caller may have hung up; the reply was still theirs.
             Some(waiter) => {
-                let _ = waiter.send(Ok(text));
+                let _ = waiter.reply.send(Ok(text));
             }
             None => debug!(device = %self.id, reply = %text, "Unsolicited reply from the device."),
         }
     }
 
-    async fn send(&mut self, line: String, reply: oneshot::Sender<Result<String, SendError>>) {
+    async fn send(
+        &mut self,
+        line: String,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<String, SendError>>,
+    ) {
+        let timeout = SendError::Timeout(self.timing.command_timeout);
         let Some(link) = self.link.as_mut() else {
             let _ = reply.send(Err(SendError::NotConnected {
                 id: self.id.clone(),
@@ -266,20 +308,32 @@ impl<C: Connector> DeviceTask<C> {
             }));
             return;
         };
+        let now = Instant::now();
+        if deadline <= now {
+            // The caller has given up already; a command nobody waits for would only take the
+            // place of the next one in the reply queue.
+            let _ = reply.send(Err(timeout));
+            return;
+        }
+        link.expire_waiting(now);
+        if link.waiting.len() >= MAX_WAITING {
+            let _ = reply.send(Err(SendError::Busy(self.id.clone())));
+            return;
+        }
         let mut bytes = line.into_bytes();
         bytes.extend_from_slice(b"\r\n");
         let write = async {
             link.writer.write_all(&bytes).await?;
             link.writer.flush().await
         };
-        match tokio::time::timeout(self.timing.command_timeout, write).await {
-            Ok(Ok(())) => link.waiting.push_back(reply),
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(Ok(())) => link.waiting.push_back(Pending { reply, deadline }),
             Ok(Err(err)) => {
                 let _ = reply.send(Err(SendError::Io(err.to_string())));
                 self.fail(LinkFailure::Io, &err.to_string());
             }
             Err(_) => {
-                let _ = reply.send(Err(SendError::Timeout(self.timing.command_timeout)));
+                let _ = reply.send(Err(timeout));
             }
         }
     }

@@ -817,3 +817,164 @@ async fn dropping_every_handle_ends_run() {
         .await
         .expect("run() does not panic");
 }
+
+/// Reads one command line the gateway wrote to the link, without its line end.
+async fn read_command(peer: &mut DuplexStream) -> String {
+    let mut line = Vec::new();
+    within("a command on the link", async {
+        loop {
+            let mut byte = [0u8; 1];
+            let n = peer
+                .read(&mut byte)
+                .await
+                .expect("reading a duplex stream cannot fail");
+            assert!(n > 0, "the gateway closed the link");
+            if byte[0] == b'\n' {
+                break;
+            }
+            line.push(byte[0]);
+        }
+    })
+    .await;
+    let line = String::from_utf8(line).expect("commands are ASCII");
+    line.trim_end_matches('\r').to_owned()
+}
+
+/// Sends `line` through the handle on a task of its own, so the test can play the device.
+fn ask(dev: &Device, line: &'static str) -> JoinHandle<Result<String, SendError>> {
+    let handle = dev.handle.clone();
+    tokio::spawn(async move { handle.send(line).await })
+}
+
+async fn answer_of(
+    what: &str,
+    pending: JoinHandle<Result<String, SendError>>,
+) -> Result<String, SendError> {
+    within(what, pending).await.expect("send() does not panic")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_that_is_never_answered_does_not_shift_later_replies() {
+    let settings = DeviceSettings {
+        command_timeout_ms: 500,
+        ..settings()
+    };
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings, roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut peer, &frames([1])).await;
+    dev.samples(1).await;
+
+    let one = ask(&dev, "ONE");
+    assert_eq!(read_command(&mut peer).await, "ONE");
+    send(&mut peer, b"OK: one\r\n").await;
+    assert_eq!(answer_of("ONE", one).await, Ok("OK: one".to_owned()));
+
+    // The device ignores TWO.
+    let two = ask(&dev, "TWO");
+    assert_eq!(read_command(&mut peer).await, "TWO");
+    assert_eq!(
+        answer_of("TWO", two).await,
+        Err(SendError::Timeout(ms(500)))
+    );
+
+    // Every later command gets its own reply.
+    for (command, reply) in [("THREE", "OK: three"), ("FOUR", "STATUS: four")] {
+        let pending = ask(&dev, command);
+        assert_eq!(read_command(&mut peer).await, command);
+        send(&mut peer, format!("{reply}\r\n").as_bytes()).await;
+        assert_eq!(answer_of(command, pending).await, Ok(reply.to_owned()));
+    }
+    assert_eq!(dev.handle.status(), measuring());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_hangs_up_keeps_its_place_so_replies_do_not_shift() {
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut peer, &frames([1])).await;
+    dev.samples(1).await;
+
+    // A's caller hangs up (an HTTP client that disconnected) before the device answers it.
+    let a = ask(&dev, "A");
+    assert_eq!(read_command(&mut peer).await, "A");
+    a.abort();
+    let b = ask(&dev, "B");
+    assert_eq!(read_command(&mut peer).await, "B");
+    send(&mut peer, b"OK: a\r\nOK: b\r\n").await;
+    assert_eq!(answer_of("B", b).await, Ok("OK: b".to_owned()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_after_the_timeout_is_dropped_or_taken_by_the_next_command() {
+    let settings = DeviceSettings {
+        command_timeout_ms: 500,
+        ..settings()
+    };
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings, roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut peer, &frames([1])).await;
+    dev.samples(1).await;
+
+    // Nobody waits when the late reply comes: it is dropped.
+    let slow = ask(&dev, "SLOW");
+    assert_eq!(read_command(&mut peer).await, "SLOW");
+    assert_eq!(
+        answer_of("SLOW", slow).await,
+        Err(SendError::Timeout(ms(500)))
+    );
+    send(&mut peer, b"OK: slow\r\n").await;
+    let next = ask(&dev, "NEXT");
+    assert_eq!(read_command(&mut peer).await, "NEXT");
+    send(&mut peer, b"OK: next\r\n").await;
+    assert_eq!(answer_of("NEXT", next).await, Ok("OK: next".to_owned()));
+
+    // The documented limit: a late reply that comes while another command waits is taken by
+    // it (replies carry no id), and that command's own reply then finds nobody.
+    let slow = ask(&dev, "SLOW");
+    assert_eq!(read_command(&mut peer).await, "SLOW");
+    assert!(answer_of("SLOW", slow).await.is_err());
+    let next = ask(&dev, "NEXT");
+    assert_eq!(read_command(&mut peer).await, "NEXT");
+    send(&mut peer, b"OK: slow\r\nOK: next\r\n").await;
+    assert_eq!(answer_of("NEXT", next).await, Ok("OK: slow".to_owned()));
+    let last = ask(&dev, "LAST");
+    assert_eq!(read_command(&mut peer).await, "LAST");
+    send(&mut peer, b"OK: last\r\n").await;
+    assert_eq!(answer_of("LAST", last).await, Ok("OK: last".to_owned()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn commands_waiting_for_replies_are_bounded() {
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut peer, &frames([1])).await;
+    dev.samples(1).await;
+
+    let mut pending = Vec::new();
+    for _ in 0..32 {
+        pending.push(ask(&dev, "GET_STATUS"));
+        assert_eq!(read_command(&mut peer).await, "GET_STATUS");
+    }
+    let refused = ask(&dev, "GET_STATUS");
+    assert_eq!(
+        answer_of("the 33rd command", refused).await,
+        Err(SendError::Busy("dev".into()))
+    );
+    // Replies free the places again, oldest first.
+    send(&mut peer, b"STATUS: 0\r\n").await;
+    assert_eq!(
+        answer_of("the first command", pending.remove(0)).await,
+        Ok("STATUS: 0".to_owned())
+    );
+    let admitted = ask(&dev, "GET_STATUS");
+    assert_eq!(read_command(&mut peer).await, "GET_STATUS");
+    drop(admitted);
+}
