@@ -341,7 +341,9 @@ impl DeviceHandle {
         }
         match tokio::time::timeout_at(deadline, response).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(SendError::LinkClosed),
+            // The task answers every command it takes, even when its link closes; a command
+            // dropped unanswered means the task itself has ended.
+            Ok(Err(_)) => Err(SendError::Unavailable(self.id.clone())),
             Err(_) => Err(timeout),
         }
     }

@@ -175,7 +175,33 @@ impl<C: Connector> DeviceTask<C> {
                 }
             }
         }
-        self.link = None;
+        self.shut_down();
+    }
+
+    /// Answers every command still waiting, on the link or in the request queue, with
+    /// [`SendError::Unavailable`] (the gateway is shutting down, not the link failing), and
+    /// refuses requests from now on.
+    fn shut_down(&mut self) {
+        self.close_link(SendError::Unavailable(self.id.clone()));
+        self.requests.close();
+        while let Ok(request) = self.requests.try_recv() {
+            match request {
+                Request::Send { reply, .. } => {
+                    let _ = reply.send(Err(SendError::Unavailable(self.id.clone())));
+                }
+                // Dropped unanswered, which the handle reports as unavailable.
+                Request::Control { .. } => {}
+            }
+        }
+    }
+
+    /// Closes the link, if open, answering every command waiting for a reply with `error`.
+    fn close_link(&mut self, error: SendError) {
+        if let Some(link) = self.link.take() {
+            for pending in link.waiting {
+                let _ = pending.reply.send(Err(error.clone()));
+            }
+        }
     }
 
     async fn handle(&mut self, request: Request) {
@@ -194,7 +220,7 @@ impl<C: Connector> DeviceTask<C> {
     fn apply(&mut self, command: Command) -> Result<DeviceState, IllegalTransition> {
         let next = state::on_command(self.state, command)?;
         if matches!(command, Command::Stop | Command::Reset) {
-            self.link = None;
+            self.close_link(SendError::LinkClosed);
             self.breaker.clear();
             self.last_error = None;
         }
@@ -379,7 +405,7 @@ impl<C: Connector> DeviceTask<C> {
     }
 
     fn fail(&mut self, failure: LinkFailure, message: &str) {
-        self.link = None;
+        self.close_link(SendError::LinkClosed);
         self.counters.link_failures[failure as usize].fetch_add(1, Ordering::Relaxed);
         let next = self.breaker.on_failure(self.state);
         let failures = self.breaker.failures();

@@ -978,3 +978,47 @@ async fn commands_waiting_for_replies_are_bounded() {
     assert_eq!(read_command(&mut peer).await, "GET_STATUS");
     drop(admitted);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_command_learns_why_its_link_went_away() {
+    let (script, connector) = scripted();
+    let mut first = script.link();
+    let mut dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut first, &frames([1])).await;
+    dev.samples(1).await;
+
+    // The device closes the link.
+    let pending = ask(&dev, "A");
+    assert_eq!(read_command(&mut first).await, "A");
+    let mut second = script.link();
+    drop(first);
+    assert_eq!(answer_of("A", pending).await, Err(SendError::LinkClosed));
+
+    // An operator stops the device.
+    script.wait_connects(2).await;
+    send(&mut second, &frames([2])).await;
+    dev.samples(1).await;
+    let pending = ask(&dev, "B");
+    assert_eq!(read_command(&mut second).await, "B");
+    dev.command(Command::Stop).await.unwrap();
+    assert_eq!(answer_of("B", pending).await, Err(SendError::LinkClosed));
+
+    // The gateway shuts down.
+    let mut third = script.link();
+    dev.command(Command::Start).await.unwrap();
+    script.wait_connects(3).await;
+    send(&mut third, &frames([3])).await;
+    dev.samples(1).await;
+    let pending = ask(&dev, "C");
+    assert_eq!(read_command(&mut third).await, "C");
+    dev.shutdown().await;
+    assert_eq!(
+        answer_of("C", pending).await,
+        Err(SendError::Unavailable("dev".into()))
+    );
+    assert_eq!(
+        dev.handle.send("D").await,
+        Err(SendError::Unavailable("dev".into()))
+    );
+}

@@ -408,3 +408,39 @@ async fn a_command_the_device_ignores_does_not_shift_the_replies_to_later_ones()
     assert_eq!(app.device("tty0").await["state"], "Measuring");
     app.shut_down().await;
 }
+
+#[tokio::test]
+async fn a_command_waiting_for_its_reply_at_shutdown_is_a_503() {
+    let dir = temp_path("pty-shutdown");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pair = PtyPair::spawn(&dir).await;
+    let mut device = serial_device(&pair.gateway);
+    device.command_timeout_ms = 10_000;
+    let app = spawn_app(with_device(device)).await;
+    let fake = FakeDevice::spawn(&pair.device, |_| None);
+    wait_until(DEADLINE, "frames arrive over the pty", async || {
+        device_field(&app, "/samples_read").await >= 1
+    })
+    .await;
+
+    let request = app
+        .client
+        .post(app.url("/devices/tty0/command"))
+        .json(&json!({ "command": "CALIBRATE" }))
+        .send();
+    let pending = tokio::spawn(request);
+    // The command is on the wire and its caller waits for the reply: now shut down.
+    assert_eq!(fake.wait_commands(1).await, ["CALIBRATE"]);
+    app.shutdown.cancel();
+    let response = tokio::time::timeout(DEADLINE, pending)
+        .await
+        .expect("the command is answered during shutdown")
+        .expect("the request task does not panic")
+        .expect("the server answers in-flight requests before it stops");
+    let (code, body) = crate::helpers::json_of(response).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("shutting down"), "{body}");
+    let summary = app.shut_down().await;
+    assert!(summary.balanced, "{summary:?}");
+}
