@@ -99,7 +99,9 @@ pub struct CountersSnapshot {
     pub samples_read: u64,
     /// Frames skipped, by reason.
     pub frames_invalid: InvalidCounts,
-    /// Samples missing according to the device's sequence numbers.
+    /// Samples missing according to the device's sequence numbers, across link reconnects (a
+    /// backward jump is a restarted counter, not a gap). A stop or reset forgets the last
+    /// number: what a stopped device sends is not read, not lost.
     pub seq_gaps: u64,
     /// Link failures, by kind.
     pub link_failures: FailureCounts,

@@ -103,6 +103,7 @@ pub struct DeviceTask<C: Connector> {
     link: Option<Link<C::Io>>,
     retry_at: Instant,
     last_good: Instant,
+    /// The last sequence number read, kept across reconnects; forgotten on stop and reset.
     last_seq: Option<u32>,
 }
 
@@ -223,6 +224,9 @@ impl<C: Connector> DeviceTask<C> {
             self.close_link(SendError::LinkClosed);
             self.breaker.clear();
             self.last_error = None;
+            // What the device sends while it is stopped is not read, not lost: counting gaps
+            // starts afresh with the next start.
+            self.last_seq = None;
         }
         if self.state == DeviceState::Idle && next == DeviceState::Measuring {
             self.retry_at = Instant::now();
@@ -245,7 +249,8 @@ impl<C: Connector> DeviceTask<C> {
                 });
                 self.last_good = Instant::now();
                 self.counters.mark_good(self.last_good);
-                self.last_seq = None;
+                // `last_seq` stays: a reconnect is the same device, and samples it sent while
+                // the link was down are missing.
                 info!(device = %self.id, "Device link opened.");
             }
             LinkEvent::ConnectFailed(err) => self.fail(LinkFailure::Connect, &err.to_string()),

@@ -1022,3 +1022,45 @@ async fn a_waiting_command_learns_why_its_link_went_away() {
         Err(SendError::Unavailable("dev".into()))
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn sequence_gaps_count_across_a_reconnect_until_a_stop_or_reset() {
+    let settings = DeviceSettings {
+        read_timeout_ms: Some(500),
+        ..settings()
+    };
+    let (script, connector) = scripted();
+    let mut first = script.link();
+    let dev = Device::spawn(&settings, roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut first, &frames(100_000..=100_010)).await;
+    dev.samples(11).await;
+
+    // The link goes silent and times out; the same device comes back further on.
+    let mut second = script.link();
+    dev.wait_state(DeviceState::Error).await;
+    script.wait_connects(2).await;
+    send(&mut second, &frames([100_100])).await;
+    dev.samples(1).await;
+    assert_eq!(dev.handle.counters().seq_gaps, 89);
+    assert_eq!(dev.handle.counters().link_failures.timeout, 1);
+
+    // A backward jump is a restarted counter, not a gap, across a reconnect too.
+    let mut third = script.link();
+    drop(second);
+    script.wait_connects(3).await;
+    send(&mut third, &frames([5, 6])).await;
+    dev.samples(2).await;
+    assert_eq!(dev.handle.counters().seq_gaps, 89);
+
+    // A stop forgets the position: what the device sent while stopped was not lost.
+    for (command, seq) in [(Command::Stop, 1_000), (Command::Reset, 5_000)] {
+        dev.command(Command::Stop).await.unwrap();
+        dev.command(command).await.unwrap();
+        let mut next = script.link();
+        dev.command(Command::Start).await.unwrap();
+        send(&mut next, &frames([seq])).await;
+        dev.samples(1).await;
+        assert_eq!(dev.handle.counters().seq_gaps, 89, "after {command:?}");
+    }
+}
