@@ -571,15 +571,13 @@ async fn repeated_connect_errors_trip_the_breaker_until_reset() {
     assert_eq!(script.connects().len(), 3);
     assert_eq!(script.remaining(), 1);
 
-    for command in [Command::Start, Command::Stop] {
-        assert_eq!(
-            illegal(dev.command(command).await),
-            IllegalTransition {
-                from: DeviceState::SafeState,
-                command
-            }
-        );
-    }
+    assert_eq!(
+        illegal(dev.command(Command::Start).await),
+        IllegalTransition {
+            from: DeviceState::SafeState,
+            command: Command::Start
+        }
+    );
     assert_eq!(dev.handle.state(), DeviceState::SafeState);
 
     assert_eq!(
@@ -1063,4 +1061,30 @@ async fn sequence_gaps_count_across_a_reconnect_until_a_stop_or_reset() {
         dev.samples(1).await;
         assert_eq!(dev.handle.counters().seq_gaps, 89, "after {command:?}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_acknowledges_a_tripped_breaker_and_leaves_the_device_idle() {
+    let settings = DeviceSettings {
+        failure_threshold: 2,
+        ..idle_settings()
+    };
+    let (script, connector) = scripted();
+    script.fail();
+    script.fail();
+    let dev = Device::spawn(&settings, roomy_buffer(), connector);
+    dev.command(Command::Start).await.unwrap();
+    dev.wait_state(DeviceState::SafeState).await;
+
+    assert_eq!(dev.command(Command::Stop).await.unwrap(), DeviceState::Idle);
+    assert_eq!(dev.handle.status(), DeviceStatus::default());
+    // Idle like any stopped device: no retries, and a start opens the link afresh.
+    let mut peer = script.link();
+    idle_for(Duration::from_secs(60)).await;
+    assert_eq!(script.connects().len(), 2);
+    dev.command(Command::Start).await.unwrap();
+    script.wait_connects(3).await;
+    send(&mut peer, &frames([1])).await;
+    dev.samples(1).await;
+    assert_eq!(dev.handle.status(), measuring());
 }
