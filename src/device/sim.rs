@@ -565,7 +565,7 @@ mod tests {
         );
         let frames = frames_from(sim, 4000).await;
         assert!(frames.len() > 50);
-        // Losing the `\r` leaves a valid frame; losing any other byte breaks it.
+        // Losing the `\r` or the `\n` leaves a valid frame; losing any other byte breaks it.
         let valid = frames
             .iter()
             .filter(|f| matches!(f, Frame::Sample(_)))
