@@ -77,6 +77,8 @@ pub struct DeviceCounters {
     /// When the last valid frame arrived (or the link opened), in nanoseconds after `base`.
     last_good_nanos: AtomicU64,
     base: Instant,
+    /// The staleness limit in force, in nanoseconds: it follows the device's rate.
+    stale_after_nanos: AtomicU64,
 }
 
 impl Default for DeviceCounters {
@@ -88,6 +90,7 @@ impl Default for DeviceCounters {
             link_failures: Default::default(),
             last_good_nanos: AtomicU64::new(0),
             base: Instant::now(),
+            stale_after_nanos: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -163,6 +166,15 @@ impl DeviceCounters {
     fn mark_good(&self, at: Instant) {
         let nanos = at.saturating_duration_since(self.base).as_nanos() as u64;
         self.last_good_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    fn set_stale_after(&self, limit: Duration) {
+        let nanos = u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX);
+        self.stale_after_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    fn stale_after(&self) -> Duration {
+        Duration::from_nanos(self.stale_after_nanos.load(Ordering::Relaxed))
     }
 
     /// Time since the last valid frame, or since the link opened if none came yet.
@@ -271,7 +283,6 @@ pub struct DeviceHandle {
     requests: mpsc::Sender<Request>,
     status: watch::Receiver<DeviceStatus>,
     counters: Arc<DeviceCounters>,
-    stale_after: Duration,
     command_timeout: Duration,
 }
 
@@ -350,15 +361,17 @@ impl DeviceHandle {
         }
     }
 
-    /// Whether the device counts as stale: Measuring, yet no valid frame for `stale_after`.
+    /// Whether the device counts as stale: Measuring, yet no valid frame for `stale_after`,
+    /// the limit for the rate the device last acknowledged (see [`DeviceTask`]).
     pub fn freshness(&self) -> Freshness {
         let state = self.state();
         let since_good = self.counters.since_good();
+        let stale_after = self.counters.stale_after();
         Freshness {
             state,
             since_good,
-            stale_after: self.stale_after,
-            stale: state == DeviceState::Measuring && since_good > self.stale_after,
+            stale_after,
+            stale: state == DeviceState::Measuring && since_good > stale_after,
         }
     }
 
@@ -379,7 +392,7 @@ pub struct Freshness {
     pub state: DeviceState,
     /// Time since the last valid frame (or since the link opened).
     pub since_good: Duration,
-    /// The configured limit.
+    /// The limit in force: configured, or derived from the device's current rate.
     pub stale_after: Duration,
     /// Measuring, but silent for longer than `stale_after`.
     pub stale: bool,

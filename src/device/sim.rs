@@ -32,7 +32,9 @@ pub const LINK_BUFFER: usize = 4096;
 /// With no pacing, frames written per `write_all`, so the simulator is a throughput source.
 const UNPACED_BURST: usize = 64;
 
-/// Opens links to a fresh simulated device: each connect spawns one simulator task.
+/// Opens links to a fresh simulated device: each connect spawns one simulator task, starting at
+/// the configured interval like a device that was power-cycled (the device task sends it a rate
+/// it had acknowledged again).
 pub struct SimConnector {
     settings: SimulatorSettings,
     interval: Duration,

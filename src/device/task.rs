@@ -1,5 +1,12 @@
 //! The device task: owns one link, reads and decodes it, runs the state machine, and pushes
 //! samples into the ring buffer; commands reach it from [`DeviceHandle`]s over a channel.
+//!
+//! The task follows the device's rate. When the device answers `SET_RATE=<ms>` with `OK:`,
+//! that interval replaces the configured one for the read timeout and the staleness limit (see
+//! [`limits_for`]), and the task remembers it: after every reconnect (a link failure, or a stop
+//! and start) it sends `SET_RATE=<ms>` again, since a device that lost power or was replugged
+//! may have lost it. A device that refuses it (`ERROR:`) is taken to be back at the configured
+//! rate. Only a new task (a gateway restart, a config change) starts from the configured rate.
 
 use std::collections::VecDeque;
 use std::pin::pin;
@@ -10,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use futures_util::StreamExt;
 use futures_util::stream::ReadyChunks;
 use smol_str::SmolStr;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
@@ -23,7 +30,7 @@ use super::{
     Connector, DeviceCounters, DeviceHandle, DeviceStatus, LinkFailure, Request, SendError,
 };
 use crate::buffer::RingBuffer;
-use crate::config::DeviceSettings;
+use crate::config::{DeviceSettings, read_timeout_for, stale_after_for};
 use crate::ledger::{DropReason, Source};
 use crate::sample::Sample;
 
@@ -33,14 +40,69 @@ const CHUNK_MAX: usize = 256;
 /// Most commands waiting for replies on one link; more are refused as [`SendError::Busy`].
 const MAX_WAITING: usize = 32;
 
+/// An explicit read timeout or staleness limit is kept while it is longer than this many
+/// sample intervals; a device sending slower would trip it between two good frames.
+const MIN_INTERVALS_IN_LIMIT: u32 = 2;
+
 /// Timing and limits of one device, from its settings.
 #[derive(Debug, Clone)]
 struct Timing {
+    /// The configured interval, in force until the device acknowledges another.
+    configured_interval: Duration,
+    explicit_read_timeout: Option<Duration>,
+    explicit_stale_after: Option<Duration>,
+    /// The read timeout for the rate in force.
     read_timeout: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
     max_frame_len: usize,
     command_timeout: Duration,
+}
+
+/// The read timeout and staleness limit for one sample interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Limits {
+    read_timeout: Duration,
+    stale_after: Duration,
+    /// An explicit limit was too short for the interval and was replaced by the derived one.
+    overridden: bool,
+}
+
+/// The limits for a device sending every `interval`: an explicit limit wins while it is longer
+/// than [`MIN_INTERVALS_IN_LIMIT`] intervals; otherwise (the device now sends slower than it
+/// allows) the derived one, [`read_timeout_for`] or [`stale_after_for`], which is then the
+/// larger.
+fn limits_for(
+    interval: Duration,
+    explicit_read_timeout: Option<Duration>,
+    explicit_stale_after: Option<Duration>,
+) -> Limits {
+    let floor = interval.saturating_mul(MIN_INTERVALS_IN_LIMIT);
+    let mut overridden = false;
+    let mut pick = |explicit: Option<Duration>, derived: Duration| match explicit {
+        Some(limit) if limit > floor => limit,
+        Some(_) => {
+            overridden = true;
+            derived
+        }
+        None => derived,
+    };
+    let read_timeout = pick(explicit_read_timeout, read_timeout_for(interval));
+    let stale_after = pick(
+        explicit_stale_after,
+        stale_after_for(interval, read_timeout),
+    );
+    Limits {
+        read_timeout,
+        stale_after,
+        overridden,
+    }
+}
+
+/// The interval a `SET_RATE=<ms>` command asks for.
+fn requested_rate(line: &str) -> Option<Duration> {
+    let ms = line.strip_prefix("SET_RATE=")?.trim().parse().ok()?;
+    Some(Duration::from_millis(ms))
 }
 
 enum LinkEvent<Io> {
@@ -63,12 +125,22 @@ struct Link<Io: AsyncRead> {
 
 /// A command written to the link, waiting for the device's reply.
 struct Pending {
-    reply: oneshot::Sender<Result<String, SendError>>,
+    /// The caller; `None` for the task's own commands (a rate sent again after a reconnect).
+    reply: Option<oneshot::Sender<Result<String, SendError>>>,
     /// The end of the command timeout: past it, the command gives up its place in the queue.
     deadline: Instant,
+    /// For `SET_RATE=<ms>`: the interval the device sends at once it answers `OK:`.
+    rate: Option<Duration>,
 }
 
-impl<Io: AsyncRead> Link<Io> {
+/// Why a command line could not be written.
+enum WriteError {
+    Io(std::io::Error),
+    /// The command's deadline passed first.
+    Deadline,
+}
+
+impl<Io: AsyncRead + AsyncWrite> Link<Io> {
     /// Drops the commands whose deadline has passed: the device had its time to answer them,
     /// and their callers have been told it timed out.
     fn expire_waiting(&mut self, now: Instant) {
@@ -83,6 +155,21 @@ impl<Io: AsyncRead> Link<Io> {
     fn take_waiting(&mut self, now: Instant) -> Option<Pending> {
         self.expire_waiting(now);
         self.waiting.pop_front()
+    }
+
+    /// Writes one command line, by `deadline`.
+    async fn write_line(&mut self, line: &str, deadline: Instant) -> Result<(), WriteError> {
+        let mut bytes = Vec::with_capacity(line.len() + 2);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        let write = async {
+            self.writer.write_all(&bytes).await?;
+            self.writer.flush().await
+        };
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(result) => result.map_err(WriteError::Io),
+            Err(_) => Err(WriteError::Deadline),
+        }
     }
 }
 
@@ -105,6 +192,9 @@ pub struct DeviceTask<C: Connector> {
     last_good: Instant,
     /// The last sequence number read, kept across reconnects; forgotten on stop and reset.
     last_seq: Option<u32>,
+    /// The interval the device last acknowledged with `SET_RATE`, if it ever did; sent again
+    /// after every reconnect.
+    rate: Option<Duration>,
 }
 
 impl<C: Connector> DeviceTask<C> {
@@ -120,19 +210,29 @@ impl<C: Connector> DeviceTask<C> {
         let (requests_tx, requests) = mpsc::channel(16);
         let (status, status_rx) = watch::channel(DeviceStatus::default());
         let counters = Arc::new(DeviceCounters::default());
+        let explicit_read_timeout = settings.read_timeout_ms.map(Duration::from_millis);
+        let explicit_stale_after = settings.stale_after_ms.map(Duration::from_millis);
+        let initial = limits_for(
+            settings.interval(),
+            explicit_read_timeout,
+            explicit_stale_after,
+        );
+        counters.set_stale_after(initial.stale_after);
         let handle = DeviceHandle {
             id: id.clone(),
             kind,
             requests: requests_tx,
             status: status_rx,
             counters: counters.clone(),
-            stale_after: settings.stale_after(),
             command_timeout: Duration::from_millis(settings.command_timeout_ms),
         };
-        let task = Self {
+        let mut task = Self {
             id,
             timing: Timing {
-                read_timeout: settings.read_timeout(),
+                configured_interval: settings.interval(),
+                explicit_read_timeout,
+                explicit_stale_after,
+                read_timeout: initial.read_timeout,
                 backoff_initial: Duration::from_millis(settings.backoff_initial_ms),
                 backoff_max: Duration::from_millis(settings.backoff_max_ms),
                 max_frame_len: settings.max_frame_len,
@@ -152,7 +252,10 @@ impl<C: Connector> DeviceTask<C> {
             retry_at: Instant::now(),
             last_good: Instant::now(),
             last_seq: None,
+            rate: None,
         };
+        // Logs once if the configured interval alone already overrides an explicit limit.
+        task.apply_limits(settings.interval());
         (task, handle)
     }
 
@@ -199,8 +302,8 @@ impl<C: Connector> DeviceTask<C> {
     /// Closes the link, if open, answering every command waiting for a reply with `error`.
     fn close_link(&mut self, error: SendError) {
         if let Some(link) = self.link.take() {
-            for pending in link.waiting {
-                let _ = pending.reply.send(Err(error.clone()));
+            for reply in link.waiting.into_iter().filter_map(|p| p.reply) {
+                let _ = reply.send(Err(error.clone()));
             }
         }
     }
@@ -252,6 +355,9 @@ impl<C: Connector> DeviceTask<C> {
                 // `last_seq` stays: a reconnect is the same device, and samples it sent while
                 // the link was down are missing.
                 info!(device = %self.id, "Device link opened.");
+                if let Some(rate) = self.rate {
+                    self.restore_rate(rate).await;
+                }
             }
             LinkEvent::ConnectFailed(err) => self.fail(LinkFailure::Connect, &err.to_string()),
             LinkEvent::Frames(frames) => self.on_frames(frames).await,
@@ -316,12 +422,78 @@ impl<C: Connector> DeviceTask<C> {
     fn deliver_reply(&mut self, text: String) {
         let now = Instant::now();
         let waiter = self.link.as_mut().and_then(|link| link.take_waiting(now));
-        match waiter {
-            // The caller may have hung up; the reply was still theirs.
-            Some(waiter) => {
-                let _ = waiter.reply.send(Ok(text));
+        let Some(waiter) = waiter else {
+            debug!(device = %self.id, reply = %text, "Unsolicited reply from the device.");
+            return;
+        };
+        if let Some(rate) = waiter.rate {
+            if text.starts_with("OK:") {
+                self.rate = Some(rate);
+                self.apply_limits(rate);
+            } else if waiter.reply.is_none() && text.starts_with("ERROR:") {
+                warn!(device = %self.id, reply = %text, "Device refused the rate it had acknowledged; back to the configured rate.");
+                self.rate = None;
+                self.apply_limits(self.timing.configured_interval);
             }
-            None => debug!(device = %self.id, reply = %text, "Unsolicited reply from the device."),
+        }
+        // The caller may have hung up; the reply was still theirs.
+        if let Some(reply) = waiter.reply {
+            let _ = reply.send(Ok(text));
+        }
+    }
+
+    /// Sets the read timeout and the staleness limit for a device sending every `interval`.
+    fn apply_limits(&mut self, interval: Duration) {
+        let limits = limits_for(
+            interval,
+            self.timing.explicit_read_timeout,
+            self.timing.explicit_stale_after,
+        );
+        let millis = |d: Duration| d.as_millis() as u64;
+        if limits.overridden {
+            warn!(
+                device = %self.id,
+                interval_ms = millis(interval),
+                read_timeout_ms = millis(limits.read_timeout),
+                stale_after_ms = millis(limits.stale_after),
+                "The device sends slower than its configured read_timeout_ms or stale_after_ms allow; using the longer derived limits."
+            );
+        }
+        if limits.read_timeout != self.timing.read_timeout
+            || limits.stale_after != self.counters.stale_after()
+        {
+            info!(
+                device = %self.id,
+                interval_ms = millis(interval),
+                read_timeout_ms = millis(limits.read_timeout),
+                stale_after_ms = millis(limits.stale_after),
+                "Device timing follows its rate."
+            );
+        }
+        self.timing.read_timeout = limits.read_timeout;
+        self.counters.set_stale_after(limits.stale_after);
+    }
+
+    /// Sends the rate the device acknowledged before, on a link just opened.
+    async fn restore_rate(&mut self, rate: Duration) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let line = format!("SET_RATE={}", rate.as_millis());
+        let deadline = Instant::now() + self.timing.command_timeout;
+        match link.write_line(&line, deadline).await {
+            Ok(()) => {
+                debug!(device = %self.id, command = %line, "Device rate sent again.");
+                link.waiting.push_back(Pending {
+                    reply: None,
+                    deadline,
+                    rate: Some(rate),
+                });
+            }
+            Err(WriteError::Io(err)) => self.fail(LinkFailure::Io, &err.to_string()),
+            Err(WriteError::Deadline) => {
+                warn!(device = %self.id, command = %line, "Could not send the device its rate again in time.");
+            }
         }
     }
 
@@ -351,19 +523,17 @@ impl<C: Connector> DeviceTask<C> {
             let _ = reply.send(Err(SendError::Busy(self.id.clone())));
             return;
         }
-        let mut bytes = line.into_bytes();
-        bytes.extend_from_slice(b"\r\n");
-        let write = async {
-            link.writer.write_all(&bytes).await?;
-            link.writer.flush().await
-        };
-        match tokio::time::timeout_at(deadline, write).await {
-            Ok(Ok(())) => link.waiting.push_back(Pending { reply, deadline }),
-            Ok(Err(err)) => {
+        match link.write_line(&line, deadline).await {
+            Ok(()) => link.waiting.push_back(Pending {
+                reply: Some(reply),
+                deadline,
+                rate: requested_rate(&line),
+            }),
+            Err(WriteError::Io(err)) => {
                 let _ = reply.send(Err(SendError::Io(err.to_string())));
                 self.fail(LinkFailure::Io, &err.to_string());
             }
-            Err(_) => {
+            Err(WriteError::Deadline) => {
                 let _ = reply.send(Err(timeout));
             }
         }
@@ -488,5 +658,71 @@ fn seq_gap(last: Option<u32>, seq: u32) -> u64 {
         u64::from(missing)
     } else {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(millis: u64) -> Duration {
+        Duration::from_millis(millis)
+    }
+
+    #[test]
+    fn limits_follow_the_interval_unless_set() {
+        let limits = limits_for(ms(2_000), None, None);
+        assert_eq!(
+            (limits.read_timeout, limits.stale_after, limits.overridden),
+            (ms(6_000), ms(10_000), false)
+        );
+        // Unpaced: one second of read timeout, and staleness after one read timeout.
+        let limits = limits_for(Duration::ZERO, None, None);
+        assert_eq!(
+            (limits.read_timeout, limits.stale_after),
+            (ms(1_000), ms(1_000))
+        );
+    }
+
+    #[test]
+    fn explicit_limits_win_while_longer_than_two_intervals() {
+        let kept = limits_for(ms(100), Some(ms(500)), Some(ms(300)));
+        assert_eq!(
+            (kept.read_timeout, kept.stale_after, kept.overridden),
+            (ms(500), ms(300), false)
+        );
+        let kept = limits_for(Duration::ZERO, Some(ms(1)), Some(ms(1)));
+        assert!(!kept.overridden);
+        // Two intervals of 250 ms are exactly 500: no longer allowed; the derived limits are
+        // the larger ones.
+        let replaced = limits_for(ms(250), Some(ms(500)), Some(ms(500)));
+        assert_eq!(
+            (
+                replaced.read_timeout,
+                replaced.stale_after,
+                replaced.overridden
+            ),
+            (ms(1_000), ms(1_250), true)
+        );
+        let one = limits_for(ms(2_000), Some(ms(30_000)), Some(ms(300)));
+        assert_eq!(
+            (one.read_timeout, one.stale_after, one.overridden),
+            (ms(30_000), ms(10_000), true)
+        );
+    }
+
+    #[test]
+    fn set_rate_commands_name_their_interval() {
+        assert_eq!(requested_rate("SET_RATE=2000"), Some(ms(2_000)));
+        assert_eq!(requested_rate("SET_RATE= 50 "), Some(ms(50)));
+        for other in [
+            "SET_RATE=",
+            "SET_RATE=-1",
+            "SET_RATE=abc",
+            "GET_STATUS",
+            "set_rate=5",
+        ] {
+            assert_eq!(requested_rate(other), None, "{other}");
+        }
     }
 }

@@ -117,7 +117,7 @@ struct Device {
 }
 
 impl Device {
-    fn spawn(settings: &DeviceSettings, buffer: RingBuffer, connector: ScriptedConnector) -> Self {
+    fn spawn(settings: &DeviceSettings, buffer: RingBuffer, connector: impl Connector) -> Self {
         let buffer = Arc::new(buffer);
         let cancel = CancellationToken::new();
         let (task, handle) = DeviceTask::new(
@@ -170,6 +170,26 @@ impl Device {
         .await;
         assert!(self.buffer.is_empty(), "more samples than the {n} expected");
         got
+    }
+
+    /// Pops `n` samples, waiting for them; more may be queued.
+    async fn take(&self, n: usize) -> Vec<Sample> {
+        let mut got = Vec::new();
+        within(&format!("{n} samples"), async {
+            while got.len() < n {
+                let batch = self.buffer.pop(n - got.len()).await;
+                got.extend(batch.expect("tests never close the buffer"));
+            }
+        })
+        .await;
+        got
+    }
+
+    /// Sends a command and returns the device's reply, which must come.
+    async fn ask(&self, line: &str) -> String {
+        within(line, self.handle.send(line))
+            .await
+            .unwrap_or_else(|err| panic!("{line}: {err}"))
     }
 
     /// Cancels the task, waits for `run()` to end and returns the buffer's final accounting.
@@ -1087,4 +1107,160 @@ async fn stop_acknowledges_a_tripped_breaker_and_leaves_the_device_idle() {
     send(&mut peer, &frames([1])).await;
     dev.samples(1).await;
     assert_eq!(dev.handle.status(), measuring());
+}
+
+/// A device on the embedded simulator, sending every 100 ms: a 1 s read timeout and a 500 ms
+/// staleness limit, both derived from that interval.
+fn sim_settings() -> DeviceSettings {
+    let mut settings = DeviceSettings::simulated("dev");
+    settings.simulator.seed = 7;
+    settings
+}
+
+fn sim_connector(settings: &DeviceSettings) -> sim::SimConnector {
+    sim::SimConnector::new(
+        settings.simulator.clone(),
+        settings.interval(),
+        tokio_util::task::TaskTracker::new(),
+        CancellationToken::new(),
+    )
+}
+
+/// The rate the simulator reports in its `GET_STATUS` reply.
+async fn simulator_rate(dev: &Device) -> String {
+    let status = dev.ask("GET_STATUS").await;
+    status
+        .split(' ')
+        .find_map(|field| field.strip_prefix("rate_ms="))
+        .unwrap_or_else(|| panic!("no rate in {status}"))
+        .to_owned()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_acknowledged_rate_change_moves_the_read_timeout() {
+    let settings = sim_settings();
+    let dev = Device::spawn(&settings, roomy_buffer(), sim_connector(&settings));
+    dev.take(1).await;
+
+    assert_eq!(dev.ask("SET_RATE=2000").await, "OK: rate_ms=2000");
+    // Three frames 2 s apart: far past the 1 s read timeout that 100 ms implied.
+    dev.take(4).await;
+    assert_eq!(
+        dev.handle.counters().link_failures,
+        FailureCounts::default()
+    );
+    assert_eq!(dev.handle.status(), measuring());
+    assert_eq!(simulator_rate(&dev).await, "2000");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_acknowledged_rate_change_moves_the_staleness_limit() {
+    let settings = sim_settings();
+    let dev = Device::spawn(&settings, roomy_buffer(), sim_connector(&settings));
+    dev.take(1).await;
+    assert_eq!(dev.handle.freshness().stale_after, ms(500));
+
+    assert_eq!(dev.ask("SET_RATE=700").await, "OK: rate_ms=700");
+    // Right after a frame at the new rate, 650 ms of silence is normal, not stale.
+    dev.take(2).await;
+    idle_for(ms(650)).await;
+    let freshness = dev.handle.freshness();
+    assert_eq!(freshness.stale_after, ms(3_500));
+    assert!(
+        freshness.since_good >= ms(650) && !freshness.stale,
+        "{freshness:?}"
+    );
+
+    // A refused rate changes nothing; going back restores the derived limits.
+    assert!(dev.ask("SET_RATE=5").await.starts_with("ERROR:"));
+    assert_eq!(dev.handle.freshness().stale_after, ms(3_500));
+    assert_eq!(dev.ask("SET_RATE=100").await, "OK: rate_ms=100");
+    assert_eq!(dev.handle.freshness().stale_after, ms(500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_acknowledged_rate_survives_stop_and_start() {
+    let settings = sim_settings();
+    let dev = Device::spawn(&settings, roomy_buffer(), sim_connector(&settings));
+    dev.take(1).await;
+    assert_eq!(dev.ask("SET_RATE=2000").await, "OK: rate_ms=2000");
+
+    for command in [Command::Stop, Command::Reset, Command::Start] {
+        dev.command(command).await.unwrap();
+    }
+    dev.take(1).await;
+    assert_eq!(simulator_rate(&dev).await, "2000");
+    assert_eq!(dev.handle.freshness().stale_after, ms(10_000));
+    dev.take(3).await;
+    assert_eq!(
+        dev.handle.counters().link_failures,
+        FailureCounts::default()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_acknowledged_rate_is_sent_again_after_every_reconnect() {
+    let (script, connector) = scripted();
+    let mut first = script.link();
+    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut first, &frames([1])).await;
+    dev.samples(1).await;
+    let set = ask(&dev, "SET_RATE=2000");
+    assert_eq!(read_command(&mut first).await, "SET_RATE=2000");
+    send(&mut first, b"OK: rate_ms=2000\r\n").await;
+    assert_eq!(
+        answer_of("SET_RATE", set).await,
+        Ok("OK: rate_ms=2000".to_owned())
+    );
+    assert_eq!(dev.handle.freshness().stale_after, ms(10_000));
+
+    // The link fails and reopens: the device may have lost the rate, so it is sent again.
+    let mut second = script.link();
+    drop(first);
+    assert_eq!(read_command(&mut second).await, "SET_RATE=2000");
+    send(&mut second, b"OK: rate_ms=2000\r\n").await;
+    // Its reply went to the gateway, not to the next caller.
+    let status = ask(&dev, "GET_STATUS");
+    assert_eq!(read_command(&mut second).await, "GET_STATUS");
+    send(&mut second, b"STATUS: rate_ms=2000\r\n").await;
+    assert_eq!(
+        answer_of("GET_STATUS", status).await,
+        Ok("STATUS: rate_ms=2000".to_owned())
+    );
+
+    // After a stop and start too; a device that refuses it is back at the configured rate.
+    let mut third = script.link();
+    dev.command(Command::Stop).await.unwrap();
+    dev.command(Command::Start).await.unwrap();
+    assert_eq!(read_command(&mut third).await, "SET_RATE=2000");
+    send(&mut third, b"ERROR: not now\r\n").await;
+    send(&mut third, &frames([2])).await;
+    dev.samples(1).await;
+    assert_eq!(dev.handle.freshness().stale_after, ms(500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slower_rate_overrides_explicit_limits_it_could_not_meet() {
+    let settings = DeviceSettings {
+        read_timeout_ms: Some(500),
+        stale_after_ms: Some(300),
+        ..sim_settings()
+    };
+    let dev = Device::spawn(&settings, roomy_buffer(), sim_connector(&settings));
+    dev.take(1).await;
+    assert_eq!(dev.handle.freshness().stale_after, ms(300));
+
+    // 200 ms: the 500 ms timeout still allows it; 300 ms of staleness does not.
+    assert_eq!(dev.ask("SET_RATE=200").await, "OK: rate_ms=200");
+    assert_eq!(dev.handle.freshness().stale_after, ms(1_000));
+    dev.take(5).await;
+    // 2000 ms: neither does; three intervals and five intervals it is.
+    assert_eq!(dev.ask("SET_RATE=2000").await, "OK: rate_ms=2000");
+    assert_eq!(dev.handle.freshness().stale_after, ms(10_000));
+    dev.take(4).await;
+    assert_eq!(
+        dev.handle.counters().link_failures,
+        FailureCounts::default()
+    );
 }

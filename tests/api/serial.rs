@@ -444,3 +444,52 @@ async fn a_command_waiting_for_its_reply_at_shutdown_is_a_503() {
     let summary = app.shut_down().await;
     assert!(summary.balanced, "{summary:?}");
 }
+
+/// The staleness limit `/readyz?verbose` reports for tty0.
+async fn stale_after_ms(app: &TestApp) -> u64 {
+    let (_, body) = app.get_json("/readyz?verbose").await;
+    let check = body["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["check"] == "device:tty0"))
+        .unwrap_or_else(|| panic!("no tty0 check in {body}"));
+    u64_at(check, "/stale_after_ms")
+}
+
+#[tokio::test]
+async fn a_rate_the_device_acknowledged_is_sent_again_after_stop_and_start() {
+    let dir = temp_path("pty-rate");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pair = PtyPair::spawn(&dir).await;
+    let app = spawn_app(with_device(serial_device(&pair.gateway))).await;
+    let fake = FakeDevice::spawn(&pair.device, |command| {
+        let ms = command.strip_prefix("SET_RATE=")?;
+        Some(format!("OK: rate_ms={ms}"))
+    });
+    wait_until(DEADLINE, "frames arrive over the pty", async || {
+        device_field(&app, "/samples_read").await >= 1
+    })
+    .await;
+    // 5 ms configured: stale after 25 ms.
+    assert_eq!(stale_after_ms(&app).await, 25);
+
+    let (code, body) = post_command(&app, "SET_RATE=2000").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["reply"], "OK: rate_ms=2000", "{body}");
+    assert_eq!(stale_after_ms(&app).await, 10_000);
+
+    for route in ["/devices/tty0/stop", "/devices/tty0/start"] {
+        let (code, body) = app.post_json(route).await;
+        assert_eq!(code, StatusCode::OK, "{route}: {body}");
+    }
+    assert_eq!(
+        fake.wait_commands(2).await,
+        ["SET_RATE=2000", "SET_RATE=2000"]
+    );
+    let read = device_field(&app, "/samples_read").await;
+    wait_until(DEADLINE, "frames arrive after the restart", async || {
+        device_field(&app, "/samples_read").await > read
+    })
+    .await;
+    assert_eq!(stale_after_ms(&app).await, 10_000);
+    app.shut_down().await;
+}
