@@ -381,7 +381,8 @@ async fn a_command_the_device_ignores_does_not_shift_the_replies_to_later_ones()
     std::fs::create_dir_all(&dir).unwrap();
     let pair = PtyPair::spawn(&dir).await;
     let mut device = serial_device(&pair.gateway);
-    device.command_timeout_ms = 300;
+    // Long enough for the answered commands on a busy machine; TWO costs one of it.
+    device.command_timeout_ms = 1_000;
     let app = spawn_app(with_device(device)).await;
     let fake = FakeDevice::spawn(&pair.device, |command| {
         (command != "TWO").then(|| format!("OK: {command}"))
