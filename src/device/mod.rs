@@ -8,6 +8,7 @@
 //! change is published on a `watch` channel so status reads never wait for the task.
 
 pub mod codec;
+mod rate;
 pub mod serial;
 pub mod sim;
 pub mod state;

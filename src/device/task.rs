@@ -3,7 +3,7 @@
 //!
 //! The task follows the device's rate. When the device answers `SET_RATE=<ms>` with `OK:`,
 //! that interval replaces the configured one for the read timeout and the staleness limit (see
-//! [`limits_for`]), and the task remembers it: after every reconnect (a link failure, or a stop
+//! [`super::rate`]), and the task remembers it: after every reconnect (a link failure, or a stop
 //! and start) it sends `SET_RATE=<ms>` again, since a device that lost power or was replugged
 //! may have lost it. A device that refuses it (`ERROR:`) is taken to be back at the configured
 //! rate. Only a new task (a gateway restart, a config change) starts from the configured rate.
@@ -25,12 +25,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::codec::{Frame, FrameCodec};
+use super::rate::{limits_for, requested_rate};
 use super::state::{self, Breaker, Command, DeviceState, IllegalTransition};
 use super::{
     Connector, DeviceCounters, DeviceHandle, DeviceStatus, LinkFailure, Request, SendError,
 };
 use crate::buffer::RingBuffer;
-use crate::config::{DeviceSettings, read_timeout_for, stale_after_for};
+use crate::config::DeviceSettings;
 use crate::ledger::{DropReason, Source};
 use crate::sample::Sample;
 
@@ -39,10 +40,6 @@ const CHUNK_MAX: usize = 256;
 
 /// Most commands waiting for replies on one link; more are refused as [`SendError::Busy`].
 const MAX_WAITING: usize = 32;
-
-/// An explicit read timeout or staleness limit is kept while it is longer than this many
-/// sample intervals; a device sending slower would trip it between two good frames.
-const MIN_INTERVALS_IN_LIMIT: u32 = 2;
 
 /// Timing and limits of one device, from its settings.
 #[derive(Debug, Clone)]
@@ -57,52 +54,6 @@ struct Timing {
     backoff_max: Duration,
     max_frame_len: usize,
     command_timeout: Duration,
-}
-
-/// The read timeout and staleness limit for one sample interval.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Limits {
-    read_timeout: Duration,
-    stale_after: Duration,
-    /// An explicit limit was too short for the interval and was replaced by the derived one.
-    overridden: bool,
-}
-
-/// The limits for a device sending every `interval`: an explicit limit wins while it is longer
-/// than [`MIN_INTERVALS_IN_LIMIT`] intervals; otherwise (the device now sends slower than it
-/// allows) the derived one, [`read_timeout_for`] or [`stale_after_for`], which is then the
-/// larger.
-fn limits_for(
-    interval: Duration,
-    explicit_read_timeout: Option<Duration>,
-    explicit_stale_after: Option<Duration>,
-) -> Limits {
-    let floor = interval.saturating_mul(MIN_INTERVALS_IN_LIMIT);
-    let mut overridden = false;
-    let mut pick = |explicit: Option<Duration>, derived: Duration| match explicit {
-        Some(limit) if limit > floor => limit,
-        Some(_) => {
-            overridden = true;
-            derived
-        }
-        None => derived,
-    };
-    let read_timeout = pick(explicit_read_timeout, read_timeout_for(interval));
-    let stale_after = pick(
-        explicit_stale_after,
-        stale_after_for(interval, read_timeout),
-    );
-    Limits {
-        read_timeout,
-        stale_after,
-        overridden,
-    }
-}
-
-/// The interval a `SET_RATE=<ms>` command asks for.
-fn requested_rate(line: &str) -> Option<Duration> {
-    let ms = line.strip_prefix("SET_RATE=")?.trim().parse().ok()?;
-    Some(Duration::from_millis(ms))
 }
 
 enum LinkEvent<Io> {
@@ -226,7 +177,7 @@ impl<C: Connector> DeviceTask<C> {
             counters: counters.clone(),
             command_timeout: Duration::from_millis(settings.command_timeout_ms),
         };
-        let mut task = Self {
+        let task = Self {
             id,
             timing: Timing {
                 configured_interval: settings.interval(),
@@ -254,8 +205,9 @@ impl<C: Connector> DeviceTask<C> {
             last_seq: None,
             rate: None,
         };
-        // Logs once if the configured interval alone already overrides an explicit limit.
-        task.apply_limits(settings.interval());
+        if initial.overridden {
+            task.warn_overridden(settings.interval());
+        }
         (task, handle)
     }
 
@@ -449,29 +401,30 @@ impl<C: Connector> DeviceTask<C> {
             self.timing.explicit_read_timeout,
             self.timing.explicit_stale_after,
         );
-        let millis = |d: Duration| d.as_millis() as u64;
-        if limits.overridden {
-            warn!(
-                device = %self.id,
-                interval_ms = millis(interval),
-                read_timeout_ms = millis(limits.read_timeout),
-                stale_after_ms = millis(limits.stale_after),
-                "The device sends slower than its configured read_timeout_ms or stale_after_ms allow; using the longer derived limits."
-            );
-        }
-        if limits.read_timeout != self.timing.read_timeout
-            || limits.stale_after != self.counters.stale_after()
-        {
+        let changed = limits.read_timeout != self.timing.read_timeout
+            || limits.stale_after != self.counters.stale_after();
+        if changed {
+            self.timing.read_timeout = limits.read_timeout;
+            self.counters.set_stale_after(limits.stale_after);
             info!(
                 device = %self.id,
-                interval_ms = millis(interval),
-                read_timeout_ms = millis(limits.read_timeout),
-                stale_after_ms = millis(limits.stale_after),
+                interval_ms = interval.as_millis() as u64,
+                read_timeout_ms = limits.read_timeout.as_millis() as u64,
+                stale_after_ms = limits.stale_after.as_millis() as u64,
                 "Device timing follows its rate."
             );
+            if limits.overridden {
+                self.warn_overridden(interval);
+            }
         }
-        self.timing.read_timeout = limits.read_timeout;
-        self.counters.set_stale_after(limits.stale_after);
+    }
+
+    fn warn_overridden(&self, interval: Duration) {
+        warn!(
+            device = %self.id,
+            interval_ms = interval.as_millis() as u64,
+            "The device sends slower than its configured read_timeout_ms or stale_after_ms allow; using the longer derived limits."
+        );
     }
 
     /// Sends the rate the device acknowledged before, on a link just opened.
@@ -658,71 +611,5 @@ fn seq_gap(last: Option<u32>, seq: u32) -> u64 {
         u64::from(missing)
     } else {
         0
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ms(millis: u64) -> Duration {
-        Duration::from_millis(millis)
-    }
-
-    #[test]
-    fn limits_follow_the_interval_unless_set() {
-        let limits = limits_for(ms(2_000), None, None);
-        assert_eq!(
-            (limits.read_timeout, limits.stale_after, limits.overridden),
-            (ms(6_000), ms(10_000), false)
-        );
-        // Unpaced: one second of read timeout, and staleness after one read timeout.
-        let limits = limits_for(Duration::ZERO, None, None);
-        assert_eq!(
-            (limits.read_timeout, limits.stale_after),
-            (ms(1_000), ms(1_000))
-        );
-    }
-
-    #[test]
-    fn explicit_limits_win_while_longer_than_two_intervals() {
-        let kept = limits_for(ms(100), Some(ms(500)), Some(ms(300)));
-        assert_eq!(
-            (kept.read_timeout, kept.stale_after, kept.overridden),
-            (ms(500), ms(300), false)
-        );
-        let kept = limits_for(Duration::ZERO, Some(ms(1)), Some(ms(1)));
-        assert!(!kept.overridden);
-        // Two intervals of 250 ms are exactly 500: no longer allowed; the derived limits are
-        // the larger ones.
-        let replaced = limits_for(ms(250), Some(ms(500)), Some(ms(500)));
-        assert_eq!(
-            (
-                replaced.read_timeout,
-                replaced.stale_after,
-                replaced.overridden
-            ),
-            (ms(1_000), ms(1_250), true)
-        );
-        let one = limits_for(ms(2_000), Some(ms(30_000)), Some(ms(300)));
-        assert_eq!(
-            (one.read_timeout, one.stale_after, one.overridden),
-            (ms(30_000), ms(10_000), true)
-        );
-    }
-
-    #[test]
-    fn set_rate_commands_name_their_interval() {
-        assert_eq!(requested_rate("SET_RATE=2000"), Some(ms(2_000)));
-        assert_eq!(requested_rate("SET_RATE= 50 "), Some(ms(50)));
-        for other in [
-            "SET_RATE=",
-            "SET_RATE=-1",
-            "SET_RATE=abc",
-            "GET_STATUS",
-            "set_rate=5",
-        ] {
-            assert_eq!(requested_rate(other), None, "{other}");
-        }
     }
 }
