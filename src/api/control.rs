@@ -196,7 +196,7 @@ pub(super) async fn send_command(
         },
         SendError::Timeout(_) => ApiError::Timeout(err.to_string()),
         SendError::Io(_) | SendError::LinkClosed => ApiError::BadGateway(err.to_string()),
-        SendError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
+        SendError::Busy(_) | SendError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
     })?;
     let ok = !reply.starts_with("ERROR:");
     Ok(Json(

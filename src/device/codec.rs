@@ -6,7 +6,10 @@
 //! $TH,<seq>,<value>,<unit>*<CC>\r\n      e.g.  $TH,42,42.914800,arb.units*30\r\n
 //! ```
 //!
-//! `<CC>` is two hex digits, the XOR of every byte between `$` and `*`. Bytes arrive from the
+//! A line ends at `\r`, `\n` or `\r\n`, as serial terminals send them: the first line-end
+//! byte completes it (so a frame ending in a bare `\r` does not wait for the next one), and the
+//! `\n` of a `\r\n` is then an empty line, skipped like any other, even when it arrives in a
+//! later read. `<CC>` is two hex digits, the XOR of every byte between `$` and `*`. Bytes arrive from the
 //! device's link (simulated duplex stream or tty) and leave as [`Frame`]s for the device task.
 //! Bad input never fails the stream: the decoder skips it, resynchronises at the next `$` and
 //! yields a [`Frame::Invalid`] with the reason so the device task can count it. Frame length is
@@ -77,12 +80,13 @@ pub const REPLY_PREFIXES: [&[u8]; 3] = [b"OK:", b"ERROR:", b"STATUS:"];
 #[derive(Debug, Clone)]
 pub struct FrameCodec {
     max_len: usize,
-    /// Inside an over-long frame or a run of garbage: skip until `$` or a newline.
+    /// Inside an over-long frame or a run of garbage: skip until `$` or a line end.
     skipping: bool,
 }
 
 impl FrameCodec {
-    /// A codec that rejects frames longer than `max_len` bytes (including `\r\n`).
+    /// A codec that rejects frames longer than `max_len` bytes, counted up to and including
+    /// their first line-end byte.
     pub fn new(max_len: usize) -> Self {
         Self {
             max_len,
@@ -90,12 +94,12 @@ impl FrameCodec {
         }
     }
 
-    /// Drops bytes up to the next `$` (kept) or newline (dropped). Returns whether it found one.
+    /// Drops bytes up to the next `$` (kept) or line end (dropped). Returns whether it found one.
     fn skip_to_boundary(&mut self, src: &mut BytesMut) -> bool {
-        match src.iter().position(|&b| b == b'$' || b == b'\n') {
+        match src.iter().position(|&b| b == b'$' || is_line_end(b)) {
             Some(pos) => {
-                let newline = src[pos] == b'\n';
-                src.advance(pos + usize::from(newline));
+                let line_end = is_line_end(src[pos]);
+                src.advance(pos + usize::from(line_end));
                 self.skipping = false;
                 true
             }
@@ -162,10 +166,10 @@ impl FrameCodec {
     /// `src` starts with `$`. Returns a frame, or `None` when the line is not complete yet.
     fn decode_frame(&mut self, src: &mut BytesMut) -> Option<Frame> {
         let window = &src[..src.len().min(self.max_len)];
-        // A second `$` before the newline means this frame lost its end: resync there.
+        // A second `$` before the line end means this frame lost its end: resync there.
         let Some(end) = window[1..]
             .iter()
-            .position(|&b| b == b'\n' || b == b'$')
+            .position(|&b| is_line_end(b) || b == b'$')
             .map(|p| p + 1)
         else {
             if src.len() >= self.max_len {
@@ -179,14 +183,18 @@ impl FrameCodec {
             src.advance(end);
             return Some(Frame::Invalid(InvalidReason::Syntax));
         }
+        // The line and its first line-end byte; a `\n` after a `\r` is left as an empty line.
         let line = src.split_to(end + 1);
-        let line = line.strip_suffix(b"\n").unwrap_or(&line);
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        Some(match parse_line(line) {
+        Some(match parse_line(&line[..end]) {
             Ok(sample) => Frame::Sample(sample),
             Err(reason) => Frame::Invalid(reason),
         })
     }
+}
+
+/// Whether `byte` ends a line: `\r` and `\n` both do, so `\r`, `\n` and `\r\n` are all line ends.
+fn is_line_end(byte: u8) -> bool {
+    byte == b'\r' || byte == b'\n'
 }
 
 /// Whether `src` starts with a reply prefix, or with the start of one (more bytes may come).
@@ -199,18 +207,18 @@ fn could_be_reply(src: &[u8]) -> bool {
 
 impl FrameCodec {
     /// `src` starts like a reply. Returns the reply once its line is complete; a `$` before the
-    /// newline means the reply was cut short, and the part before it is garbage.
+    /// line end means the reply was cut short, and the part before it is garbage.
     fn decode_reply(&mut self, src: &mut BytesMut) -> Option<Frame> {
         let window = &src[..src.len().min(self.max_len)];
-        let end = window.iter().position(|&b| b == b'\n' || b == b'$')?;
-        let complete = src[end] == b'\n' && REPLY_PREFIXES.iter().any(|p| src.starts_with(p));
+        let end = window.iter().position(|&b| is_line_end(b) || b == b'$')?;
+        let complete = is_line_end(src[end]) && REPLY_PREFIXES.iter().any(|p| src.starts_with(p));
         if !complete {
             src.advance(end);
             return Some(Frame::Invalid(InvalidReason::Syntax));
         }
         let line = src.split_to(end + 1);
         let text = String::from_utf8_lossy(&line[..end]);
-        Some(Frame::Reply(text.trim_end_matches('\r').to_owned()))
+        Some(Frame::Reply(text.into_owned()))
     }
 }
 
@@ -333,16 +341,17 @@ mod tests {
     #[test]
     fn frame_split_across_reads_decodes_once_complete() {
         let whole = frame(7, 1.5, "arb.units");
+        // Its `\r` completes the frame; the `\n` after it is an empty line.
+        let complete_at = whole.len() - 1;
         for cut in 1..whole.len() {
             let mut codec = FrameCodec::default();
             let mut buf = BytesMut::from(&whole[..cut]);
-            assert_eq!(codec.decode(&mut buf).unwrap(), None, "cut at {cut}");
+            let mut frames = decode_all(&mut codec, &mut buf);
+            assert_eq!(frames.is_empty(), cut < complete_at, "cut at {cut}");
             buf.extend_from_slice(&whole[cut..]);
-            assert_eq!(
-                decode_all(&mut codec, &mut buf),
-                vec![sample(7, 1.5)],
-                "cut at {cut}"
-            );
+            frames.extend(decode_all(&mut codec, &mut buf));
+            assert_eq!(frames, vec![sample(7, 1.5)], "cut at {cut}");
+            assert!(buf.is_empty(), "cut at {cut}");
         }
     }
 
@@ -525,21 +534,119 @@ mod tests {
         );
     }
 
+    /// `frame` with its `\r\n` replaced by `end`.
+    fn ended(seq: u32, end: &[u8]) -> BytesMut {
+        let mut buf = frame(seq, f64::from(seq), "arb.units");
+        buf.truncate(buf.len() - 2);
+        buf.extend_from_slice(end);
+        buf
+    }
+
+    #[test]
+    fn a_bare_cr_ends_a_frame_as_a_newline_does() {
+        let mut codec = FrameCodec::default();
+        let mut buf = ended(1, b"\r");
+        buf.extend_from_slice(&ended(2, b"\r"));
+        buf.extend_from_slice(&ended(3, b"\n"));
+        buf.extend_from_slice(&ended(4, b"\r\n"));
+        buf.extend_from_slice(&ended(5, b"\r"));
+        assert_eq!(
+            decode_all(&mut codec, &mut buf),
+            (1..=5).map(|n| sample(n, f64::from(n))).collect::<Vec<_>>()
+        );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_frame_ending_in_cr_is_complete_without_waiting_for_more() {
+        let mut codec = FrameCodec::default();
+        let mut buf = ended(1, b"\r");
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(sample(1, 1.0)));
+    }
+
+    #[test]
+    fn crlf_split_between_reads_is_one_line_end_not_an_empty_line_or_an_error() {
+        let mut codec = FrameCodec::default();
+        let mut buf = ended(1, b"\r");
+        assert_eq!(decode_all(&mut codec, &mut buf), vec![sample(1, 1.0)]);
+        buf.extend_from_slice(b"\n");
+        assert_eq!(decode_all(&mut codec, &mut buf), vec![]);
+        buf.extend_from_slice(&ended(2, b"\r"));
+        buf.extend_from_slice(b"\n\r\n\n");
+        assert_eq!(decode_all(&mut codec, &mut buf), vec![sample(2, 2.0)]);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn replies_and_garbage_runs_end_at_a_bare_cr_too() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&b"OK: rate_ms=50\rnoise\rSTATUS: seq=1\r"[..]);
+        buf.extend_from_slice(&ended(7, b"\r"));
+        assert_eq!(
+            decode_all(&mut codec, &mut buf),
+            vec![
+                Frame::Reply("OK: rate_ms=50".into()),
+                Frame::Invalid(InvalidReason::Syntax),
+                Frame::Reply("STATUS: seq=1".into()),
+                sample(7, 7.0),
+            ]
+        );
+    }
+
+    /// A valid frame of exactly `len` bytes before its line end (the value padded with zeros).
+    fn frame_of_len(len: usize) -> String {
+        let zeros = "0".repeat(len - "$TH,1,1.0,u*CC".len());
+        let payload = format!("TH,1,{zeros}1.0,u");
+        format!("${payload}*{:02X}", checksum(payload.as_bytes()))
+    }
+
+    #[test]
+    fn the_length_limit_counts_a_frame_up_to_its_first_line_end_byte() {
+        let (fits, too_long) = (frame_of_len(63), frame_of_len(64));
+        for end in ["\r", "\n", "\r\n"] {
+            let mut codec = FrameCodec::new(64);
+            let mut buf = BytesMut::from(format!("{fits}{end}{too_long}{end}").as_bytes());
+            let frames = decode_all(&mut codec, &mut buf);
+            assert_eq!(
+                frames,
+                [sample(1, 1.0), Frame::Invalid(InvalidReason::TooLong)]
+                    .map(|f| match f {
+                        Frame::Sample(s) => Frame::Sample(RawSample {
+                            unit: "u".into(),
+                            ..s
+                        }),
+                        other => other,
+                    })
+                    .to_vec(),
+                "{end:?}"
+            );
+        }
+    }
+
     mod properties {
         use proptest::prelude::*;
 
         use super::*;
 
+        /// The line ends devices send.
+        const LINE_ENDS: [&[u8]; 3] = [b"\r\n", b"\n", b"\r"];
+
         #[derive(Debug, Clone)]
         enum Piece {
-            Frame(u32, f64, String),
+            /// A frame, ending in `LINE_ENDS[.3]`.
+            Frame(u32, f64, String, usize),
             Garbage(Vec<u8>),
         }
 
         fn piece() -> impl Strategy<Value = Piece> {
             prop_oneof![
-                (any::<u32>(), -1e9..1e9f64, "[A-Za-z0-9._/%-]{1,16}")
-                    .prop_map(|(seq, value, unit)| Piece::Frame(seq, value, unit)),
+                (
+                    any::<u32>(),
+                    -1e9..1e9f64,
+                    "[A-Za-z0-9._/%-]{1,16}",
+                    0..LINE_ENDS.len()
+                )
+                    .prop_map(|(seq, value, unit, end)| Piece::Frame(seq, value, unit, end)),
                 proptest::collection::vec(any::<u8>(), 0..300).prop_map(Piece::Garbage),
             ]
         }
@@ -574,6 +681,27 @@ mod tests {
             #![proptest_config(ProptestConfig::with_cases(2000))]
 
             #[test]
+            fn frames_with_any_line_ends_decode_with_nothing_invalid(
+                frames in proptest::collection::vec((any::<u32>(), 0..LINE_ENDS.len()), 0..40),
+                cuts in proptest::collection::vec(any::<usize>(), 0..20),
+            ) {
+                let mut stream = Vec::new();
+                for (seq, end) in &frames {
+                    let mut buf = BytesMut::new();
+                    encode_frame(*seq, 1.5, "V", &mut buf);
+                    buf.truncate(buf.len() - 2);
+                    stream.extend_from_slice(&buf);
+                    stream.extend_from_slice(LINE_ENDS[*end]);
+                }
+                let decoded = decode_in_pieces(&stream, &cuts);
+                let expected: Vec<_> = frames
+                    .iter()
+                    .map(|(seq, _)| Frame::Sample(RawSample { seq: *seq, value: 1.5, unit: "V".into() }))
+                    .collect();
+                prop_assert_eq!(decoded, expected);
+            }
+
+            #[test]
             fn any_bytes_cut_anywhere_never_panic(
                 stream in proptest::collection::vec(any::<u8>(), 0..2000),
                 cuts in proptest::collection::vec(any::<usize>(), 0..20),
@@ -590,10 +718,12 @@ mod tests {
                 let mut expected = Vec::new();
                 for piece in &pieces {
                     match piece {
-                        Piece::Frame(seq, value, unit) => {
+                        Piece::Frame(seq, value, unit, end) => {
                             let mut buf = BytesMut::new();
                             encode_frame(*seq, *value, unit, &mut buf);
+                            buf.truncate(buf.len() - 2);
                             stream.extend_from_slice(&buf);
+                            stream.extend_from_slice(LINE_ENDS[*end]);
                             // What was sent, after the %.6f formatting the frame carries.
                             let sent: f64 = format!("{value:.6}").parse().unwrap();
                             expected.push((*seq, sent, unit.clone()));

@@ -8,6 +8,7 @@
 //! change is published on a `watch` channel so status reads never wait for the task.
 
 pub mod codec;
+mod rate;
 pub mod serial;
 pub mod sim;
 pub mod state;
@@ -77,6 +78,8 @@ pub struct DeviceCounters {
     /// When the last valid frame arrived (or the link opened), in nanoseconds after `base`.
     last_good_nanos: AtomicU64,
     base: Instant,
+    /// The staleness limit in force, in nanoseconds: it follows the device's rate.
+    stale_after_nanos: AtomicU64,
 }
 
 impl Default for DeviceCounters {
@@ -88,6 +91,7 @@ impl Default for DeviceCounters {
             link_failures: Default::default(),
             last_good_nanos: AtomicU64::new(0),
             base: Instant::now(),
+            stale_after_nanos: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -99,7 +103,9 @@ pub struct CountersSnapshot {
     pub samples_read: u64,
     /// Frames skipped, by reason.
     pub frames_invalid: InvalidCounts,
-    /// Samples missing according to the device's sequence numbers.
+    /// Samples missing according to the device's sequence numbers, across link reconnects (a
+    /// backward jump is a restarted counter, not a gap). A stop or reset forgets the last
+    /// number: what a stopped device sends is not read, not lost.
     pub seq_gaps: u64,
     /// Link failures, by kind.
     pub link_failures: FailureCounts,
@@ -163,6 +169,15 @@ impl DeviceCounters {
         self.last_good_nanos.store(nanos, Ordering::Relaxed);
     }
 
+    fn set_stale_after(&self, limit: Duration) {
+        let nanos = u64::try_from(limit.as_nanos()).unwrap_or(u64::MAX);
+        self.stale_after_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    fn stale_after(&self) -> Duration {
+        Duration::from_nanos(self.stale_after_nanos.load(Ordering::Relaxed))
+    }
+
     /// Time since the last valid frame, or since the link opened if none came yet.
     fn since_good(&self) -> Duration {
         let at = self.base + Duration::from_nanos(self.last_good_nanos.load(Ordering::Relaxed));
@@ -210,6 +225,8 @@ enum Request {
     },
     Send {
         line: String,
+        /// When the caller stops waiting; the command gives up its place in the reply queue then.
+        deadline: Instant,
         reply: oneshot::Sender<Result<String, SendError>>,
     },
 }
@@ -234,12 +251,15 @@ pub enum SendError {
     /// Writing the command failed.
     #[error("writing the command failed: {0}")]
     Io(String),
-    /// The link closed before the device answered.
+    /// The link failed, or an operator stopped or reset the device, before the device answered.
     #[error("the link closed before the device answered")]
     LinkClosed,
     /// No reply within the command timeout.
     #[error("no reply from the device within {0:?}")]
     Timeout(Duration),
+    /// Too many commands are already waiting for this device's replies.
+    #[error("device {0} has too many commands waiting for replies")]
+    Busy(SmolStr),
     /// The device task has stopped (the gateway is shutting down).
     #[error("device {0} is shutting down")]
     Unavailable(SmolStr),
@@ -264,7 +284,6 @@ pub struct DeviceHandle {
     requests: mpsc::Sender<Request>,
     status: watch::Receiver<DeviceStatus>,
     counters: Arc<DeviceCounters>,
-    stale_after: Duration,
     command_timeout: Duration,
 }
 
@@ -307,36 +326,53 @@ impl DeviceHandle {
 
     /// Sends a command line (`GET_STATUS`, `SET_RATE=50`, ...) down the link and waits for the
     /// device's `OK:`/`ERROR:`/`STATUS:` reply, at most the device's command timeout.
+    ///
+    /// Replies carry no command id, so they are matched to commands in the order the commands
+    /// were sent. A command keeps its place until its reply arrives or its command timeout
+    /// passes; then it gives up its place, and the next reply goes to the oldest command still
+    /// within its timeout. A caller that stops waiting early (a client that hung up) keeps its
+    /// place: the device will likely still answer it, and that reply is discarded. So one
+    /// unanswered command costs one timeout and nothing after it; but a device that answers
+    /// *after* the timeout may have its late reply taken by the next command, which is why
+    /// `command_timeout_ms` should exceed the device's slowest answer.
     pub async fn send(&self, line: &str) -> Result<String, SendError> {
         let printable = line.bytes().all(|b| (0x20..0x7f).contains(&b));
         if line.is_empty() || line.len() > MAX_COMMAND_LEN || !printable {
             return Err(SendError::Invalid);
         }
+        let deadline = Instant::now() + self.command_timeout;
+        let timeout = SendError::Timeout(self.command_timeout);
         let (reply, response) = oneshot::channel();
         let request = Request::Send {
             line: line.to_owned(),
+            deadline,
             reply,
         };
-        self.requests
-            .send(request)
-            .await
-            .map_err(|_| SendError::Unavailable(self.id.clone()))?;
-        match tokio::time::timeout(self.command_timeout, response).await {
+        match tokio::time::timeout_at(deadline, self.requests.send(request)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(SendError::Unavailable(self.id.clone())),
+            Err(_) => return Err(timeout),
+        }
+        match tokio::time::timeout_at(deadline, response).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(SendError::LinkClosed),
-            Err(_) => Err(SendError::Timeout(self.command_timeout)),
+            // The task answers every command it takes, even when its link closes; a command
+            // dropped unanswered means the task itself has ended.
+            Ok(Err(_)) => Err(SendError::Unavailable(self.id.clone())),
+            Err(_) => Err(timeout),
         }
     }
 
-    /// Whether the device counts as stale: Measuring, yet no valid frame for `stale_after`.
+    /// Whether the device counts as stale: Measuring, yet no valid frame for `stale_after`,
+    /// the limit for the rate the device last acknowledged (see [`DeviceTask`]).
     pub fn freshness(&self) -> Freshness {
         let state = self.state();
         let since_good = self.counters.since_good();
+        let stale_after = self.counters.stale_after();
         Freshness {
             state,
             since_good,
-            stale_after: self.stale_after,
-            stale: state == DeviceState::Measuring && since_good > self.stale_after,
+            stale_after,
+            stale: state == DeviceState::Measuring && since_good > stale_after,
         }
     }
 
@@ -357,7 +393,7 @@ pub struct Freshness {
     pub state: DeviceState,
     /// Time since the last valid frame (or since the link opened).
     pub since_good: Duration,
-    /// The configured limit.
+    /// The limit in force: configured, or derived from the device's current rate.
     pub stale_after: Duration,
     /// Measuring, but silent for longer than `stale_after`.
     pub stale: bool,

@@ -32,7 +32,9 @@ pub const LINK_BUFFER: usize = 4096;
 /// With no pacing, frames written per `write_all`, so the simulator is a throughput source.
 const UNPACED_BURST: usize = 64;
 
-/// Opens links to a fresh simulated device: each connect spawns one simulator task.
+/// Opens links to a fresh simulated device: each connect spawns one simulator task, starting at
+/// the configured interval like a device that was power-cycled (the device task sends it a rate
+/// it had acknowledged again).
 pub struct SimConnector {
     settings: SimulatorSettings,
     interval: Duration,
@@ -565,7 +567,7 @@ mod tests {
         );
         let frames = frames_from(sim, 4000).await;
         assert!(frames.len() > 50);
-        // Losing the `\r` leaves a valid frame; losing any other byte breaks it.
+        // Losing the `\r` or the `\n` leaves a valid frame; losing any other byte breaks it.
         let valid = frames
             .iter()
             .filter(|f| matches!(f, Frame::Sample(_)))

@@ -18,7 +18,8 @@ pub enum DeviceState {
     Measuring,
     /// The last read failed; retrying with backoff.
     Error,
-    /// The circuit breaker tripped after too many consecutive failures; needs `reset`.
+    /// The circuit breaker tripped after too many consecutive failures; needs `reset` (or
+    /// `stop`, which acknowledges the trip and leaves the device Idle).
     SafeState,
 }
 
@@ -100,14 +101,16 @@ fn hint(command: Command, from: DeviceState) -> &'static str {
 
 /// The state after an operator command, or why it is refused. Repeating a command that is
 /// already in effect (start while measuring, stop while idle) succeeds and changes nothing.
+/// Stop is allowed from every state: stopping a tripped device acknowledges the trip and leaves
+/// it Idle, so `POST /stop` can always quiet every device. Only a start needs a healthy breaker.
 pub fn on_command(from: DeviceState, command: Command) -> Result<DeviceState, IllegalTransition> {
     use DeviceState::*;
     match (from, command) {
         (Idle, Command::Start) => Ok(Measuring),
         (Measuring | Error, Command::Start) => Ok(from),
-        (Idle | Measuring | Error, Command::Stop) => Ok(Idle),
+        (_, Command::Stop) => Ok(Idle),
         (Idle | Error | SafeState, Command::Reset) => Ok(Idle),
-        (SafeState, Command::Start | Command::Stop) | (Measuring, Command::Reset) => {
+        (SafeState, Command::Start) | (Measuring, Command::Reset) => {
             Err(IllegalTransition { from, command })
         }
     }
@@ -187,7 +190,7 @@ mod tests {
             (Error, Command::Stop, Ok(Idle)),
             (Error, Command::Reset, Ok(Idle)),
             (SafeState, Command::Start, Err(())),
-            (SafeState, Command::Stop, Err(())),
+            (SafeState, Command::Stop, Ok(Idle)),
             (SafeState, Command::Reset, Ok(Idle)),
         ];
         for (from, command, expected) in table {

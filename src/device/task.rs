@@ -1,5 +1,12 @@
 //! The device task: owns one link, reads and decodes it, runs the state machine, and pushes
 //! samples into the ring buffer; commands reach it from [`DeviceHandle`]s over a channel.
+//!
+//! The task follows the device's rate. When the device answers `SET_RATE=<ms>` with `OK:`,
+//! that interval replaces the configured one for the read timeout and the staleness limit (see
+//! [`super::rate`]), and the task remembers it: after every reconnect (a link failure, or a stop
+//! and start) it sends `SET_RATE=<ms>` again, since a device that lost power or was replugged
+//! may have lost it. A device that refuses it (`ERROR:`) is taken to be back at the configured
+//! rate. Only a new task (a gateway restart, a config change) starts from the configured rate.
 
 use std::collections::VecDeque;
 use std::pin::pin;
@@ -10,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use futures_util::StreamExt;
 use futures_util::stream::ReadyChunks;
 use smol_str::SmolStr;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
@@ -18,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::codec::{Frame, FrameCodec};
+use super::rate::{limits_for, requested_rate};
 use super::state::{self, Breaker, Command, DeviceState, IllegalTransition};
 use super::{
     Connector, DeviceCounters, DeviceHandle, DeviceStatus, LinkFailure, Request, SendError,
@@ -30,9 +38,17 @@ use crate::sample::Sample;
 /// Most frames decoded into one push to the buffer.
 const CHUNK_MAX: usize = 256;
 
+/// Most commands waiting for replies on one link; more are refused as [`SendError::Busy`].
+const MAX_WAITING: usize = 32;
+
 /// Timing and limits of one device, from its settings.
 #[derive(Debug, Clone)]
 struct Timing {
+    /// The configured interval, in force until the device acknowledges another.
+    configured_interval: Duration,
+    explicit_read_timeout: Option<Duration>,
+    explicit_stale_after: Option<Duration>,
+    /// The read timeout for the rate in force.
     read_timeout: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
@@ -52,8 +68,60 @@ enum LinkEvent<Io> {
 struct Link<Io: AsyncRead> {
     frames: ReadyChunks<FramedRead<ReadHalf<Io>, FrameCodec>>,
     writer: WriteHalf<Io>,
-    /// Callers waiting for replies, in the order their commands were sent.
-    waiting: VecDeque<oneshot::Sender<Result<String, SendError>>>,
+    /// Commands waiting for replies, in the order they were sent. Replies carry no command id,
+    /// so the next reply belongs to the oldest command whose deadline has not passed; see
+    /// [`Link::take_waiting`].
+    waiting: VecDeque<Pending>,
+}
+
+/// A command written to the link, waiting for the device's reply.
+struct Pending {
+    /// The caller; `None` for the task's own commands (a rate sent again after a reconnect).
+    reply: Option<oneshot::Sender<Result<String, SendError>>>,
+    /// The end of the command timeout: past it, the command gives up its place in the queue.
+    deadline: Instant,
+    /// For `SET_RATE=<ms>`: the interval the device sends at once it answers `OK:`.
+    rate: Option<Duration>,
+}
+
+/// Why a command line could not be written.
+enum WriteError {
+    Io(std::io::Error),
+    /// The command's deadline passed first.
+    Deadline,
+}
+
+impl<Io: AsyncRead + AsyncWrite> Link<Io> {
+    /// Drops the commands whose deadline has passed: the device had its time to answer them,
+    /// and their callers have been told it timed out.
+    fn expire_waiting(&mut self, now: Instant) {
+        while self.waiting.front().is_some_and(|p| p.deadline <= now) {
+            self.waiting.pop_front();
+        }
+    }
+
+    /// The command a reply arriving now answers: the oldest one still within its deadline. A
+    /// command whose caller stopped waiting early keeps its place (the device is likely to
+    /// answer it still), so its reply cannot shift onto the commands after it.
+    fn take_waiting(&mut self, now: Instant) -> Option<Pending> {
+        self.expire_waiting(now);
+        self.waiting.pop_front()
+    }
+
+    /// Writes one command line, by `deadline`.
+    async fn write_line(&mut self, line: &str, deadline: Instant) -> Result<(), WriteError> {
+        let mut bytes = Vec::with_capacity(line.len() + 2);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        let write = async {
+            self.writer.write_all(&bytes).await?;
+            self.writer.flush().await
+        };
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(result) => result.map_err(WriteError::Io),
+            Err(_) => Err(WriteError::Deadline),
+        }
+    }
 }
 
 /// The task that runs one device.
@@ -73,7 +141,11 @@ pub struct DeviceTask<C: Connector> {
     link: Option<Link<C::Io>>,
     retry_at: Instant,
     last_good: Instant,
+    /// The last sequence number read, kept across reconnects; forgotten on stop and reset.
     last_seq: Option<u32>,
+    /// The interval the device last acknowledged with `SET_RATE`, if it ever did; sent again
+    /// after every reconnect.
+    rate: Option<Duration>,
 }
 
 impl<C: Connector> DeviceTask<C> {
@@ -89,19 +161,29 @@ impl<C: Connector> DeviceTask<C> {
         let (requests_tx, requests) = mpsc::channel(16);
         let (status, status_rx) = watch::channel(DeviceStatus::default());
         let counters = Arc::new(DeviceCounters::default());
+        let explicit_read_timeout = settings.read_timeout_ms.map(Duration::from_millis);
+        let explicit_stale_after = settings.stale_after_ms.map(Duration::from_millis);
+        let initial = limits_for(
+            settings.interval(),
+            explicit_read_timeout,
+            explicit_stale_after,
+        );
+        counters.set_stale_after(initial.stale_after);
         let handle = DeviceHandle {
             id: id.clone(),
             kind,
             requests: requests_tx,
             status: status_rx,
             counters: counters.clone(),
-            stale_after: settings.stale_after(),
             command_timeout: Duration::from_millis(settings.command_timeout_ms),
         };
         let task = Self {
             id,
             timing: Timing {
-                read_timeout: settings.read_timeout(),
+                configured_interval: settings.interval(),
+                explicit_read_timeout,
+                explicit_stale_after,
+                read_timeout: initial.read_timeout,
                 backoff_initial: Duration::from_millis(settings.backoff_initial_ms),
                 backoff_max: Duration::from_millis(settings.backoff_max_ms),
                 max_frame_len: settings.max_frame_len,
@@ -121,7 +203,11 @@ impl<C: Connector> DeviceTask<C> {
             retry_at: Instant::now(),
             last_good: Instant::now(),
             last_seq: None,
+            rate: None,
         };
+        if initial.overridden {
+            task.warn_overridden(settings.interval());
+        }
         (task, handle)
     }
 
@@ -145,7 +231,33 @@ impl<C: Connector> DeviceTask<C> {
                 }
             }
         }
-        self.link = None;
+        self.shut_down();
+    }
+
+    /// Answers every command still waiting, on the link or in the request queue, with
+    /// [`SendError::Unavailable`] (the gateway is shutting down, not the link failing), and
+    /// refuses requests from now on.
+    fn shut_down(&mut self) {
+        self.close_link(SendError::Unavailable(self.id.clone()));
+        self.requests.close();
+        while let Ok(request) = self.requests.try_recv() {
+            match request {
+                Request::Send { reply, .. } => {
+                    let _ = reply.send(Err(SendError::Unavailable(self.id.clone())));
+                }
+                // Dropped unanswered, which the handle reports as unavailable.
+                Request::Control { .. } => {}
+            }
+        }
+    }
+
+    /// Closes the link, if open, answering every command waiting for a reply with `error`.
+    fn close_link(&mut self, error: SendError) {
+        if let Some(link) = self.link.take() {
+            for reply in link.waiting.into_iter().filter_map(|p| p.reply) {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
     }
 
     async fn handle(&mut self, request: Request) {
@@ -153,16 +265,23 @@ impl<C: Connector> DeviceTask<C> {
             Request::Control { command, reply } => {
                 let _ = reply.send(self.apply(command));
             }
-            Request::Send { line, reply } => self.send(line, reply).await,
+            Request::Send {
+                line,
+                deadline,
+                reply,
+            } => self.send(line, deadline, reply).await,
         }
     }
 
     fn apply(&mut self, command: Command) -> Result<DeviceState, IllegalTransition> {
         let next = state::on_command(self.state, command)?;
         if matches!(command, Command::Stop | Command::Reset) {
-            self.link = None;
+            self.close_link(SendError::LinkClosed);
             self.breaker.clear();
             self.last_error = None;
+            // What the device sends while it is stopped is not read, not lost: counting gaps
+            // starts afresh with the next start.
+            self.last_seq = None;
         }
         if self.state == DeviceState::Idle && next == DeviceState::Measuring {
             self.retry_at = Instant::now();
@@ -185,8 +304,12 @@ impl<C: Connector> DeviceTask<C> {
                 });
                 self.last_good = Instant::now();
                 self.counters.mark_good(self.last_good);
-                self.last_seq = None;
+                // `last_seq` stays: a reconnect is the same device, and samples it sent while
+                // the link was down are missing.
                 info!(device = %self.id, "Device link opened.");
+                if let Some(rate) = self.rate {
+                    self.restore_rate(rate).await;
+                }
             }
             LinkEvent::ConnectFailed(err) => self.fail(LinkFailure::Connect, &err.to_string()),
             LinkEvent::Frames(frames) => self.on_frames(frames).await,
@@ -250,16 +373,91 @@ impl<C: Connector> DeviceTask<C> {
     }
 
     fn deliver_reply(&mut self, text: String) {
-        let waiter = self.link.as_mut().and_then(|link| link.waiting.pop_front());
-        match waiter {
-            Some(waiter) => {
-                let _ = waiter.send(Ok(text));
+        let now = Instant::now();
+        let waiter = self.link.as_mut().and_then(|link| link.take_waiting(now));
+        let Some(waiter) = waiter else {
+            debug!(device = %self.id, reply = %text, "Unsolicited reply from the device.");
+            return;
+        };
+        if let Some(rate) = waiter.rate {
+            if text.starts_with("OK:") {
+                self.rate = Some(rate);
+                self.apply_limits(rate);
+            } else if waiter.reply.is_none() && text.starts_with("ERROR:") {
+                warn!(device = %self.id, reply = %text, "Device refused the rate it had acknowledged; back to the configured rate.");
+                self.rate = None;
+                self.apply_limits(self.timing.configured_interval);
             }
-            None => debug!(device = %self.id, reply = %text, "Unsolicited reply from the device."),
+        }
+        // The caller may have hung up; the reply was still theirs.
+        if let Some(reply) = waiter.reply {
+            let _ = reply.send(Ok(text));
         }
     }
 
-    async fn send(&mut self, line: String, reply: oneshot::Sender<Result<String, SendError>>) {
+    /// Sets the read timeout and the staleness limit for a device sending every `interval`.
+    fn apply_limits(&mut self, interval: Duration) {
+        let limits = limits_for(
+            interval,
+            self.timing.explicit_read_timeout,
+            self.timing.explicit_stale_after,
+        );
+        let changed = limits.read_timeout != self.timing.read_timeout
+            || limits.stale_after != self.counters.stale_after();
+        if changed {
+            self.timing.read_timeout = limits.read_timeout;
+            self.counters.set_stale_after(limits.stale_after);
+            info!(
+                device = %self.id,
+                interval_ms = interval.as_millis() as u64,
+                read_timeout_ms = limits.read_timeout.as_millis() as u64,
+                stale_after_ms = limits.stale_after.as_millis() as u64,
+                "Device timing follows its rate."
+            );
+            if limits.overridden {
+                self.warn_overridden(interval);
+            }
+        }
+    }
+
+    fn warn_overridden(&self, interval: Duration) {
+        warn!(
+            device = %self.id,
+            interval_ms = interval.as_millis() as u64,
+            "The device sends slower than its configured read_timeout_ms or stale_after_ms allow; using the longer derived limits."
+        );
+    }
+
+    /// Sends the rate the device acknowledged before, on a link just opened.
+    async fn restore_rate(&mut self, rate: Duration) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let line = format!("SET_RATE={}", rate.as_millis());
+        let deadline = Instant::now() + self.timing.command_timeout;
+        match link.write_line(&line, deadline).await {
+            Ok(()) => {
+                debug!(device = %self.id, command = %line, "Device rate sent again.");
+                link.waiting.push_back(Pending {
+                    reply: None,
+                    deadline,
+                    rate: Some(rate),
+                });
+            }
+            Err(WriteError::Io(err)) => self.fail(LinkFailure::Io, &err.to_string()),
+            Err(WriteError::Deadline) => {
+                warn!(device = %self.id, command = %line, "Could not send the device its rate again in time.");
+            }
+        }
+    }
+
+    async fn send(
+        &mut self,
+        line: String,
+        deadline: Instant,
+        reply: oneshot::Sender<Result<String, SendError>>,
+    ) {
+        let timeout = SendError::Timeout(self.timing.command_timeout);
         let Some(link) = self.link.as_mut() else {
             let _ = reply.send(Err(SendError::NotConnected {
                 id: self.id.clone(),
@@ -267,20 +465,30 @@ impl<C: Connector> DeviceTask<C> {
             }));
             return;
         };
-        let mut bytes = line.into_bytes();
-        bytes.extend_from_slice(b"\r\n");
-        let write = async {
-            link.writer.write_all(&bytes).await?;
-            link.writer.flush().await
-        };
-        match tokio::time::timeout(self.timing.command_timeout, write).await {
-            Ok(Ok(())) => link.waiting.push_back(reply),
-            Ok(Err(err)) => {
+        let now = Instant::now();
+        if deadline <= now {
+            // The caller has given up already; a command nobody waits for would only take the
+            // place of the next one in the reply queue.
+            let _ = reply.send(Err(timeout));
+            return;
+        }
+        link.expire_waiting(now);
+        if link.waiting.len() >= MAX_WAITING {
+            let _ = reply.send(Err(SendError::Busy(self.id.clone())));
+            return;
+        }
+        match link.write_line(&line, deadline).await {
+            Ok(()) => link.waiting.push_back(Pending {
+                reply: Some(reply),
+                deadline,
+                rate: requested_rate(&line),
+            }),
+            Err(WriteError::Io(err)) => {
                 let _ = reply.send(Err(SendError::Io(err.to_string())));
                 self.fail(LinkFailure::Io, &err.to_string());
             }
-            Err(_) => {
-                let _ = reply.send(Err(SendError::Timeout(self.timing.command_timeout)));
+            Err(WriteError::Deadline) => {
+                let _ = reply.send(Err(timeout));
             }
         }
     }
@@ -326,7 +534,7 @@ impl<C: Connector> DeviceTask<C> {
     }
 
     fn fail(&mut self, failure: LinkFailure, message: &str) {
-        self.link = None;
+        self.close_link(SendError::LinkClosed);
         self.counters.link_failures[failure as usize].fetch_add(1, Ordering::Relaxed);
         let next = self.breaker.on_failure(self.state);
         let failures = self.breaker.failures();

@@ -117,7 +117,7 @@ struct Device {
 }
 
 impl Device {
-    fn spawn(settings: &DeviceSettings, buffer: RingBuffer, connector: ScriptedConnector) -> Self {
+    fn spawn(settings: &DeviceSettings, buffer: RingBuffer, connector: impl Connector) -> Self {
         let buffer = Arc::new(buffer);
         let cancel = CancellationToken::new();
         let (task, handle) = DeviceTask::new(
@@ -170,6 +170,26 @@ impl Device {
         .await;
         assert!(self.buffer.is_empty(), "more samples than the {n} expected");
         got
+    }
+
+    /// Pops `n` samples, waiting for them; more may be queued.
+    async fn take(&self, n: usize) -> Vec<Sample> {
+        let mut got = Vec::new();
+        within(&format!("{n} samples"), async {
+            while got.len() < n {
+                let batch = self.buffer.pop(n - got.len()).await;
+                got.extend(batch.expect("tests never close the buffer"));
+            }
+        })
+        .await;
+        got
+    }
+
+    /// Sends a command and returns the device's reply, which must come.
+    async fn ask(&self, line: &str) -> String {
+        within(line, self.handle.send(line))
+            .await
+            .unwrap_or_else(|err| panic!("{line}: {err}"))
     }
 
     /// Cancels the task, waits for `run()` to end and returns the buffer's final accounting.
@@ -571,15 +591,13 @@ async fn repeated_connect_errors_trip_the_breaker_until_reset() {
     assert_eq!(script.connects().len(), 3);
     assert_eq!(script.remaining(), 1);
 
-    for command in [Command::Start, Command::Stop] {
-        assert_eq!(
-            illegal(dev.command(command).await),
-            IllegalTransition {
-                from: DeviceState::SafeState,
-                command
-            }
-        );
-    }
+    assert_eq!(
+        illegal(dev.command(Command::Start).await),
+        IllegalTransition {
+            from: DeviceState::SafeState,
+            command: Command::Start
+        }
+    );
     assert_eq!(dev.handle.state(), DeviceState::SafeState);
 
     assert_eq!(
@@ -816,4 +834,433 @@ async fn dropping_every_handle_ends_run() {
     within("run() to end", task)
         .await
         .expect("run() does not panic");
+}
+
+/// Reads one command line the gateway wrote to the link, without its line end.
+async fn read_command(peer: &mut DuplexStream) -> String {
+    let mut line = Vec::new();
+    within("a command on the link", async {
+        loop {
+            let mut byte = [0u8; 1];
+            let n = peer
+                .read(&mut byte)
+                .await
+                .expect("reading a duplex stream cannot fail");
+            assert!(n > 0, "the gateway closed the link");
+            if byte[0] == b'\n' {
+                break;
+            }
+            line.push(byte[0]);
+        }
+    })
+    .await;
+    let line = String::from_utf8(line).expect("commands are ASCII");
+    line.trim_end_matches('\r').to_owned()
+}
+
+/// Sends `line` through the handle on a task of its own, so the test can play the device.
+fn ask(dev: &Device, line: &'static str) -> JoinHandle<Result<String, SendError>> {
+    let handle = dev.handle.clone();
+    tokio::spawn(async move { handle.send(line).await })
+}
+
+async fn answer_of(
+    what: &str,
+    pending: JoinHandle<Result<String, SendError>>,
+) -> Result<String, SendError> {
+    within(what, pending).await.expect("send() does not panic")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_command_that_is_never_answered_does_not_shift_later_replies() {
+    let settings = DeviceSettings {
+        command_timeout_ms: 500,
+        ..settings()
+    };
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings, roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut peer, &frames([1])).await;
+    dev.samples(1).await;
+
+    let one = ask(&dev, "ONE");
+    assert_eq!(read_command(&mut peer).await, "ONE");
+    send(&mut peer, b"OK: one\r\n").await;
+    assert_eq!(answer_of("ONE", one).await, Ok("OK: one".to_owned()));
+
+    // The device ignores TWO.
+    let two = ask(&dev, "TWO");
+    assert_eq!(read_command(&mut peer).await, "TWO");
+    assert_eq!(
+        answer_of("TWO", two).await,
+        Err(SendError::Timeout(ms(500)))
+    );
+
+    // Every later command gets its own reply.
+    for (command, reply) in [("THREE", "OK: three"), ("FOUR", "STATUS: four")] {
+        let pending = ask(&dev, command);
+        assert_eq!(read_command(&mut peer).await, command);
+        send(&mut peer, format!("{reply}\r\n").as_bytes()).await;
+        assert_eq!(answer_of(command, pending).await, Ok(reply.to_owned()));
+    }
+    assert_eq!(dev.handle.status(), measuring());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_hangs_up_keeps_its_place_so_replies_do_not_shift() {
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut peer, &frames([1])).await;
+    dev.samples(1).await;
+
+    // A's caller hangs up (an HTTP client that disconnected) before the device answers it.
+    let a = ask(&dev, "A");
+    assert_eq!(read_command(&mut peer).await, "A");
+    a.abort();
+    let b = ask(&dev, "B");
+    assert_eq!(read_command(&mut peer).await, "B");
+    send(&mut peer, b"OK: a\r\nOK: b\r\n").await;
+    assert_eq!(answer_of("B", b).await, Ok("OK: b".to_owned()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_after_the_timeout_is_dropped_or_taken_by_the_next_command() {
+    let settings = DeviceSettings {
+        command_timeout_ms: 500,
+        ..settings()
+    };
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings, roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut peer, &frames([1])).await;
+    dev.samples(1).await;
+
+    // Nobody waits when the late reply comes: it is dropped.
+    let slow = ask(&dev, "SLOW");
+    assert_eq!(read_command(&mut peer).await, "SLOW");
+    assert_eq!(
+        answer_of("SLOW", slow).await,
+        Err(SendError::Timeout(ms(500)))
+    );
+    send(&mut peer, b"OK: slow\r\n").await;
+    let next = ask(&dev, "NEXT");
+    assert_eq!(read_command(&mut peer).await, "NEXT");
+    send(&mut peer, b"OK: next\r\n").await;
+    assert_eq!(answer_of("NEXT", next).await, Ok("OK: next".to_owned()));
+
+    // The documented limit: a late reply that comes while another command waits is taken by
+    // it (replies carry no id), and that command's own reply then finds nobody.
+    let slow = ask(&dev, "SLOW");
+    assert_eq!(read_command(&mut peer).await, "SLOW");
+    assert!(answer_of("SLOW", slow).await.is_err());
+    let next = ask(&dev, "NEXT");
+    assert_eq!(read_command(&mut peer).await, "NEXT");
+    send(&mut peer, b"OK: slow\r\nOK: next\r\n").await;
+    assert_eq!(answer_of("NEXT", next).await, Ok("OK: slow".to_owned()));
+    let last = ask(&dev, "LAST");
+    assert_eq!(read_command(&mut peer).await, "LAST");
+    send(&mut peer, b"OK: last\r\n").await;
+    assert_eq!(answer_of("LAST", last).await, Ok("OK: last".to_owned()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn commands_waiting_for_replies_are_bounded() {
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut peer, &frames([1])).await;
+    dev.samples(1).await;
+
+    let mut pending = Vec::new();
+    for _ in 0..32 {
+        pending.push(ask(&dev, "GET_STATUS"));
+        assert_eq!(read_command(&mut peer).await, "GET_STATUS");
+    }
+    let refused = ask(&dev, "GET_STATUS");
+    assert_eq!(
+        answer_of("the 33rd command", refused).await,
+        Err(SendError::Busy("dev".into()))
+    );
+    // Replies free the places again, oldest first.
+    send(&mut peer, b"STATUS: 0\r\n").await;
+    assert_eq!(
+        answer_of("the first command", pending.remove(0)).await,
+        Ok("STATUS: 0".to_owned())
+    );
+    let admitted = ask(&dev, "GET_STATUS");
+    assert_eq!(read_command(&mut peer).await, "GET_STATUS");
+    drop(admitted);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_command_learns_why_its_link_went_away() {
+    let (script, connector) = scripted();
+    let mut first = script.link();
+    let mut dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut first, &frames([1])).await;
+    dev.samples(1).await;
+
+    // The device closes the link.
+    let pending = ask(&dev, "A");
+    assert_eq!(read_command(&mut first).await, "A");
+    let mut second = script.link();
+    drop(first);
+    assert_eq!(answer_of("A", pending).await, Err(SendError::LinkClosed));
+
+    // An operator stops the device.
+    script.wait_connects(2).await;
+    send(&mut second, &frames([2])).await;
+    dev.samples(1).await;
+    let pending = ask(&dev, "B");
+    assert_eq!(read_command(&mut second).await, "B");
+    dev.command(Command::Stop).await.unwrap();
+    assert_eq!(answer_of("B", pending).await, Err(SendError::LinkClosed));
+
+    // The gateway shuts down.
+    let mut third = script.link();
+    dev.command(Command::Start).await.unwrap();
+    script.wait_connects(3).await;
+    send(&mut third, &frames([3])).await;
+    dev.samples(1).await;
+    let pending = ask(&dev, "C");
+    assert_eq!(read_command(&mut third).await, "C");
+    dev.shutdown().await;
+    assert_eq!(
+        answer_of("C", pending).await,
+        Err(SendError::Unavailable("dev".into()))
+    );
+    assert_eq!(
+        dev.handle.send("D").await,
+        Err(SendError::Unavailable("dev".into()))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn sequence_gaps_count_across_a_reconnect_until_a_stop_or_reset() {
+    let settings = DeviceSettings {
+        read_timeout_ms: Some(500),
+        ..settings()
+    };
+    let (script, connector) = scripted();
+    let mut first = script.link();
+    let dev = Device::spawn(&settings, roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut first, &frames(100_000..=100_010)).await;
+    dev.samples(11).await;
+
+    // The link goes silent and times out; the same device comes back further on.
+    let mut second = script.link();
+    dev.wait_state(DeviceState::Error).await;
+    script.wait_connects(2).await;
+    send(&mut second, &frames([100_100])).await;
+    dev.samples(1).await;
+    assert_eq!(dev.handle.counters().seq_gaps, 89);
+    assert_eq!(dev.handle.counters().link_failures.timeout, 1);
+
+    // A backward jump is a restarted counter, not a gap, across a reconnect too.
+    let mut third = script.link();
+    drop(second);
+    script.wait_connects(3).await;
+    send(&mut third, &frames([5, 6])).await;
+    dev.samples(2).await;
+    assert_eq!(dev.handle.counters().seq_gaps, 89);
+
+    // A stop forgets the position: what the device sent while stopped was not lost.
+    for (command, seq) in [(Command::Stop, 1_000), (Command::Reset, 5_000)] {
+        dev.command(Command::Stop).await.unwrap();
+        dev.command(command).await.unwrap();
+        let mut next = script.link();
+        dev.command(Command::Start).await.unwrap();
+        send(&mut next, &frames([seq])).await;
+        dev.samples(1).await;
+        assert_eq!(dev.handle.counters().seq_gaps, 89, "after {command:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_acknowledges_a_tripped_breaker_and_leaves_the_device_idle() {
+    let settings = DeviceSettings {
+        failure_threshold: 2,
+        ..idle_settings()
+    };
+    let (script, connector) = scripted();
+    script.fail();
+    script.fail();
+    let dev = Device::spawn(&settings, roomy_buffer(), connector);
+    dev.command(Command::Start).await.unwrap();
+    dev.wait_state(DeviceState::SafeState).await;
+
+    assert_eq!(dev.command(Command::Stop).await.unwrap(), DeviceState::Idle);
+    assert_eq!(dev.handle.status(), DeviceStatus::default());
+    // Idle like any stopped device: no retries, and a start opens the link afresh.
+    let mut peer = script.link();
+    idle_for(Duration::from_secs(60)).await;
+    assert_eq!(script.connects().len(), 2);
+    dev.command(Command::Start).await.unwrap();
+    script.wait_connects(3).await;
+    send(&mut peer, &frames([1])).await;
+    dev.samples(1).await;
+    assert_eq!(dev.handle.status(), measuring());
+}
+
+/// A device on the embedded simulator, sending every 100 ms: a 1 s read timeout and a 500 ms
+/// staleness limit, both derived from that interval.
+fn sim_settings() -> DeviceSettings {
+    let mut settings = DeviceSettings::simulated("dev");
+    settings.simulator.seed = 7;
+    settings
+}
+
+fn sim_connector(settings: &DeviceSettings) -> sim::SimConnector {
+    sim::SimConnector::new(
+        settings.simulator.clone(),
+        settings.interval(),
+        tokio_util::task::TaskTracker::new(),
+        CancellationToken::new(),
+    )
+}
+
+/// The rate the simulator reports in its `GET_STATUS` reply.
+async fn simulator_rate(dev: &Device) -> String {
+    let status = dev.ask("GET_STATUS").await;
+    status
+        .split(' ')
+        .find_map(|field| field.strip_prefix("rate_ms="))
+        .unwrap_or_else(|| panic!("no rate in {status}"))
+        .to_owned()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_acknowledged_rate_change_moves_the_read_timeout() {
+    let settings = sim_settings();
+    let dev = Device::spawn(&settings, roomy_buffer(), sim_connector(&settings));
+    dev.take(1).await;
+
+    assert_eq!(dev.ask("SET_RATE=2000").await, "OK: rate_ms=2000");
+    // Three frames 2 s apart: far past the 1 s read timeout that 100 ms implied.
+    dev.take(4).await;
+    assert_eq!(
+        dev.handle.counters().link_failures,
+        FailureCounts::default()
+    );
+    assert_eq!(dev.handle.status(), measuring());
+    assert_eq!(simulator_rate(&dev).await, "2000");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_acknowledged_rate_change_moves_the_staleness_limit() {
+    let settings = sim_settings();
+    let dev = Device::spawn(&settings, roomy_buffer(), sim_connector(&settings));
+    dev.take(1).await;
+    assert_eq!(dev.handle.freshness().stale_after, ms(500));
+
+    assert_eq!(dev.ask("SET_RATE=700").await, "OK: rate_ms=700");
+    // Right after a frame at the new rate, 650 ms of silence is normal, not stale.
+    dev.take(2).await;
+    idle_for(ms(650)).await;
+    let freshness = dev.handle.freshness();
+    assert_eq!(freshness.stale_after, ms(3_500));
+    assert!(
+        freshness.since_good >= ms(650) && !freshness.stale,
+        "{freshness:?}"
+    );
+
+    // A refused rate changes nothing; going back restores the derived limits.
+    assert!(dev.ask("SET_RATE=5").await.starts_with("ERROR:"));
+    assert_eq!(dev.handle.freshness().stale_after, ms(3_500));
+    assert_eq!(dev.ask("SET_RATE=100").await, "OK: rate_ms=100");
+    assert_eq!(dev.handle.freshness().stale_after, ms(500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_acknowledged_rate_survives_stop_and_start() {
+    let settings = sim_settings();
+    let dev = Device::spawn(&settings, roomy_buffer(), sim_connector(&settings));
+    dev.take(1).await;
+    assert_eq!(dev.ask("SET_RATE=2000").await, "OK: rate_ms=2000");
+
+    for command in [Command::Stop, Command::Reset, Command::Start] {
+        dev.command(command).await.unwrap();
+    }
+    dev.take(1).await;
+    assert_eq!(simulator_rate(&dev).await, "2000");
+    assert_eq!(dev.handle.freshness().stale_after, ms(10_000));
+    dev.take(3).await;
+    assert_eq!(
+        dev.handle.counters().link_failures,
+        FailureCounts::default()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_acknowledged_rate_is_sent_again_after_every_reconnect() {
+    let (script, connector) = scripted();
+    let mut first = script.link();
+    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut first, &frames([1])).await;
+    dev.samples(1).await;
+    let set = ask(&dev, "SET_RATE=2000");
+    assert_eq!(read_command(&mut first).await, "SET_RATE=2000");
+    send(&mut first, b"OK: rate_ms=2000\r\n").await;
+    assert_eq!(
+        answer_of("SET_RATE", set).await,
+        Ok("OK: rate_ms=2000".to_owned())
+    );
+    assert_eq!(dev.handle.freshness().stale_after, ms(10_000));
+
+    // The link fails and reopens: the device may have lost the rate, so it is sent again.
+    let mut second = script.link();
+    drop(first);
+    assert_eq!(read_command(&mut second).await, "SET_RATE=2000");
+    send(&mut second, b"OK: rate_ms=2000\r\n").await;
+    // Its reply went to the gateway, not to the next caller.
+    let status = ask(&dev, "GET_STATUS");
+    assert_eq!(read_command(&mut second).await, "GET_STATUS");
+    send(&mut second, b"STATUS: rate_ms=2000\r\n").await;
+    assert_eq!(
+        answer_of("GET_STATUS", status).await,
+        Ok("STATUS: rate_ms=2000".to_owned())
+    );
+
+    // After a stop and start too; a device that refuses it is back at the configured rate.
+    let mut third = script.link();
+    dev.command(Command::Stop).await.unwrap();
+    dev.command(Command::Start).await.unwrap();
+    assert_eq!(read_command(&mut third).await, "SET_RATE=2000");
+    send(&mut third, b"ERROR: not now\r\n").await;
+    send(&mut third, &frames([2])).await;
+    dev.samples(1).await;
+    assert_eq!(dev.handle.freshness().stale_after, ms(500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slower_rate_overrides_explicit_limits_it_could_not_meet() {
+    let settings = DeviceSettings {
+        read_timeout_ms: Some(500),
+        stale_after_ms: Some(300),
+        ..sim_settings()
+    };
+    let dev = Device::spawn(&settings, roomy_buffer(), sim_connector(&settings));
+    dev.take(1).await;
+    assert_eq!(dev.handle.freshness().stale_after, ms(300));
+
+    // 200 ms: the 500 ms timeout still allows it; 300 ms of staleness does not.
+    assert_eq!(dev.ask("SET_RATE=200").await, "OK: rate_ms=200");
+    assert_eq!(dev.handle.freshness().stale_after, ms(1_000));
+    dev.take(5).await;
+    // 2000 ms: neither does; three intervals and five intervals it is.
+    assert_eq!(dev.ask("SET_RATE=2000").await, "OK: rate_ms=2000");
+    assert_eq!(dev.handle.freshness().stale_after, ms(10_000));
+    dev.take(4).await;
+    assert_eq!(
+        dev.handle.counters().link_failures,
+        FailureCounts::default()
+    );
 }

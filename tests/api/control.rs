@@ -153,3 +153,47 @@ async fn unknown_device_ids_are_json_404s() {
     assert_eq!(app.device("sim0").await["id"], "sim0");
     app.shut_down().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_all_also_stops_a_tripped_device() {
+    let app = spawn_app(|s| {
+        let mut tripping = fast_device("tripping");
+        tripping.simulator.disconnect_rate = 1.0;
+        tripping.failure_threshold = 2;
+        tripping.backoff_initial_ms = 10;
+        tripping.backoff_max_ms = 20;
+        s.devices = vec![fast_device("healthy"), tripping];
+    })
+    .await;
+    wait_until(
+        DEADLINE,
+        "the tripping device reaches SafeState",
+        async || app.device("tripping").await["state"] == "SafeState",
+    )
+    .await;
+
+    let (code, body) = app.post_json("/stop").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({ "ok": true, "state": "Idle" }));
+    for id in ["healthy", "tripping"] {
+        let device = app.device(id).await;
+        assert_eq!(device["state"], "Idle", "{device}");
+        assert_eq!(u64_at(&device, "/consecutive_failures"), 0, "{device}");
+        assert!(device["last_error"].is_null(), "{device}");
+    }
+    // Stopping one tripped device alone works the same way.
+    let (code, body) = app.post_json("/start").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    wait_until(DEADLINE, "the tripping device trips again", async || {
+        app.device("tripping").await["state"] == "SafeState"
+    })
+    .await;
+    let (code, body) = app.post_json("/devices/tripping/stop").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({ "ok": true, "id": "tripping", "state": "Idle" })
+    );
+    assert_eq!(app.device("healthy").await["state"], "Measuring");
+    app.shut_down().await;
+}

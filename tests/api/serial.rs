@@ -6,11 +6,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::StreamExt;
 use reqwest::StatusCode;
+use serde_json::{Value, json};
 use telemetryhub::config::{DeviceSettings, Settings, SimulatorSettings};
 use telemetryhub::device::codec::encode_frame;
 use telemetryhub::device::sim::Simulator;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tokio_util::codec::{FramedRead, LinesCodec};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{DEADLINE, TestApp, spawn_app, temp_path, u64_at, wait_until};
@@ -292,5 +296,201 @@ async fn a_command_the_device_never_answers_is_a_504_and_the_link_keeps_measurin
     .await;
     assert_eq!(app.device("tty0").await["state"], "Measuring");
     stop.cancel();
+    app.shut_down().await;
+}
+
+/// A scripted device on the far end of a pty: it sends a frame every 20 ms, records every
+/// command line it reads, and answers each with what `answer` returns (nothing for `None`).
+/// It stops when dropped.
+struct FakeDevice {
+    commands: watch::Receiver<Vec<String>>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl FakeDevice {
+    fn spawn(path: &Path, answer: fn(&str) -> Option<String>) -> Self {
+        let port =
+            tokio_serial::SerialStream::open(&tokio_serial::new(path.to_string_lossy(), 115_200))
+                .expect("the far end of the pty opens as a serial port");
+        let (reader, mut writer) = tokio::io::split(port);
+        let (commands_tx, commands) = watch::channel(Vec::new());
+        let stop = CancellationToken::new();
+        let cancelled = stop.clone();
+        tokio::spawn(async move {
+            let mut lines = FramedRead::new(reader, LinesCodec::new_with_max_length(256));
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            let mut seq = 0u32;
+            loop {
+                let mut out = BytesMut::new();
+                tokio::select! {
+                    _ = cancelled.cancelled() => return,
+                    _ = tick.tick() => {
+                        encode_frame(seq, 21.5, "degC", &mut out);
+                        seq = seq.wrapping_add(1);
+                    }
+                    line = lines.next() => {
+                        let Some(Ok(line)) = line else { return };
+                        let line = line.trim_end_matches('\r').to_owned();
+                        if let Some(reply) = answer(&line) {
+                            out.extend_from_slice(reply.as_bytes());
+                            out.extend_from_slice(b"\r\n");
+                        }
+                        commands_tx.send_modify(|c| c.push(line));
+                    }
+                }
+                if writer.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            commands,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// Waits until the device has read `n` commands; returns every command read so far.
+    async fn wait_commands(&self, n: usize) -> Vec<String> {
+        let mut commands = self.commands.clone();
+        let read = tokio::time::timeout(DEADLINE, commands.wait_for(|c| c.len() >= n)).await;
+        match read {
+            Ok(Ok(commands)) => commands.clone(),
+            _ => panic!(
+                "the fake device read {:?}, not {n} commands",
+                self.commands.borrow()
+            ),
+        }
+    }
+}
+
+/// `POST /devices/tty0/command` with `line`: the status and the JSON body.
+async fn post_command(app: &TestApp, line: &str) -> (StatusCode, Value) {
+    let response = app
+        .client
+        .post(app.url("/devices/tty0/command"))
+        .json(&json!({ "command": line }))
+        .send()
+        .await
+        .unwrap_or_else(|err| panic!("POST command {line} failed: {err}"));
+    crate::helpers::json_of(response).await
+}
+
+#[tokio::test]
+async fn a_command_the_device_ignores_does_not_shift_the_replies_to_later_ones() {
+    let dir = temp_path("pty-ignored");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pair = PtyPair::spawn(&dir).await;
+    let mut device = serial_device(&pair.gateway);
+    // Long enough for the answered commands on a busy machine; TWO costs one of it.
+    device.command_timeout_ms = 1_000;
+    let app = spawn_app(with_device(device)).await;
+    let fake = FakeDevice::spawn(&pair.device, |command| {
+        (command != "TWO").then(|| format!("OK: {command}"))
+    });
+    wait_until(DEADLINE, "frames arrive over the pty", async || {
+        device_field(&app, "/samples_read").await >= 1
+    })
+    .await;
+
+    let (code, body) = post_command(&app, "ONE").await;
+    assert_eq!(
+        (code, &body["reply"]),
+        (StatusCode::OK, &json!("OK: ONE")),
+        "{body}"
+    );
+    let (code, body) = post_command(&app, "TWO").await;
+    assert_eq!(code, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    for command in ["THREE", "FOUR"] {
+        let (code, body) = post_command(&app, command).await;
+        let reply = json!(format!("OK: {command}"));
+        assert_eq!((code, &body["reply"]), (StatusCode::OK, &reply), "{body}");
+    }
+    assert_eq!(fake.wait_commands(4).await, ["ONE", "TWO", "THREE", "FOUR"]);
+    assert_eq!(app.device("tty0").await["state"], "Measuring");
+    app.shut_down().await;
+}
+
+#[tokio::test]
+async fn a_command_waiting_for_its_reply_at_shutdown_is_a_503() {
+    let dir = temp_path("pty-shutdown");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pair = PtyPair::spawn(&dir).await;
+    let mut device = serial_device(&pair.gateway);
+    device.command_timeout_ms = 10_000;
+    let app = spawn_app(with_device(device)).await;
+    let fake = FakeDevice::spawn(&pair.device, |_| None);
+    wait_until(DEADLINE, "frames arrive over the pty", async || {
+        device_field(&app, "/samples_read").await >= 1
+    })
+    .await;
+
+    let request = app
+        .client
+        .post(app.url("/devices/tty0/command"))
+        .json(&json!({ "command": "CALIBRATE" }))
+        .send();
+    let pending = tokio::spawn(request);
+    // The command is on the wire and its caller waits for the reply: now shut down.
+    assert_eq!(fake.wait_commands(1).await, ["CALIBRATE"]);
+    app.shutdown.cancel();
+    let response = tokio::time::timeout(DEADLINE, pending)
+        .await
+        .expect("the command is answered during shutdown")
+        .expect("the request task does not panic")
+        .expect("the server answers in-flight requests before it stops");
+    let (code, body) = crate::helpers::json_of(response).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("shutting down"), "{body}");
+    let summary = app.shut_down().await;
+    assert!(summary.balanced, "{summary:?}");
+}
+
+/// The staleness limit `/readyz?verbose` reports for tty0.
+async fn stale_after_ms(app: &TestApp) -> u64 {
+    let (_, body) = app.get_json("/readyz?verbose").await;
+    let check = body["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["check"] == "device:tty0"))
+        .unwrap_or_else(|| panic!("no tty0 check in {body}"));
+    u64_at(check, "/stale_after_ms")
+}
+
+#[tokio::test]
+async fn a_rate_the_device_acknowledged_is_sent_again_after_stop_and_start() {
+    let dir = temp_path("pty-rate");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pair = PtyPair::spawn(&dir).await;
+    let app = spawn_app(with_device(serial_device(&pair.gateway))).await;
+    let fake = FakeDevice::spawn(&pair.device, |command| {
+        let ms = command.strip_prefix("SET_RATE=")?;
+        Some(format!("OK: rate_ms={ms}"))
+    });
+    wait_until(DEADLINE, "frames arrive over the pty", async || {
+        device_field(&app, "/samples_read").await >= 1
+    })
+    .await;
+    // 5 ms configured: stale after 25 ms.
+    assert_eq!(stale_after_ms(&app).await, 25);
+
+    let (code, body) = post_command(&app, "SET_RATE=2000").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["reply"], "OK: rate_ms=2000", "{body}");
+    assert_eq!(stale_after_ms(&app).await, 10_000);
+
+    for route in ["/devices/tty0/stop", "/devices/tty0/start"] {
+        let (code, body) = app.post_json(route).await;
+        assert_eq!(code, StatusCode::OK, "{route}: {body}");
+    }
+    assert_eq!(
+        fake.wait_commands(2).await,
+        ["SET_RATE=2000", "SET_RATE=2000"]
+    );
+    let read = device_field(&app, "/samples_read").await;
+    wait_until(DEADLINE, "frames arrive after the restart", async || {
+        device_field(&app, "/samples_read").await > read
+    })
+    .await;
+    assert_eq!(stale_after_ms(&app).await, 10_000);
     app.shut_down().await;
 }
