@@ -1,6 +1,9 @@
 //! Tests of loading, layering and validating settings.
 
+use std::time::Duration;
+
 use super::*;
+use crate::buffer::OverflowPolicy;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs

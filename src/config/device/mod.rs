@@ -8,6 +8,12 @@ use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
 
+mod serial;
+mod simulator;
+
+pub use self::serial::{Parity, SerialSettings};
+pub use self::simulator::SimulatorSettings;
+
 /// Which kind of link a device is read over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -150,61 +156,6 @@ pub fn stale_after_for(interval: Duration, read_timeout: Duration) -> Duration {
     }
 }
 
-/// A serial port's line settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SerialSettings {
-    /// The tty, e.g. `/dev/ttyUSB0` or `/dev/serial/by-id/...`.
-    pub path: PathBuf,
-    /// Bits per second.
-    #[serde(default = "default_baud")]
-    pub baud: u32,
-    /// Data bits per character, 5 to 8.
-    #[serde(default = "default_data_bits")]
-    pub data_bits: u8,
-    /// `none`, `odd` or `even`.
-    #[serde(default)]
-    pub parity: Parity,
-    /// 1 or 2.
-    #[serde(default = "default_stop_bits")]
-    pub stop_bits: u8,
-}
-
-impl SerialSettings {
-    /// 115200 8N1 on `path`.
-    pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self {
-            path: path.into(),
-            baud: default_baud(),
-            data_bits: default_data_bits(),
-            parity: Parity::None,
-            stop_bits: default_stop_bits(),
-        }
-    }
-}
-
-/// Serial parity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Parity {
-    /// No parity bit.
-    #[default]
-    None,
-    /// Odd parity.
-    Odd,
-    /// Even parity.
-    Even,
-}
-
-fn default_baud() -> u32 {
-    115_200
-}
-fn default_data_bits() -> u8 {
-    8
-}
-fn default_stop_bits() -> u8 {
-    1
-}
 fn default_command_timeout_ms() -> u64 {
     1000
 }
@@ -232,65 +183,6 @@ fn default_max_frame_len() -> usize {
 }
 fn default_scale() -> f64 {
     1.0
-}
-
-/// The simulated sensor and the faults it can inject.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SimulatorSettings {
-    /// Unit token written in every frame.
-    #[serde(default = "default_unit")]
-    pub unit: String,
-    /// Amplitude of the uniform noise added to `42 + sin(seq / 10)`.
-    #[serde(default = "default_noise")]
-    pub noise: f64,
-    /// Seed of the simulator's random numbers; 0 picks one from the clock.
-    #[serde(default)]
-    pub seed: u64,
-    /// Pace bytes as a real UART at this baud rate (8N1: 10 bits per byte); 0 does not pace.
-    #[serde(default)]
-    pub baud: u32,
-    /// Probability, per frame, that one byte of the frame is corrupted (fails its checksum).
-    #[serde(default)]
-    pub corrupt_rate: f64,
-    /// Probability, per frame, that one byte of the frame is lost on the line.
-    #[serde(default)]
-    pub drop_rate: f64,
-    /// Probability, per frame, that the device stalls for `stall_ms` before sending it.
-    #[serde(default)]
-    pub stall_rate: f64,
-    /// How long a stall lasts.
-    #[serde(default = "default_stall_ms")]
-    pub stall_ms: u64,
-    /// Probability, per frame, that the device closes the link instead of sending it.
-    #[serde(default)]
-    pub disconnect_rate: f64,
-}
-
-impl Default for SimulatorSettings {
-    fn default() -> Self {
-        Self {
-            unit: default_unit(),
-            noise: default_noise(),
-            seed: 0,
-            baud: 0,
-            corrupt_rate: 0.0,
-            drop_rate: 0.0,
-            stall_rate: 0.0,
-            stall_ms: default_stall_ms(),
-            disconnect_rate: 0.0,
-        }
-    }
-}
-
-fn default_unit() -> String {
-    "arb.units".to_owned()
-}
-fn default_noise() -> f64 {
-    0.01
-}
-fn default_stall_ms() -> u64 {
-    2000
 }
 
 impl DeviceSettings {
@@ -361,67 +253,5 @@ impl DeviceSettings {
             )),
             (DeviceKind::Simulated, None) => self.simulator.validate(&format!("{at}.simulator")),
         }
-    }
-}
-
-impl SerialSettings {
-    pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {
-        if self.path.as_os_str().is_empty() {
-            return Err(ConfigError::invalid(
-                format!("{at}.path"),
-                "must not be empty",
-            ));
-        }
-        if !(50..=4_000_000).contains(&self.baud) {
-            return Err(ConfigError::invalid(
-                format!("{at}.baud"),
-                "must be between 50 and 4000000",
-            ));
-        }
-        if !(5..=8).contains(&self.data_bits) {
-            return Err(ConfigError::invalid(
-                format!("{at}.data_bits"),
-                "must be 5, 6, 7 or 8",
-            ));
-        }
-        if !(1..=2).contains(&self.stop_bits) {
-            return Err(ConfigError::invalid(
-                format!("{at}.stop_bits"),
-                "must be 1 or 2",
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl SimulatorSettings {
-    pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {
-        let unit_ok = crate::device::codec::valid_unit(self.unit.as_bytes());
-        if !unit_ok {
-            return Err(ConfigError::invalid(
-                format!("{at}.unit"),
-                "must be 1-16 characters of A-Z, a-z, 0-9, '.', '_', '/', '%' or '-'",
-            ));
-        }
-        if !(self.noise.is_finite() && self.noise >= 0.0) {
-            return Err(ConfigError::invalid(
-                format!("{at}.noise"),
-                "must be finite and >= 0",
-            ));
-        }
-        for (key, rate) in [
-            ("corrupt_rate", self.corrupt_rate),
-            ("drop_rate", self.drop_rate),
-            ("stall_rate", self.stall_rate),
-            ("disconnect_rate", self.disconnect_rate),
-        ] {
-            if !(0.0..=1.0).contains(&rate) {
-                return Err(ConfigError::invalid(
-                    format!("{at}.{key}"),
-                    "must be a probability between 0 and 1",
-                ));
-            }
-        }
-        Ok(())
     }
 }

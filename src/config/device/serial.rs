@@ -1,0 +1,93 @@
+//! `[devices.serial]`: the line settings of a device read over a real serial port.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+/// A serial port's line settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSettings {
+    /// The tty, e.g. `/dev/ttyUSB0` or `/dev/serial/by-id/...`.
+    pub path: PathBuf,
+    /// Bits per second.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// Data bits per character, 5 to 8.
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    /// `none`, `odd` or `even`.
+    #[serde(default)]
+    pub parity: Parity,
+    /// 1 or 2.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+}
+
+impl SerialSettings {
+    /// 115200 8N1 on `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            baud: default_baud(),
+            data_bits: default_data_bits(),
+            parity: Parity::None,
+            stop_bits: default_stop_bits(),
+        }
+    }
+}
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    /// No parity bit.
+    #[default]
+    None,
+    /// Odd parity.
+    Odd,
+    /// Even parity.
+    Even,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+
+impl SerialSettings {
+    pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{at}.path"),
+                "must not be empty",
+            ));
+        }
+        if !(50..=4_000_000).contains(&self.baud) {
+            return Err(ConfigError::invalid(
+                format!("{at}.baud"),
+                "must be between 50 and 4000000",
+            ));
+        }
+        if !(5..=8).contains(&self.data_bits) {
+            return Err(ConfigError::invalid(
+                format!("{at}.data_bits"),
+                "must be 5, 6, 7 or 8",
+            ));
+        }
+        if !(1..=2).contains(&self.stop_bits) {
+            return Err(ConfigError::invalid(
+                format!("{at}.stop_bits"),
+                "must be 1 or 2",
+            ));
+        }
+        Ok(())
+    }
+}

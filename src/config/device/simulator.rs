@@ -1,0 +1,96 @@
+//! `[devices.simulator]`: the embedded simulated sensor and the faults it can inject.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+/// The simulated sensor and the faults it can inject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatorSettings {
+    /// Unit token written in every frame.
+    #[serde(default = "default_unit")]
+    pub unit: String,
+    /// Amplitude of the uniform noise added to `42 + sin(seq / 10)`.
+    #[serde(default = "default_noise")]
+    pub noise: f64,
+    /// Seed of the simulator's random numbers; 0 picks one from the clock.
+    #[serde(default)]
+    pub seed: u64,
+    /// Pace bytes as a real UART at this baud rate (8N1: 10 bits per byte); 0 does not pace.
+    #[serde(default)]
+    pub baud: u32,
+    /// Probability, per frame, that one byte of the frame is corrupted (fails its checksum).
+    #[serde(default)]
+    pub corrupt_rate: f64,
+    /// Probability, per frame, that one byte of the frame is lost on the line.
+    #[serde(default)]
+    pub drop_rate: f64,
+    /// Probability, per frame, that the device stalls for `stall_ms` before sending it.
+    #[serde(default)]
+    pub stall_rate: f64,
+    /// How long a stall lasts.
+    #[serde(default = "default_stall_ms")]
+    pub stall_ms: u64,
+    /// Probability, per frame, that the device closes the link instead of sending it.
+    #[serde(default)]
+    pub disconnect_rate: f64,
+}
+
+impl Default for SimulatorSettings {
+    fn default() -> Self {
+        Self {
+            unit: default_unit(),
+            noise: default_noise(),
+            seed: 0,
+            baud: 0,
+            corrupt_rate: 0.0,
+            drop_rate: 0.0,
+            stall_rate: 0.0,
+            stall_ms: default_stall_ms(),
+            disconnect_rate: 0.0,
+        }
+    }
+}
+
+fn default_unit() -> String {
+    "arb.units".to_owned()
+}
+fn default_noise() -> f64 {
+    0.01
+}
+fn default_stall_ms() -> u64 {
+    2000
+}
+
+impl SimulatorSettings {
+    pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let unit_ok = crate::device::codec::valid_unit(self.unit.as_bytes());
+        if !unit_ok {
+            return Err(ConfigError::invalid(
+                format!("{at}.unit"),
+                "must be 1-16 characters of A-Z, a-z, 0-9, '.', '_', '/', '%' or '-'",
+            ));
+        }
+        if !(self.noise.is_finite() && self.noise >= 0.0) {
+            return Err(ConfigError::invalid(
+                format!("{at}.noise"),
+                "must be finite and >= 0",
+            ));
+        }
+        for (key, rate) in [
+            ("corrupt_rate", self.corrupt_rate),
+            ("drop_rate", self.drop_rate),
+            ("stall_rate", self.stall_rate),
+            ("disconnect_rate", self.disconnect_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.{key}"),
+                    "must be a probability between 0 and 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+}

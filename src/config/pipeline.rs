@@ -1,0 +1,142 @@
+//! `[buffer]`, `[pipeline]` and `[processing]`: the data path from the ring buffer through the
+//! dispatcher to the workers, and what the workers accept.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::buffer::OverflowPolicy;
+
+/// The ring buffer between devices and workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferSettings {
+    /// Maximum number of samples held.
+    #[serde(default = "default_capacity")]
+    pub capacity: usize,
+    /// What happens to a sample that arrives when the buffer is full.
+    #[serde(default)]
+    pub overflow: OverflowPolicy,
+    /// Fraction of capacity at which `POST /samples` is refused with 429 (backpressure).
+    #[serde(default = "default_high_watermark")]
+    pub high_watermark: f64,
+}
+
+impl Default for BufferSettings {
+    fn default() -> Self {
+        Self {
+            capacity: default_capacity(),
+            overflow: OverflowPolicy::default(),
+            high_watermark: default_high_watermark(),
+        }
+    }
+}
+
+impl BufferSettings {
+    /// The depth at which HTTP ingest is refused.
+    pub fn high_watermark_samples(&self) -> usize {
+        ((self.capacity as f64 * self.high_watermark).ceil() as usize).clamp(1, self.capacity)
+    }
+}
+
+fn default_high_watermark() -> f64 {
+    0.8
+}
+
+fn default_capacity() -> usize {
+    1000
+}
+
+/// The dispatcher and the worker stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Most samples handed to one worker batch.
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+    /// Batches processed at once (semaphore permits); unset means the number of CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// Processed samples kept for `GET /samples`.
+    #[serde(default = "default_history")]
+    pub history: usize,
+    /// How long shutdown may take to drain the buffer before the rest is counted as dropped.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self {
+            batch_max: default_batch_max(),
+            workers: None,
+            history: default_history(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+        }
+    }
+}
+
+impl PipelineSettings {
+    /// The number of worker permits, resolving "unset" to the number of CPUs.
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(NonZeroUsize::get)
+                .unwrap_or(1)
+        })
+    }
+
+    /// The shutdown drain deadline.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+fn default_batch_max() -> usize {
+    256
+}
+fn default_history() -> usize {
+    1000
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+
+/// What the workers do to each sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessingSettings {
+    /// Accepted range of raw values, per unit. Units not listed only need a finite value.
+    #[serde(default = "default_units")]
+    pub units: BTreeMap<String, ValueRange>,
+}
+
+impl Default for ProcessingSettings {
+    fn default() -> Self {
+        Self {
+            units: default_units(),
+        }
+    }
+}
+
+fn default_units() -> BTreeMap<String, ValueRange> {
+    BTreeMap::from([(
+        "arb.units".to_owned(),
+        ValueRange {
+            min: -1000.0,
+            max: 1000.0,
+        },
+    )])
+}
+
+/// An inclusive range of accepted values.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueRange {
+    /// Smallest accepted value.
+    pub min: f64,
+    /// Largest accepted value.
+    pub max: f64,
+}
