@@ -198,53 +198,19 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Checks values that parse but cannot work, naming the offending key.
+    /// Checks values that parse but cannot work, naming the offending key: every numeric
+    /// setting against its documented range, then the combinations of settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.buffer.capacity == 0 {
-            return Err(ConfigError::invalid(
-                "buffer.capacity",
-                "must be at least 1",
-            ));
-        }
-        if !(self.buffer.high_watermark > 0.0 && self.buffer.high_watermark <= 1.0) {
-            return Err(ConfigError::invalid(
-                "buffer.high_watermark",
-                "must be a fraction of capacity above 0 and at most 1",
-            ));
-        }
         self.http.validate()?;
-        if self.pipeline.batch_max == 0 {
-            return Err(ConfigError::invalid(
-                "pipeline.batch_max",
-                "must be at least 1",
-            ));
-        }
-        if self.pipeline.workers == Some(0) {
-            return Err(ConfigError::invalid(
-                "pipeline.workers",
-                "must be at least 1 (leave it unset for one per CPU)",
-            ));
-        }
-        if self.pipeline.history == 0 {
-            return Err(ConfigError::invalid(
-                "pipeline.history",
-                "must be at least 1",
-            ));
-        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::invalid(
                 "log.level",
                 format!("`{}` is not a valid filter directive", self.log.level),
             ));
         }
-        for (unit, range) in &self.processing.units {
-            if !(range.min.is_finite() && range.max.is_finite() && range.min <= range.max) {
-                return Err(ConfigError::invalid(
-                    format!("processing.units.{unit}"),
-                    "needs finite min <= max",
-                ));
-            }
-        }
+        self.buffer.validate()?;
+        self.pipeline.validate()?;
+        self.processing.validate()?;
         if self.devices.is_empty() {
             return Err(ConfigError::invalid(
                 "devices",
@@ -262,4 +228,26 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// The longest wait most `*_ms` settings take: one hour. Every deadline the gateway computes
+/// (`Instant::now() + duration`, in its own code and in hyper's) then stays far from overflowing,
+/// and nothing in a gateway should wait longer than that on purpose.
+const MAX_MS: u64 = 3_600_000;
+
+/// Refuses a numeric setting outside its documented range, naming the key. NaN is outside
+/// every range.
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    let (min, max) = range.into_inner();
+    Err(ConfigError::invalid(
+        key,
+        format!("must be between {min} and {max}, got {value}"),
+    ))
 }

@@ -233,12 +233,23 @@ async fn validate_accepts_the_default_config() {
     assert!(run(&["validate"]).await.status.success());
 }
 
-/// Bad files and the key each message must name.
-const BAD_CONFIGS: [(&str, &str); 4] = [
+/// Bad files and the key each message must name. The last three once passed `validate` and
+/// then crashed the gateway at start: a 104 GB allocation (exit 134) and semaphores above
+/// tokio's `MAX_PERMITS` (a panic, exit 101).
+const BAD_CONFIGS: [(&str, &str); 7] = [
     ("[buffer]\ncapacity = \"abc\"\n", "buffer.capacity"),
     ("[pipeline]\nworkers = 0\n", "pipeline.workers"),
     ("[buffer]\ncapacty = 5\n", "buffer.capacty"),
     ("[http]\nauth = true\n", "http.auth"),
+    ("[buffer]\ncapacity = 1000000000\n", "buffer.capacity"),
+    (
+        "[pipeline]\nworkers = 9223372036854775807\n",
+        "pipeline.workers",
+    ),
+    (
+        "[http]\nmax_concurrent_requests = 9223372036854775807\n",
+        "http.max_concurrent_requests",
+    ),
 ];
 
 #[tokio::test]

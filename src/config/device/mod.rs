@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::{ConfigError, MAX_MS, check_range};
 
 mod serial;
 mod simulator;
@@ -47,36 +47,40 @@ pub struct DeviceSettings {
     /// Start measuring when the gateway starts, without waiting for `POST /start`.
     #[serde(default = "default_true")]
     pub autostart: bool,
-    /// Interval between frames the device sends; 0 sends as fast as the link takes them.
+    /// Interval between frames the device sends, 0 to 3 600 000 ms (one hour); 0 sends as fast
+    /// as the link takes them.
     #[serde(default = "default_sample_interval_ms")]
     pub sample_interval_ms: u64,
-    /// A read that yields no frame for this long is a failure; unset means
-    /// [`read_timeout_for`] the sample interval (three intervals, at least one second).
+    /// A read that yields no frame for this long is a failure, 1 to 86 400 000 ms (one day);
+    /// unset means [`read_timeout_for`] the sample interval (three intervals, at least one
+    /// second).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_timeout_ms: Option<u64>,
-    /// Consecutive failures that trip the circuit breaker into `SafeState`.
+    /// Consecutive failures that trip the circuit breaker into `SafeState`, 1 to 1 000 000.
     #[serde(default = "default_failure_threshold")]
     pub failure_threshold: u32,
-    /// First retry delay after a failure; doubles with each further failure.
+    /// First retry delay after a failure, 1 to 3 600 000 ms; doubles with each further failure.
     #[serde(default = "default_backoff_initial_ms")]
     pub backoff_initial_ms: u64,
-    /// Cap on the retry delay.
+    /// Cap on the retry delay, from `backoff_initial_ms` to 3 600 000 ms.
     #[serde(default = "default_backoff_max_ms")]
     pub backoff_max_ms: u64,
-    /// Longest accepted frame in bytes; longer lines are counted as `too_long` and skipped.
+    /// Longest accepted frame in bytes, 16 to 65 536; longer lines are counted as `too_long`
+    /// and skipped.
     #[serde(default = "default_max_frame_len")]
     pub max_frame_len: usize,
-    /// A Measuring device with no valid frame for this long makes `/readyz` fail; unset means
-    /// five sample intervals (at least one read timeout when the interval is 0).
+    /// A Measuring device with no valid frame for this long makes `/readyz` fail, 1 to
+    /// 86 400 000 ms (one day); unset means five sample intervals (one read timeout when the
+    /// interval is 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_after_ms: Option<u64>,
-    /// How long `POST /devices/{id}/command` waits for the device's reply.
+    /// How long `POST /devices/{id}/command` waits for the device's reply, 1 to 60 000 ms.
     #[serde(default = "default_command_timeout_ms")]
     pub command_timeout_ms: u64,
-    /// Calibration: processed value = raw value * scale + offset.
+    /// Calibration: processed value = raw value * scale + offset. Any finite number.
     #[serde(default = "default_scale")]
     pub scale: f64,
-    /// Calibration offset, see `scale`.
+    /// Calibration offset, see `scale`. Any finite number.
     #[serde(default)]
     pub offset: f64,
     /// The simulated device, for `kind = "simulated"`.
@@ -156,6 +160,14 @@ pub fn stale_after_for(interval: Duration, read_timeout: Duration) -> Duration {
     }
 }
 
+/// The longest read timeout or staleness limit: one day. The derived ones reach three hours
+/// (three intervals of one hour); `Instant + duration` stays far from overflowing.
+const MAX_TIMEOUT_MS: u64 = 86_400_000;
+/// Most consecutive failures before the breaker trips.
+const MAX_FAILURE_THRESHOLD: u32 = 1_000_000;
+/// Longest wait for a command's reply.
+const MAX_COMMAND_TIMEOUT_MS: u64 = 60_000;
+
 fn default_command_timeout_ms() -> u64 {
     1000
 }
@@ -199,48 +211,7 @@ impl DeviceSettings {
                 "must be 1-64 characters of A-Z, a-z, 0-9, '-', '_' or '.'",
             ));
         }
-        if self.read_timeout_ms == Some(0) {
-            return Err(ConfigError::invalid(
-                format!("{at}.read_timeout_ms"),
-                "must be at least 1 (leave it unset for three sample intervals)",
-            ));
-        }
-        if self.failure_threshold == 0 {
-            return Err(ConfigError::invalid(
-                format!("{at}.failure_threshold"),
-                "must be at least 1",
-            ));
-        }
-        if self.backoff_initial_ms == 0 || self.backoff_max_ms < self.backoff_initial_ms {
-            return Err(ConfigError::invalid(
-                format!("{at}.backoff_max_ms"),
-                "needs 1 <= backoff_initial_ms <= backoff_max_ms",
-            ));
-        }
-        if !(16..=65536).contains(&self.max_frame_len) {
-            return Err(ConfigError::invalid(
-                format!("{at}.max_frame_len"),
-                "must be between 16 and 65536",
-            ));
-        }
-        if !(self.scale.is_finite() && self.offset.is_finite()) {
-            return Err(ConfigError::invalid(
-                format!("{at}.scale"),
-                "scale and offset must be finite",
-            ));
-        }
-        if !(1..=60_000).contains(&self.command_timeout_ms) {
-            return Err(ConfigError::invalid(
-                format!("{at}.command_timeout_ms"),
-                "must be between 1 and 60000",
-            ));
-        }
-        if self.stale_after_ms == Some(0) {
-            return Err(ConfigError::invalid(
-                format!("{at}.stale_after_ms"),
-                "must be at least 1 (leave it unset for five sample intervals)",
-            ));
-        }
+        self.check_ranges(at)?;
         match (self.kind, &self.serial) {
             (DeviceKind::Serial, None) => Err(ConfigError::invalid(
                 format!("{at}.serial"),
@@ -253,5 +224,56 @@ impl DeviceSettings {
             )),
             (DeviceKind::Simulated, None) => self.simulator.validate(&format!("{at}.simulator")),
         }
+    }
+
+    /// Every numeric setting of the device (not its link's) against its documented range.
+    fn check_ranges(&self, at: &str) -> Result<(), ConfigError> {
+        let key = |name: &str| format!("{at}.{name}");
+        check_range(
+            &key("sample_interval_ms"),
+            self.sample_interval_ms,
+            0..=MAX_MS,
+        )?;
+        if let Some(ms) = self.read_timeout_ms {
+            check_range(&key("read_timeout_ms"), ms, 1..=MAX_TIMEOUT_MS)?;
+        }
+        check_range(
+            &key("failure_threshold"),
+            self.failure_threshold,
+            1..=MAX_FAILURE_THRESHOLD,
+        )?;
+        check_range(
+            &key("backoff_initial_ms"),
+            self.backoff_initial_ms,
+            1..=MAX_MS,
+        )?;
+        check_range(&key("backoff_max_ms"), self.backoff_max_ms, 1..=MAX_MS)?;
+        if self.backoff_max_ms < self.backoff_initial_ms {
+            return Err(ConfigError::invalid(
+                key("backoff_max_ms"),
+                format!(
+                    "must be at least backoff_initial_ms ({}): raise it, or lower backoff_initial_ms",
+                    self.backoff_initial_ms
+                ),
+            ));
+        }
+        check_range(&key("max_frame_len"), self.max_frame_len, 16..=65_536)?;
+        if let Some(ms) = self.stale_after_ms {
+            check_range(&key("stale_after_ms"), ms, 1..=MAX_TIMEOUT_MS)?;
+        }
+        check_range(
+            &key("command_timeout_ms"),
+            self.command_timeout_ms,
+            1..=MAX_COMMAND_TIMEOUT_MS,
+        )?;
+        for (name, value) in [("scale", self.scale), ("offset", self.offset)] {
+            if !value.is_finite() {
+                return Err(ConfigError::invalid(
+                    key(name),
+                    format!("must be a finite number, got {value}"),
+                ));
+            }
+        }
+        Ok(())
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, check_range};
 
 /// A serial port's line settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -12,7 +12,7 @@ use crate::config::ConfigError;
 pub struct SerialSettings {
     /// The tty, e.g. `/dev/ttyUSB0` or `/dev/serial/by-id/...`.
     pub path: PathBuf,
-    /// Bits per second.
+    /// Bits per second, 50 to 4 000 000.
     #[serde(default = "default_baud")]
     pub baud: u32,
     /// Data bits per character, 5 to 8.
@@ -21,7 +21,7 @@ pub struct SerialSettings {
     /// `none`, `odd` or `even`.
     #[serde(default)]
     pub parity: Parity,
-    /// 1 or 2.
+    /// Stop bits, 1 or 2.
     #[serde(default = "default_stop_bits")]
     pub stop_bits: u8,
 }
@@ -70,24 +70,8 @@ impl SerialSettings {
                 "must not be empty",
             ));
         }
-        if !(50..=4_000_000).contains(&self.baud) {
-            return Err(ConfigError::invalid(
-                format!("{at}.baud"),
-                "must be between 50 and 4000000",
-            ));
-        }
-        if !(5..=8).contains(&self.data_bits) {
-            return Err(ConfigError::invalid(
-                format!("{at}.data_bits"),
-                "must be 5, 6, 7 or 8",
-            ));
-        }
-        if !(1..=2).contains(&self.stop_bits) {
-            return Err(ConfigError::invalid(
-                format!("{at}.stop_bits"),
-                "must be 1 or 2",
-            ));
-        }
-        Ok(())
+        check_range(&format!("{at}.baud"), self.baud, 50..=4_000_000)?;
+        check_range(&format!("{at}.data_bits"), self.data_bits, 5..=8)?;
+        check_range(&format!("{at}.stop_bits"), self.stop_bits, 1..=2)
     }
 }

@@ -2,37 +2,39 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, MAX_MS, check_range};
 
 /// The simulated sensor and the faults it can inject.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimulatorSettings {
-    /// Unit token written in every frame.
+    /// Unit token written in every frame: 1 to 16 of `A-Z a-z 0-9 . _ / % -`.
     #[serde(default = "default_unit")]
     pub unit: String,
-    /// Amplitude of the uniform noise added to `42 + sin(seq / 10)`.
+    /// Amplitude of the uniform noise added to `42 + sin(seq / 10)`, 0 to 1 000 000.
     #[serde(default = "default_noise")]
     pub noise: f64,
-    /// Seed of the simulator's random numbers; 0 picks one from the clock.
+    /// Seed of the simulator's random numbers, any `u64`; 0 picks one from the clock.
     #[serde(default)]
     pub seed: u64,
-    /// Pace bytes as a real UART at this baud rate (8N1: 10 bits per byte); 0 does not pace.
+    /// Pace bytes as a real UART at this baud rate (8N1: 10 bits per byte), 50 to 4 000 000;
+    /// 0 does not pace.
     #[serde(default)]
     pub baud: u32,
-    /// Probability, per frame, that one byte of the frame is corrupted (fails its checksum).
+    /// Probability, per frame, that one byte of the frame is corrupted (fails its checksum),
+    /// 0 to 1.
     #[serde(default)]
     pub corrupt_rate: f64,
-    /// Probability, per frame, that one byte of the frame is lost on the line.
+    /// Probability, per frame, that one byte of the frame is lost on the line, 0 to 1.
     #[serde(default)]
     pub drop_rate: f64,
-    /// Probability, per frame, that the device stalls for `stall_ms` before sending it.
+    /// Probability, per frame, that the device stalls for `stall_ms` before sending it, 0 to 1.
     #[serde(default)]
     pub stall_rate: f64,
-    /// How long a stall lasts.
+    /// How long a stall lasts, 0 to 3 600 000 ms (one hour).
     #[serde(default = "default_stall_ms")]
     pub stall_ms: u64,
-    /// Probability, per frame, that the device closes the link instead of sending it.
+    /// Probability, per frame, that the device closes the link instead of sending it, 0 to 1.
     #[serde(default)]
     pub disconnect_rate: f64,
 }
@@ -63,6 +65,9 @@ fn default_stall_ms() -> u64 {
     2000
 }
 
+/// The largest noise amplitude: values stay readable numbers, and frames short.
+const MAX_NOISE: f64 = 1_000_000.0;
+
 impl SimulatorSettings {
     pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {
         let unit_ok = crate::device::codec::valid_unit(self.unit.as_bytes());
@@ -72,12 +77,11 @@ impl SimulatorSettings {
                 "must be 1-16 characters of A-Z, a-z, 0-9, '.', '_', '/', '%' or '-'",
             ));
         }
-        if !(self.noise.is_finite() && self.noise >= 0.0) {
-            return Err(ConfigError::invalid(
-                format!("{at}.noise"),
-                "must be finite and >= 0",
-            ));
+        check_range(&format!("{at}.noise"), self.noise, 0.0..=MAX_NOISE)?;
+        if self.baud != 0 {
+            check_range(&format!("{at}.baud"), self.baud, 50..=4_000_000)?;
         }
+        check_range(&format!("{at}.stall_ms"), self.stall_ms, 0..=MAX_MS)?;
         for (key, rate) in [
             ("corrupt_rate", self.corrupt_rate),
             ("drop_rate", self.drop_rate),

@@ -5,6 +5,8 @@ use std::time::Duration;
 use super::*;
 use crate::buffer::OverflowPolicy;
 
+mod ranges;
+
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
         .iter()
