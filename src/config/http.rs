@@ -14,7 +14,8 @@ pub struct HttpSettings {
     /// Address to listen on. Loopback by default.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// When set, every `POST` needs `Authorization: Bearer <token>`.
+    /// When set, every `POST` needs `Authorization: Bearer <token>`: 1 to 256 visible ASCII
+    /// characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_token: Option<Secret>,
     /// With a token set, also require it for reads (except `/healthz` and `/readyz`).
@@ -123,8 +124,11 @@ impl Secret {
             == 0
     }
 
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// Whether a client can send the secret as a bearer token: 1 to 256 visible ASCII
+    /// characters. HTTP trims the spaces around a header value and clients refuse control
+    /// characters, so a token with those could never match.
+    fn is_sendable(&self) -> bool {
+        (1..=256).contains(&self.0.len()) && self.0.bytes().all(|b| b.is_ascii_graphic())
     }
 }
 
@@ -136,14 +140,11 @@ impl std::fmt::Debug for Secret {
 
 impl HttpSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        if self
-            .api_token
-            .as_ref()
-            .is_some_and(|t| t.is_empty() || t.0.len() > 256)
-        {
+        if self.api_token.as_ref().is_some_and(|t| !t.is_sendable()) {
             return Err(ConfigError::invalid(
                 "http.api_token",
-                "must be 1 to 256 characters",
+                "must be 1 to 256 visible ASCII characters (no spaces or control characters), \
+                 or no client could send it in an `Authorization: Bearer` header",
             ));
         }
         if self.protect_reads && self.api_token.is_none() {

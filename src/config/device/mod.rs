@@ -11,6 +11,8 @@ use super::{ConfigError, MAX_MS, check_range};
 mod serial;
 mod simulator;
 
+#[cfg(test)]
+pub(super) use self::serial::SHORTEST_FRAME;
 pub use self::serial::{Parity, SerialSettings};
 pub use self::simulator::SimulatorSettings;
 
@@ -51,9 +53,9 @@ pub struct DeviceSettings {
     /// as the link takes them.
     #[serde(default = "default_sample_interval_ms")]
     pub sample_interval_ms: u64,
-    /// A read that yields no frame for this long is a failure, 1 to 86 400 000 ms (one day);
-    /// unset means [`read_timeout_for`] the sample interval (three intervals, at least one
-    /// second).
+    /// A read that yields no frame for this long is a failure, 1 to 86 400 000 ms (one day)
+    /// and above `sample_interval_ms`; unset means [`read_timeout_for`] the sample interval
+    /// (three intervals, at least one second). On a paced line a frame must cross within it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_timeout_ms: Option<u64>,
     /// Consecutive failures that trip the circuit breaker into `SafeState`, 1 to 1 000 000.
@@ -66,15 +68,17 @@ pub struct DeviceSettings {
     #[serde(default = "default_backoff_max_ms")]
     pub backoff_max_ms: u64,
     /// Longest accepted frame in bytes, 16 to 65 536; longer lines are counted as `too_long`
-    /// and skipped.
+    /// and skipped. A simulated device needs at least the simulator's longest frame
+    /// ([`SimulatorSettings::longest_frame_len`]).
     #[serde(default = "default_max_frame_len")]
     pub max_frame_len: usize,
     /// A Measuring device with no valid frame for this long makes `/readyz` fail, 1 to
-    /// 86 400 000 ms (one day); unset means five sample intervals (one read timeout when the
-    /// interval is 0).
+    /// 86 400 000 ms (one day) and above `sample_interval_ms`; unset means five sample
+    /// intervals (one read timeout when the interval is 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_after_ms: Option<u64>,
-    /// How long `POST /devices/{id}/command` waits for the device's reply, 1 to 60 000 ms.
+    /// How long `POST /devices/{id}/command` waits for the device's reply, 1 to 60 000 ms; on
+    /// a paced simulator, longer than two frames take on the line.
     #[serde(default = "default_command_timeout_ms")]
     pub command_timeout_ms: u64,
     /// Calibration: processed value = raw value * scale + offset. Any finite number.
@@ -212,18 +216,126 @@ impl DeviceSettings {
             ));
         }
         self.check_ranges(at)?;
+        self.check_timeouts(at)?;
         match (self.kind, &self.serial) {
             (DeviceKind::Serial, None) => Err(ConfigError::invalid(
                 format!("{at}.serial"),
                 "a serial device needs a [devices.serial] table with at least `path`",
             )),
-            (DeviceKind::Serial, Some(serial)) => serial.validate(&format!("{at}.serial")),
+            (DeviceKind::Serial, Some(serial)) => {
+                serial.validate(&format!("{at}.serial"))?;
+                let bytes = serial::SHORTEST_FRAME.len();
+                let bits = serial.frame_bits();
+                self.check_line(at, "serial.baud", serial.baud, bytes, bits)
+            }
             (DeviceKind::Simulated, Some(_)) => Err(ConfigError::invalid(
                 format!("{at}.serial"),
                 "only devices of kind \"serial\" take serial settings",
             )),
-            (DeviceKind::Simulated, None) => self.simulator.validate(&format!("{at}.simulator")),
+            (DeviceKind::Simulated, None) => {
+                self.simulator.validate(&format!("{at}.simulator"))?;
+                self.check_simulated_frames(at)
+            }
         }
+    }
+
+    /// Explicit timeouts that a device sending every `sample_interval_ms` can never satisfy.
+    fn check_timeouts(&self, at: &str) -> Result<(), ConfigError> {
+        let interval = self.sample_interval_ms;
+        if interval == 0 {
+            return Ok(()); // As fast as the link goes: any timeout can be met.
+        }
+        if self.read_timeout_ms.is_some_and(|ms| ms <= interval) {
+            let derived = read_timeout_for(self.interval()).as_millis();
+            return Err(ConfigError::invalid(
+                format!("{at}.read_timeout_ms"),
+                format!(
+                    "must be above sample_interval_ms ({interval}): reads would time out \
+                     between two frames; raise it, or leave it unset for {derived} ms"
+                ),
+            ));
+        }
+        if self.stale_after_ms.is_some_and(|ms| ms <= interval) {
+            let derived = stale_after_for(self.interval(), self.read_timeout()).as_millis();
+            return Err(ConfigError::invalid(
+                format!("{at}.stale_after_ms"),
+                format!(
+                    "must be above sample_interval_ms ({interval}): /readyz would fail between \
+                     two frames; raise it, or leave it unset for {derived} ms"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A simulated device's frames must fit `max_frame_len`, and when the simulator paces its
+    /// line, a frame (and a command's reply behind it) must cross it within the timeouts.
+    fn check_simulated_frames(&self, at: &str) -> Result<(), ConfigError> {
+        let longest = self.simulator.longest_frame_len();
+        if self.max_frame_len < longest {
+            return Err(ConfigError::invalid(
+                format!("{at}.max_frame_len"),
+                format!(
+                    "the simulator's frames reach {longest} bytes (unit `{}`, noise {}) and \
+                     longer frames are skipped as too_long; set max_frame_len to at least \
+                     {longest}",
+                    self.simulator.unit, self.simulator.noise
+                ),
+            ));
+        }
+        let baud = self.simulator.baud;
+        if baud == 0 {
+            return Ok(()); // Unpaced: a frame crosses the link at once.
+        }
+        // 8N1: ten bits a byte.
+        let bits = longest as u64 * 10;
+        self.check_line(at, "simulator.baud", baud, longest, bits)?;
+        // A reply is queued behind the frame being sent, and is about as long.
+        let reply_ms = line_ms(2 * bits, baud);
+        if 2 * bits * 1000 >= self.command_timeout_ms * u64::from(baud) {
+            return Err(ConfigError::invalid(
+                format!("{at}.command_timeout_ms"),
+                format!(
+                    "at {baud} baud a reply can wait {reply_ms} ms behind a frame on the line; \
+                     raise command_timeout_ms above {reply_ms}, or the simulator's baud"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A frame of `bytes`, `bits` on the line, must cross a line of `baud` within the read
+    /// timeout and the staleness limit, or every read fails or readiness flaps; `key` names
+    /// the baud setting.
+    fn check_line(
+        &self,
+        at: &str,
+        key: &str,
+        baud: u32,
+        bytes: usize,
+        bits: u64,
+    ) -> Result<(), ConfigError> {
+        let frame_ms = line_ms(bits, baud);
+        // The tighter of the two limits binds; a baud that meets it meets both.
+        let (limit, what, setting) = [
+            (self.read_timeout(), "the read timeout", "read_timeout_ms"),
+            (self.stale_after(), "the staleness limit", "stale_after_ms"),
+        ]
+        .into_iter()
+        .min_by_key(|(limit, ..)| *limit)
+        .expect("two limits");
+        let limit_ms = limit.as_millis() as u64;
+        if bits * 1000 < limit_ms * u64::from(baud) {
+            return Ok(());
+        }
+        let min_baud = bits * 1000 / limit_ms + 1;
+        Err(ConfigError::invalid(
+            format!("{at}.{key}"),
+            format!(
+                "at {baud} baud a frame of {bytes} bytes takes {frame_ms} ms, not less than \
+                 {what} ({limit_ms} ms); set the baud to at least {min_baud}, or raise {setting}"
+            ),
+        ))
     }
 
     /// Every numeric setting of the device (not its link's) against its documented range.
@@ -276,4 +388,9 @@ impl DeviceSettings {
         }
         Ok(())
     }
+}
+
+/// Milliseconds, rounded up, that `bits` take on a line of `baud` bits per second.
+fn line_ms(bits: u64, baud: u32) -> u64 {
+    (bits * 1000).div_ceil(u64::from(baud))
 }

@@ -1,8 +1,10 @@
 //! `[devices.simulator]`: the embedded simulated sensor and the faults it can inject.
 
+use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, MAX_MS, check_range};
+use crate::device::codec::encode_frame;
 
 /// The simulated sensor and the faults it can inject.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,7 +20,8 @@ pub struct SimulatorSettings {
     #[serde(default)]
     pub seed: u64,
     /// Pace bytes as a real UART at this baud rate (8N1: 10 bits per byte), 50 to 4 000 000;
-    /// 0 does not pace.
+    /// 0 does not pace. A frame must cross the line within the device's read timeout and
+    /// staleness limit.
     #[serde(default)]
     pub baud: u32,
     /// Probability, per frame, that one byte of the frame is corrupted (fails its checksum),
@@ -67,6 +70,28 @@ fn default_stall_ms() -> u64 {
 
 /// The largest noise amplitude: values stay readable numbers, and frames short.
 const MAX_NOISE: f64 = 1_000_000.0;
+
+/// The band of the simulator's signal before noise: `Simulator::signal` is `42 + sin(seq / 10)`
+/// (a test checks it stays within).
+const SIGNAL_BAND: (f64, f64) = (41.0, 43.0);
+
+impl SimulatorSettings {
+    /// The longest data frame this simulator can send, `\r\n` included: the largest sequence
+    /// number with the value the noise can push furthest from the signal's band (above it, or
+    /// below it, where a minus sign may appear), in the configured unit, encoded by the codec.
+    pub fn longest_frame_len(&self) -> usize {
+        let (low, high) = SIGNAL_BAND;
+        [high + self.noise, low - self.noise]
+            .into_iter()
+            .map(|value| {
+                let mut frame = BytesMut::new();
+                encode_frame(u32::MAX, value, &self.unit, &mut frame);
+                frame.len()
+            })
+            .max()
+            .unwrap_or_default()
+    }
+}
 
 impl SimulatorSettings {
     pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {

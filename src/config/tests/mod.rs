@@ -5,6 +5,7 @@ use std::time::Duration;
 use super::*;
 use crate::buffer::OverflowPolicy;
 
+mod pairs;
 mod ranges;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -230,6 +230,8 @@ fn rows() -> Vec<(Table, &'static str, Vec<Case>)> {
             "read_timeout_ms",
             vec![
                 ("0", false),
+                // Not above the sample interval (100 ms).
+                ("100", false),
                 ("101", true),
                 ("86400000", true),
                 ("86400001", false),
@@ -242,6 +244,7 @@ fn rows() -> Vec<(Table, &'static str, Vec<Case>)> {
             "stale_after_ms",
             vec![
                 ("0", false),
+                ("100", false),
                 ("101", true),
                 ("86400000", true),
                 ("86400001", false),
@@ -284,6 +287,8 @@ fn rows() -> Vec<(Table, &'static str, Vec<Case>)> {
             vec![
                 ("0", false),
                 ("15", false),
+                // The simulator's longest frame does not fit.
+                ("16", false),
                 ("128", true),
                 ("65536", true),
                 ("65537", false),
@@ -341,6 +346,8 @@ fn rows() -> Vec<(Table, &'static str, Vec<Case>)> {
                 ("0", true),
                 ("1", false),
                 ("49", false),
+                // A frame takes 8 s: longer than the read timeout.
+                ("50", false),
                 ("9600", true),
                 ("4000000", true),
                 ("4000001", false),
@@ -369,6 +376,8 @@ fn rows() -> Vec<(Table, &'static str, Vec<Case>)> {
             vec![
                 ("0", false),
                 ("49", false),
+                // The shortest frame takes 2.8 s: longer than the read timeout.
+                ("50", false),
                 ("300", true),
                 ("4000000", true),
                 ("4000001", false),
