@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod de;
 mod device;
 mod http;
 mod layers;
@@ -17,13 +18,14 @@ mod pipeline;
 #[cfg(test)]
 mod tests;
 
+use self::de::{EnvMarks, Layered};
 use self::device::default_devices;
 pub use self::device::{
     DeviceKind, DeviceSettings, Parity, SerialSettings, SimulatorSettings, read_timeout_for,
     stale_after_for,
 };
 pub use self::http::{HttpSettings, Secret};
-use self::layers::{apply_env_override, merge, parse_table};
+use self::layers::{apply_env_overrides, merge, parse_table};
 pub use self::pipeline::{BufferSettings, PipelineSettings, ProcessingSettings, ValueRange};
 
 /// Prefix of environment variables that override settings, e.g. `TELEMETRYHUB__BUFFER__CAPACITY`.
@@ -170,24 +172,19 @@ impl Settings {
             })?;
             merge(&mut root, toml::Value::Table(parse_table(&text, path)?));
         }
-        for (name, value) in env {
-            if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
-                apply_env_override(&mut root, &name, rest, &value)?;
-            }
-        }
-        Self::from_value(root)
+        let marks = apply_env_overrides(&mut root, ENV_PREFIX, env)?;
+        Self::from_value(root, &marks)
     }
 
     /// Parses settings from TOML text and validates them.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Self::from_value(toml::Value::Table(parse_table(
-            text,
-            Path::new("<inline>"),
-        )?))
+        let table = parse_table(text, Path::new("<inline>"))?;
+        Self::from_value(toml::Value::Table(table), &EnvMarks::default())
     }
 
-    fn from_value(value: toml::Value) -> Result<Self, ConfigError> {
-        let settings: Settings = serde_path_to_error::deserialize(value).map_err(|err| {
+    fn from_value(value: toml::Value, marks: &EnvMarks) -> Result<Self, ConfigError> {
+        let layered = Layered::new(value, marks);
+        let settings: Settings = serde_path_to_error::deserialize(layered).map_err(|err| {
             let key = err.path().to_string();
             // The TOML error repeats the key on a second line; the path already names it.
             let message = err.into_inner().to_string();

@@ -337,7 +337,7 @@ fn rows() -> Vec<(Table, &'static str, Vec<Case>)> {
         (
             SIMULATOR,
             "seed",
-            vec![("0", true), (I64_MAX, true), ("-1", false)],
+            vec![("0", true), (I64_MAX, true), (U64_MAX, true), ("-1", false)],
         ),
         (
             SIMULATOR,
