@@ -150,7 +150,8 @@ fn default_shutdown_grace_ms() -> u64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessingSettings {
-    /// Accepted range of raw values, per unit. Units not listed only need a finite value.
+    /// Accepted range of raw values, per unit (1 to 16 of `A-Z a-z 0-9 . _ / % -`, as samples
+    /// carry them). Units not listed only need a finite value.
     #[serde(default = "default_units")]
     pub units: BTreeMap<String, ValueRange>,
 }
@@ -176,6 +177,13 @@ fn default_units() -> BTreeMap<String, ValueRange> {
 impl ProcessingSettings {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         for (unit, range) in &self.units {
+            if !crate::device::codec::valid_unit(unit.as_bytes()) {
+                return Err(ConfigError::invalid(
+                    format!("processing.units.{unit}"),
+                    "no sample can carry this unit (units are 1-16 characters of A-Z, a-z, \
+                     0-9, '.', '_', '/', '%' or '-'), so the range would never apply",
+                ));
+            }
             if !(range.min.is_finite() && range.max.is_finite() && range.min <= range.max) {
                 return Err(ConfigError::invalid(
                     format!("processing.units.{unit}"),

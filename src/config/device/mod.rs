@@ -87,7 +87,8 @@ pub struct DeviceSettings {
     /// Calibration offset, see `scale`. Any finite number.
     #[serde(default)]
     pub offset: f64,
-    /// The simulated device, for `kind = "simulated"`.
+    /// The simulated device, for `kind = "simulated"`; a serial device refuses one that
+    /// differs from the defaults, since it would ignore it.
     #[serde(default)]
     pub simulator: SimulatorSettings,
     /// The serial port, for `kind = "serial"`.
@@ -222,6 +223,15 @@ impl DeviceSettings {
                 format!("{at}.serial"),
                 "a serial device needs a [devices.serial] table with at least `path`",
             )),
+            (DeviceKind::Serial, Some(_)) if self.simulator != SimulatorSettings::default() => {
+                // Equal to the defaults it says nothing (the default device carries one, so
+                // it can be made serial from the environment); otherwise it would be ignored.
+                Err(ConfigError::invalid(
+                    format!("{at}.simulator"),
+                    "a serial device does not use a [devices.simulator] table and would \
+                     ignore it: remove the table, or set kind = \"simulated\"",
+                ))
+            }
             (DeviceKind::Serial, Some(serial)) => {
                 serial.validate(&format!("{at}.serial"))?;
                 let bytes = serial::SHORTEST_FRAME.len();

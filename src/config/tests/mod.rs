@@ -6,6 +6,7 @@ use super::*;
 use crate::buffer::OverflowPolicy;
 
 mod env;
+mod ignored;
 mod pairs;
 mod ranges;
 
