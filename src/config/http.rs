@@ -67,7 +67,8 @@ fn default_body_limit_bytes() -> usize {
     1 << 20
 }
 fn default_ingest_max_samples() -> usize {
-    10_000
+    // The default buffer's capacity: a larger POST could never fit in it.
+    1000
 }
 fn default_request_timeout_ms() -> u64 {
     10_000
