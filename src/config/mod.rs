@@ -227,6 +227,26 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// Settings that are valid but probably not what was meant, each a sentence that starts
+    /// with the key and says why. `telemetryhub validate` prints them, start-up logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let (ingest, capacity) = (self.http.ingest_max_samples, self.buffer.capacity);
+        if ingest > capacity {
+            warnings.push(format!(
+                "http.ingest_max_samples ({ingest}) is above buffer.capacity ({capacity}): a \
+                 POST /samples that large can never fit in the buffer; lower it to {capacity} \
+                 or raise the capacity"
+            ));
+        }
+        for (i, device) in self.devices.iter().enumerate() {
+            device.warnings(&format!("devices[{i}]"), &mut warnings);
+        }
+        warnings
+    }
+}
+
 /// The longest wait most `*_ms` settings take: one hour. Every deadline the gateway computes
 /// (`Instant::now() + duration`, in its own code and in hyper's) then stays far from overflowing,
 /// and nothing in a gateway should wait longer than that on purpose.

@@ -249,6 +249,42 @@ impl DeviceSettings {
         }
     }
 
+    /// Appends what is valid but suspicious about this device (see `Settings::warnings`).
+    pub(super) fn warnings(&self, at: &str, out: &mut Vec<String>) {
+        if self.kind != DeviceKind::Simulated {
+            return;
+        }
+        let sim = &self.simulator;
+        for (key, rate, effect) in [
+            ("corrupt_rate", sim.corrupt_rate, "fails its checksum"),
+            ("drop_rate", sim.drop_rate, "loses a byte"),
+            (
+                "disconnect_rate",
+                sim.disconnect_rate,
+                "closes the link instead",
+            ),
+        ] {
+            if rate >= 1.0 {
+                out.push(format!(
+                    "{at}.simulator.{key} is 1: every frame {effect}, so the device never \
+                     delivers a sample"
+                ));
+            }
+        }
+        let interval = self.sample_interval_ms;
+        if sim.baud > 0 && interval > 0 {
+            let bits = sim.longest_frame_len() as u64 * 10;
+            let frame_ms = line_ms(bits, sim.baud);
+            if bits * 1000 > interval * u64::from(sim.baud) {
+                out.push(format!(
+                    "{at}.simulator.baud ({}) takes {frame_ms} ms for a frame: the simulator \
+                     sends slower than sample_interval_ms ({interval})",
+                    sim.baud
+                ));
+            }
+        }
+    }
+
     /// Explicit timeouts that a device sending every `sample_interval_ms` can never satisfy.
     fn check_timeouts(&self, at: &str) -> Result<(), ConfigError> {
         let interval = self.sample_interval_ms;

@@ -9,6 +9,7 @@ mod env;
 mod ignored;
 mod pairs;
 mod ranges;
+mod warnings;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
