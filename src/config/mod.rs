@@ -2,9 +2,11 @@
 //!
 //! Settings come in layers, later layers winning: the built-in defaults (which equal
 //! `config/default.toml`, a test checks it), an optional TOML file, `TELEMETRYHUB__SECTION__KEY`
-//! environment variables, and finally CLI flags (applied by `main`). Every struct denies unknown
-//! keys, and [`Settings::validate`] rejects values that parse but make no sense, so a typo or a
-//! broken value is a clear start-up error naming the key, never a panic later.
+//! environment variables (typed by the field they set, see `de.rs`), and finally CLI flags
+//! (applied by `main`). Every struct denies unknown keys, and [`Settings::validate`] rejects
+//! values outside each key's documented range and combinations that can never work, so a typo
+//! or a broken value is a clear start-up error naming the key, never a panic later.
+//! [`Settings::warnings`] lists what is valid but suspicious.
 
 use std::path::{Path, PathBuf};
 
@@ -61,7 +63,7 @@ pub enum ConfigError {
         /// What is wrong with it.
         message: String,
     },
-    /// An environment override names a key that cannot exist.
+    /// An environment override names a key that cannot exist, or an index that leaves a gap.
     #[error("invalid environment override {var}: {message}")]
     Env {
         /// The variable's name.
