@@ -106,6 +106,9 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Some(Cmd::Validate) => {
+            for warning in settings.warnings() {
+                eprintln!("warning: {warning}");
+            }
             println!("configuration is valid");
             ExitCode::SUCCESS
         }
@@ -191,6 +194,9 @@ fn parse_policy(text: &str) -> Result<OverflowPolicy, String> {
 }
 
 async fn run(settings: Settings, stats_file: Option<PathBuf>) -> ExitCode {
+    for warning in settings.warnings() {
+        tracing::warn!(%warning, "Suspicious configuration.");
+    }
     let app = match App::build(settings).await {
         Ok(app) => app,
         Err(err) => {

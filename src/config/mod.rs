@@ -2,32 +2,33 @@
 //!
 //! Settings come in layers, later layers winning: the built-in defaults (which equal
 //! `config/default.toml`, a test checks it), an optional TOML file, `TELEMETRYHUB__SECTION__KEY`
-//! environment variables, and finally CLI flags (applied by `main`). Every struct denies unknown
-//! keys, and [`Settings::validate`] rejects values that parse but make no sense, so a typo or a
-//! broken value is a clear start-up error naming the key, never a panic later.
+//! environment variables (typed by the field they set, see `de.rs`), and finally CLI flags
+//! (applied by `main`). Every struct denies unknown keys, and [`Settings::validate`] rejects
+//! values outside each key's documented range and combinations that can never work, so a typo
+//! or a broken value is a clear start-up error naming the key, never a panic later.
+//! [`Settings::warnings`] lists what is valid but suspicious.
 
-use std::collections::BTreeMap;
-use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::buffer::OverflowPolicy;
-
+mod de;
 mod device;
 mod http;
 mod layers;
+mod pipeline;
 #[cfg(test)]
 mod tests;
 
+use self::de::{EnvMarks, Layered};
 use self::device::default_devices;
 pub use self::device::{
     DeviceKind, DeviceSettings, Parity, SerialSettings, SimulatorSettings, read_timeout_for,
     stale_after_for,
 };
 pub use self::http::{HttpSettings, Secret};
-use self::layers::{apply_env_override, merge, parse_table};
+use self::layers::{apply_env_overrides, merge, parse_table};
+pub use self::pipeline::{BufferSettings, PipelineSettings, ProcessingSettings, ValueRange};
 
 /// Prefix of environment variables that override settings, e.g. `TELEMETRYHUB__BUFFER__CAPACITY`.
 pub const ENV_PREFIX: &str = "TELEMETRYHUB__";
@@ -62,7 +63,7 @@ pub enum ConfigError {
         /// What is wrong with it.
         message: String,
     },
-    /// An environment override names a key that cannot exist.
+    /// An environment override names a key that cannot exist, or an index that leaves a gap.
     #[error("invalid environment override {var}: {message}")]
     Env {
         /// The variable's name.
@@ -154,138 +155,6 @@ fn default_log_level() -> String {
     "info".to_owned()
 }
 
-/// The ring buffer between devices and workers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BufferSettings {
-    /// Maximum number of samples held.
-    #[serde(default = "default_capacity")]
-    pub capacity: usize,
-    /// What happens to a sample that arrives when the buffer is full.
-    #[serde(default)]
-    pub overflow: OverflowPolicy,
-    /// Fraction of capacity at which `POST /samples` is refused with 429 (backpressure).
-    #[serde(default = "default_high_watermark")]
-    pub high_watermark: f64,
-}
-
-impl Default for BufferSettings {
-    fn default() -> Self {
-        Self {
-            capacity: default_capacity(),
-            overflow: OverflowPolicy::default(),
-            high_watermark: default_high_watermark(),
-        }
-    }
-}
-
-impl BufferSettings {
-    /// The depth at which HTTP ingest is refused.
-    pub fn high_watermark_samples(&self) -> usize {
-        ((self.capacity as f64 * self.high_watermark).ceil() as usize).clamp(1, self.capacity)
-    }
-}
-
-fn default_high_watermark() -> f64 {
-    0.8
-}
-
-fn default_capacity() -> usize {
-    1000
-}
-
-/// The dispatcher and the worker stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PipelineSettings {
-    /// Most samples handed to one worker batch.
-    #[serde(default = "default_batch_max")]
-    pub batch_max: usize,
-    /// Batches processed at once (semaphore permits); unset means the number of CPUs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workers: Option<usize>,
-    /// Processed samples kept for `GET /samples`.
-    #[serde(default = "default_history")]
-    pub history: usize,
-    /// How long shutdown may take to drain the buffer before the rest is counted as dropped.
-    #[serde(default = "default_shutdown_grace_ms")]
-    pub shutdown_grace_ms: u64,
-}
-
-impl Default for PipelineSettings {
-    fn default() -> Self {
-        Self {
-            batch_max: default_batch_max(),
-            workers: None,
-            history: default_history(),
-            shutdown_grace_ms: default_shutdown_grace_ms(),
-        }
-    }
-}
-
-impl PipelineSettings {
-    /// The number of worker permits, resolving "unset" to the number of CPUs.
-    pub fn worker_count(&self) -> usize {
-        self.workers.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(NonZeroUsize::get)
-                .unwrap_or(1)
-        })
-    }
-
-    /// The shutdown drain deadline.
-    pub fn shutdown_grace(&self) -> Duration {
-        Duration::from_millis(self.shutdown_grace_ms)
-    }
-}
-
-fn default_batch_max() -> usize {
-    256
-}
-fn default_history() -> usize {
-    1000
-}
-fn default_shutdown_grace_ms() -> u64 {
-    10_000
-}
-
-/// What the workers do to each sample.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessingSettings {
-    /// Accepted range of raw values, per unit. Units not listed only need a finite value.
-    #[serde(default = "default_units")]
-    pub units: BTreeMap<String, ValueRange>,
-}
-
-impl Default for ProcessingSettings {
-    fn default() -> Self {
-        Self {
-            units: default_units(),
-        }
-    }
-}
-
-fn default_units() -> BTreeMap<String, ValueRange> {
-    BTreeMap::from([(
-        "arb.units".to_owned(),
-        ValueRange {
-            min: -1000.0,
-            max: 1000.0,
-        },
-    )])
-}
-
-/// An inclusive range of accepted values.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ValueRange {
-    /// Smallest accepted value.
-    pub min: f64,
-    /// Largest accepted value.
-    pub max: f64,
-}
-
 impl Settings {
     /// Loads settings from an optional file, then applies environment overrides.
     ///
@@ -305,24 +174,19 @@ impl Settings {
             })?;
             merge(&mut root, toml::Value::Table(parse_table(&text, path)?));
         }
-        for (name, value) in env {
-            if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
-                apply_env_override(&mut root, &name, rest, &value)?;
-            }
-        }
-        Self::from_value(root)
+        let marks = apply_env_overrides(&mut root, ENV_PREFIX, env)?;
+        Self::from_value(root, &marks)
     }
 
     /// Parses settings from TOML text and validates them.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        Self::from_value(toml::Value::Table(parse_table(
-            text,
-            Path::new("<inline>"),
-        )?))
+        let table = parse_table(text, Path::new("<inline>"))?;
+        Self::from_value(toml::Value::Table(table), &EnvMarks::default())
     }
 
-    fn from_value(value: toml::Value) -> Result<Self, ConfigError> {
-        let settings: Settings = serde_path_to_error::deserialize(value).map_err(|err| {
+    fn from_value(value: toml::Value, marks: &EnvMarks) -> Result<Self, ConfigError> {
+        let layered = Layered::new(value, marks);
+        let settings: Settings = serde_path_to_error::deserialize(layered).map_err(|err| {
             let key = err.path().to_string();
             // The TOML error repeats the key on a second line; the path already names it.
             let message = err.into_inner().to_string();
@@ -333,53 +197,19 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Checks values that parse but cannot work, naming the offending key.
+    /// Checks values that parse but cannot work, naming the offending key: every numeric
+    /// setting against its documented range, then the combinations of settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.buffer.capacity == 0 {
-            return Err(ConfigError::invalid(
-                "buffer.capacity",
-                "must be at least 1",
-            ));
-        }
-        if !(self.buffer.high_watermark > 0.0 && self.buffer.high_watermark <= 1.0) {
-            return Err(ConfigError::invalid(
-                "buffer.high_watermark",
-                "must be a fraction of capacity above 0 and at most 1",
-            ));
-        }
         self.http.validate()?;
-        if self.pipeline.batch_max == 0 {
-            return Err(ConfigError::invalid(
-                "pipeline.batch_max",
-                "must be at least 1",
-            ));
-        }
-        if self.pipeline.workers == Some(0) {
-            return Err(ConfigError::invalid(
-                "pipeline.workers",
-                "must be at least 1 (leave it unset for one per CPU)",
-            ));
-        }
-        if self.pipeline.history == 0 {
-            return Err(ConfigError::invalid(
-                "pipeline.history",
-                "must be at least 1",
-            ));
-        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::invalid(
                 "log.level",
                 format!("`{}` is not a valid filter directive", self.log.level),
             ));
         }
-        for (unit, range) in &self.processing.units {
-            if !(range.min.is_finite() && range.max.is_finite() && range.min <= range.max) {
-                return Err(ConfigError::invalid(
-                    format!("processing.units.{unit}"),
-                    "needs finite min <= max",
-                ));
-            }
-        }
+        self.buffer.validate()?;
+        self.pipeline.validate()?;
+        self.processing.validate()?;
         if self.devices.is_empty() {
             return Err(ConfigError::invalid(
                 "devices",
@@ -397,4 +227,46 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+impl Settings {
+    /// Settings that are valid but probably not what was meant, each a sentence that starts
+    /// with the key and says why. `telemetryhub validate` prints them, start-up logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let (ingest, capacity) = (self.http.ingest_max_samples, self.buffer.capacity);
+        if ingest > capacity {
+            warnings.push(format!(
+                "http.ingest_max_samples ({ingest}) is above buffer.capacity ({capacity}): a \
+                 POST /samples that large can never fit in the buffer; lower it to {capacity} \
+                 or raise the capacity"
+            ));
+        }
+        for (i, device) in self.devices.iter().enumerate() {
+            device.warnings(&format!("devices[{i}]"), &mut warnings);
+        }
+        warnings
+    }
+}
+
+/// The longest wait most `*_ms` settings take: one hour. Every deadline the gateway computes
+/// (`Instant::now() + duration`, in its own code and in hyper's) then stays far from overflowing,
+/// and nothing in a gateway should wait longer than that on purpose.
+const MAX_MS: u64 = 3_600_000;
+
+/// Refuses a numeric setting outside its documented range, naming the key. NaN is outside
+/// every range.
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    let (min, max) = range.into_inner();
+    Err(ConfigError::invalid(
+        key,
+        format!("must be between {min} and {max}, got {value}"),
+    ))
 }

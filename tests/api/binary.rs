@@ -235,12 +235,61 @@ async fn validate_accepts_the_default_config() {
     assert!(run(&["validate"]).await.status.success());
 }
 
-/// Bad files and the key each message must name.
-const BAD_CONFIGS: [(&str, &str); 4] = [
+/// Valid, but a POST of 5000 samples can never fit a buffer of 1000.
+const SUSPICIOUS: &str = "[http]\ningest_max_samples = 5000\n\n[buffer]\ncapacity = 1000\n";
+
+#[tokio::test]
+async fn validate_prints_warnings_and_still_succeeds() {
+    let file = TempFile::new("suspicious.toml", SUSPICIOUS);
+    let output = run(&["validate", "--config", &file.0.to_string_lossy()]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{output:?}");
+    let warnings: Vec<_> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: "))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("http.ingest_max_samples"), "{stderr}");
+    // The defaults warn about nothing.
+    let output = run(&["validate"]).await;
+    assert!(output.status.success(), "{output:?}");
+    assert!(output.stderr.is_empty(), "{output:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_logs_warnings_at_start() {
+    let config = TempFile::new("suspicious-run.toml", &format!("{SUSPICIOUS}\n{CONFIG}"));
+    let stats = TempFile(temp_path("suspicious-stats.json"));
+    let mut gateway = Gateway::start(&config.0, &stats.0).await;
+    gateway.signal("TERM");
+    tokio::time::timeout(DEADLINE, gateway.child.wait())
+        .await
+        .expect("the binary exits in time")
+        .expect("waiting for the child works");
+    let stderr = gateway.stderr.await.expect("the stderr reader finishes");
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("http.ingest_max_samples"));
+    assert!(warning.is_some(), "{stderr}");
+}
+
+/// Bad files and the key each message must name. The last three once passed `validate` and
+/// then crashed the gateway at start: a 104 GB allocation (exit 134) and semaphores above
+/// tokio's `MAX_PERMITS` (a panic, exit 101).
+const BAD_CONFIGS: [(&str, &str); 7] = [
     ("[buffer]\ncapacity = \"abc\"\n", "buffer.capacity"),
     ("[pipeline]\nworkers = 0\n", "pipeline.workers"),
     ("[buffer]\ncapacty = 5\n", "buffer.capacty"),
     ("[http]\nauth = true\n", "http.auth"),
+    ("[buffer]\ncapacity = 1000000000\n", "buffer.capacity"),
+    (
+        "[pipeline]\nworkers = 9223372036854775807\n",
+        "pipeline.workers",
+    ),
+    (
+        "[http]\nmax_concurrent_requests = 9223372036854775807\n",
+        "http.max_concurrent_requests",
+    ),
 ];
 
 #[tokio::test]

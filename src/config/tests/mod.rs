@@ -1,6 +1,15 @@
 //! Tests of loading, layering and validating settings.
 
+use std::time::Duration;
+
 use super::*;
+use crate::buffer::OverflowPolicy;
+
+mod env;
+mod ignored;
+mod pairs;
+mod ranges;
+mod warnings;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs

@@ -1,0 +1,125 @@
+//! `[devices.simulator]`: the embedded simulated sensor and the faults it can inject.
+
+use bytes::BytesMut;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, MAX_MS, check_range};
+use crate::device::codec::encode_frame;
+
+/// The simulated sensor and the faults it can inject.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatorSettings {
+    /// Unit token written in every frame: 1 to 16 of `A-Z a-z 0-9 . _ / % -`.
+    #[serde(default = "default_unit")]
+    pub unit: String,
+    /// Amplitude of the uniform noise added to `42 + sin(seq / 10)`, 0 to 1 000 000.
+    #[serde(default = "default_noise")]
+    pub noise: f64,
+    /// Seed of the simulator's random numbers, any `u64`; 0 picks one from the clock.
+    #[serde(default)]
+    pub seed: u64,
+    /// Pace bytes as a real UART at this baud rate (8N1: 10 bits per byte), 50 to 4 000 000;
+    /// 0 does not pace. A frame must cross the line within the device's read timeout and
+    /// staleness limit.
+    #[serde(default)]
+    pub baud: u32,
+    /// Probability, per frame, that one byte of the frame is corrupted (fails its checksum),
+    /// 0 to 1.
+    #[serde(default)]
+    pub corrupt_rate: f64,
+    /// Probability, per frame, that one byte of the frame is lost on the line, 0 to 1.
+    #[serde(default)]
+    pub drop_rate: f64,
+    /// Probability, per frame, that the device stalls for `stall_ms` before sending it, 0 to 1.
+    #[serde(default)]
+    pub stall_rate: f64,
+    /// How long a stall lasts, 0 to 3 600 000 ms (one hour).
+    #[serde(default = "default_stall_ms")]
+    pub stall_ms: u64,
+    /// Probability, per frame, that the device closes the link instead of sending it, 0 to 1.
+    #[serde(default)]
+    pub disconnect_rate: f64,
+}
+
+impl Default for SimulatorSettings {
+    fn default() -> Self {
+        Self {
+            unit: default_unit(),
+            noise: default_noise(),
+            seed: 0,
+            baud: 0,
+            corrupt_rate: 0.0,
+            drop_rate: 0.0,
+            stall_rate: 0.0,
+            stall_ms: default_stall_ms(),
+            disconnect_rate: 0.0,
+        }
+    }
+}
+
+fn default_unit() -> String {
+    "arb.units".to_owned()
+}
+fn default_noise() -> f64 {
+    0.01
+}
+fn default_stall_ms() -> u64 {
+    2000
+}
+
+/// The largest noise amplitude: values stay readable numbers, and frames short.
+const MAX_NOISE: f64 = 1_000_000.0;
+
+/// The band of the simulator's signal before noise: `Simulator::signal` is `42 + sin(seq / 10)`
+/// (a test checks it stays within).
+const SIGNAL_BAND: (f64, f64) = (41.0, 43.0);
+
+impl SimulatorSettings {
+    /// The longest data frame this simulator can send, `\r\n` included: the largest sequence
+    /// number with the value the noise can push furthest from the signal's band (above it, or
+    /// below it, where a minus sign may appear), in the configured unit, encoded by the codec.
+    pub fn longest_frame_len(&self) -> usize {
+        let (low, high) = SIGNAL_BAND;
+        [high + self.noise, low - self.noise]
+            .into_iter()
+            .map(|value| {
+                let mut frame = BytesMut::new();
+                encode_frame(u32::MAX, value, &self.unit, &mut frame);
+                frame.len()
+            })
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+impl SimulatorSettings {
+    pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let unit_ok = crate::device::codec::valid_unit(self.unit.as_bytes());
+        if !unit_ok {
+            return Err(ConfigError::invalid(
+                format!("{at}.unit"),
+                "must be 1-16 characters of A-Z, a-z, 0-9, '.', '_', '/', '%' or '-'",
+            ));
+        }
+        check_range(&format!("{at}.noise"), self.noise, 0.0..=MAX_NOISE)?;
+        if self.baud != 0 {
+            check_range(&format!("{at}.baud"), self.baud, 50..=4_000_000)?;
+        }
+        check_range(&format!("{at}.stall_ms"), self.stall_ms, 0..=MAX_MS)?;
+        for (key, rate) in [
+            ("corrupt_rate", self.corrupt_rate),
+            ("drop_rate", self.drop_rate),
+            ("stall_rate", self.stall_rate),
+            ("disconnect_rate", self.disconnect_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(ConfigError::invalid(
+                    format!("{at}.{key}"),
+                    "must be a probability between 0 and 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
