@@ -18,5 +18,6 @@ mod metrics;
 mod resilience;
 mod security;
 mod serial;
+mod shutdown;
 mod shutdown_load;
 mod status;

@@ -1,0 +1,145 @@
+//! Shutdown of the real binary, as an operator sees it: a client still sending its first
+//! request's headers does not hold SIGTERM back, while a request in flight is answered.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::helpers::{Binary, DEADLINE, assert_stats_balanced};
+
+/// Far longer than any wait below, so only the shutdown itself can end a slow client.
+const CLIENT_TIMEOUTS: &str = "
+[http]
+header_read_timeout_ms = 60000
+request_timeout_ms = 60000
+
+[pipeline]
+shutdown_grace_ms = 3000
+
+[[devices]]
+id = \"sim0\"
+sample_interval_ms = 10
+";
+
+/// How long the in-flight upload holds its body back once shutdown has reached HTTP.
+const UPLOAD_HOLD: Duration = Duration::from_secs(1);
+
+/// A raw HTTP/1.1 connection, for requests sent a piece at a time.
+struct RawClient {
+    stream: TcpStream,
+    received: Vec<u8>,
+}
+
+impl RawClient {
+    async fn connect(addr: SocketAddr, first_bytes: &[u8]) -> Self {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .expect("the binary accepts connections");
+        stream
+            .write_all(first_bytes)
+            .await
+            .expect("the first bytes are sent");
+        Self {
+            stream,
+            received: Vec::new(),
+        }
+    }
+
+    /// Reads until the received bytes contain `needle`; false if the server closed first.
+    async fn read_until(&mut self, needle: &[u8], limit: Duration) -> bool {
+        let give_up = tokio::time::Instant::now() + limit;
+        let mut chunk = [0u8; 4096];
+        while !self.received.windows(needle.len()).any(|w| w == needle) {
+            match tokio::time::timeout_at(give_up, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0) | Err(_)) => return false,
+                Ok(Ok(n)) => self.received.extend_from_slice(&chunk[..n]),
+                Err(_) => panic!(
+                    "nothing like {:?} within {limit:?}; got {:?}",
+                    String::from_utf8_lossy(needle),
+                    String::from_utf8_lossy(&self.received)
+                ),
+            }
+        }
+        true
+    }
+
+    /// Waits at most `limit` for the server to close the connection; false if it did not.
+    async fn closed_within(&mut self, limit: Duration) -> bool {
+        let mut chunk = [0u8; 4096];
+        let give_up = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(give_up, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(n)) => self.received.extend_from_slice(&chunk[..n]),
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// The first status code in `bytes` after an interim `100 Continue`.
+fn final_status(bytes: &[u8]) -> Option<u16> {
+    String::from_utf8_lossy(bytes)
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .filter_map(|reply| reply.get(..3)?.parse().ok())
+        .find(|code| *code != 100)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_a_half_sent_request_at_once_and_answers_the_one_in_flight() {
+    let mut binary = Binary::start(CLIENT_TIMEOUTS, &[]).await;
+    let host = format!("Host: {}\r\n", binary.addr);
+
+    // Half a request: the request line and one header, never the blank line.
+    let half = format!("GET /status HTTP/1.1\r\n{host}");
+    let mut half_sent = RawClient::connect(binary.addr, half.as_bytes()).await;
+    // A request in flight: its handler is reading the body when `100 Continue` comes back.
+    let body = br#"[{"device":"sim0","value":1.5,"unit":"V"}]"#;
+    let head = format!(
+        "POST /samples HTTP/1.1\r\n{host}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    let mut upload = RawClient::connect(binary.addr, head.as_bytes()).await;
+    assert!(upload.read_until(b"100 Continue", DEADLINE).await);
+    // The server accepts connections in order: the upload's being served means the half-sent
+    // one was accepted before it.
+
+    binary.signal("TERM");
+    let signalled = Instant::now();
+    assert!(
+        half_sent.closed_within(Duration::from_secs(5)).await,
+        "a connection with no request in flight is still open {:?} after SIGTERM",
+        signalled.elapsed()
+    );
+    assert!(
+        half_sent.received.is_empty(),
+        "a half-sent request gets no answer: {:?}",
+        String::from_utf8_lossy(&half_sent.received)
+    );
+
+    // The request in flight still finishes, even after a pause.
+    tokio::time::sleep(UPLOAD_HOLD).await;
+    upload
+        .stream
+        .write_all(body)
+        .await
+        .expect("the upload's connection is still open");
+    assert!(upload.read_until(b"\r\n\r\n{", DEADLINE).await);
+    let status = final_status(&upload.received);
+    assert!(
+        matches!(status, Some(202 | 503)),
+        "the request in flight gets its answer: {:?}",
+        String::from_utf8_lossy(&upload.received)
+    );
+
+    let (exit, stderr) = binary.wait_exit(Duration::from_secs(5)).await;
+    assert!(exit.success(), "{exit:?}\n{stderr}");
+    assert!(stderr.contains("Shutdown complete."), "{stderr}");
+    let stats: Value = binary.read_stats();
+    assert_stats_balanced(&stats);
+}
