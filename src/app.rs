@@ -51,8 +51,12 @@ pub struct Summary {
     pub abandoned_in_flight: u64,
     /// Whether the accounting balances.
     pub balanced: bool,
-    /// How long the drain took.
+    /// How long the pipeline took to drain: from stopping the devices until the buffer was
+    /// empty and every worker batch had finished (or the grace period ran out).
     pub drain_seconds: f64,
+    /// How long the whole shutdown took, from the signal until this summary: the drain, then
+    /// the wait for HTTP requests in flight and for the remaining tasks.
+    pub shutdown_seconds: f64,
 }
 
 /// A built, bound gateway, ready to run.
@@ -157,13 +161,14 @@ impl App {
             grace_ms = grace.as_millis() as u64,
             "Shutdown requested; draining."
         );
-        let drain_started = Instant::now();
+        let shutdown_started = Instant::now();
         let deadline = tokio::time::Instant::now() + grace;
 
         // Sources first: readiness turns 503, devices stop, the buffer drains into the workers
         // within the grace period. Then the HTTP server finishes in-flight requests.
         cancel.cancel();
         let ledger = pipeline.drain(deadline).await;
+        let drain_seconds = shutdown_started.elapsed().as_secs_f64();
         http_cancel.cancel();
         let http_deadline = deadline.max(tokio::time::Instant::now() + FINAL_WAIT);
         if tokio::time::timeout_at(http_deadline, server)
@@ -179,7 +184,8 @@ impl App {
             ledger,
             abandoned_in_flight: ledger.in_flight,
             balanced: ledger.balanced(),
-            drain_seconds: drain_started.elapsed().as_secs_f64(),
+            drain_seconds,
+            shutdown_seconds: shutdown_started.elapsed().as_secs_f64(),
         };
         info!(
             read = ledger.read,
@@ -193,6 +199,7 @@ impl App {
             abandoned_in_flight = summary.abandoned_in_flight,
             balanced = summary.balanced,
             drain_seconds = summary.drain_seconds,
+            shutdown_seconds = summary.shutdown_seconds,
             "Shutdown complete."
         );
         summary

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{Binary, DEADLINE, assert_stats_balanced};
+use crate::helpers::{Binary, DEADLINE, assert_stats_balanced, f64_at};
 
 /// Far longer than any wait below, so only the shutdown itself can end a slow client.
 const CLIENT_TIMEOUTS: &str = "
@@ -142,4 +142,16 @@ async fn sigterm_closes_a_half_sent_request_at_once_and_answers_the_one_in_fligh
     assert!(stderr.contains("Shutdown complete."), "{stderr}");
     let stats: Value = binary.read_stats();
     assert_stats_balanced(&stats);
+    // The pipeline drained a paced device's few samples at once; the upload held up only the
+    // HTTP stage, which the total shows.
+    let drain = f64_at(&stats, "/drain_seconds");
+    let total = f64_at(&stats, "/shutdown_seconds");
+    assert!(
+        drain < 0.5,
+        "drain_seconds {drain} measures more than the drain: {stats}"
+    );
+    assert!(
+        total >= UPLOAD_HOLD.as_secs_f64() && total >= drain,
+        "shutdown_seconds {total} is not the whole shutdown: {stats}"
+    );
 }
