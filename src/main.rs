@@ -1,5 +1,6 @@
 //! The `telemetryhub` binary: parse the CLI, load the config, start logging, bind, run until
-//! SIGINT or SIGTERM, drain, and report.
+//! SIGINT or SIGTERM, drain, and report. A second signal during the drain stops at once (exit
+//! code 130), still writing the report.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,9 +13,18 @@ use telemetryhub::bench::BenchOptions;
 use telemetryhub::buffer::OverflowPolicy;
 use telemetryhub::cli;
 use telemetryhub::config::{LogFormat, Settings};
+use tokio_util::sync::CancellationToken;
 
 /// Exit code for a bad configuration or command line.
 const EXIT_CONFIG: u8 = 2;
+
+/// Exit code when a second signal cut the drain short (128 + SIGINT, as shells report an
+/// interrupted program): the stats file is written, but queued samples were dropped.
+const EXIT_STOPPED_NOW: u8 = 130;
+
+/// Longest wait, once the gateway has reported, for worker batches still running on blocking
+/// threads (they cannot be cancelled); the process exits without them after that.
+const LEFTOVER_WAIT: Duration = Duration::from_millis(500);
 
 /// Edge telemetry gateway: serial sensors → ring buffer → workers → REST + Prometheus.
 #[derive(Debug, Parser)]
@@ -177,7 +187,11 @@ fn main() -> ExitCode {
 /// Runs `future` on a new multi-threaded runtime.
 fn block_on(future: impl Future<Output = ExitCode>) -> ExitCode {
     match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime.block_on(future),
+        Ok(runtime) => {
+            let code = runtime.block_on(future);
+            runtime.shutdown_timeout(LEFTOVER_WAIT);
+            code
+        }
         Err(err) => {
             eprintln!("telemetryhub: cannot start the async runtime: {err}");
             ExitCode::FAILURE
@@ -198,7 +212,16 @@ async fn run(settings: Settings, stats_file: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let summary = app.run_until(shutdown_signal()).await;
+    let (drain, stop_now) = match watch_signals() {
+        Ok(tokens) => tokens,
+        Err(err) => {
+            tracing::error!(error = %err, "Cannot listen for signals.");
+            return ExitCode::FAILURE;
+        }
+    };
+    let summary = app
+        .run_until_or_stopped(drain.cancelled_owned(), stop_now.cancelled_owned())
+        .await;
     if let Some(path) = stats_file {
         let json = serde_json::to_string_pretty(&summary).expect("the summary serialises");
         if let Err(err) = std::fs::write(&path, json + "\n") {
@@ -206,33 +229,73 @@ async fn run(settings: Settings, stats_file: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    ExitCode::SUCCESS
+    if summary.stopped_early {
+        ExitCode::from(EXIT_STOPPED_NOW)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "Cannot listen for Ctrl-C.");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Listens for SIGINT and SIGTERM for the rest of the process: the first signal cancels the
+/// first token (drain and exit), the next one the second (stop now).
+///
+/// The handlers stay installed after the first signal, so the second is not lost (with tokio, a
+/// signal nobody is waiting for any more is caught and ignored).
+fn watch_signals() -> std::io::Result<(CancellationToken, CancellationToken)> {
+    let mut signals = Signals::new()?;
+    let drain = CancellationToken::new();
+    let stop_now = CancellationToken::new();
+    let tokens = (drain.clone(), stop_now.clone());
+    tokio::spawn(async move {
+        let signal = signals.next().await;
+        tracing::info!(signal, "Signal received.");
+        drain.cancel();
+        let signal = signals.next().await;
+        tracing::warn!(signal, "Second signal; stopping now.");
+        stop_now.cancel();
+    });
+    Ok(tokens)
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM, installed once.
+struct Signals {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Waits for the next signal; returns its name.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            // `recv` ends only if the runtime shuts down; then nobody waits for this any more.
+            tokio::select! {
+                Some(()) = self.interrupt.recv() => "SIGINT",
+                Some(()) = self.terminate.recv() => "SIGTERM",
+                else => std::future::pending().await,
             }
-            Err(err) => {
-                tracing::error!(error = %err, "Cannot listen for SIGTERM.");
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_err() {
                 std::future::pending::<()>().await;
             }
+            "SIGINT"
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!(signal = "SIGINT", "Signal received."),
-        _ = terminate => tracing::info!(signal = "SIGTERM", "Signal received."),
     }
 }

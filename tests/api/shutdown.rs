@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{Binary, DEADLINE, assert_stats_balanced, f64_at};
+use crate::helpers::{Binary, DEADLINE, assert_stats_balanced, client, f64_at, u64_at, wait_until};
 
 /// Far longer than any wait below, so only the shutdown itself can end a slow client.
 const CLIENT_TIMEOUTS: &str = "
@@ -154,4 +154,89 @@ async fn sigterm_closes_a_half_sent_request_at_once_and_answers_the_one_in_fligh
         total >= UPLOAD_HOLD.as_secs_f64() && total >= drain,
         "shutdown_seconds {total} is not the whole shutdown: {stats}"
     );
+}
+
+/// A backlog that takes seconds to drain: an unpaced device fills a `block` buffer far faster
+/// than one worker taking one sample per batch empties it (see `shutdown_load.rs`), and the
+/// grace period would let the drain run for a minute.
+const SLOW_DRAIN: &str = "
+[buffer]
+capacity = 100000
+overflow = \"block\"
+
+[pipeline]
+batch_max = 1
+workers = 1
+shutdown_grace_ms = 60000
+
+[[devices]]
+id = \"sim0\"
+sample_interval_ms = 0
+
+[devices.simulator]
+seed = 5
+";
+
+/// Queue depth to reach before the first signal: seconds of work for the worker.
+const BACKLOG: u64 = 50_000;
+
+/// The binary's exit code when a second signal cut the drain short.
+const EXIT_STOPPED_NOW: i32 = 130;
+
+/// SIGTERM starts the drain of a long backlog; `second` during the drain must end it at once,
+/// still writing a balanced stats file in which the samples left behind are dropped.
+async fn a_second_signal_stops_the_drain_at_once(second: &str) {
+    let mut binary = Binary::start(SLOW_DRAIN, &[]).await;
+    let http = client();
+    wait_until(DEADLINE, "the backlog to build up", async || {
+        let Ok(response) = http.get(binary.url("/status")).send().await else {
+            return false;
+        };
+        let status: Value = response.json().await.unwrap_or_default();
+        status["metrics"]["queue_depth"].as_u64() >= Some(BACKLOG)
+    })
+    .await;
+
+    binary.signal("TERM");
+    wait_until(
+        DEADLINE,
+        "readiness to turn 503 (the drain began)",
+        async || {
+            let response = http.get(binary.url("/readyz")).send().await;
+            response.is_ok_and(|r| r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE)
+        },
+    )
+    .await;
+    binary.signal(second);
+    let signalled = Instant::now();
+    let (exit, stderr) = binary.wait_exit(Duration::from_secs(5)).await;
+    let took = signalled.elapsed();
+
+    assert_eq!(exit.code(), Some(EXIT_STOPPED_NOW), "{exit:?}\n{stderr}");
+    assert!(
+        took < Duration::from_secs(2),
+        "exit took {took:?}\n{stderr}"
+    );
+    assert!(stderr.contains("Second signal; stopping now."), "{stderr}");
+    assert!(stderr.contains("Shutdown complete."), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let stats = binary.read_stats();
+    assert_stats_balanced(&stats);
+    assert_eq!(stats["stopped_early"], true, "{stats}");
+    assert_eq!(u64_at(&stats, "/in_buffer"), 0, "{stats}");
+    assert_eq!(u64_at(&stats, "/in_flight"), 0, "{stats}");
+    assert!(
+        u64_at(&stats, "/dropped/shutdown") > 0,
+        "the backlog left behind is dropped for shutdown: {stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_stops_the_drain_at_once() {
+    a_second_signal_stops_the_drain_at_once("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigint_during_the_drain_stops_it_at_once() {
+    a_second_signal_stops_the_drain_at_once("INT").await;
 }
