@@ -39,7 +39,8 @@ struct Cli {
     /// Log format, overriding the config.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
-    /// Write the final sample accounting to this file as JSON at shutdown.
+    /// Write the final sample accounting to this file as JSON at shutdown. It is created (or
+    /// emptied) at start: a path that cannot be written exits at once with code 2.
     #[arg(long)]
     stats_file: Option<PathBuf>,
     #[command(subcommand)]
@@ -178,6 +179,15 @@ fn main() -> ExitCode {
             })
         }
         None => {
+            if let Some(path) = &cli.stats_file {
+                if let Err(err) = prepare_stats_file(path) {
+                    eprintln!(
+                        "telemetryhub: cannot write the stats file {}: {err}",
+                        path.display()
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
             telemetryhub::telemetry::init(&settings.log.level, settings.log.format);
             block_on(run(settings, cli.stats_file))
         }
@@ -197,6 +207,12 @@ fn block_on(future: impl Future<Output = ExitCode>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Creates (or empties) the stats file now, so a path that cannot be written is refused before
+/// anything starts rather than after a whole run; an old report is not left looking current.
+fn prepare_stats_file(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::create(path).map(drop)
 }
 
 fn parse_policy(text: &str) -> Result<OverflowPolicy, String> {

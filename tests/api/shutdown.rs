@@ -1,5 +1,7 @@
 //! Shutdown of the real binary, as an operator sees it: a client still sending its first
-//! request's headers does not hold SIGTERM back, while a request in flight is answered.
+//! request's headers does not hold SIGTERM back, while a request in flight is answered; the
+//! report times the drain and the whole shutdown apart; a second signal stops at once and still
+//! reports; a stats file that cannot be written is refused before anything starts.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -8,7 +10,9 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{Binary, DEADLINE, assert_stats_balanced, client, f64_at, u64_at, wait_until};
+use crate::helpers::{
+    Binary, DEADLINE, assert_stats_balanced, client, f64_at, temp_path, u64_at, wait_until,
+};
 
 /// Far longer than any wait below, so only the shutdown itself can end a slow client.
 const CLIENT_TIMEOUTS: &str = "
@@ -239,4 +243,44 @@ async fn a_second_sigterm_stops_the_drain_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigint_during_the_drain_stops_it_at_once() {
     a_second_signal_stops_the_drain_at_once("INT").await;
+}
+
+/// The binary's exit code for a bad configuration or command line.
+const EXIT_CONFIG: i32 = 2;
+
+#[tokio::test]
+async fn a_stats_file_that_cannot_be_written_is_refused_at_start() {
+    let dir = temp_path("stats-dir");
+    std::fs::create_dir(&dir).expect("the temp dir is writable");
+    let missing_dir = dir.join("missing").join("stats.json");
+    for path in [&missing_dir, &dir] {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_telemetryhub"));
+        command
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--stats-file")
+            .arg(path)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("TELEMETRYHUB") {
+                command.env_remove(key);
+            }
+        }
+        let output = tokio::time::timeout(Duration::from_secs(10), command.output())
+            .await
+            .unwrap_or_else(|_| panic!("still running with --stats-file {}", path.display()))
+            .expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(EXIT_CONFIG), "{stderr}");
+        assert!(
+            stderr.contains(&path.display().to_string()),
+            "the message names the path: {stderr}"
+        );
+        assert!(!stderr.contains("listening"), "it never started: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    assert!(!missing_dir.exists());
+    std::fs::remove_dir(&dir).expect("the test's directory is empty");
 }
