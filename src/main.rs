@@ -72,28 +72,31 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         baud: u32,
     },
-    /// Run the real pipeline in-process (unpaced simulators, no HTTP); print one JSON line.
+    /// Run the real pipeline in-process (simulated devices, no HTTP); print one JSON line.
+    /// Every count must be at least 1 (exit 2 otherwise).
     Bench {
-        /// Samples to push through the pipeline.
-        #[arg(long, default_value_t = 5_000_000)]
+        /// Samples the devices send in all (shared out between them); the run ends when every
+        /// one has left the pipeline.
+        #[arg(long, default_value_t = 5_000_000, value_parser = at_least_one::<u64>)]
         samples: u64,
         /// Simulated devices, each on its own link.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
         devices: usize,
-        /// Total frames per second (paced like a UART); unpaced when omitted.
-        #[arg(long)]
+        /// Total frames per second across devices, each frame sent at its time in the run's
+        /// schedule; unpaced (as fast as the pipeline takes them) when omitted.
+        #[arg(long, value_parser = at_least_one::<u64>)]
         rate: Option<u64>,
         /// Buffer overflow policy: block, drop_oldest or drop_newest.
         #[arg(long, default_value = "block", value_parser = parse_policy)]
         policy: OverflowPolicy,
         /// Buffer capacity.
-        #[arg(long, default_value_t = 65_536)]
+        #[arg(long, default_value_t = 65_536, value_parser = at_least_one::<usize>)]
         capacity: usize,
         /// Samples per worker batch.
-        #[arg(long, default_value_t = 1024)]
+        #[arg(long, default_value_t = 1024, value_parser = at_least_one::<usize>)]
         batch_max: usize,
         /// Worker permits (default: one per CPU).
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one::<usize>)]
         workers: Option<usize>,
     },
 }
@@ -155,11 +158,6 @@ fn main() -> ExitCode {
             batch_max,
             workers,
         }) => {
-            if samples == 0 || devices == 0 || capacity == 0 || batch_max == 0 || workers == Some(0)
-            {
-                eprintln!("telemetryhub: bench sizes must be at least 1");
-                return ExitCode::from(EXIT_CONFIG);
-            }
             let options = BenchOptions {
                 samples,
                 devices,
@@ -170,12 +168,17 @@ fn main() -> ExitCode {
                 workers,
             };
             block_on(async move {
-                let report = telemetryhub::bench::run(&options).await;
-                println!(
-                    "{}",
-                    serde_json::to_string(&report).expect("the report serialises")
-                );
-                ExitCode::SUCCESS
+                match telemetryhub::bench::run(&options).await {
+                    Ok(report) => {
+                        let json = serde_json::to_string(&report).expect("the report serialises");
+                        println!("{json}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(err) => {
+                        eprintln!("telemetryhub: bench: {err}");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                }
             })
         }
         None => {
@@ -213,6 +216,14 @@ fn block_on(future: impl Future<Output = ExitCode>) -> ExitCode {
 /// anything starts rather than after a whole run; an old report is not left looking current.
 fn prepare_stats_file(path: &std::path::Path) -> std::io::Result<()> {
     std::fs::File::create(path).map(drop)
+}
+
+/// A whole number of at least 1 (clap then names the flag and exits 2 for anything else).
+fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(text: &str) -> Result<T, String> {
+    match text.parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        _ => Err(format!("`{text}` is not a whole number of at least 1")),
+    }
 }
 
 fn parse_policy(text: &str) -> Result<OverflowPolicy, String> {

@@ -6,6 +6,7 @@
 
 mod accounting;
 mod bad_input;
+mod bench;
 mod binary;
 mod control;
 mod devices;
