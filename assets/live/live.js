@@ -28,7 +28,8 @@
     params.delete('token');
     fragment.delete('token');
     const query = params.toString(), hash = fragment.toString();
-    history.replaceState(null, '', location.pathname + (query ? '?' + query : '') + (hash ? '#' + hash : ''));
+    const address = location.pathname + (query ? '?' + query : '') + (hash ? '#' + hash : '');
+    history.replaceState(null, '', address);
   }
 
   /** The Authorization header, once the user has given the token. */
