@@ -58,7 +58,8 @@ pub struct Summary {
     /// Whether a second signal cut the drain short.
     pub stopped_early: bool,
     /// How long the pipeline took to drain: from stopping the devices until the buffer was
-    /// empty and every worker batch had finished (or the grace period ran out).
+    /// empty and every worker batch had finished (or the grace period ran out, or a second
+    /// signal cut the drain short).
     pub drain_seconds: f64,
     /// How long the whole shutdown took, from the signal until this summary: the drain, then
     /// the wait for HTTP requests in flight and for the remaining tasks.
