@@ -5,13 +5,15 @@
 //! the stages through their handles. Shutdown stops the sources first and lets everything
 //! downstream drain, with a deadline: readiness turns 503, devices stop, the buffer closes and
 //! drains into the workers within `shutdown_grace_ms` (what is left then is counted as dropped
-//! for `shutdown`), and finally the HTTP server finishes in-flight requests.
+//! for `shutdown`), and finally the HTTP server finishes in-flight requests. A second signal
+//! ([`App::run_until_or_stopped`]) cuts all of that short; the summary still balances.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -47,12 +49,21 @@ pub struct Summary {
     /// The final accounting.
     #[serde(flatten)]
     pub ledger: Ledger,
-    /// Samples still in worker batches when the gateway gave up waiting.
+    /// Samples still in worker batches when the gateway stopped waiting for them; they are
+    /// counted in `dropped.shutdown` (as is anything still queued then), so `in_buffer` and
+    /// `in_flight` are 0.
     pub abandoned_in_flight: u64,
     /// Whether the accounting balances.
     pub balanced: bool,
-    /// How long the drain took.
+    /// Whether a second signal cut the drain short.
+    pub stopped_early: bool,
+    /// How long the pipeline took to drain: from stopping the devices until the buffer was
+    /// empty and every worker batch had finished (or the grace period ran out, or a second
+    /// signal cut the drain short).
     pub drain_seconds: f64,
+    /// How long the whole shutdown took, from the signal until this summary: the drain, then
+    /// the wait for HTTP requests in flight and for the remaining tasks.
+    pub shutdown_seconds: f64,
 }
 
 /// A built, bound gateway, ready to run.
@@ -94,6 +105,26 @@ impl App {
 
     /// Runs every stage until `signal` completes, then shuts down in order and reports.
     pub async fn run_until(self, signal: impl Future<Output = ()>) -> Summary {
+        self.run_until_or_stopped(signal, std::future::pending())
+            .await
+    }
+
+    /// Like [`Self::run_until`], but when `stop_now` completes during the shutdown (an
+    /// operator's second signal), the drain is cut short: the buffer is emptied, HTTP and the
+    /// remaining tasks are not waited for, and every sample still queued or in a worker batch is
+    /// counted as dropped for `shutdown`.
+    pub async fn run_until_or_stopped(
+        self,
+        signal: impl Future<Output = ()>,
+        stop_now: impl Future<Output = ()>,
+    ) -> Summary {
+        let running = self.start();
+        signal.await;
+        running.shut_down(stop_now).await
+    }
+
+    /// Starts every stage and the HTTP server.
+    fn start(self) -> Running {
         let Self {
             settings,
             listener,
@@ -150,51 +181,127 @@ impl App {
             overflow = ?settings.buffer.overflow,
             "TelemetryHub listening."
         );
+        Running {
+            grace: settings.pipeline.shutdown_grace(),
+            pipeline,
+            server,
+            tracker,
+            cancel,
+            http_cancel,
+        }
+    }
+}
 
-        signal.await;
-        let grace = settings.pipeline.shutdown_grace();
+/// The stages and the server, running.
+struct Running {
+    grace: Duration,
+    pipeline: Pipeline,
+    server: JoinHandle<()>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    http_cancel: CancellationToken,
+}
+
+impl Running {
+    /// Shuts down in order, or at once when `stop_now` completes first, and reports.
+    async fn shut_down(self, stop_now: impl Future<Output = ()>) -> Summary {
+        let Self {
+            grace,
+            pipeline,
+            server,
+            tracker,
+            cancel,
+            http_cancel,
+        } = self;
         info!(
             grace_ms = grace.as_millis() as u64,
             "Shutdown requested; draining."
         );
-        let drain_started = Instant::now();
+        let started = Instant::now();
         let deadline = tokio::time::Instant::now() + grace;
+        let buffer = pipeline.buffer.clone();
+        let mut stop_now = std::pin::pin!(stop_now);
 
         // Sources first: readiness turns 503, devices stop, the buffer drains into the workers
         // within the grace period. Then the HTTP server finishes in-flight requests.
         cancel.cancel();
-        let ledger = pipeline.drain(deadline).await;
-        http_cancel.cancel();
-        let http_deadline = deadline.max(tokio::time::Instant::now() + FINAL_WAIT);
-        if tokio::time::timeout_at(http_deadline, server)
-            .await
-            .is_err()
-        {
-            warn!("HTTP connections still open after the grace period; closing them.");
-        }
-        tracker.close();
-        let _ = tokio::time::timeout(FINAL_WAIT, tracker.wait()).await;
-
-        let summary = Summary {
-            ledger,
-            abandoned_in_flight: ledger.in_flight,
-            balanced: ledger.balanced(),
-            drain_seconds: drain_started.elapsed().as_secs_f64(),
+        let drained = tokio::select! {
+            _ = pipeline.drain(deadline) => true,
+            () = &mut stop_now => false,
         };
-        info!(
-            read = ledger.read,
-            ingested = ledger.ingested,
-            processed = ledger.processed,
-            rejected = ledger.rejected.total(),
-            dropped_overflow = ledger.dropped.overflow,
-            dropped_shutdown = ledger.dropped.shutdown,
-            dropped_stopped = ledger.dropped.stopped,
-            dropped_worker_panic = ledger.dropped.worker_panic,
-            abandoned_in_flight = summary.abandoned_in_flight,
-            balanced = summary.balanced,
-            drain_seconds = summary.drain_seconds,
-            "Shutdown complete."
-        );
-        summary
+        let drain_seconds = started.elapsed().as_secs_f64();
+        http_cancel.cancel();
+        tracker.close();
+        let finished = drained
+            && tokio::select! {
+                () = wait_for_the_rest(server, &tracker, deadline) => true,
+                () = &mut stop_now => false,
+            };
+        if !finished {
+            // Whatever the drain did not get to is lost with the process: count it now.
+            buffer.close();
+            let abandoned = buffer.abandon();
+            warn!(
+                abandoned,
+                "Drain cut short; queued samples counted as dropped."
+            );
+        }
+        summarise(buffer.ledger(), !finished, drain_seconds, started)
     }
+}
+
+/// Waits for the HTTP server's requests in flight and then for every other task, each no
+/// longer than the grace period allows (and at least [`FINAL_WAIT`]).
+async fn wait_for_the_rest(
+    server: JoinHandle<()>,
+    tracker: &TaskTracker,
+    deadline: tokio::time::Instant,
+) {
+    let http_deadline = deadline.max(tokio::time::Instant::now() + FINAL_WAIT);
+    if tokio::time::timeout_at(http_deadline, server)
+        .await
+        .is_err()
+    {
+        warn!("HTTP connections still open after the grace period; closing them.");
+    }
+    let _ = tokio::time::timeout(FINAL_WAIT, tracker.wait()).await;
+}
+
+/// The final accounting: samples still queued or in worker batches now are lost with the
+/// process, so they are counted as dropped for `shutdown`, and the ledger still balances.
+fn summarise(
+    mut ledger: Ledger,
+    stopped_early: bool,
+    drain_seconds: f64,
+    shutdown_started: Instant,
+) -> Summary {
+    let abandoned_in_flight = ledger.in_flight;
+    ledger.dropped.shutdown += ledger.in_buffer + ledger.in_flight;
+    ledger.in_buffer = 0;
+    ledger.in_flight = 0;
+    let summary = Summary {
+        ledger,
+        abandoned_in_flight,
+        balanced: ledger.balanced(),
+        stopped_early,
+        drain_seconds,
+        shutdown_seconds: shutdown_started.elapsed().as_secs_f64(),
+    };
+    info!(
+        read = ledger.read,
+        ingested = ledger.ingested,
+        processed = ledger.processed,
+        rejected = ledger.rejected.total(),
+        dropped_overflow = ledger.dropped.overflow,
+        dropped_shutdown = ledger.dropped.shutdown,
+        dropped_stopped = ledger.dropped.stopped,
+        dropped_worker_panic = ledger.dropped.worker_panic,
+        abandoned_in_flight,
+        balanced = summary.balanced,
+        stopped_early,
+        drain_seconds,
+        shutdown_seconds = summary.shutdown_seconds,
+        "Shutdown complete."
+    );
+    summary
 }

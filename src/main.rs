@@ -1,5 +1,6 @@
 //! The `telemetryhub` binary: parse the CLI, load the config, start logging, bind, run until
-//! SIGINT or SIGTERM, drain, and report.
+//! SIGINT or SIGTERM, drain, and report. A second signal during the drain stops at once (exit
+//! code 130), still writing the report.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,9 +13,18 @@ use telemetryhub::bench::BenchOptions;
 use telemetryhub::buffer::OverflowPolicy;
 use telemetryhub::cli;
 use telemetryhub::config::{LogFormat, Settings};
+use tokio_util::sync::CancellationToken;
 
 /// Exit code for a bad configuration or command line.
 const EXIT_CONFIG: u8 = 2;
+
+/// Exit code when a second signal cut the drain short (128 + SIGINT, as shells report an
+/// interrupted program): the stats file is written, but queued samples were dropped.
+const EXIT_STOPPED_NOW: u8 = 130;
+
+/// Longest wait, once the gateway has reported, for worker batches still running on blocking
+/// threads (they cannot be cancelled); the process exits without them after that.
+const LEFTOVER_WAIT: Duration = Duration::from_millis(500);
 
 /// Edge telemetry gateway: serial sensors → ring buffer → workers → REST + Prometheus.
 #[derive(Debug, Parser)]
@@ -29,7 +39,8 @@ struct Cli {
     /// Log format, overriding the config.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
-    /// Write the final sample accounting to this file as JSON at shutdown.
+    /// Write the final sample accounting to this file as JSON at shutdown. It is created (or
+    /// emptied) at start: a path that cannot be written exits at once with code 2.
     #[arg(long)]
     stats_file: Option<PathBuf>,
     #[command(subcommand)]
@@ -61,28 +72,31 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         baud: u32,
     },
-    /// Run the real pipeline in-process (unpaced simulators, no HTTP); print one JSON line.
+    /// Run the real pipeline in-process (simulated devices, no HTTP); print one JSON line.
+    /// Every count must be at least 1 (exit 2 otherwise).
     Bench {
-        /// Samples to push through the pipeline.
-        #[arg(long, default_value_t = 5_000_000)]
+        /// Samples the devices send in all (shared out between them); the run ends when every
+        /// one has left the pipeline.
+        #[arg(long, default_value_t = 5_000_000, value_parser = at_least_one::<u64>)]
         samples: u64,
         /// Simulated devices, each on its own link.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = at_least_one::<usize>)]
         devices: usize,
-        /// Total frames per second (paced like a UART); unpaced when omitted.
-        #[arg(long)]
+        /// Total frames per second across devices, each frame sent at its time in the run's
+        /// schedule; unpaced (as fast as the pipeline takes them) when omitted.
+        #[arg(long, value_parser = at_least_one::<u64>)]
         rate: Option<u64>,
         /// Buffer overflow policy: block, drop_oldest or drop_newest.
         #[arg(long, default_value = "block", value_parser = parse_policy)]
         policy: OverflowPolicy,
         /// Buffer capacity.
-        #[arg(long, default_value_t = 65_536)]
+        #[arg(long, default_value_t = 65_536, value_parser = at_least_one::<usize>)]
         capacity: usize,
         /// Samples per worker batch.
-        #[arg(long, default_value_t = 1024)]
+        #[arg(long, default_value_t = 1024, value_parser = at_least_one::<usize>)]
         batch_max: usize,
         /// Worker permits (default: one per CPU).
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one::<usize>)]
         workers: Option<usize>,
     },
 }
@@ -147,11 +161,6 @@ fn main() -> ExitCode {
             batch_max,
             workers,
         }) => {
-            if samples == 0 || devices == 0 || capacity == 0 || batch_max == 0 || workers == Some(0)
-            {
-                eprintln!("telemetryhub: bench sizes must be at least 1");
-                return ExitCode::from(EXIT_CONFIG);
-            }
             let options = BenchOptions {
                 samples,
                 devices,
@@ -162,15 +171,29 @@ fn main() -> ExitCode {
                 workers,
             };
             block_on(async move {
-                let report = telemetryhub::bench::run(&options).await;
-                println!(
-                    "{}",
-                    serde_json::to_string(&report).expect("the report serialises")
-                );
-                ExitCode::SUCCESS
+                match telemetryhub::bench::run(&options).await {
+                    Ok(report) => {
+                        let json = serde_json::to_string(&report).expect("the report serialises");
+                        println!("{json}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(err) => {
+                        eprintln!("telemetryhub: bench: {err}");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                }
             })
         }
         None => {
+            if let Some(path) = &cli.stats_file {
+                if let Err(err) = prepare_stats_file(path) {
+                    eprintln!(
+                        "telemetryhub: cannot write the stats file {}: {err}",
+                        path.display()
+                    );
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
             telemetryhub::telemetry::init(&settings.log.level, settings.log.format);
             block_on(run(settings, cli.stats_file))
         }
@@ -180,11 +203,29 @@ fn main() -> ExitCode {
 /// Runs `future` on a new multi-threaded runtime.
 fn block_on(future: impl Future<Output = ExitCode>) -> ExitCode {
     match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime.block_on(future),
+        Ok(runtime) => {
+            let code = runtime.block_on(future);
+            runtime.shutdown_timeout(LEFTOVER_WAIT);
+            code
+        }
         Err(err) => {
             eprintln!("telemetryhub: cannot start the async runtime: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Creates (or empties) the stats file now, so a path that cannot be written is refused before
+/// anything starts rather than after a whole run; an old report is not left looking current.
+fn prepare_stats_file(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::create(path).map(drop)
+}
+
+/// A whole number of at least 1 (clap then names the flag and exits 2 for anything else).
+fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(text: &str) -> Result<T, String> {
+    match text.parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(n),
+        _ => Err(format!("`{text}` is not a whole number of at least 1")),
     }
 }
 
@@ -204,7 +245,16 @@ async fn run(settings: Settings, stats_file: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let summary = app.run_until(shutdown_signal()).await;
+    let (drain, stop_now) = match watch_signals() {
+        Ok(tokens) => tokens,
+        Err(err) => {
+            tracing::error!(error = %err, "Cannot listen for signals.");
+            return ExitCode::FAILURE;
+        }
+    };
+    let summary = app
+        .run_until_or_stopped(drain.cancelled_owned(), stop_now.cancelled_owned())
+        .await;
     if let Some(path) = stats_file {
         let json = serde_json::to_string_pretty(&summary).expect("the summary serialises");
         if let Err(err) = std::fs::write(&path, json + "\n") {
@@ -212,33 +262,73 @@ async fn run(settings: Settings, stats_file: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    ExitCode::SUCCESS
+    if summary.stopped_early {
+        ExitCode::from(EXIT_STOPPED_NOW)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "Cannot listen for Ctrl-C.");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Listens for SIGINT and SIGTERM for the rest of the process: the first signal cancels the
+/// first token (drain and exit), the next one the second (stop now).
+///
+/// The handlers stay installed after the first signal, so the second is not lost (with tokio, a
+/// signal nobody is waiting for any more is caught and ignored).
+fn watch_signals() -> std::io::Result<(CancellationToken, CancellationToken)> {
+    let mut signals = Signals::new()?;
+    let drain = CancellationToken::new();
+    let stop_now = CancellationToken::new();
+    let tokens = (drain.clone(), stop_now.clone());
+    tokio::spawn(async move {
+        let signal = signals.next().await;
+        tracing::info!(signal, "Signal received.");
+        drain.cancel();
+        let signal = signals.next().await;
+        tracing::warn!(signal, "Second signal; stopping now.");
+        stop_now.cancel();
+    });
+    Ok(tokens)
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM, installed once.
+struct Signals {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Waits for the next signal; returns its name.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            // `recv` ends only if the runtime shuts down; then nobody waits for this any more.
+            tokio::select! {
+                Some(()) = self.interrupt.recv() => "SIGINT",
+                Some(()) = self.terminate.recv() => "SIGTERM",
+                else => std::future::pending().await,
             }
-            Err(err) => {
-                tracing::error!(error = %err, "Cannot listen for SIGTERM.");
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_err() {
                 std::future::pending::<()>().await;
             }
+            "SIGINT"
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!(signal = "SIGINT", "Signal received."),
-        _ = terminate => tracing::info!(signal = "SIGTERM", "Signal received."),
     }
 }

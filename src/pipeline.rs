@@ -12,10 +12,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
 use crate::buffer::RingBuffer;
-use crate::config::{DeviceKind, Settings};
+use crate::config::{DeviceKind, DeviceSettings, Settings};
 use crate::device::serial::SerialConnector;
 use crate::device::sim::SimConnector;
-use crate::device::{DeviceHandle, DeviceTask};
+use crate::device::{Connector, DeviceHandle, DeviceTask};
 use crate::dispatch::{Dispatcher, PoolGauges, ProcessFn};
 use crate::ledger::Ledger;
 use crate::worker::Worker;
@@ -42,8 +42,58 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Starts every stage on `tracker`; devices stop when `cancel` is cancelled or on
-    /// [`Self::drain`].
+    /// [`Self::drain`]. Each device's link is its configured kind: a tty, or the embedded
+    /// simulator.
     pub fn start(
+        settings: &Settings,
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+        process: Option<ProcessFn>,
+    ) -> Self {
+        let mut pipeline = Self::start_stages(settings, tracker, cancel, process);
+        for device in &settings.devices {
+            let device_cancel = pipeline.devices_cancel.child_token();
+            match (device.kind, &device.serial) {
+                (DeviceKind::Serial, Some(serial)) => {
+                    let connector = SerialConnector::new(serial.clone());
+                    pipeline.spawn_device(device, connector, tracker, device_cancel);
+                }
+                _ => {
+                    let connector = SimConnector::new(
+                        device.simulator.clone(),
+                        Duration::from_millis(device.sample_interval_ms),
+                        tracker.clone(),
+                        device_cancel.clone(),
+                    );
+                    pipeline.spawn_device(device, connector, tracker, device_cancel);
+                }
+            }
+        }
+        pipeline
+    }
+
+    /// Like [`Self::start`], but every device's link comes from `connector(index, device,
+    /// cancel)`, whatever its configured kind: for harnesses that drive the pipeline with links
+    /// of their own (`telemetryhub bench`). `cancel` ends the device; a connector that spawns
+    /// tasks should end them with it.
+    pub fn start_with<C: Connector>(
+        settings: &Settings,
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+        process: Option<ProcessFn>,
+        mut connector: impl FnMut(usize, &DeviceSettings, &CancellationToken) -> C,
+    ) -> Self {
+        let mut pipeline = Self::start_stages(settings, tracker, cancel, process);
+        for (index, device) in settings.devices.iter().enumerate() {
+            let device_cancel = pipeline.devices_cancel.child_token();
+            let link = connector(index, device, &device_cancel);
+            pipeline.spawn_device(device, link, tracker, device_cancel);
+        }
+        pipeline
+    }
+
+    /// The buffer, the worker stage and the dispatcher, with no device yet.
+    fn start_stages(
         settings: &Settings,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
@@ -71,18 +121,30 @@ impl Pipeline {
         }
         let pool = dispatcher.gauges();
         let dispatcher = tracker.spawn(dispatcher.run());
-        let devices_cancel = cancel.child_token();
-        let (devices, device_tasks) = spawn_devices(settings, &buffer, tracker, &devices_cancel);
         Self {
             buffer,
             worker,
             pool,
             workers,
-            devices,
-            device_tasks,
+            devices: Vec::new(),
+            device_tasks: Vec::new(),
             dispatcher,
-            devices_cancel,
+            devices_cancel: cancel.child_token(),
         }
+    }
+
+    /// Spawns the task of one device reading from `connector`'s links.
+    fn spawn_device<C: Connector>(
+        &mut self,
+        device: &DeviceSettings,
+        connector: C,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) {
+        let kind = device.kind.as_str();
+        let (task, handle) = DeviceTask::new(device, kind, connector, self.buffer.clone(), cancel);
+        self.device_tasks.push(tracker.spawn(task.run()));
+        self.devices.push(handle);
     }
 
     /// Stops the sources, then lets the buffer drain into the workers until `deadline`;
@@ -109,40 +171,4 @@ impl Pipeline {
         }
         self.buffer.ledger()
     }
-}
-
-fn spawn_devices(
-    settings: &Settings,
-    buffer: &Arc<RingBuffer>,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
-) -> (Vec<DeviceHandle>, Vec<JoinHandle<()>>) {
-    let mut handles = Vec::new();
-    let mut tasks = Vec::new();
-    for device in &settings.devices {
-        let device_cancel = cancel.child_token();
-        let kind = device.kind.as_str();
-        let (task, handle) = match (device.kind, &device.serial) {
-            (DeviceKind::Serial, Some(serial)) => {
-                let connector = SerialConnector::new(serial.clone());
-                let (task, handle) =
-                    DeviceTask::new(device, kind, connector, buffer.clone(), device_cancel);
-                (tracker.spawn(task.run()), handle)
-            }
-            _ => {
-                let connector = SimConnector::new(
-                    device.simulator.clone(),
-                    Duration::from_millis(device.sample_interval_ms),
-                    tracker.clone(),
-                    device_cancel.clone(),
-                );
-                let (task, handle) =
-                    DeviceTask::new(device, kind, connector, buffer.clone(), device_cancel);
-                (tracker.spawn(task.run()), handle)
-            }
-        };
-        tasks.push(task);
-        handles.push(handle);
-    }
-    (handles, tasks)
 }

@@ -1,7 +1,8 @@
 // TelemetryHub live page: subscribes to GET /events (a "snapshot" event every 500 ms: the
 // /status body plus the processed samples since the previous snapshot), keeps the last minute
 // of values and buffer depths, and draws them on two canvases. The buttons POST to the
-// control routes. Hand-written, no libraries.
+// control routes. Every request carries the API token once the user has given it (the page
+// itself loads without one). Hand-written, no libraries.
 'use strict';
 (() => {
   const WINDOW_MS = 60_000;
@@ -17,13 +18,32 @@
   let snapshots = 0;
   let drawPending = false;
 
-  // A token given as ?token=... is kept for this tab only and removed from the address bar.
+  // A token given in the address, as #token=... (which the browser never sends) or ?token=...,
+  // is kept for this tab only and removed from the address bar.
   const params = new URLSearchParams(location.search);
-  if (params.has('token')) {
-    sessionStorage.setItem(TOKEN_KEY, params.get('token'));
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const given = fragment.get('token') ?? params.get('token');
+  if (given !== null) {
+    sessionStorage.setItem(TOKEN_KEY, given.trim());
     params.delete('token');
-    const query = params.toString();
-    history.replaceState(null, '', location.pathname + (query ? '?' + query : ''));
+    fragment.delete('token');
+    const query = params.toString(), hash = fragment.toString();
+    const address = location.pathname + (query ? '?' + query : '') + (hash ? '#' + hash : '');
+    history.replaceState(null, '', address);
+  }
+
+  /** The Authorization header, once the user has given the token. */
+  function authorization() {
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    return token ? { Authorization: `Bearer ${token}` } : {};
+  }
+
+  /** Asks the user for the token after a 401; true if one was entered. */
+  function askForToken() {
+    const entered = prompt('This gateway needs its API token (http.api_token):');
+    if (!entered || !entered.trim()) return false;
+    sessionStorage.setItem(TOKEN_KEY, entered.trim());
+    return true;
   }
 
   function h(tag, attrs = {}, ...children) {
@@ -60,19 +80,64 @@
 
   // ---- the event stream ----
 
-  function connect() {
-    const source = new EventSource('events');
-    source.addEventListener('open', () => setConn('live', 'live'));
-    source.addEventListener('error', () => {
-      // EventSource reconnects by itself (the server asks for 2 s) unless it gave up.
-      if (source.readyState === EventSource.CLOSED) {
-        setConn('closed', 'disconnected; retrying');
-        setTimeout(connect, 5_000);
-      } else {
-        setConn('reconnecting', 'reconnecting…');
+  // Read with fetch rather than EventSource, which cannot send an Authorization header: with
+  // http.protect_reads set, the stream needs the token like every other read.
+  let reconnectMs = 2_000; // the server's `retry:` replaces it
+
+  async function connect() {
+    try {
+      const headers = { Accept: 'text/event-stream', ...authorization() };
+      const response = await fetch('events', { headers, cache: 'no-store' });
+      if (response.status === 401) {
+        if (askForToken()) return connect();
+        setConn('closed', 'needs the API token');
+        say('This gateway needs its API token: reload the page to enter it.', 'error');
+        return;
       }
-    });
-    source.addEventListener('snapshot', (event) => onSnapshot(JSON.parse(event.data)));
+      if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
+      setConn('live', 'live');
+      await readEvents(response.body);
+    } catch (err) {
+      // The gateway went away or restarts; try again below.
+    }
+    // The stream ends when the gateway shuts down; a restarted gateway is picked up again.
+    setConn('reconnecting', 'reconnecting…');
+    setTimeout(connect, reconnectMs);
+  }
+
+  /** Reads a text/event-stream body until it ends, handling each complete event. */
+  async function readEvents(body) {
+    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+    let pending = '';
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      // A chunk may hold several events or a part of one; each ends with a blank line.
+      const events = (pending + value).split(/\r\n\r\n|\n\n|\r\r/);
+      pending = events.pop();
+      for (const event of events) onEvent(event);
+    }
+  }
+
+  function onEvent(text) {
+    let name = 'message';
+    const data = [];
+    for (const line of text.split(/\r\n|\r|\n/)) {
+      const colon = line.indexOf(':');
+      if (colon === 0) continue; // a comment (keep-alive)
+      const field = colon < 0 ? line : line.slice(0, colon);
+      const value = colon < 0 ? '' : line.slice(colon + 1).replace(/^ /, '');
+      if (field === 'event') name = value;
+      else if (field === 'data') data.push(value);
+      else if (field === 'retry' && /^\d+$/.test(value)) reconnectMs = Number(value);
+    }
+    if (name !== 'snapshot' || !data.length) return;
+    try {
+      onSnapshot(JSON.parse(data.join('\n')));
+    } catch (err) {
+      // A bug in drawing must not cut the stream; report it as the uncaught error it is.
+      setTimeout(() => { throw err; });
+    }
   }
 
   function setConn(state, text) {
@@ -195,16 +260,8 @@
   // ---- controls ----
 
   async function post(path, retried = false) {
-    const token = sessionStorage.getItem(TOKEN_KEY);
-    const headers = token ? { Authorization: `Bearer ${token}` } : {};
-    const response = await fetch(path, { method: 'POST', headers });
-    if (response.status === 401 && !retried) {
-      const entered = prompt('This gateway needs its API token (http.api_token):');
-      if (entered) {
-        sessionStorage.setItem(TOKEN_KEY, entered.trim());
-        return post(path, true);
-      }
-    }
+    const response = await fetch(path, { method: 'POST', headers: authorization() });
+    if (response.status === 401 && !retried && askForToken()) return post(path, true);
     const body = await response.json().catch(() => ({}));
     return { ok: response.ok, status: response.status, body };
   }

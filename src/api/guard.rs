@@ -1,8 +1,10 @@
 //! Request guards, applied to every route: load shedding (a bound on requests in progress,
 //! refusing the excess at once with 503 and `Retry-After`; probes are never shed), bearer-token
 //! authentication (401 with `WWW-Authenticate`) for state-changing routes, and for reads too
-//! when `protect_reads` is set, an early 413 for a declared body over the limit, and the
-//! request timeout (408). The token is compared in constant time and never logged.
+//! when `protect_reads` is set (except the probes and the static live page, whose data requests
+//! carry the token), an early 413 for a declared body over the limit, and the request timeout
+//! (408). The token is compared in constant time, taken only from the `Authorization` header
+//! (never from a URL), and never logged.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -50,7 +52,9 @@ impl Guard {
     }
 
     fn needs_token(&self, request: &Request) -> bool {
-        self.token.is_some() && (!is_read(request) || (self.protect_reads && !is_probe(request)))
+        self.token.is_some()
+            && (!is_read(request)
+                || (self.protect_reads && !is_probe(request) && !is_live_page(request)))
     }
 
     /// Whether a browser sends this request on behalf of a page that is not the gateway's own
@@ -199,6 +203,14 @@ fn is_read(request: &Request) -> bool {
 /// Orchestrators probe these; they are never shed or token-protected.
 fn is_probe(request: &Request) -> bool {
     matches!(request.uri().path(), "/healthz" | "/readyz")
+}
+
+/// The live page itself (not its data): static markup and script, the same for everyone, with
+/// no telemetry in it. A browser cannot send a bearer token when it loads a page, so the page
+/// loads without one and sends the token, once the user has given it, on its own requests
+/// (`/events` and the controls), which the token protects like every other route.
+fn is_live_page(request: &Request) -> bool {
+    request.uri().path() == "/"
 }
 
 /// The credentials of `Bearer <credentials>`; the scheme name is case-insensitive (RFC 9110).

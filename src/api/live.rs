@@ -7,6 +7,12 @@
 //! nothing from a CDN. Each snapshot carries what `GET /status` shows plus the processed
 //! samples that arrived since the previous snapshot; the stream ends when the gateway starts
 //! shutting down, so it never holds the HTTP server's drain open.
+//!
+//! With `http.protect_reads`, the page itself still loads without the token (it is the same
+//! static file for everyone; a browser cannot send a bearer token when it opens a page), and the
+//! page sends the token the user gives it (`#token=...` in the address, or a prompt) as an
+//! `Authorization` header on `/events` and on the controls. That is why it reads the stream with
+//! `fetch` rather than `EventSource`, which cannot send headers.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -171,7 +177,7 @@ mod tests {
     #[test]
     fn the_page_inlines_its_assets_and_loads_nothing_from_elsewhere() {
         assert!(PAGE.starts_with("<!doctype html>"));
-        assert!(PAGE.contains("new EventSource"));
+        assert!(PAGE.contains("fetch('events'"));
         assert!(PAGE.trim_end().ends_with("</html>"));
         for external in [
             "http://",
@@ -181,6 +187,28 @@ mod tests {
             "<link rel=\"stylesheet\"",
         ] {
             assert!(!PAGE.contains(external), "the page refers to {external}");
+        }
+    }
+
+    #[test]
+    fn the_page_sends_the_token_on_its_event_stream_and_never_in_a_url() {
+        // EventSource cannot send an Authorization header, so with `protect_reads` it could
+        // never get past the guard; the page must read the stream with its own headers.
+        assert!(
+            !PAGE.contains("EventSource("),
+            "EventSource cannot send the token"
+        );
+        let connect = &PAGE[PAGE
+            .find("async function connect()")
+            .expect("connect() exists")..];
+        let connect = &connect[..connect.find("\n  }\n").expect("connect() ends")];
+        assert!(connect.contains("...authorization()"), "{connect}");
+        let token_in_url = ["?token=${", "token=' +", "&token="];
+        for pattern in token_in_url {
+            assert!(
+                !PAGE.contains(pattern),
+                "the page puts the token in a URL: {pattern}"
+            );
         }
     }
 

@@ -1,8 +1,15 @@
 //! The HTTP server loop: accepts connections on an already bound listener and serves the
 //! router over HTTP/1.1 with hyper, with TCP_NODELAY and a header-read timeout against slow
-//! clients (which `axum::serve` cannot set). On cancellation it stops accepting and lets
-//! open connections finish their in-flight requests.
+//! clients (which `axum::serve` cannot set).
+//!
+//! On cancellation it stops accepting, closes at once every connection that has not handed a
+//! request to the router yet (a client still sending its first request's headers), and lets
+//! the others finish their in-flight requests. hyper's own graceful shutdown counts a
+//! connection as busy until its first request is complete, so alone it would wait for a
+//! half-sent request until the header-read timeout.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -17,7 +24,7 @@ use tracing::{debug, warn};
 /// How long to wait before accepting again after an accept error (e.g. out of descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// Serves `router` until `cancel`, then waits for open connections to finish.
+/// Serves `router` until `cancel`, then waits for the requests in flight to finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -45,14 +52,53 @@ pub async fn serve(
         if let Err(err) = stream.set_nodelay(true) {
             debug!(error = %err, "Cannot set TCP_NODELAY.");
         }
-        let service = TowerToHyperService::new(router.clone());
+        let served = Arc::new(AtomicBool::new(false));
+        let service = MarkServed {
+            inner: TowerToHyperService::new(router.clone()),
+            served: served.clone(),
+        };
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let cancel = cancel.clone();
         tracker.spawn(async move {
-            if let Err(err) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = cancel.cancelled() => {
+                    // Checked on the task that polls the connection, so no request can reach
+                    // the router in between: dropping the connection here cuts off nobody's
+                    // request. Once one has, hyper closes the connection as soon as it is idle.
+                    if !served.load(Ordering::Relaxed) {
+                        debug!("Closing a connection that sent no complete request.");
+                        return;
+                    }
+                    connection.await
+                }
+            };
+            if let Err(err) = result {
                 debug!(error = %err, "Connection ended with an error.");
             }
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// A connection's service that remembers whether a request ever reached it.
+struct MarkServed<S> {
+    inner: S,
+    served: Arc<AtomicBool>,
+}
+
+impl<S, R> hyper::service::Service<R> for MarkServed<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, request: R) -> Self::Future {
+        self.served.store(true, Ordering::Relaxed);
+        self.inner.call(request)
+    }
 }

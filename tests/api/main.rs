@@ -6,6 +6,7 @@
 
 mod accounting;
 mod bad_input;
+mod bench;
 mod binary;
 mod control;
 mod devices;
@@ -19,5 +20,6 @@ mod metrics;
 mod resilience;
 mod security;
 mod serial;
+mod shutdown;
 mod shutdown_load;
 mod status;

@@ -348,3 +348,58 @@ async fn the_token_from_the_environment_works_and_never_appears_in_logs() {
     assert_stats_balanced(&stats);
     assert_eq!(stats["ingested"], 1, "{stats}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_protect_reads_the_live_page_loads_and_its_event_stream_needs_the_token() {
+    let app = spawn_app(|s| {
+        s.http.api_token = Some(telemetryhub::config::Secret::new(TOKEN));
+        s.http.protect_reads = true;
+    })
+    .await;
+    // The page is static (no telemetry in it), so it loads without the token, also when the
+    // token is passed the way the README says; the page never echoes it.
+    for path in ["/".to_owned(), format!("/?token={TOKEN}")] {
+        let response = app.get(&path).await;
+        assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+        let content_type = response.headers()[reqwest::header::CONTENT_TYPE].clone();
+        assert!(content_type.to_str().unwrap().starts_with("text/html"));
+        let page = response.text().await.unwrap();
+        assert!(page.contains("TelemetryHub"), "GET {path}");
+        assert!(!page.contains(TOKEN), "GET {path} echoes the token");
+    }
+    let head = app.client.head(app.url("/")).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+
+    // Its data is telemetry: the event stream needs the bearer token like every other read,
+    // and a token in the URL (which logs and browser history keep) is not accepted.
+    let events = |auth: Option<String>, query: &str| {
+        let mut request = app.client.get(app.url(&format!("/events{query}")));
+        if let Some(auth) = auth {
+            request = request.header(reqwest::header::AUTHORIZATION, auth);
+        }
+        request.send()
+    };
+    assert_unauthorized(events(None, "").await.unwrap(), "GET /events").await;
+    let in_url = events(None, &format!("?token={TOKEN}")).await.unwrap();
+    assert_unauthorized(in_url, "GET /events?token=").await;
+    let wrong = events(Some("Bearer wrong".to_owned()), "").await.unwrap();
+    assert_unauthorized(wrong, "GET /events with a wrong token").await;
+
+    let mut stream = events(Some(format!("Bearer {TOKEN}")), "").await.unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let content_type = stream.headers()[reqwest::header::CONTENT_TYPE].clone();
+    assert_eq!(content_type, "text/event-stream");
+    let mut received = Vec::new();
+    while !String::from_utf8_lossy(&received).contains("\n\n") {
+        let chunk = tokio::time::timeout(DEADLINE, stream.chunk())
+            .await
+            .expect("a snapshot comes at once")
+            .expect("the stream is readable")
+            .expect("the stream is open");
+        received.extend_from_slice(&chunk);
+    }
+    let first = String::from_utf8_lossy(&received);
+    assert!(first.contains("event: snapshot"), "{first}");
+    drop(stream);
+    app.shut_down().await;
+}
