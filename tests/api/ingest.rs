@@ -59,8 +59,9 @@ fn gated() -> (ProcessFn, mpsc::Sender<()>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_larger_than_the_buffer_is_413_under_every_policy_and_nothing_is_dropped() {
     for policy in POLICIES {
-        // The default capacity (1,000) is below the default `ingest_max_samples`.
+        // The capacity (1,000) is below `ingest_max_samples`: the buffer sets the limit.
         let app = spawn_app(|s| {
+            s.http.ingest_max_samples = 10_000;
             s.buffer.overflow = policy;
             s.devices[0].autostart = false;
         })

