@@ -43,5 +43,6 @@ pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
 pub mod sample;
+pub mod spool;
 pub mod telemetry;
 pub mod worker;
