@@ -45,4 +45,5 @@ pub mod pipeline;
 pub mod sample;
 pub mod spool;
 pub mod telemetry;
+pub mod uplink;
 pub mod worker;

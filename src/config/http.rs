@@ -131,6 +131,11 @@ impl Secret {
     fn is_sendable(&self) -> bool {
         (1..=256).contains(&self.0.len()) && self.0.bytes().all(|b| b.is_ascii_graphic())
     }
+
+    /// The secret itself, for the one place that must send it (never for logs).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for Secret {

@@ -19,6 +19,7 @@ mod layers;
 mod pipeline;
 #[cfg(test)]
 mod tests;
+mod uplink;
 
 use self::de::{EnvMarks, Layered};
 use self::device::default_devices;
@@ -29,6 +30,9 @@ pub use self::device::{
 pub use self::http::{HttpSettings, Secret};
 use self::layers::{apply_env_overrides, merge, parse_table};
 pub use self::pipeline::{BufferSettings, PipelineSettings, ProcessingSettings, ValueRange};
+pub use self::uplink::{
+    BrokerUrl, FsyncSetting, SpoolSettings, UplinkFormat, UplinkSettings, parse_broker_url,
+};
 
 /// Prefix of environment variables that override settings, e.g. `TELEMETRYHUB__BUFFER__CAPACITY`.
 pub const ENV_PREFIX: &str = "TELEMETRYHUB__";
@@ -104,6 +108,12 @@ pub struct Settings {
     /// The devices to read from.
     #[serde(default = "default_devices")]
     pub devices: Vec<DeviceSettings>,
+    /// The MQTT uplink; absent: processed samples go nowhere else (no spool either).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<UplinkSettings>,
+    /// The disk spool in front of the uplink (used only with an uplink).
+    #[serde(default)]
+    pub spool: SpoolSettings,
 }
 
 impl Default for Settings {
@@ -115,6 +125,8 @@ impl Default for Settings {
             pipeline: PipelineSettings::default(),
             processing: ProcessingSettings::default(),
             devices: default_devices(),
+            uplink: None,
+            spool: SpoolSettings::default(),
         }
     }
 }
@@ -210,6 +222,10 @@ impl Settings {
         self.buffer.validate()?;
         self.pipeline.validate()?;
         self.processing.validate()?;
+        if let Some(uplink) = &self.uplink {
+            uplink.validate()?;
+        }
+        self.spool.validate()?;
         if self.devices.is_empty() {
             return Err(ConfigError::invalid(
                 "devices",

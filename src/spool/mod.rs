@@ -409,6 +409,41 @@ impl Spool {
         self.shared.appended.notify_waiters();
     }
 
+    /// Acknowledges a record read earlier: its items were delivered.
+    pub fn ack(&self, offset: u64, count: u32) {
+        ack(&self.shared, offset, count);
+    }
+
+    /// Settles a record read earlier that cannot be delivered (its payload is damaged): its
+    /// items count as `dropped_corrupt`.
+    pub fn reject(&self, offset: u64, count: u32) {
+        let mut state = self.shared.lock();
+        let newly = state.settle(offset, offset + u64::from(count), Settle::LostAtRead);
+        state.meta.dropped_corrupt += newly;
+        drop(state);
+        self.shared.changed.notify_all();
+    }
+
+    /// Waits until the spool holds items at or after offset `next` that are not settled, or
+    /// it closes (returns `false`).
+    pub async fn wait_beyond(&self, next: u64) -> bool {
+        loop {
+            let notified = self.shared.appended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let state = self.shared.lock();
+                if state.meta.tail > next.max(state.meta.head) {
+                    return true;
+                }
+                if state.closed {
+                    return false;
+                }
+            }
+            notified.await;
+        }
+    }
+
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.shared.options.dir
@@ -829,15 +864,12 @@ impl SpoolReader {
 
     /// Acknowledges a record read earlier: its items were delivered.
     pub fn ack(&self, offset: u64, count: u32) {
-        let end = offset + u64::from(count);
-        let mut state = self.shared.lock();
-        if end <= state.meta.head {
-            return;
-        }
-        let newly = state.settle(offset, end, Settle::Acked);
-        state.meta.forwarded += newly;
-        drop(state);
-        self.shared.changed.notify_all();
+        ack(&self.shared, offset, count);
+    }
+
+    /// The offset after the last record read.
+    pub fn next(&self) -> u64 {
+        self.next
     }
 
     /// Reads again from the oldest unacknowledged record (after a reconnect).
@@ -845,26 +877,15 @@ impl SpoolReader {
         self.next = self.shared.lock().meta.head;
         self.cursor = None;
     }
+}
 
-    /// Waits until records after the last one read may be there, or the spool closes
-    /// (returns `false`).
-    pub async fn wait(&self) -> bool {
-        loop {
-            let notified = self.shared.appended.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let state = self.shared.lock();
-                if state.meta.tail > self.next.max(state.meta.head) {
-                    return true;
-                }
-                if state.closed {
-                    return false;
-                }
-            }
-            notified.await;
-        }
-    }
+fn ack(shared: &Shared, offset: u64, count: u32) {
+    let end = offset + u64::from(count);
+    let mut state = shared.lock();
+    let newly = state.settle(offset, end, Settle::Acked);
+    state.meta.forwarded += newly;
+    drop(state);
+    shared.changed.notify_all();
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

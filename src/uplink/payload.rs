@@ -1,0 +1,250 @@
+//! Uplink messages: plain functions from one device's processed samples to an MQTT topic and
+//! payload, and the envelope that stores a message as one opaque spool record.
+//!
+//! Messages are encoded once, by the spool stage on a blocking thread, so the forwarder only
+//! moves bytes: it knows no devices and no formats.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde::ser::{SerializeMap, SerializeSeq};
+
+use crate::config::UplinkFormat;
+use crate::sample::{ProcessedSample, format_rfc3339};
+
+/// Builds topics and payloads for one gateway.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    format: UplinkFormat,
+    gateway: String,
+    /// The topic template split at its placeholders.
+    topic: Vec<TopicPart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TopicPart {
+    Text(String),
+    Gateway,
+    Device,
+}
+
+impl Encoder {
+    /// An encoder for `format`, with a template validated by the config.
+    pub fn new(format: UplinkFormat, gateway: impl Into<String>, template: &str) -> Self {
+        let mut topic = Vec::new();
+        let mut rest = template;
+        while !rest.is_empty() {
+            let (part, len) = if rest.starts_with("{gateway}") {
+                (TopicPart::Gateway, "{gateway}".len())
+            } else if rest.starts_with("{device}") {
+                (TopicPart::Device, "{device}".len())
+            } else {
+                let end = rest[1..].find('{').map_or(rest.len(), |i| i + 1);
+                (TopicPart::Text(rest[..end].to_owned()), end)
+            };
+            topic.push(part);
+            rest = &rest[len..];
+        }
+        Self {
+            format,
+            gateway: gateway.into(),
+            topic,
+        }
+    }
+
+    /// The topic for `device`.
+    pub fn topic(&self, device: &str) -> String {
+        let mut out = String::new();
+        for part in &self.topic {
+            match part {
+                TopicPart::Text(text) => out.push_str(text),
+                TopicPart::Gateway => out.push_str(&self.gateway),
+                TopicPart::Device => out.push_str(device),
+            }
+        }
+        out
+    }
+
+    /// Appends the payload of one message (samples of `device`, in order) to `out`.
+    pub fn payload(&self, device: &str, samples: &[ProcessedSample], out: &mut Vec<u8>) {
+        let result = match self.format {
+            UplinkFormat::Json => serde_json::to_writer(
+                &mut *out,
+                &JsonBatch {
+                    gateway: &self.gateway,
+                    device,
+                    samples: JsonSamples(samples),
+                },
+            ),
+            UplinkFormat::Thingsboard => {
+                serde_json::to_writer(&mut *out, &ThingsboardBatch { device, samples })
+            }
+        };
+        // Writing to a Vec cannot fail, and every value is finite (the worker rejects the
+        // rest), so serialisation cannot fail either.
+        result.expect("a batch of finite samples serialises");
+    }
+}
+
+#[derive(Serialize)]
+struct JsonBatch<'a> {
+    gateway: &'a str,
+    device: &'a str,
+    samples: JsonSamples<'a>,
+}
+
+struct JsonSamples<'a>(&'a [ProcessedSample]);
+
+impl Serialize for JsonSamples<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Item<'a> {
+            seq: Option<u32>,
+            value: f64,
+            unit: &'a str,
+            timestamp: String,
+        }
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for sample in self.0 {
+            seq.serialize_element(&Item {
+                seq: sample.seq,
+                value: sample.value,
+                unit: &sample.unit,
+                timestamp: format_rfc3339(sample.timestamp),
+            })?;
+        }
+        seq.end()
+    }
+}
+
+/// `{"<device>": [{"ts": <ms>, "values": {"value": v}}]}`, ThingsBoard's gateway telemetry.
+struct ThingsboardBatch<'a> {
+    device: &'a str,
+    samples: &'a [ProcessedSample],
+}
+
+impl Serialize for ThingsboardBatch<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Values {
+            value: f64,
+        }
+        #[derive(Serialize)]
+        struct Item {
+            ts: u64,
+            values: Values,
+        }
+        struct Items<'a>(&'a [ProcessedSample]);
+        impl Serialize for Items<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.iter().map(|sample| Item {
+                    ts: unix_ms(sample.timestamp),
+                    values: Values {
+                        value: sample.value,
+                    },
+                }))
+            }
+        }
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry(self.device, &Items(self.samples))?;
+        map.end()
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why a spool record is not a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a spool record is not an uplink message (bad envelope)")]
+pub struct BadEnvelope;
+
+/// Appends a message as one spool record payload: `[topic length u16 LE][topic][payload]`.
+/// `payload` is appended by `write_payload`, so it is never copied.
+pub fn envelope(topic: &str, out: &mut Vec<u8>, write_payload: impl FnOnce(&mut Vec<u8>)) {
+    let len = u16::try_from(topic.len()).expect("topics are validated to be short");
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    write_payload(out);
+}
+
+/// Splits a spool record payload into topic and message payload.
+pub fn open_envelope(record: &[u8]) -> Result<(&str, &[u8]), BadEnvelope> {
+    let len = record.get(..2).ok_or(BadEnvelope)?;
+    let len = usize::from(u16::from_le_bytes([len[0], len[1]]));
+    let topic = record.get(2..2 + len).ok_or(BadEnvelope)?;
+    let topic = std::str::from_utf8(topic).map_err(|_| BadEnvelope)?;
+    if topic.is_empty() {
+        return Err(BadEnvelope);
+    }
+    Ok((topic, &record[2 + len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn sample(seq: u32, value: f64) -> ProcessedSample {
+        ProcessedSample {
+            seq: Some(seq),
+            value,
+            unit: "degC".into(),
+            device: "probe-1".into(),
+            timestamp: UNIX_EPOCH + Duration::from_millis(1_764_198_600_123 + u64::from(seq)),
+            order: u64::from(seq),
+        }
+    }
+
+    #[test]
+    fn topics_fill_their_placeholders() {
+        let e = Encoder::new(UplinkFormat::Json, "gw1", "site/{gateway}/dev/{device}/x");
+        assert_eq!(e.topic("probe-1"), "site/gw1/dev/probe-1/x");
+        let e = Encoder::new(UplinkFormat::Thingsboard, "gw1", "v1/gateway/telemetry");
+        assert_eq!(e.topic("probe-1"), "v1/gateway/telemetry");
+    }
+
+    #[test]
+    fn json_carries_gateway_device_and_each_sample_with_its_original_time() {
+        let e = Encoder::new(UplinkFormat::Json, "gw1", "t/{device}");
+        let mut out = Vec::new();
+        e.payload("probe-1", &[sample(1, 21.5), sample(2, -3.0)], &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "gateway": "gw1",
+                "device": "probe-1",
+                "samples": [
+                    {"seq": 1, "value": 21.5, "unit": "degC", "timestamp": "2025-11-26T23:10:00.124Z"},
+                    {"seq": 2, "value": -3.0, "unit": "degC", "timestamp": "2025-11-26T23:10:00.125Z"},
+                ]
+            })
+        );
+    }
+
+    #[test]
+    fn thingsboard_is_the_gateway_telemetry_api() {
+        let e = Encoder::new(UplinkFormat::Thingsboard, "gw1", "v1/gateway/telemetry");
+        let mut out = Vec::new();
+        e.payload("probe-1", &[sample(1, 21.5)], &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"probe-1": [{"ts": 1_764_198_600_124u64, "values": {"value": 21.5}}]})
+        );
+    }
+
+    #[test]
+    fn envelopes_round_trip_and_bad_ones_are_errors() {
+        let mut out = Vec::new();
+        envelope("a/b", &mut out, |o| o.extend_from_slice(b"{}"));
+        assert_eq!(open_envelope(&out), Ok(("a/b", &b"{}"[..])));
+        for bad in [&b""[..], b"\x05\x00ab", b"\x00\x00x", b"\x02\x00\xff\xfe"] {
+            assert_eq!(open_envelope(bad), Err(BadEnvelope), "{bad:?}");
+        }
+    }
+}
