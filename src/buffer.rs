@@ -292,6 +292,16 @@ impl RingBuffer {
         self.lock().ledger.settle(outcome);
     }
 
+    /// Records a worker batch's outcome whose processed samples go on to the spool.
+    pub fn settle_to_spool(&self, outcome: &BatchOutcome) {
+        self.lock().ledger.settle_to_spool(outcome);
+    }
+
+    /// Records samples that left the spool queue: written, or lost on the way.
+    pub fn spool_settled(&self, spooled: u64, unspooled: u64) {
+        self.lock().ledger.spool_settled(spooled, unspooled);
+    }
+
     /// Records that an in-flight batch of `n` samples was lost.
     pub fn abort_in_flight(&self, n: u64, reason: DropReason) {
         self.lock().ledger.abort_in_flight(n, reason);

@@ -7,6 +7,9 @@
 //! policy and the depth gauge see it. A batch that panics is caught through its `JoinError`,
 //! counted as dropped for `worker_panic`, logged once, and the pipeline goes on.
 //! The dispatcher ends when the buffer is closed and drained and every batch has finished.
+//!
+//! With an uplink, each batch gets a sequence number as it leaves the buffer, and its worker
+//! hands the processed samples to the [`SpoolStage`], which writes batches in that order.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,11 +23,17 @@ use tracing::error;
 
 use crate::buffer::RingBuffer;
 use crate::ledger::{BatchOutcome, DropReason};
-use crate::sample::Sample;
+use crate::sample::{ProcessedSample, Sample};
+use crate::uplink::stage::SpoolStage;
 use crate::worker::Worker;
 
-/// A processing function; the worker's `process` in production, a faulty one in tests.
-pub type ProcessFn = Arc<dyn Fn(&Worker, Vec<Sample>) -> BatchOutcome + Send + Sync>;
+/// A processing function: the worker's `process_into` in production, a faulty one in tests.
+/// With `Some(all)`, every processed sample is also appended to `all` (for the uplink).
+pub type ProcessFn = Arc<
+    dyn Fn(&Worker, Vec<Sample>, Option<&mut Vec<ProcessedSample>>) -> BatchOutcome
+        + Send
+        + Sync,
+>;
 
 /// Counts of batches between the dispatcher and the blocking threads.
 #[derive(Debug, Default)]
@@ -54,6 +63,15 @@ pub struct Dispatcher {
     batch_max: usize,
     tracker: TaskTracker,
     gauges: Arc<PoolGauges>,
+    stage: Option<SpoolStage>,
+    next_seq: AtomicU64,
+}
+
+/// A batch as it leaves the buffer.
+struct Taken {
+    seq: u64,
+    orders: std::ops::Range<u64>,
+    size: u64,
 }
 
 impl Dispatcher {
@@ -68,12 +86,20 @@ impl Dispatcher {
         Self {
             buffer,
             worker,
-            process: Arc::new(|worker, batch| worker.process(batch)),
+            process: Arc::new(|worker, batch, all| worker.process_into(batch, all)),
             permits: Arc::new(Semaphore::new(workers)),
             batch_max,
             tracker,
             gauges: Arc::new(PoolGauges::default()),
+            stage: None,
+            next_seq: AtomicU64::new(0),
         }
+    }
+
+    /// Hands every processed batch on to the uplink's spool stage.
+    pub fn with_stage(mut self, stage: SpoolStage) -> Self {
+        self.stage = Some(stage);
+        self
     }
 
     /// Replaces the processing function (fault injection in tests).
@@ -92,8 +118,8 @@ impl Dispatcher {
         let mut running = FuturesUnordered::new();
         loop {
             tokio::select! {
-                Some((size, result)) = running.next(), if !running.is_empty() => {
-                    self.settle(size, result);
+                Some((taken, result)) = running.next(), if !running.is_empty() => {
+                    self.settle(taken, result);
                 }
                 next = self.next_batch() => match next {
                     Some((permit, batch)) => running.push(self.spawn(permit, batch)),
@@ -101,8 +127,8 @@ impl Dispatcher {
                 },
             }
         }
-        while let Some((size, result)) = running.next().await {
-            self.settle(size, result);
+        while let Some((taken, result)) = running.next().await {
+            self.settle(taken, result);
         }
     }
 
@@ -122,11 +148,21 @@ impl Dispatcher {
         &self,
         permit: tokio::sync::OwnedSemaphorePermit,
         batch: Vec<Sample>,
-    ) -> impl std::future::Future<Output = (u64, Result<BatchOutcome, JoinError>)> + use<> {
-        let size = batch.len() as u64;
+    ) -> impl std::future::Future<Output = (Taken, Result<(), JoinError>)> + use<> {
+        let taken = Taken {
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+            orders: match (batch.first(), batch.last()) {
+                (Some(first), Some(last)) => first.order..last.order + 1,
+                _ => 0..0,
+            },
+            size: batch.len() as u64,
+        };
+        let (seq, orders) = (taken.seq, taken.orders.clone());
         let worker = self.worker.clone();
         let process = self.process.clone();
         let gauges = self.gauges.clone();
+        let buffer = self.buffer.clone();
+        let stage = self.stage.clone();
         gauges.queued.fetch_add(1, Ordering::Relaxed);
         let handle = self.tracker.spawn_blocking(move || {
             let _permit = permit;
@@ -134,27 +170,45 @@ impl Dispatcher {
             gauges.running.fetch_add(1, Ordering::Relaxed);
             // Decrement `running` even if `process` panics.
             let _running = DecrementOnDrop(&gauges.running);
-            process(&worker, batch)
+            let size = batch.len() as u64;
+            match &stage {
+                None => {
+                    let outcome = process(&worker, batch, None);
+                    check_outcome(&outcome, size);
+                    buffer.settle(&outcome);
+                }
+                Some(stage) => {
+                    let mut all = Vec::with_capacity(batch.len());
+                    let outcome = process(&worker, batch, Some(&mut all));
+                    check_outcome(&outcome, size);
+                    // Counted as processed and queued for the spool in one step, so the
+                    // ledger balances at every moment.
+                    buffer.settle_to_spool(&outcome);
+                    stage.submit(seq, orders, &all);
+                }
+            }
         });
-        async move { (size, handle.await) }
+        async move { (taken, handle.await) }
     }
 
-    fn settle(&self, size: u64, result: Result<BatchOutcome, JoinError>) {
-        match result {
-            Ok(outcome) => {
-                debug_assert_eq!(
-                    outcome.size(),
-                    size,
-                    "a worker must account for every sample"
-                );
-                self.buffer.settle(&outcome);
+    fn settle(&self, taken: Taken, result: Result<(), JoinError>) {
+        if let Err(err) = result {
+            self.buffer
+                .abort_in_flight(taken.size, DropReason::WorkerPanic);
+            if let Some(stage) = &self.stage {
+                stage.skip(taken.seq, taken.orders);
             }
-            Err(err) => {
-                self.buffer.abort_in_flight(size, DropReason::WorkerPanic);
-                error!(samples = size, error = %err, "Worker batch failed; its samples are counted as dropped.");
-            }
+            error!(samples = taken.size, error = %err, "Worker batch failed; its samples are counted as dropped.");
         }
     }
+}
+
+fn check_outcome(outcome: &BatchOutcome, size: u64) {
+    debug_assert_eq!(
+        outcome.size(),
+        size,
+        "a worker must account for every sample"
+    );
 }
 
 struct DecrementOnDrop<'a>(&'a AtomicU64);
@@ -202,12 +256,12 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_batch_is_counted_and_the_pipeline_goes_on() {
         let (buffer, worker, tracker) = parts(1000);
-        let process: ProcessFn = Arc::new(|worker, batch| {
+        let process: ProcessFn = Arc::new(|worker, batch, all| {
             assert!(
                 !batch.iter().any(|s| s.seq == Some(13)),
                 "injected worker fault"
             );
-            worker.process(batch)
+            worker.process_into(batch, all)
         });
         let dispatcher =
             Dispatcher::new(buffer.clone(), worker, 1, 10, tracker).with_process(process);

@@ -186,9 +186,24 @@ pub struct Ledger {
     pub in_flight: u64,
     /// Worker batches finished (processed or panicked).
     pub batches: u64,
+    /// With an uplink: processed samples written to the spool (durable with
+    /// `fsync = "always"`) in this run.
+    pub spooled: u64,
+    /// With an uplink: processed samples on their way to the spool.
+    pub spool_queue: u64,
+    /// With an uplink: processed samples that never reached the spool (it was closed while
+    /// full at shutdown, or a write failed).
+    pub unspooled: u64,
 }
 
 impl Ledger {
+    /// Whether every processed sample is accounted for on its way to the spool (always true
+    /// without an uplink, where all three are zero): `processed = spooled + spool_queue +
+    /// unspooled`.
+    pub fn spool_balanced(&self, uplink: bool) -> bool {
+        !uplink || self.processed == self.spooled + self.spool_queue + self.unspooled
+    }
+
     /// Whether every accepted sample is accounted for.
     pub fn balanced(&self) -> bool {
         self.read + self.ingested
@@ -236,6 +251,17 @@ impl Ledger {
         self.processed += outcome.processed;
         self.rejected.merge(&outcome.rejected);
         self.batches += 1;
+    }
+
+    pub(crate) fn settle_to_spool(&mut self, outcome: &BatchOutcome) {
+        self.settle(outcome);
+        self.spool_queue += outcome.processed;
+    }
+
+    pub(crate) fn spool_settled(&mut self, spooled: u64, unspooled: u64) {
+        self.spool_queue -= spooled + unspooled;
+        self.spooled += spooled;
+        self.unspooled += unspooled;
     }
 
     pub(crate) fn abort_in_flight(&mut self, n: u64, reason: DropReason) {

@@ -11,5 +11,6 @@
 
 pub mod forwarder;
 pub mod payload;
+pub mod stage;
 
 pub use self::forwarder::{Forwarder, ForwarderOptions, UplinkError, UplinkSnapshot, UplinkStatus};

@@ -189,6 +189,16 @@ impl Worker {
 
     /// Processes one batch. CPU-bound: call it from the worker stage, not from async code.
     pub fn process(&self, batch: Vec<Sample>) -> BatchOutcome {
+        self.process_into(batch, None)
+    }
+
+    /// Like [`Self::process`], also appending every processed sample, in order, to `all` (for
+    /// the uplink).
+    pub fn process_into(
+        &self,
+        batch: Vec<Sample>,
+        mut all: Option<&mut Vec<ProcessedSample>>,
+    ) -> BatchOutcome {
         let started = Instant::now();
         let mut outcome = BatchOutcome::default();
         let mut stats = BatchStats::default();
@@ -220,15 +230,19 @@ impl Worker {
             stats.add(&sample, value);
             latency.record(sample.received.elapsed());
             outcome.processed += 1;
+            let processed = || ProcessedSample {
+                seq: sample.seq,
+                value,
+                unit: sample.unit.clone(),
+                device: sample.device.clone(),
+                timestamp: sample.timestamp,
+                order: sample.order,
+            };
+            if let Some(all) = all.as_deref_mut() {
+                all.push(processed());
+            }
             if i >= keep_from {
-                kept.push(ProcessedSample {
-                    seq: sample.seq,
-                    value,
-                    unit: sample.unit,
-                    device: sample.device,
-                    timestamp: sample.timestamp,
-                    order: sample.order,
-                });
+                kept.push(processed());
             }
         }
         self.latency.merge(&latency);

@@ -15,9 +15,9 @@ use crate::helpers::{DEADLINE, fast_device, spawn_app, spawn_app_with, wait_unti
 
 /// A processing function that takes `per_batch` for every batch.
 fn slow(per_batch: Duration) -> ProcessFn {
-    Arc::new(move |worker, batch| {
+    Arc::new(move |worker, batch, all| {
         std::thread::sleep(per_batch);
-        worker.process(batch)
+        worker.process_into(batch, all)
     })
 }
 

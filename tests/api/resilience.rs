@@ -217,11 +217,11 @@ const POISON: f64 = 666.0;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panicking_batches_are_counted_exactly_and_the_pipeline_goes_on() {
     // One sample per batch, so each poisoned sample is exactly one panicking batch.
-    let process: ProcessFn = Arc::new(|worker, batch| {
+    let process: ProcessFn = Arc::new(|worker, batch, all| {
         if batch.iter().any(|s| s.value == POISON) {
             panic!("injected worker fault");
         }
-        worker.process(batch)
+        worker.process_into(batch, all)
     });
     let app = spawn_app_with(
         |s| {
@@ -311,12 +311,12 @@ async fn random_worker_panics_under_device_load_are_counted_to_the_sample() {
     // panics, and the test counts the samples it took down.
     let lost = Arc::new(AtomicU64::new(0));
     let lost_in_fn = lost.clone();
-    let process: ProcessFn = Arc::new(move |worker, batch| {
+    let process: ProcessFn = Arc::new(move |worker, batch, all| {
         if batch.iter().any(|s| s.seq.is_some_and(|q| q % 17 == 0)) {
             lost_in_fn.fetch_add(batch.len() as u64, Ordering::SeqCst);
             panic!("injected worker fault");
         }
-        worker.process(batch)
+        worker.process_into(batch, all)
     });
     let app = spawn_app_with(
         |s| {
