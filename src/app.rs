@@ -41,6 +41,9 @@ pub enum AppError {
         /// Why it failed.
         source: std::io::Error,
     },
+    /// The uplink's spool or broker settings cannot be used.
+    #[error(transparent)]
+    Uplink(#[from] crate::uplink::OpenError),
 }
 
 /// What happened to every sample, reported once at shutdown.
@@ -72,11 +75,17 @@ pub struct App {
     listener: TcpListener,
     local_addr: SocketAddr,
     process: Option<ProcessFn>,
+    uplink: Option<crate::uplink::Opened>,
 }
 
 impl App {
-    /// Binds the listen address and prepares the stages. Nothing runs until [`Self::run_until`].
+    /// Binds the listen address and prepares the stages: with an uplink, the spool is opened
+    /// and recovered here. Nothing runs until [`Self::run_until`].
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
+        let uplink = match &settings.uplink {
+            Some(uplink) => Some(crate::uplink::open(uplink, &settings.spool)?),
+            None => None,
+        };
         let addr = settings.http.listen;
         let listener = TcpListener::bind(addr)
             .await
@@ -89,6 +98,7 @@ impl App {
             listener,
             local_addr,
             process: None,
+            uplink,
         })
     }
 
@@ -130,6 +140,7 @@ impl App {
             listener,
             local_addr,
             process,
+            uplink,
         } = self;
         let started = Instant::now();
         let tracker = TaskTracker::new();
@@ -137,7 +148,7 @@ impl App {
         let http_cancel = CancellationToken::new();
         let prometheus = crate::metrics::install();
 
-        let pipeline = Pipeline::start(&settings, &tracker, &cancel, process);
+        let pipeline = Pipeline::start(&settings, &tracker, &cancel, process, uplink);
 
         let upkeep = prometheus.clone();
         let upkeep_cancel = cancel.clone();
@@ -161,6 +172,7 @@ impl App {
             prometheus,
             shutdown: cancel.clone(),
             started,
+            uplink: pipeline.uplink.clone(),
             high_watermark: settings.buffer.high_watermark_samples(),
             ingest_max_samples: settings.http.ingest_max_samples,
         };

@@ -69,6 +69,27 @@ struct Inner {
     ledger: Ledger,
 }
 
+/// Removes up to `n` of the oldest samples read from devices; samples accepted over HTTP stay.
+/// Returns how many were removed. In one pass over the queue, and without a pass at all in the
+/// usual case of a front made of device samples only.
+fn evict_device_samples(queue: &mut VecDeque<Sample>, n: usize) -> usize {
+    if queue.iter().take(n).all(|s| s.source == Source::Device) {
+        let n = n.min(queue.len());
+        queue.drain(..n);
+        return n;
+    }
+    let mut left = n;
+    queue.retain(|s| {
+        if left > 0 && s.source == Source::Device {
+            left -= 1;
+            false
+        } else {
+            true
+        }
+    });
+    n - left
+}
+
 /// A bounded, multi-producer sample queue with an overflow policy and exact accounting.
 pub struct RingBuffer {
     inner: Mutex<Inner>,
@@ -171,9 +192,9 @@ impl RingBuffer {
         source: Source,
         samples: Vec<Sample>,
         high_watermark: usize,
-    ) -> Result<usize, PushError> {
+    ) -> Result<std::ops::Range<u64>, PushError> {
         let n = samples.len();
-        {
+        let orders = {
             let mut inner = self.lock();
             if inner.closed {
                 return Err(PushError::Closed);
@@ -196,14 +217,15 @@ impl RingBuffer {
                 return Err(PushError::NoRoom { n, room });
             }
             let mut samples = VecDeque::from(samples);
-            self.push_locked(&mut inner, source, &mut samples);
+            let first = self.push_locked(&mut inner, source, &mut samples);
             debug_assert!(
                 samples.is_empty(),
                 "the batch fits, so every policy takes it"
             );
-        }
+            first..first + n as u64
+        };
         self.readable.notify_one();
-        Ok(n)
+        Ok(orders)
     }
 
     /// Makes room in the queue's allocation for `n` more samples: by doubling, as `VecDeque`
@@ -217,7 +239,14 @@ impl RingBuffer {
     }
 
     /// Pushes what fits under the policy; with `Block`, leaves the rest in `samples`.
-    fn push_locked(&self, inner: &mut Inner, source: Source, samples: &mut VecDeque<Sample>) {
+    ///
+    /// Returns the arrival order given to the first sample (each next one gets the next).
+    fn push_locked(
+        &self,
+        inner: &mut Inner,
+        source: Source,
+        samples: &mut VecDeque<Sample>,
+    ) -> u64 {
         let first = inner.ledger.pushed + inner.ledger.dropped.overflow;
         for (i, sample) in samples.iter_mut().enumerate() {
             sample.order = first + i as u64;
@@ -250,15 +279,21 @@ impl RingBuffer {
                 let skip = samples.len().saturating_sub(self.capacity);
                 samples.drain(..skip);
                 let evict = (inner.queue.len() + samples.len()).saturating_sub(self.capacity);
-                inner.queue.drain(..evict);
+                let evicted = evict_device_samples(&mut inner.queue, evict);
+                // Queued HTTP samples were promised (202) and are never evicted: when they
+                // leave too little room, the oldest arriving samples give way instead.
+                let short = evict - evicted;
+                samples.drain(..short);
                 self.grow_for(&mut inner.queue, samples.len());
                 inner.queue.extend(samples.drain(..));
+                let lost = (skip + short) as u64;
                 inner.ledger.arrive(source, n);
-                inner.ledger.discard(skip as u64, DropReason::Overflow);
-                inner.ledger.enqueue(n - skip as u64);
-                inner.ledger.evict(evict as u64, DropReason::Overflow);
+                inner.ledger.discard(lost, DropReason::Overflow);
+                inner.ledger.enqueue(n - lost);
+                inner.ledger.evict(evicted as u64, DropReason::Overflow);
             }
         }
+        first
     }
 
     /// Waits until samples are available and takes up to `max` of them, oldest first.
@@ -463,7 +498,7 @@ mod tests {
         let buffer = RingBuffer::new(10, OverflowPolicy::DropOldest);
         assert_eq!(
             buffer.try_push_all(Source::Ingest, ingested(0..8).into(), 8),
-            Ok(8)
+            Ok(0..8)
         );
         assert_eq!(
             buffer.try_push_all(Source::Ingest, ingested(8..9).into(), 8),
@@ -490,7 +525,7 @@ mod tests {
             let buffer = RingBuffer::new(10, policy);
             assert_eq!(
                 buffer.try_push_all(Source::Ingest, ingested(0..6).into(), 10),
-                Ok(6)
+                Ok(0..6)
             );
             // Room for 4: five would evict (or drop) one.
             assert_eq!(
@@ -500,7 +535,7 @@ mod tests {
             );
             assert_eq!(
                 buffer.try_push_all(Source::Ingest, ingested(6..10).into(), 10),
-                Ok(4)
+                Ok(6..10)
             );
             // Larger than the buffer: it could never fit.
             let empty = RingBuffer::new(10, policy);
@@ -566,5 +601,55 @@ mod tests {
         assert_eq!(ledger.dropped.worker_panic, 2);
         assert_eq!(ledger.in_flight, 0);
         assert!(ledger.balanced(), "{ledger:?}");
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_evicts_device_samples_and_never_accepted_http_samples() {
+        let buffer = RingBuffer::new(10, OverflowPolicy::DropOldest);
+        let device = |range: std::ops::Range<u32>| -> VecDeque<Sample> {
+            range.map(|i| Sample::test(i, 1.0)).collect()
+        };
+        buffer.push(Source::Device, &mut device(0..3)).await;
+        let orders = buffer
+            .try_push_all(Source::Ingest, ingested(100..105).into(), 10)
+            .unwrap();
+        assert_eq!(orders, 3..8);
+        buffer.push(Source::Device, &mut device(3..5)).await;
+        // Full (3 device, 5 http, 2 device). Four more device samples evict the four oldest
+        // device samples, skipping the http ones in between.
+        buffer.push(Source::Device, &mut device(5..9)).await;
+        let ledger = buffer.ledger();
+        assert_eq!(ledger.dropped.overflow, 4);
+        // Now 5 http and 5 device samples: ten more device samples can evict only five, so
+        // the five oldest arriving ones give way too.
+        buffer.push(Source::Device, &mut device(9..19)).await;
+        let batch = buffer.pop(100).await.unwrap();
+        let http: Vec<u32> = batch
+            .iter()
+            .filter(|s| s.source == Source::Ingest)
+            .map(|s| s.seq.unwrap())
+            .collect();
+        assert_eq!(
+            http,
+            [100, 101, 102, 103, 104],
+            "no accepted http sample is lost"
+        );
+        let seqs: Vec<u32> = batch
+            .iter()
+            .filter(|s| s.source == Source::Device)
+            .map(|s| s.seq.unwrap())
+            .collect();
+        assert_eq!(
+            seqs,
+            [14, 15, 16, 17, 18],
+            "the newest device samples are kept"
+        );
+        let ledger = buffer.ledger();
+        assert_eq!(ledger.dropped.overflow, 14);
+        buffer.settle(&crate::ledger::BatchOutcome {
+            processed: 10,
+            ..Default::default()
+        });
+        assert!(buffer.ledger().balanced(), "{:?}", buffer.ledger());
     }
 }

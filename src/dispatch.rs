@@ -30,9 +30,7 @@ use crate::worker::Worker;
 /// A processing function: the worker's `process_into` in production, a faulty one in tests.
 /// With `Some(all)`, every processed sample is also appended to `all` (for the uplink).
 pub type ProcessFn = Arc<
-    dyn Fn(&Worker, Vec<Sample>, Option<&mut Vec<ProcessedSample>>) -> BatchOutcome
-        + Send
-        + Sync,
+    dyn Fn(&Worker, Vec<Sample>, Option<&mut Vec<ProcessedSample>>) -> BatchOutcome + Send + Sync,
 >;
 
 /// Counts of batches between the dispatcher and the blocking threads.

@@ -242,7 +242,12 @@ async fn run(settings: Settings, stats_file: Option<PathBuf>) -> ExitCode {
         Ok(app) => app,
         Err(err) => {
             tracing::error!(error = %err, "Cannot start.");
-            return ExitCode::FAILURE;
+            // A spool directory or broker setting that cannot be used is a configuration
+            // error, named by its key; a busy port is not.
+            return match err {
+                telemetryhub::app::AppError::Uplink(_) => ExitCode::from(EXIT_CONFIG),
+                _ => ExitCode::FAILURE,
+            };
         }
     };
     let (drain, stop_now) = match watch_signals() {

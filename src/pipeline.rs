@@ -18,6 +18,7 @@ use crate::device::sim::SimConnector;
 use crate::device::{Connector, DeviceHandle, DeviceTask};
 use crate::dispatch::{Dispatcher, PoolGauges, ProcessFn};
 use crate::ledger::Ledger;
+use crate::uplink::{Opened, Uplink, UplinkHandle};
 use crate::worker::Worker;
 
 /// Longest wait for running worker batches once the grace period is over.
@@ -35,22 +36,27 @@ pub struct Pipeline {
     pub workers: usize,
     /// The devices, in configuration order.
     pub devices: Vec<DeviceHandle>,
+    /// The uplink's handle, when one is configured.
+    pub uplink: Option<UplinkHandle>,
     device_tasks: Vec<JoinHandle<()>>,
     dispatcher: JoinHandle<()>,
     devices_cancel: CancellationToken,
+    running_uplink: Option<Uplink>,
 }
 
 impl Pipeline {
     /// Starts every stage on `tracker`; devices stop when `cancel` is cancelled or on
     /// [`Self::drain`]. Each device's link is its configured kind: a tty, or the embedded
-    /// simulator.
+    /// simulator. With `uplink` (see [`crate::uplink::open`]), processed samples go on to the
+    /// spool and the broker.
     pub fn start(
         settings: &Settings,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
         process: Option<ProcessFn>,
+        uplink: Option<Opened>,
     ) -> Self {
-        let mut pipeline = Self::start_stages(settings, tracker, cancel, process);
+        let mut pipeline = Self::start_stages(settings, tracker, cancel, process, uplink);
         for device in &settings.devices {
             let device_cancel = pipeline.devices_cancel.child_token();
             match (device.kind, &device.serial) {
@@ -81,9 +87,10 @@ impl Pipeline {
         tracker: &TaskTracker,
         cancel: &CancellationToken,
         process: Option<ProcessFn>,
+        uplink: Option<Opened>,
         mut connector: impl FnMut(usize, &DeviceSettings, &CancellationToken) -> C,
     ) -> Self {
-        let mut pipeline = Self::start_stages(settings, tracker, cancel, process);
+        let mut pipeline = Self::start_stages(settings, tracker, cancel, process, uplink);
         for (index, device) in settings.devices.iter().enumerate() {
             let device_cancel = pipeline.devices_cancel.child_token();
             let link = connector(index, device, &device_cancel);
@@ -92,12 +99,13 @@ impl Pipeline {
         pipeline
     }
 
-    /// The buffer, the worker stage and the dispatcher, with no device yet.
+    /// The buffer, the worker stage, the uplink and the dispatcher, with no device yet.
     fn start_stages(
         settings: &Settings,
         tracker: &TaskTracker,
         cancel: &CancellationToken,
         process: Option<ProcessFn>,
+        uplink: Option<Opened>,
     ) -> Self {
         let buffer = Arc::new(RingBuffer::new(
             settings.buffer.capacity,
@@ -119,6 +127,13 @@ impl Pipeline {
         if let Some(process) = process {
             dispatcher = dispatcher.with_process(process);
         }
+        let running_uplink = uplink.map(|opened| {
+            Uplink::start(opened, workers, buffer.clone(), tracker)
+                .expect("the spool writer thread starts")
+        });
+        if let Some(uplink) = &running_uplink {
+            dispatcher = dispatcher.with_stage(uplink.stage());
+        }
         let pool = dispatcher.gauges();
         let dispatcher = tracker.spawn(dispatcher.run());
         Self {
@@ -127,9 +142,11 @@ impl Pipeline {
             pool,
             workers,
             devices: Vec::new(),
+            uplink: running_uplink.as_ref().map(Uplink::handle),
             device_tasks: Vec::new(),
             dispatcher,
             devices_cancel: cancel.child_token(),
+            running_uplink,
         }
     }
 
@@ -148,7 +165,8 @@ impl Pipeline {
     }
 
     /// Stops the sources, then lets the buffer drain into the workers until `deadline`;
-    /// whatever is still queued then is counted as dropped for `shutdown`.
+    /// whatever is still queued then is counted as dropped for `shutdown`. The uplink stops
+    /// last: the spool takes every processed batch, and what is not yet forwarded stays in it.
     pub async fn drain(self, deadline: tokio::time::Instant) -> Ledger {
         self.devices_cancel.cancel();
         for task in self.device_tasks {
@@ -168,6 +186,9 @@ impl Pipeline {
             if tokio::time::timeout(FINAL_WAIT, dispatcher).await.is_err() {
                 error!("Worker batches still running after the grace period; abandoning them.");
             }
+        }
+        if let Some(uplink) = self.running_uplink {
+            uplink.stop().await;
         }
         self.buffer.ledger()
     }

@@ -19,12 +19,15 @@ use serde::de::IgnoredAny;
 use serde_json::json;
 use smol_str::SmolStr;
 
+use std::ops::Range;
+
 use super::guard::with_retry_after;
 use super::{ApiError, AppState};
 use crate::buffer::PushError;
 use crate::device::codec::valid_unit;
 use crate::ledger::Source;
 use crate::sample::Sample;
+use crate::uplink::stage::SpoolStage;
 
 /// One sample as a client posts it.
 #[derive(Debug, Deserialize)]
@@ -182,7 +185,13 @@ pub(super) async fn ingest(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     match accept(&state, &headers, body) {
-        Ok(accepted) => {
+        Ok(orders) => {
+            if let Some(uplink) = &state.uplink
+                && let Err(err) = spooled(&uplink.stage, &orders).await
+            {
+                return err.into_response();
+            }
+            let accepted = orders.end - orders.start;
             (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response()
         }
         Err(Refusal::Busy(why)) => with_retry_after(ApiError::Rejected(
@@ -191,6 +200,27 @@ pub(super) async fn ingest(
         )),
         Err(Refusal::Error(err)) => err.into_response(),
     }
+}
+
+/// With an uplink, a 202 is a promise that the samples are in the spool (durable with
+/// `fsync = "always"`): waits until the spool stage has settled every sample of `orders`.
+async fn spooled(stage: &SpoolStage, orders: &Range<u64>) -> Result<(), ApiError> {
+    let mut settled = stage.settled();
+    let reached = match settled
+        .wait_for(|s| s.through >= orders.end || s.closed)
+        .await
+    {
+        Ok(s) => s.through >= orders.end,
+        Err(_) => false,
+    };
+    if reached && !stage.failed(orders) {
+        return Ok(());
+    }
+    Err(ApiError::Unavailable(
+        "the samples were accepted but could not be written to the spool (shutdown or a \
+         failed worker); they are counted as dropped: send them again"
+            .to_owned(),
+    ))
 }
 
 enum Refusal {
@@ -209,7 +239,7 @@ fn accept(
     state: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<usize, Refusal> {
+) -> Result<Range<u64>, Refusal> {
     if !is_json(headers) {
         return Err(ApiError::Rejected(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -238,7 +268,7 @@ fn accept(
         .buffer
         .try_push_all(Source::Ingest, samples, state.high_watermark)
     {
-        Ok(n) => Ok(n),
+        Ok(orders) => Ok(orders),
         Err(why @ (PushError::AboveWatermark { .. } | PushError::NoRoom { .. })) => {
             Err(Refusal::Busy(why))
         }

@@ -159,7 +159,7 @@ mod tests {
     fn state(tracker: &TaskTracker, cancel: &CancellationToken) -> AppState {
         let mut settings = Settings::default();
         settings.devices[0].sample_interval_ms = 10;
-        let pipeline = Pipeline::start(&settings, tracker, cancel, None);
+        let pipeline = Pipeline::start(&settings, tracker, cancel, None, None);
         AppState {
             devices: Arc::from(pipeline.devices.clone()),
             buffer: pipeline.buffer.clone(),
@@ -171,6 +171,7 @@ mod tests {
             started: Instant::now(),
             high_watermark: settings.buffer.high_watermark_samples(),
             ingest_max_samples: settings.http.ingest_max_samples,
+            uplink: None,
         }
     }
 

@@ -55,6 +55,8 @@ pub struct AppState {
     pub high_watermark: usize,
     /// Most samples in one `POST /samples`.
     pub ingest_max_samples: usize,
+    /// The uplink, when one is configured.
+    pub uplink: Option<crate::uplink::UplinkHandle>,
 }
 
 impl AppState {

@@ -114,15 +114,22 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let start = Instant::now();
-    let pipeline = Pipeline::start_with(&settings, &tracker, &cancel, None, |i, device, cancel| {
-        BenchLink::new(
-            device.simulator.clone(),
-            Schedule::new(start, options, i),
-            share(options.samples, options.devices, i),
-            &tracker,
-            cancel,
-        )
-    });
+    let pipeline = Pipeline::start_with(
+        &settings,
+        &tracker,
+        &cancel,
+        None,
+        None,
+        |i, device, cancel| {
+            BenchLink::new(
+                device.simulator.clone(),
+                Schedule::new(start, options, i),
+                share(options.samples, options.devices, i),
+                &tracker,
+                cancel,
+            )
+        },
+    );
     let mut tick = tokio::time::interval(PROGRESS_TICK);
     let ledger = loop {
         tick.tick().await;

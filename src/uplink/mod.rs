@@ -7,10 +7,285 @@
 //! ```
 //!
 //! - [`payload`]: topics, payload formats (`json`, `thingsboard`) and the spool envelope.
+//! - [`stage`]: the worker side: processed batches in, spool records out, in order.
 //! - [`forwarder`]: the MQTT side; it knows records and topics, no devices and no formats.
+//!
+//! [`open`] prepares everything at start-up (the spool's recovery runs there); the pipeline
+//! starts it with [`Uplink::start`] and stops it last, after the workers have drained.
 
 pub mod forwarder;
 pub mod payload;
 pub mod stage;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
 pub use self::forwarder::{Forwarder, ForwarderOptions, UplinkError, UplinkSnapshot, UplinkStatus};
+use self::payload::Encoder;
+use self::stage::{SpoolStage, StageWriter};
+use crate::buffer::RingBuffer;
+use crate::config::{SpoolSettings, UplinkSettings};
+use crate::spool::{Fsync, OpenReport, Spool, SpoolReader, SpoolStats, SpoolWriter};
+
+/// Encoded batches that may wait for the spool writer, per worker.
+const STAGE_DEPTH_PER_WORKER: usize = 2;
+
+/// Longest wait at shutdown for the spool writer to finish the batches it was given.
+const WRITER_WAIT: Duration = Duration::from_secs(5);
+
+/// Longest wait at shutdown for the forwarder to collect acknowledgements and disconnect.
+const FORWARDER_WAIT: Duration = Duration::from_secs(5);
+
+/// Why the uplink could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The spool directory cannot be used.
+    #[error("spool.path {path}: {source}")]
+    Spool {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The broker settings cannot be used.
+    #[error(transparent)]
+    Uplink(#[from] UplinkError),
+}
+
+/// An uplink ready to start: the spool opened and recovered, the broker settings checked.
+pub struct Opened {
+    spool: Spool,
+    writer: SpoolWriter,
+    reader: SpoolReader,
+    fsync: Fsync,
+    options: ForwarderOptions,
+    encoder: Encoder,
+    max_batch: u32,
+    /// What recovery found.
+    pub report: OpenReport,
+}
+
+/// Opens the spool (recovering whatever is in it) and checks the broker settings.
+pub fn open(uplink: &UplinkSettings, spool: &SpoolSettings) -> Result<Opened, OpenError> {
+    let options = ForwarderOptions::new(uplink)?;
+    let spool_options = spool.options();
+    let fsync = spool_options.fsync;
+    let (handle, writer, reader, report) =
+        Spool::open(spool_options).map_err(|source| OpenError::Spool {
+            path: spool.path.display().to_string(),
+            source,
+        })?;
+    info!(
+        dir = %spool.path.display(),
+        pending = report.stats.pending,
+        bytes = report.stats.bytes,
+        skipped = report.skipped.len(),
+        "Spool opened."
+    );
+    let encoder = Encoder::new(uplink.format, uplink.gateway(), uplink.topic_template());
+    Ok(Opened {
+        spool: handle,
+        writer,
+        reader,
+        fsync,
+        options,
+        encoder,
+        max_batch: uplink.max_batch,
+        report,
+    })
+}
+
+/// The running uplink.
+pub struct Uplink {
+    handle: UplinkHandle,
+    writer: StageWriter,
+    forwarder: JoinHandle<()>,
+    forwarder_cancel: CancellationToken,
+}
+
+/// What the API sees of the uplink; cheap to clone.
+#[derive(Clone)]
+pub struct UplinkHandle {
+    /// The spool, for its counters.
+    pub spool: Spool,
+    /// The stage, for `POST /samples` to wait on.
+    pub stage: SpoolStage,
+    /// The forwarder's state.
+    pub status: Arc<UplinkStatus>,
+    /// The broker, as `mqtt://host:port`.
+    pub broker: Arc<str>,
+}
+
+/// The uplink as `/status` and `GET /uplink` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct UplinkView {
+    /// Connected to the broker now.
+    pub connected: bool,
+    /// The broker.
+    pub broker: String,
+    /// Samples in the spool, not yet acknowledged by the broker.
+    pub pending_samples: u64,
+    /// Messages in the spool, not yet acknowledged.
+    pub pending_records: u64,
+    /// Bytes of spool files.
+    pub pending_bytes: u64,
+    /// Age of the oldest pending message, in seconds.
+    pub oldest_pending_age_seconds: Option<f64>,
+    /// Samples the broker acknowledged, ever (kept across restarts).
+    pub forwarded: u64,
+    /// Samples ever written to the spool (kept across restarts).
+    pub spooled: u64,
+    /// Samples deleted from the spool unsent, by reason, ever.
+    pub dropped: SpoolDropped,
+    /// Messages published in this run (resends included) and acknowledged.
+    pub published: u64,
+    /// Messages acknowledged in this run.
+    pub acked: u64,
+    /// Connections lost or refused in this run.
+    pub reconnects: u64,
+    /// The last connection error.
+    pub last_error: Option<String>,
+}
+
+/// Samples deleted from the spool unsent.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SpoolDropped {
+    /// The spool was full under `when_full = "drop_oldest"`.
+    pub spool_full: u64,
+    /// Lost to damaged spool files.
+    pub spool_corrupt: u64,
+}
+
+impl UplinkHandle {
+    /// The spool's counters.
+    pub fn spool_stats(&self) -> SpoolStats {
+        self.spool.stats()
+    }
+
+    /// The view `/status` and `GET /uplink` show.
+    pub fn view(&self) -> UplinkView {
+        let stats = self.spool.stats();
+        let status = self.status.snapshot();
+        UplinkView {
+            connected: status.connected,
+            broker: self.broker.to_string(),
+            pending_samples: stats.pending,
+            pending_records: stats.pending_records,
+            pending_bytes: stats.bytes,
+            oldest_pending_age_seconds: stats
+                .oldest_pending_ms
+                .map(|ms| crate::spool::age_of(ms).as_secs_f64()),
+            forwarded: stats.forwarded,
+            spooled: stats.tail,
+            dropped: SpoolDropped {
+                spool_full: stats.dropped_full,
+                spool_corrupt: stats.dropped_corrupt,
+            },
+            published: status.published,
+            acked: status.acked,
+            reconnects: status.reconnects,
+            last_error: status.last_error,
+        }
+    }
+}
+
+impl Uplink {
+    /// Starts the spool writer thread and the forwarder task.
+    pub fn start(
+        opened: Opened,
+        workers: usize,
+        buffer: Arc<RingBuffer>,
+        tracker: &TaskTracker,
+    ) -> std::io::Result<Uplink> {
+        let Opened {
+            spool,
+            writer,
+            reader,
+            fsync,
+            options,
+            encoder,
+            max_batch,
+            report: _,
+        } = opened;
+        let (stage, writer) = SpoolStage::start(
+            writer,
+            fsync,
+            encoder,
+            max_batch,
+            workers * STAGE_DEPTH_PER_WORKER,
+            buffer,
+        )?;
+        let status = Arc::new(UplinkStatus::default());
+        let forwarder_cancel = CancellationToken::new();
+        let broker: Arc<str> = options.broker().into();
+        let forwarder = Forwarder::new(
+            options,
+            spool.clone(),
+            reader,
+            status.clone(),
+            forwarder_cancel.clone(),
+        );
+        let forwarder = tracker.spawn(forwarder.run());
+        Ok(Uplink {
+            handle: UplinkHandle {
+                spool,
+                stage,
+                status,
+                broker,
+            },
+            writer,
+            forwarder,
+            forwarder_cancel,
+        })
+    }
+
+    /// The API's handle.
+    pub fn handle(&self) -> UplinkHandle {
+        self.handle.clone()
+    }
+
+    /// The stage, for the dispatcher.
+    pub fn stage(&self) -> SpoolStage {
+        self.handle.stage.clone()
+    }
+
+    /// Stops, after the workers have drained: the writer finishes what it was given (a spool
+    /// full under `block` is closed after a while, and what could not be written is counted as
+    /// `unspooled`), the spool is synced, and the forwarder collects the acknowledgements of
+    /// what it sent and disconnects. Unsent samples stay in the spool for the next start.
+    pub async fn stop(self) {
+        let Uplink {
+            handle,
+            writer,
+            forwarder,
+            forwarder_cancel,
+        } = self;
+        handle.stage.close();
+        let joined = tokio::task::spawn_blocking(move || writer.join());
+        let mut joined = std::pin::pin!(joined);
+        if tokio::time::timeout(WRITER_WAIT, &mut joined)
+            .await
+            .is_err()
+        {
+            warn!("The spool writer is still waiting for room; closing the spool.");
+            handle.spool.close();
+            if joined.await.is_err() {
+                error!("The spool writer could not be joined.");
+            }
+        }
+        forwarder_cancel.cancel();
+        if tokio::time::timeout(FORWARDER_WAIT, forwarder)
+            .await
+            .is_err()
+        {
+            warn!("The uplink forwarder did not stop in time.");
+        }
+        handle.spool.close();
+    }
+}

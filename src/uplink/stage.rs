@@ -311,7 +311,10 @@ fn write(shared: &Shared, writer: &mut SpoolWriter, batch: Vec<(Range<u64>, Item
         Err(err) => {
             match &err {
                 SpoolError::Closed => {
-                    warn!(samples, "The spool closed before these samples were written.")
+                    warn!(
+                        samples,
+                        "The spool closed before these samples were written."
+                    )
                 }
                 other => error!(samples, error = %other, "Cannot write to the spool."),
             }
@@ -326,5 +329,7 @@ fn write(shared: &Shared, writer: &mut SpoolWriter, batch: Vec<(Range<u64>, Item
             failures.pop_front();
         }
     }
-    shared.settled.send_modify(|s| s.through = s.through.max(through));
+    shared
+        .settled
+        .send_modify(|s| s.through = s.through.max(through));
 }

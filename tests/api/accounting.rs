@@ -104,9 +104,9 @@ async fn no_status_snapshot_shows_more_finished_than_read_when_dropping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_status_snapshot_shows_more_finished_than_read_when_blocking() {
     // A slow worker: the device waits for room in the middle of pushing a chunk of frames.
-    let slow: ProcessFn = Arc::new(|worker, batch| {
+    let slow: ProcessFn = Arc::new(|worker, batch, all| {
         std::thread::sleep(Duration::from_millis(20));
-        worker.process(batch)
+        worker.process_into(batch, all)
     });
     let block = |s: &mut Settings| {
         overloaded(s);

@@ -48,10 +48,10 @@ async fn post_samples(app: &TestApp, body: &Value) -> (StatusCode, Option<String
 fn gated() -> (ProcessFn, mpsc::Sender<()>) {
     let (open, gate) = mpsc::channel::<()>();
     let gate = Mutex::new(gate);
-    let process: ProcessFn = Arc::new(move |worker, batch| {
+    let process: ProcessFn = Arc::new(move |worker, batch, all| {
         // Nothing is ever sent: `recv` returns once the sender is dropped.
         let _ = gate.lock().expect("no test panics holding the gate").recv();
-        worker.process(batch)
+        worker.process_into(batch, all)
     });
     (process, open)
 }

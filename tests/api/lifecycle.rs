@@ -179,11 +179,11 @@ async fn stop_then_start_works_again_and_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn samples_stay_oldest_first_when_one_batch_is_slow() {
     // Seq 5 of the first link session is slow to process (a long GC pause, a busy core).
-    let process: ProcessFn = Arc::new(|worker, batch| {
+    let process: ProcessFn = Arc::new(|worker, batch, all| {
         if batch.iter().any(|s| s.seq == Some(5)) {
             std::thread::sleep(Duration::from_millis(300));
         }
-        worker.process(batch)
+        worker.process_into(batch, all)
     });
     let app = spawn_app_with(|s| s.pipeline.workers = Some(2), Some(process)).await;
     app.wait_processed_above(40).await;
