@@ -63,6 +63,30 @@ pub const DEVICE_STATE: &str = "telemetryhub_device_state";
 pub const HTTP_REQUESTS: &str = "telemetryhub_http_requests_total";
 /// HTTP request duration, by method and matched route.
 pub const HTTP_DURATION: &str = "telemetryhub_http_request_duration_seconds";
+/// Processed samples written to the spool in this run.
+pub const SAMPLES_SPOOLED: &str = "telemetryhub_samples_spooled_total";
+/// Whether the uplink is connected to its broker.
+pub const UPLINK_CONNECTED: &str = "telemetryhub_uplink_connected";
+/// Uplink messages published (resends included).
+pub const UPLINK_PUBLISHED: &str = "telemetryhub_uplink_published_total";
+/// Uplink messages the broker acknowledged.
+pub const UPLINK_ACKED: &str = "telemetryhub_uplink_acked_total";
+/// Uplink connections lost or refused.
+pub const UPLINK_RECONNECTS: &str = "telemetryhub_uplink_reconnects_total";
+/// Bytes of spool files.
+pub const SPOOL_BYTES: &str = "telemetryhub_spool_bytes";
+/// Messages in the spool not yet acknowledged.
+pub const SPOOL_RECORDS: &str = "telemetryhub_spool_records";
+/// Samples in the spool not yet acknowledged.
+pub const SPOOL_SAMPLES: &str = "telemetryhub_spool_samples";
+/// Age of the oldest unacknowledged message in the spool.
+pub const SPOOL_OLDEST_AGE: &str = "telemetryhub_spool_oldest_age_seconds";
+/// Samples acknowledged by the broker, over the spool's life.
+pub const SPOOL_FORWARDED: &str = "telemetryhub_spool_forwarded_samples_total";
+/// Samples deleted from the spool unsent, by reason, over the spool's life.
+pub const SPOOL_DROPPED: &str = "telemetryhub_spool_dropped_samples_total";
+/// Time of one `fdatasync` of the spool.
+pub const SPOOL_FSYNC_DURATION: &str = "telemetryhub_spool_fsync_duration_seconds";
 /// Build information.
 pub const BUILD_INFO: &str = "telemetryhub_build_info";
 /// Seconds since the gateway started.
@@ -195,6 +219,59 @@ fn describe() {
         "HTTP request duration, by method and matched route."
     );
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
+    describe_counter!(
+        SAMPLES_SPOOLED,
+        Unit::Count,
+        "Processed samples written to the uplink's spool in this run."
+    );
+    describe_gauge!(
+        UPLINK_CONNECTED,
+        "1 while the uplink is connected to its MQTT broker, else 0."
+    );
+    describe_counter!(
+        UPLINK_PUBLISHED,
+        Unit::Count,
+        "Uplink messages published with QoS 1, resends after a reconnect included."
+    );
+    describe_counter!(
+        UPLINK_ACKED,
+        Unit::Count,
+        "Uplink messages the broker acknowledged (PUBACK)."
+    );
+    describe_counter!(
+        UPLINK_RECONNECTS,
+        Unit::Count,
+        "Uplink connections lost or refused."
+    );
+    describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes of spool files on disk.");
+    describe_gauge!(
+        SPOOL_RECORDS,
+        "Uplink messages in the spool not yet acknowledged by the broker."
+    );
+    describe_gauge!(
+        SPOOL_SAMPLES,
+        "Samples in the spool not yet acknowledged by the broker."
+    );
+    describe_gauge!(
+        SPOOL_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest message in the spool not yet acknowledged; 0 when none."
+    );
+    describe_counter!(
+        SPOOL_FORWARDED,
+        Unit::Count,
+        "Samples the broker acknowledged, over the spool's life (kept across restarts)."
+    );
+    describe_counter!(
+        SPOOL_DROPPED,
+        Unit::Count,
+        "Samples deleted from the spool unsent, by reason (spool_full, spool_corrupt), over its life."
+    );
+    describe_histogram!(
+        SPOOL_FSYNC_DURATION,
+        Unit::Seconds,
+        "Time of one fdatasync of a spool segment or its metadata."
+    );
     describe_gauge!(UPTIME, Unit::Seconds, "Seconds since the gateway started.");
 }
 
@@ -209,6 +286,11 @@ pub fn device_state(device: &str, state: DeviceState) {
 /// Records one worker batch's processing time.
 pub fn batch_processed(elapsed: Duration) {
     histogram!(PROCESSING_DURATION).record(elapsed.as_secs_f64());
+}
+
+/// Records one `fdatasync` of the spool.
+pub fn spool_fsync(elapsed: Duration) {
+    histogram!(SPOOL_FSYNC_DURATION).record(elapsed.as_secs_f64());
 }
 
 /// Records one HTTP request. Labels are static strings: methods outside the standard set are
@@ -275,6 +357,8 @@ pub struct ScrapeView<'a> {
     pub uptime: Duration,
     /// Each device's id and counters.
     pub devices: Vec<(&'a str, CountersSnapshot)>,
+    /// The uplink, when one is configured.
+    pub uplink: Option<crate::uplink::UplinkView>,
 }
 
 /// Copies exact counters into the recorder; called on every scrape.
@@ -296,6 +380,20 @@ pub fn sync(view: &ScrapeView<'_>) {
     gauge!(BUFFER_CAPACITY).set(view.capacity as f64);
     gauge!(WORKER_IN_FLIGHT).set(l.in_flight as f64);
     gauge!(UPTIME).set(view.uptime.as_secs_f64());
+    if let Some(u) = &view.uplink {
+        counter!(SAMPLES_SPOOLED).absolute(l.spooled);
+        gauge!(UPLINK_CONNECTED).set(if u.connected { 1.0 } else { 0.0 });
+        counter!(UPLINK_PUBLISHED).absolute(u.published);
+        counter!(UPLINK_ACKED).absolute(u.acked);
+        counter!(UPLINK_RECONNECTS).absolute(u.reconnects);
+        gauge!(SPOOL_BYTES).set(u.pending_bytes as f64);
+        gauge!(SPOOL_RECORDS).set(u.pending_records as f64);
+        gauge!(SPOOL_SAMPLES).set(u.pending_samples as f64);
+        gauge!(SPOOL_OLDEST_AGE).set(u.oldest_pending_age_seconds.unwrap_or(0.0));
+        counter!(SPOOL_FORWARDED).absolute(u.forwarded);
+        counter!(SPOOL_DROPPED, "reason" => "spool_full").absolute(u.dropped.spool_full);
+        counter!(SPOOL_DROPPED, "reason" => "spool_corrupt").absolute(u.dropped.spool_corrupt);
+    }
     for (device, c) in &view.devices {
         let device = device.to_string();
         counter!(DEVICE_SAMPLES_READ, "device" => device.clone()).absolute(c.samples_read);

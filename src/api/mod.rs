@@ -69,8 +69,9 @@ impl AppState {
 }
 
 /// Every route pattern, as metric labels use them.
-const ROUTES: [&str; 16] = [
+const ROUTES: [&str; 17] = [
     "/",
+    "/uplink",
     "/events",
     "/status",
     "/metrics",
@@ -110,6 +111,7 @@ pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
             get(move |state| status::status(state, status_cache.clone())),
         )
         .route("/metrics", get(status::metrics))
+        .route("/uplink", get(status::uplink))
         .route("/samples", get(status::samples).post(ingest::ingest))
         .route("/start", post(control::start_all))
         .route("/stop", post(control::stop_all))

@@ -34,6 +34,8 @@ pub(super) struct StatusBody {
     devices: Vec<DeviceView>,
     uptime_seconds: u64,
     version: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uplink: Option<crate::uplink::UplinkView>,
 }
 
 #[derive(Serialize, PartialEq)]
@@ -119,6 +121,7 @@ pub(super) fn status_body(state: &AppState) -> StatusBody {
             .collect(),
         uptime_seconds: state.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION"),
+        uplink: state.uplink.as_ref().map(|u| u.view()),
     }
 }
 
@@ -143,6 +146,7 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderM
             .zip(counters)
             .map(|(d, c)| (d.id().as_str(), c))
             .collect(),
+        uplink: state.uplink.as_ref().map(|u| u.view()),
     });
     let mut body = state.prometheus.render();
     crate::metrics::render_process(&mut body);
@@ -154,6 +158,15 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderM
         body,
     )
         .into_response()
+}
+
+/// `GET /uplink`: the uplink's state, as in `/status`; 404 without an uplink.
+pub(super) async fn uplink(State(state): State<Arc<AppState>>) -> Response {
+    match &state.uplink {
+        Some(uplink) => Json(uplink.view()).into_response(),
+        None => ApiError::NotFound("no uplink is configured ([uplink] in the config)".to_owned())
+            .into_response(),
+    }
 }
 
 /// The C++ original's `/metrics` JSON, with real values.
@@ -227,6 +240,7 @@ mod tests {
             devices: Vec::new(),
             uptime_seconds: 1,
             version: "test",
+            uplink: None,
         }
     }
 

@@ -516,7 +516,7 @@ impl SpoolWriter {
         let active = self.active.as_mut().expect("roll opened a segment");
         active.file.write_all(&self.buf)?;
         if self.shared.options.fsync == Fsync::Always {
-            active.file.sync_data()?;
+            timed_sync(&active.file)?;
         } else {
             self.unsynced = true;
         }
@@ -542,7 +542,7 @@ impl SpoolWriter {
     pub fn sync(&mut self) -> io::Result<()> {
         if self.unsynced {
             if let Some(active) = &self.active {
-                active.file.sync_data()?;
+                timed_sync(&active.file)?;
             }
             self.unsynced = false;
         }
@@ -886,6 +886,14 @@ fn ack(shared: &Shared, offset: u64, count: u32) {
     state.meta.forwarded += newly;
     drop(state);
     shared.changed.notify_all();
+}
+
+/// `fdatasync`, timed for the metrics.
+fn timed_sync(file: &File) -> io::Result<()> {
+    let started = std::time::Instant::now();
+    let result = file.sync_data();
+    crate::metrics::spool_fsync(started.elapsed());
+    result
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

@@ -123,7 +123,7 @@ pub struct UplinkHandle {
 }
 
 /// The uplink as `/status` and `GET /uplink` show it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct UplinkView {
     /// Connected to the broker now.
     pub connected: bool,
@@ -154,7 +154,7 @@ pub struct UplinkView {
 }
 
 /// Samples deleted from the spool unsent.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct SpoolDropped {
     /// The spool was full under `when_full = "drop_oldest"`.
     pub spool_full: u64,
