@@ -7,9 +7,13 @@ cd "$(dirname "$0")/.."
 
 need_cmd() { command -v "$1" >/dev/null 2>&1; }
 
-# Debian packages the tests drive: socat makes the pty pairs of the serial-device tests.
+# Debian packages the tests drive: socat makes the pty pairs of the serial-device tests;
+# mosquitto is the real MQTT broker the uplink tests start on a free loopback port
+# (mosquitto_passwd, from the same package, makes their password file).
 missing=()
 need_cmd socat || missing+=(socat)
+need_cmd mosquitto || missing+=(mosquitto)
+need_cmd mosquitto_sub || missing+=(mosquitto-clients)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}" >&2
   apt-get update -qq

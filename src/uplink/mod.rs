@@ -37,7 +37,7 @@ use crate::spool::{Fsync, OpenReport, Spool, SpoolReader, SpoolStats, SpoolWrite
 const STAGE_DEPTH_PER_WORKER: usize = 2;
 
 /// Longest wait at shutdown for the spool writer to finish the batches it was given.
-const WRITER_WAIT: Duration = Duration::from_secs(5);
+const WRITER_WAIT: Duration = Duration::from_secs(2);
 
 /// Longest wait at shutdown for the forwarder to collect acknowledgements and disconnect.
 const FORWARDER_WAIT: Duration = Duration::from_secs(5);

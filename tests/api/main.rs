@@ -25,3 +25,4 @@ mod shutdown;
 mod shutdown_load;
 mod status;
 mod uplink;
+mod uplink_gateway;
