@@ -8,6 +8,9 @@
 # Configuration: /etc/telemetryhub/telemetryhub.toml (config/default.toml), overridden by
 # TELEMETRYHUB__SECTION__KEY variables; e.g. set TELEMETRYHUB__HTTP__API_TOKEN when the port is
 # reachable from other hosts.
+# With an uplink (TELEMETRYHUB__UPLINK__URL=mqtt://broker:1883), the spool is
+# /var/lib/telemetryhub/spool: mount a volume there so that unsent samples survive the container
+# (a new named volume takes the directory's owner, the gateway's user, from the image).
 
 # ---- build: the release binary ----
 FROM rust:1.95-bookworm AS build
@@ -22,11 +25,13 @@ RUN --mount=type=cache,target=/src/target,sharing=locked \
 FROM debian:bookworm-slim
 RUN groupadd --system --gid 10001 telemetryhub \
  && useradd --system --uid 10001 --gid telemetryhub --no-create-home \
-      --home-dir /nonexistent --shell /usr/sbin/nologin telemetryhub
+      --home-dir /nonexistent --shell /usr/sbin/nologin telemetryhub \
+ && install -d -o 10001 -g 10001 -m 0750 /var/lib/telemetryhub /var/lib/telemetryhub/spool
 COPY --from=build /out/telemetryhub /usr/local/bin/telemetryhub
 COPY config/default.toml /etc/telemetryhub/telemetryhub.toml
 ENV TELEMETRYHUB_CONFIG=/etc/telemetryhub/telemetryhub.toml \
-    TELEMETRYHUB__HTTP__LISTEN=0.0.0.0:8080
+    TELEMETRYHUB__HTTP__LISTEN=0.0.0.0:8080 \
+    TELEMETRYHUB__SPOOL__PATH=/var/lib/telemetryhub/spool
 # Numeric, so that platforms can check it is not root without reading /etc/passwd.
 USER 10001:10001
 EXPOSE 8080
