@@ -8,7 +8,12 @@
 #     and /usr/local/cargo, with the official image's RUSTUP_HOME, CARGO_HOME and PATH;
 #   - Prometheus (prom/prometheus:...): the Debian image plus the files of Debian's
 #     `prometheus` package (and busybox's wget, which the official image has), with the official
-#     image's entrypoint, default flags, user, working directory and port.
+#     image's entrypoint, default flags, user, working directory and port;
+#   - Mosquitto (eclipse-mosquitto:...): `debootstrap --variant=minbase bookworm` with Debian's
+#     `mosquitto` and `mosquitto-clients` packages, laid out like the official image: the
+#     mosquitto user as uid/gid 1883, /mosquitto/{config,data,log}, an entrypoint that gives
+#     /mosquitto to that user when started as root, and `mosquitto -c
+#     /mosquitto/config/mosquitto.conf` as the command (Mosquitto then drops to its user).
 # Grafana has no Debian package, so it gets no stand-in (the compose test leaves it out).
 #
 # Idempotent: an image that already exists is kept (FORCE=1 remakes them). Needs root,
@@ -51,6 +56,8 @@ RUST_IMAGE=${from_lines[0]:?Dockerfile has no build stage}
 DEBIAN_IMAGE=${from_lines[${#from_lines[@]} - 1]}
 PROM_IMAGE=$(awk '$1 == "image:" && $2 ~ /prometheus/ { print $2; exit }' docker-compose.yml)
 [ -n "$PROM_IMAGE" ] || { log "docker-compose.yml names no prometheus image"; exit 1; }
+MOSQUITTO_IMAGE=$(awk '$1 == "image:" && $2 ~ /mosquitto/ { print $2; exit }' docker-compose.yml)
+[ -n "$MOSQUITTO_IMAGE" ] || { log "docker-compose.yml names no mosquitto image"; exit 1; }
 case "$RUST_IMAGE" in rust:*) ;; *) log "the build stage is not a rust image: $RUST_IMAGE"; exit 1 ;; esac
 case "$DEBIAN_IMAGE" in debian:*) ;; *) log "the runtime stage is not a debian image: $DEBIAN_IMAGE"; exit 1 ;; esac
 
@@ -92,6 +99,10 @@ if need "$DEBIAN_IMAGE"; then
 fi
 if need "$RUST_IMAGE"; then
   bootstrap "$WORK/rust" gcc,libc6-dev,ca-certificates &
+  pids+=($!)
+fi
+if need "$MOSQUITTO_IMAGE"; then
+  bootstrap "$WORK/mosquitto" mosquitto,mosquitto-clients &
   pids+=($!)
 fi
 for pid in "${pids[@]}"; do wait "$pid"; done
@@ -166,5 +177,35 @@ EOF
   podman build --quiet --layers=false --network none --format docker -t "$PROM_IMAGE" "$WORK/prom" >/dev/null
 fi
 
-log "ready: $RUST_IMAGE, $DEBIAN_IMAGE, $PROM_IMAGE"
+if need "$MOSQUITTO_IMAGE"; then
+  root=$WORK/mosquitto
+  # The official image's ids (a volume then works with either image); the package's postinst
+  # made the user and group with other system ids.
+  chroot "$root" groupmod -g 1883 mosquitto
+  chroot "$root" usermod -u 1883 -g 1883 mosquitto
+  mkdir -p "$root/mosquitto/config" "$root/mosquitto/data" "$root/mosquitto/log"
+  # As in the official image, no listener by default: Mosquitto 2 then listens on loopback
+  # only. docker-compose.yml mounts config/mosquitto.conf over this file.
+  echo '# Default configuration (local-only mode): mount your own over this file.' \
+    >"$root/mosquitto/config/mosquitto.conf"
+  cat >"$root/docker-entrypoint.sh" <<'ENTRYPOINT'
+#!/bin/sh
+# Started as root: /mosquitto (a fresh volume, a mounted directory) goes to the mosquitto
+# user, which Mosquitto drops to. A read-only mount (the config file) stays as it is.
+set -e
+if [ "$(id -u)" = 0 ] && [ -d /mosquitto ]; then
+  chown -R mosquitto:mosquitto /mosquitto 2>/dev/null || true
+fi
+exec "$@"
+ENTRYPOINT
+  chmod 0755 "$root/docker-entrypoint.sh"
+  chroot "$root" chown -R mosquitto:mosquitto /mosquitto /var/lib/mosquitto /var/log/mosquitto
+  import "$root" "$MOSQUITTO_IMAGE" \
+    --change 'VOLUME ["/mosquitto/data", "/mosquitto/log"]' \
+    --change 'EXPOSE 1883' \
+    --change 'ENTRYPOINT ["/docker-entrypoint.sh"]' \
+    --change 'CMD ["/usr/sbin/mosquitto", "-c", "/mosquitto/config/mosquitto.conf"]'
+fi
+
+log "ready: $RUST_IMAGE, $DEBIAN_IMAGE, $PROM_IMAGE, $MOSQUITTO_IMAGE"
 echo "$CONTAINERS_CONF"

@@ -9,13 +9,17 @@
 #   6. live-page          GET / in headless Chromium: device state, updating charts, Start works
 #                         (screenshot in the artifacts directory)
 #   7. gateway-sigterm    the gateway drains on SIGTERM, exits 0, logs "Shutdown complete."
-#   8. base-images        scripts/container-images.sh makes the base images locally
+#   8. base-images        scripts/container-images.sh makes the base images locally (Debian,
+#                         Rust, Prometheus and Mosquitto stand-ins)
 #   9. container          the unchanged Dockerfile builds; the container runs as non-root, its
-#                         HEALTHCHECK turns healthy, /status answers on the published port, and
-#                         `podman stop` (SIGTERM to PID 1) ends it cleanly with the summary logged
-#  10. compose            the unchanged docker-compose.yml comes up (telemetryhub + prometheus;
-#                         Grafana has no image here) and Prometheus, in its container, scrapes the
-#                         gateway by service name: up == 1 through Prometheus's published port
+#                         HEALTHCHECK turns healthy, /status answers on the published port, the
+#                         spool directory belongs to the gateway's user, and `podman stop`
+#                         (SIGTERM to PID 1) ends it cleanly with the summary logged
+#  10. compose            the unchanged docker-compose.yml comes up (telemetryhub + mosquitto +
+#                         prometheus; Grafana has no image here); Prometheus, in its container,
+#                         scrapes the gateway by service name (up == 1 through Prometheus's
+#                         published port); a mosquitto_sub inside the mosquitto container gets the
+#                         gateway's samples on telemetryhub/#, and the spool is on its volume
 # Installs what it needs (apt-get, pip, npm). A check that cannot be done fails; none is skipped.
 # Containers, processes and temporary files are removed on exit, failure included. Everything
 # binds and targets 127.0.0.1 (and podman's own container network).
@@ -66,7 +70,9 @@ cleanup() {
       compose down -v -t 5 >/dev/null 2>&1
       # Whatever this podman-compose leaves behind: containers, the data volume, the network.
       podman ps -aq --filter "label=io.podman.compose.project=$PROJECT" | xargs -r podman rm -f -v -t 0 >/dev/null 2>&1
-      podman volume rm -f "${PROJECT}_prometheus-data" >/dev/null 2>&1
+      for volume in prometheus-data spool mosquitto-data; do
+        podman volume rm -f "${PROJECT}_$volume" >/dev/null 2>&1
+      done
       podman network rm -f "${PROJECT}_default" >/dev/null 2>&1
     fi
   fi
@@ -157,6 +163,28 @@ check() {
     FAILED+=("$name")
     echo "FAIL $name"
   fi
+}
+
+# Checks a file of `mosquitto_sub -v` lines (topic, a space, the payload): at least one, each
+# an uplink message of gateway GATEWAY_ID in the json format, with a non-empty samples array.
+check_uplink_messages() { # FILE GATEWAY_ID
+  python3 - "$1" "$2" <<'EOF'
+import json, pathlib, sys
+path, gateway = sys.argv[1:]
+lines = [l for l in pathlib.Path(path).read_text().splitlines() if l.strip()]
+assert lines, "no message received"
+samples = 0
+for line in lines:
+    topic, _, payload = line.partition(" ")
+    message = json.loads(payload)
+    assert message["gateway"] == gateway, message
+    assert topic == f"telemetryhub/{gateway}/{message['device']}", (topic, message)
+    assert isinstance(message["samples"], list) and message["samples"], message
+    for sample in message["samples"]:
+        assert set(sample) >= {"seq", "value", "unit", "timestamp"}, sample
+    samples += len(message["samples"])
+print(f"{len(lines)} messages, {samples} samples, e.g. {topic}: {payload[:120]}")
+EOF
 }
 
 start_gateway() {
@@ -278,7 +306,7 @@ make_context() {
 
 check_container() {
   podman image exists rust:1.95-bookworm || { echo "no base images (see base-images)"; return 1; }
-  local ctx started previous port status user pid1 health elapsed code
+  local ctx started previous port status user pid1 health elapsed code spool
   ctx=$(make_context)
   echo "building $IMAGE from $ctx (unchanged Dockerfile, vendored crates, no network)"
   started=$SECONDS
@@ -315,6 +343,12 @@ check_container() {
   status=$(curl -fsS "http://127.0.0.1:$port/status")
   echo "$status" | python3 -c 'import json, sys; s = json.load(sys.stdin); assert s["devices"], s; print("GET /status through 127.0.0.1:'"$port"': state", s["state"])'
 
+  # The spool directory is the gateway's, so a named volume mounted there (which takes the
+  # directory's owner from the image) is writable by it.
+  spool=$(podman exec "$CONTAINER" stat -c '%u:%g %a' /var/lib/telemetryhub/spool)
+  [ "$spool" = "10001:10001 750" ] || { echo "/var/lib/telemetryhub/spool: $spool"; return 1; }
+  echo "spool directory: uid:gid mode $spool"
+
   started=$SECONDS
   podman stop -t 10 "$CONTAINER" >/dev/null 2>>"$PODMAN_LOG"
   elapsed=$((SECONDS - started))
@@ -331,13 +365,15 @@ check_container() {
 check_compose() {
   podman image exists "$IMAGE" || { echo "no $IMAGE image (see container)"; return 1; }
   podman image exists prom/prometheus:v3.5.0 || { echo "no Prometheus image (see base-images)"; return 1; }
+  podman image exists eclipse-mosquitto:2 || { echo "no Mosquitto image (see base-images)"; return 1; }
   export PUBLISH_ADDRESS=127.0.0.1 TELEMETRYHUB_PORT PROMETHEUS_PORT GRAFANA_PORT
   TELEMETRYHUB_PORT=$(free_port)
   PROMETHEUS_PORT=$(free_port)
   GRAFANA_PORT=$(free_port)
-  echo "grafana: not started (no Grafana image or package here); telemetryhub and prometheus are"
+  echo "grafana: not started (no Grafana image or package here); telemetryhub, mosquitto and" \
+    "prometheus are"
   # `up --abort-on-container-exit` hangs in this podman-compose: start detached, then poll.
-  compose up -d --no-build telemetryhub prometheus >"$ART/compose-up.log" 2>&1 ||
+  compose up -d --no-build mosquitto telemetryhub prometheus >"$ART/compose-up.log" 2>&1 ||
     { tail -30 "$ART/compose-up.log"; return 1; }
   wait_for 60 curl -fsS "http://127.0.0.1:$TELEMETRYHUB_PORT/status" ||
     { echo "the gateway is not answering on its published port"; return 1; }
@@ -348,13 +384,45 @@ check_compose() {
   # The compose file's own health checks (what `depends_on: condition: service_healthy` waits
   # for), run the way the engine would.
   local service name
-  for service in telemetryhub prometheus; do
-    name=$(podman ps --filter "label=io.podman.compose.project=$PROJECT" \
-      --filter "label=com.docker.compose.service=$service" --format '{{.Names}}' | head -1)
+  for service in telemetryhub mosquitto prometheus; do
+    name=$(compose_container "$service")
     [ -n "$name" ] || { echo "no running $service container"; return 1; }
     wait_for 30 podman healthcheck run "$name" || { echo "$service: health check failing"; return 1; }
     echo "compose $service ($name): healthy"
   done
+  compose_uplink
+}
+
+# The running container of compose service SERVICE.
+compose_container() {
+  podman ps --filter "label=io.podman.compose.project=$PROJECT" \
+    --filter "label=com.docker.compose.service=$1" --format '{{.Names}}' | head -1
+}
+
+# The gateway publishes to the mosquitto service, by name, on the compose network: what the
+# README's `docker compose exec mosquitto mosquitto_sub -t 'telemetryhub/#' -v` shows.
+compose_uplink() {
+  local gateway_id broker gateway view spool
+  gateway_id=$(awk '$1 == "TELEMETRYHUB__UPLINK__GATEWAY_ID:" { print $2 }' docker-compose.yml)
+  [ -n "$gateway_id" ] || { echo "docker-compose.yml sets no uplink gateway id"; return 1; }
+  broker=$(compose_container mosquitto)
+  gateway=$(compose_container telemetryhub)
+  timeout 60 podman exec "$broker" mosquitto_sub -t 'telemetryhub/#' -v -C 5 -W 45 \
+    >"$ART/compose-uplink-messages.txt" 2>>"$PODMAN_LOG"
+  echo -n "mosquitto_sub in the mosquitto container: "
+  check_uplink_messages "$ART/compose-uplink-messages.txt" "$gateway_id"
+  view=$(curl -fsS "http://127.0.0.1:$TELEMETRYHUB_PORT/uplink")
+  echo "GET /uplink through 127.0.0.1:$TELEMETRYHUB_PORT: $view"
+  python3 -c 'import json, sys; u = json.loads(sys.argv[1]); assert u["connected"] and u["broker"] == "mqtt://mosquitto:1883" and u["forwarded"] > 0, u' \
+    "$view"
+  # The spool is on the named volume, the gateway's user owns it, and it holds the spool files.
+  spool=$(podman exec "$gateway" sh -c 'stat -c "%u:%g" /var/lib/telemetryhub/spool && ls -A /var/lib/telemetryhub/spool | wc -l')
+  podman inspect --format '{{range .Mounts}}{{.Name}} {{.Destination}}{{"\n"}}{{end}}' "$gateway" |
+    grep -x "${PROJECT}_spool /var/lib/telemetryhub/spool" ||
+    { echo "no spool volume on /var/lib/telemetryhub/spool"; return 1; }
+  [ "$(echo "$spool" | head -1)" = 10001:10001 ] && [ "$(echo "$spool" | tail -1)" -gt 0 ] ||
+    { echo "spool volume: $spool"; return 1; }
+  echo "spool volume: owned by 10001:10001, $(echo "$spool" | tail -1) files"
 }
 
 start_gateway
