@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# Observability and packaging checks, for real, on a machine without Docker (CI's):
+# Observability and packaging checks, for real, on a machine without Docker (CI's). The gateway
+# run on this machine has an uplink to a Mosquitto started here on a free loopback port, so
+# its uplink and spool metrics are live too.
 #   1. metrics-lint       `promtool check metrics` on a live /metrics finds nothing
-#   2. prometheus-config  `promtool check config config/prometheus.yml` passes
-#   3. compose-schema     docker-compose.yml validates against the compose specification
-#   4. prometheus-scrape  a real Prometheus scrapes a running gateway: up == 1 and
+#   2. uplink             that gateway's samples reach the broker: a mosquitto_sub on
+#                         telemetryhub/# gets JSON messages with samples; /uplink says connected
+#   3. prometheus-config  `promtool check config config/prometheus.yml` passes
+#   4. compose-schema     docker-compose.yml validates against the compose specification
+#   5. prometheus-scrape  a real Prometheus scrapes a running gateway: up == 1 and
 #                         telemetryhub_samples_processed_total grows
-#   5. dashboard-queries  every PromQL expression in the Grafana dashboard returns data there
-#   6. live-page          GET / in headless Chromium: device state, updating charts, Start works
+#   6. dashboard-queries  every PromQL expression in the Grafana dashboard returns data there
+#                         (the Uplink row's included)
+#   7. live-page          GET / in headless Chromium: device state, updating charts, Start works
 #                         (screenshot in the artifacts directory)
-#   7. gateway-sigterm    the gateway drains on SIGTERM, exits 0, logs "Shutdown complete."
-#   8. base-images        scripts/container-images.sh makes the base images locally (Debian,
+#   8. gateway-sigterm    the gateway drains on SIGTERM, exits 0, logs "Shutdown complete."
+#   9. base-images        scripts/container-images.sh makes the base images locally (Debian,
 #                         Rust, Prometheus and Mosquitto stand-ins)
-#   9. container          the unchanged Dockerfile builds; the container runs as non-root, its
+#  10. container          the unchanged Dockerfile builds; the container runs as non-root, its
 #                         HEALTHCHECK turns healthy, /status answers on the published port, the
 #                         spool directory belongs to the gateway's user, and `podman stop`
 #                         (SIGTERM to PID 1) ends it cleanly with the summary logged
-#  10. compose            the unchanged docker-compose.yml comes up (telemetryhub + mosquitto +
+#  11. compose            the unchanged docker-compose.yml comes up (telemetryhub + mosquitto +
 #                         prometheus; Grafana has no image here); Prometheus, in its container,
 #                         scrapes the gateway by service name (up == 1 through Prometheus's
 #                         published port); a mosquitto_sub inside the mosquitto container gets the
@@ -46,7 +51,10 @@ PROJECT=telemetryhubobs$$
 IMAGE=telemetryhub:latest
 GATEWAY_PID=
 PROM_PID=
+BROKER_PID=
 COMPOSE_UP=
+# The gateway id of the gateway run here, in its uplink topics.
+GATEWAY_ID=observability
 # podman without systemd complains about healthcheck timers on every run; keep that out of sight.
 PODMAN_LOG=$ART/podman.log
 : >"$PODMAN_LOG"
@@ -63,6 +71,7 @@ cleanup() {
   set +e
   [ -n "$GATEWAY_PID" ] && kill "$GATEWAY_PID" 2>/dev/null
   [ -n "$PROM_PID" ] && kill "$PROM_PID" 2>/dev/null && wait "$PROM_PID" 2>/dev/null
+  [ -n "$BROKER_PID" ] && kill "$BROKER_PID" 2>/dev/null && wait "$BROKER_PID" 2>/dev/null
   if command -v podman >/dev/null 2>&1; then
     podman rm -f -v -t 0 "$CONTAINER" >/dev/null 2>&1
     if [ -n "$COMPOSE_UP" ]; then
@@ -113,6 +122,8 @@ need_cmd curl || missing+=(curl)
 need_cmd node || missing+=(nodejs)
 need_cmd npm || missing+=(npm)
 need_cmd python3 || missing+=(python3)
+need_cmd mosquitto || missing+=(mosquitto)
+need_cmd mosquitto_sub || missing+=(mosquitto-clients)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   apt-get update -qq
@@ -130,7 +141,8 @@ fi
 need_cmd check-jsonschema || die "check-jsonschema is not on PATH after installing it"
 (cd tests/observability && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 echo "prometheus $(prometheus --version 2>&1 | awk 'NR == 1 { print $3 }'), $(podman --version)," \
-  "$(chromium --version 2>/dev/null | head -1), node $(node --version)"
+  "$(chromium --version 2>/dev/null | head -1), node $(node --version)," \
+  "$(mosquitto -h 2>/dev/null | head -1)"
 
 if [ -n "${TELEMETRYHUB_BIN:-}" ]; then
   # A binary built already (e.g. target/debug/telemetryhub after scripts/test.sh).
@@ -165,6 +177,21 @@ check() {
   fi
 }
 
+# A Mosquitto on a free loopback port, for the gateway's uplink; nothing is kept on disk.
+start_broker() {
+  BROKER_PORT=$(free_port)
+  BROKER=mqtt://127.0.0.1:$BROKER_PORT
+  mkdir -p "$RUN/mosquitto"
+  printf '%s\n' "listener $BROKER_PORT 127.0.0.1" 'allow_anonymous true' 'persistence false' \
+    'log_dest stderr' >"$RUN/mosquitto/mosquitto.conf"
+  mosquitto -c "$RUN/mosquitto/mosquitto.conf" >"$ART/mosquitto.log" 2>&1 &
+  BROKER_PID=$!
+  # $SYS/broker/version is retained from the broker's start: an answer means it is serving.
+  wait_for 10 mosquitto_sub -h 127.0.0.1 -p "$BROKER_PORT" -t '$SYS/broker/version' -C 1 -W 2 ||
+    die "Mosquitto did not come up; see $ART/mosquitto.log"
+  echo "mosquitto on $BROKER (pid $BROKER_PID)"
+}
+
 # Checks a file of `mosquitto_sub -v` lines (topic, a space, the payload): at least one, each
 # an uplink message of gateway GATEWAY_ID in the json format, with a non-empty samples array.
 check_uplink_messages() { # FILE GATEWAY_ID
@@ -192,7 +219,9 @@ start_gateway() {
   GATEWAY=http://127.0.0.1:$GATEWAY_PORT
   # A watcher subshell keeps the gateway's exit status for the SIGTERM check.
   (
-    "$BIN" --listen "127.0.0.1:$GATEWAY_PORT" >"$ART/gateway.log" 2>&1 &
+    TELEMETRYHUB__UPLINK__URL=$BROKER TELEMETRYHUB__UPLINK__GATEWAY_ID=$GATEWAY_ID \
+      TELEMETRYHUB__SPOOL__PATH=$RUN/spool \
+      "$BIN" --listen "127.0.0.1:$GATEWAY_PORT" >"$ART/gateway.log" 2>&1 &
     echo $! >"$RUN/gateway.pid"
     rc=0
     wait $! || rc=$?
@@ -201,12 +230,12 @@ start_gateway() {
   wait_for 5 test -s "$RUN/gateway.pid" || die "the gateway did not start"
   GATEWAY_PID=$(cat "$RUN/gateway.pid")
   wait_for 20 curl -fsS "$GATEWAY/healthz" || die "the gateway did not come up; see $ART/gateway.log"
-  echo "gateway on $GATEWAY (pid $GATEWAY_PID)"
+  echo "gateway on $GATEWAY (pid $GATEWAY_PID), uplink to $BROKER"
 }
 
 check_metrics_lint() {
   # Traffic first, so the HTTP families (by route and status) are in the exposition too.
-  for path in / /status /samples?limit=5 /devices /devices/sim0 /healthz /readyz /nope; do
+  for path in / /status /uplink /samples?limit=5 /devices /devices/sim0 /healthz /readyz /nope; do
     curl -s -o /dev/null "$GATEWAY$path"
   done
   curl -s -o /dev/null -X POST "$GATEWAY/start"
@@ -223,6 +252,19 @@ check_metrics_lint() {
   helps=$(grep -c '^# HELP [^ ]* [^ ]' "$ART/metrics.txt")
   [ "$families" -eq "$helps" ] || { echo "$families families but $helps with help text"; return 1; }
   echo "promtool: no findings in $families metric families, each with help text"
+}
+
+check_uplink() {
+  local view
+  # Bounded twice: -W ends the wait for messages, timeout the process whatever happens.
+  timeout 30 mosquitto_sub -h 127.0.0.1 -p "$BROKER_PORT" -t 'telemetryhub/#' -v -C 5 -W 20 \
+    >"$ART/uplink-messages.txt"
+  check_uplink_messages "$ART/uplink-messages.txt" "$GATEWAY_ID"
+  view=$(curl -fsS "$GATEWAY/uplink")
+  echo "GET /uplink: $view"
+  python3 -c 'import json, sys; u = json.loads(sys.argv[1]); assert u["connected"] and u["broker"] == sys.argv[2] and u["forwarded"] > 0, u' \
+    "$view" "$BROKER"
+  curl -fsS "$GATEWAY/metrics" | grep -x 'telemetryhub_uplink_connected 1'
 }
 
 check_prometheus_config() {
@@ -425,8 +467,10 @@ compose_uplink() {
   echo "spool volume: owned by 10001:10001, $(echo "$spool" | tail -1) files"
 }
 
+start_broker
 start_gateway
 check metrics_lint
+check uplink
 check prometheus_config
 check compose_schema
 start_prometheus
@@ -437,6 +481,8 @@ check gateway_sigterm
 GATEWAY_PID=
 kill "$PROM_PID" && wait "$PROM_PID" || true
 PROM_PID=
+kill "$BROKER_PID" && wait "$BROKER_PID" || true
+BROKER_PID=
 check base_images
 check container
 COMPOSE_UP=1
