@@ -11,8 +11,9 @@
 #                         telemetryhub_samples_processed_total grows
 #   6. dashboard-queries  every PromQL expression in the Grafana dashboard returns data there
 #                         (the Uplink row's included)
-#   7. live-page          GET / in headless Chromium: device state, updating charts, Start works
-#                         (screenshot in the artifacts directory)
+#   7. live-page          GET / in headless Chromium: device state, updating charts, Start works,
+#                         the uplink shown connected with its backlog (screenshot in the
+#                         artifacts directory)
 #   8. gateway-sigterm    the gateway drains on SIGTERM, exits 0, logs "Shutdown complete."
 #   9. base-images        scripts/container-images.sh makes the base images locally (Debian,
 #                         Rust, Prometheus and Mosquitto stand-ins)
@@ -314,7 +315,7 @@ check_dashboard_queries() {
 }
 
 check_live_page() {
-  node tests/observability/live-page.mjs "$GATEWAY" "$ART/live-page.png" sim0
+  node tests/observability/live-page.mjs "$GATEWAY" "$ART/live-page.png" sim0 "$BROKER"
   if [ "${UPDATE_DOCS_SCREENSHOT:-0}" = 1 ]; then
     mkdir -p docs && cp "$ART/live-page.png" docs/screenshot-live.png
     echo "updated docs/screenshot-live.png"

@@ -1,6 +1,7 @@
 // TelemetryHub live page: subscribes to GET /events (a "snapshot" event every 500 ms: the
 // /status body plus the processed samples since the previous snapshot), keeps the last minute
-// of values and buffer depths, and draws them on two canvases. The buttons POST to the
+// of values and buffer depths, and draws them on two canvases. With an uplink (status.uplink),
+// it shows the broker connection and the spool's backlog. The buttons POST to the
 // control routes. Every request carries the API token once the user has given it (the page
 // itself loads without one). Hand-written, no libraries.
 'use strict';
@@ -76,6 +77,19 @@
   function duration(seconds) {
     const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
     return (h ? h + 'h ' : '') + (h || m ? m + 'm ' : '') + s + 's';
+  }
+
+  /** An age in seconds: tenths below a minute, then as a duration. */
+  function age(seconds) {
+    if (seconds === null || seconds === undefined) return '–';
+    return seconds < 60 ? `${seconds.toFixed(1)}s` : duration(Math.round(seconds));
+  }
+
+  function bytes(n) {
+    const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+    return i ? `${n.toFixed(1)} ${units[i]}` : `${n} B`;
   }
 
   // ---- the event stream ----
@@ -163,6 +177,7 @@
     while (depths.length && depths[0].t < now - WINDOW_MS) depths.shift();
 
     renderHeader(status);
+    renderUplink(status.uplink);
     renderDevices(status.devices);
     renderCounters(status, now);
     previous = { status, at: now };
@@ -178,6 +193,31 @@
     overall.textContent = status.state;
     overall.dataset.state = status.state;
     $('#meta').textContent = `v${status.version} · up ${duration(status.uptime_seconds)}`;
+  }
+
+  /** The uplink's connection and backlog; hidden when the gateway has no uplink. */
+  function renderUplink(uplink) {
+    const section = $('#uplink');
+    section.hidden = !uplink;
+    if (!uplink) {
+      delete section.dataset.connected;
+      return;
+    }
+    section.dataset.connected = String(uplink.connected);
+    const state = section.querySelector('[data-field="state"]');
+    state.dataset.conn = uplink.connected ? 'live' : 'reconnecting';
+    const fields = {
+      state: uplink.connected ? 'connected' : 'disconnected',
+      broker: uplink.broker,
+      pending: `${fmt(uplink.pending_samples)} samples`,
+      oldest: age(uplink.oldest_pending_age_seconds),
+      forwarded: `${fmt(uplink.forwarded)} samples`,
+      // Bytes of spool files: acknowledged records stay until their segment is deleted.
+      spool: bytes(uplink.pending_bytes),
+      // The last error matters while disconnected; once connected it is history.
+      error: !uplink.connected && uplink.last_error ? uplink.last_error : '',
+    };
+    for (const [key, text] of Object.entries(fields)) section.querySelector(`[data-field="${key}"]`).textContent = text;
   }
 
   function renderDevices(devices) {

@@ -1,10 +1,12 @@
 //! The live page: `GET /` serves a small dashboard (device states with start / stop / reset
-//! buttons, live charts of values and buffer depth, counters), and `GET /events` feeds it a
-//! server-sent-events stream of snapshots.
+//! buttons, live charts of values and buffer depth, counters, and with an uplink its broker
+//! connection and spool backlog), and `GET /events` feeds it a server-sent-events stream of
+//! snapshots.
 //!
 //! The page's HTML, stylesheet and script live under `assets/live/` and are compiled into the
 //! binary, inlined into one response, so the page needs no other route, no file on disk and
-//! nothing from a CDN. Each snapshot carries what `GET /status` shows plus the processed
+//! nothing from a CDN. Each snapshot carries what `GET /status` shows (its `uplink` object only
+//! when an uplink is configured: the page shows the uplink exactly then) plus the processed
 //! samples that arrived since the previous snapshot; the stream ends when the gateway starts
 //! shutting down, so it never holds the HTTP server's drain open.
 //!
@@ -153,13 +155,23 @@ mod tests {
     use tokio_util::task::TaskTracker;
 
     use super::*;
-    use crate::config::Settings;
+    use crate::config::{Settings, UplinkSettings};
     use crate::pipeline::Pipeline;
 
-    fn state(tracker: &TaskTracker, cancel: &CancellationToken) -> AppState {
+    fn settings() -> Settings {
         let mut settings = Settings::default();
         settings.devices[0].sample_interval_ms = 10;
+        settings
+    }
+
+    /// A gateway without an uplink.
+    fn state(tracker: &TaskTracker, cancel: &CancellationToken) -> AppState {
+        let settings = settings();
         let pipeline = Pipeline::start(&settings, tracker, cancel, None, None);
+        app_state(&settings, &pipeline, cancel)
+    }
+
+    fn app_state(settings: &Settings, pipeline: &Pipeline, cancel: &CancellationToken) -> AppState {
         AppState {
             devices: Arc::from(pipeline.devices.clone()),
             buffer: pipeline.buffer.clone(),
@@ -171,7 +183,16 @@ mod tests {
             started: Instant::now(),
             high_watermark: settings.buffer.high_watermark_samples(),
             ingest_max_samples: settings.http.ingest_max_samples,
-            uplink: None,
+            uplink: pipeline.uplink.clone(),
+        }
+    }
+
+    fn cursor(state: AppState) -> Cursor {
+        Cursor {
+            state: Arc::new(state),
+            tick: tokio::time::interval(EVENT_INTERVAL),
+            started: false,
+            last_order: None,
         }
     }
 
@@ -189,6 +210,19 @@ mod tests {
         ] {
             assert!(!PAGE.contains(external), "the page refers to {external}");
         }
+    }
+
+    #[test]
+    fn the_uplink_section_starts_hidden_and_stays_hidden_until_shown() {
+        // Hidden until a snapshot carries an uplink; a `display` rule on the section would
+        // override the `hidden` attribute, so the stylesheet must restore it.
+        let section = &PAGE[PAGE
+            .find("<section id=\"uplink\"")
+            .expect("the section exists")..];
+        let tag = &section[..section.find('>').expect("the tag ends")];
+        assert!(tag.contains(" hidden"), "{tag}");
+        assert!(PAGE.contains(".uplink[hidden] { display: none; }"));
+        assert!(PAGE.contains("renderUplink(status.uplink)"));
     }
 
     #[test]
@@ -226,13 +260,7 @@ mod tests {
     async fn snapshots_carry_status_and_only_new_samples() {
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let state = state(&tracker, &cancel);
-        let mut cursor = Cursor {
-            state: Arc::new(state),
-            tick: tokio::time::interval(EVENT_INTERVAL),
-            started: false,
-            last_order: None,
-        };
+        let mut cursor = cursor(state(&tracker, &cancel));
         let mut seen = Vec::new();
         let mut batches = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -242,6 +270,8 @@ mod tests {
             let snapshot = cursor.snapshot().await;
             assert_eq!(snapshot["status"]["devices"][0]["id"], "sim0");
             assert!(snapshot["status"]["metrics"]["queue_capacity"].as_u64() > Some(0));
+            // No uplink configured: nothing for the page to show.
+            assert!(snapshot["status"].get("uplink").is_none(), "{snapshot}");
             let batch = seqs(&snapshot);
             if let (Some(prev), Some(first)) = (seen.last(), batch.first()) {
                 assert!(
@@ -252,6 +282,53 @@ mod tests {
             batches += usize::from(!batch.is_empty());
             seen.extend(batch);
         }
+        cancel.cancel();
+        tracker.close();
+    }
+
+    #[tokio::test]
+    async fn snapshots_carry_the_uplink_connection_and_backlog() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let spool = tempfile::tempdir().expect("a temp dir");
+        // A port nobody listens on: the uplink stays disconnected and the backlog grows.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let broker = format!("mqtt://127.0.0.1:{port}");
+        let mut settings = settings();
+        settings.spool.path = spool.path().to_owned();
+        let uplink = UplinkSettings::new(broker.clone());
+        let opened = crate::uplink::open(&uplink, &settings.spool).expect("the spool opens");
+        settings.uplink = Some(uplink);
+        let pipeline = Pipeline::start(&settings, &tracker, &cancel, None, Some(opened));
+        let mut cursor = cursor(app_state(&settings, &pipeline, &cancel));
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let uplink = loop {
+            let snapshot = cursor.snapshot().await;
+            let uplink = snapshot["status"]["uplink"].clone();
+            assert_eq!(uplink["broker"], broker.as_str(), "{snapshot}");
+            assert_eq!(uplink["connected"], false, "{uplink}");
+            if uplink["pending_samples"].as_u64() > Some(0) {
+                break uplink;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no backlog: {uplink}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            uplink["oldest_pending_age_seconds"].as_f64() >= Some(0.0),
+            "a backlog has an oldest sample: {uplink}"
+        );
+        assert_eq!(uplink["forwarded"], 0, "{uplink}");
+
+        pipeline
+            .drain(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
         cancel.cancel();
         tracker.close();
     }

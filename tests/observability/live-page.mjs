@@ -1,10 +1,12 @@
 // Loads TelemetryHub's live page (GET /) in headless Chromium and checks what a person would:
-// the device state is shown, the charts update from the event stream, and the device's Stop
-// and Start buttons change its state. Saves a screenshot. Fails on any page error, console
-// error or request to another origin.
+// the device state is shown, the charts update from the event stream, the uplink is shown
+// (connected to BROKER, with its backlog) or, without BROKER, not shown at all, and the
+// device's Stop and Start buttons change its state. Saves a screenshot. Fails on any page
+// error, console error or request to another origin.
 //
-//   node live-page.mjs BASE_URL SCREENSHOT.png [DEVICE]
+//   node live-page.mjs BASE_URL SCREENSHOT.png [DEVICE] [BROKER]
 //
+// BROKER is the gateway's uplink broker as GET /uplink names it (mqtt://host:port).
 // Env: CHROMIUM (default /usr/bin/chromium); LIVE_SETTLE_MS, how long to let the charts fill
 // before the screenshot (default 3000).
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -12,9 +14,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
-const [base, screenshot, deviceId = 'sim0'] = process.argv.slice(2);
+const [base, screenshot, deviceId = 'sim0', broker = ''] = process.argv.slice(2);
 if (!base || !screenshot) {
-  console.log('usage: node live-page.mjs BASE_URL SCREENSHOT.png [DEVICE]');
+  console.log('usage: node live-page.mjs BASE_URL SCREENSHOT.png [DEVICE] [BROKER]');
   process.exit(2);
 }
 const origin = new URL(base).origin;
@@ -83,6 +85,35 @@ try {
   const counters = await page.locator('#counters').textContent();
   if (/Samples processed\s*[1-9]/.test(counters)) ok('counters show processed samples');
   else fail(`counters show no processed samples: ${counters}`);
+
+  const uplink = page.locator('#uplink');
+  if (broker) {
+    // Connected to the broker the API names, with a backlog and samples forwarded.
+    await page.waitForFunction(() => document.querySelector('#uplink').dataset.connected === 'true');
+    const field = async (name) => (await uplink.locator(`[data-field="${name}"]`).textContent()).trim();
+    const shown = {
+      visible: await uplink.isVisible(),
+      state: await field('state'),
+      broker: await field('broker'),
+      pending: await field('pending'),
+      oldest: await field('oldest'),
+      forwarded: await field('forwarded'),
+      spool: await field('spool'),
+    };
+    const api = await (await fetch(new URL('/uplink', base))).json();
+    if (shown.visible && shown.state === 'connected' && shown.broker === broker && api.broker === broker &&
+        /^[\d,]+ samples$/.test(shown.pending) && /^(–|[\d.]+s|\d)/.test(shown.oldest) &&
+        /^[1-9][\d,]* samples$/.test(shown.forwarded) && /^[\d.]+ (B|KiB|MiB|GiB|TiB)$/.test(shown.spool)) {
+      ok(`uplink shown: ${shown.state} to ${shown.broker}, backlog ${shown.pending}, oldest ${shown.oldest}, ` +
+        `forwarded ${shown.forwarded}, spool files ${shown.spool}`);
+    } else {
+      fail(`uplink not shown as expected (broker ${broker}): ${JSON.stringify(shown)}`);
+    }
+  } else if (await uplink.isVisible()) {
+    fail(`an uplink is shown for a gateway without one: ${(await uplink.textContent()).trim()}`);
+  } else {
+    ok('no uplink shown (none configured)');
+  }
 
   await page.waitForTimeout(Math.max(0, settle - 1_500));
   await page.screenshot({ path: screenshot, fullPage: true });
