@@ -98,6 +98,18 @@ enum Cmd {
         /// Worker permits (default: one per CPU).
         #[arg(long, value_parser = at_least_one::<usize>)]
         workers: Option<usize>,
+        /// Also run the uplink: spool, forwarder, and a Mosquitto of the bench's own on a free
+        /// loopback port (mosquitto must be installed), with a subscriber checking that every
+        /// sample arrived. `live` forwards as the devices send; `replay` spools everything
+        /// first, then measures the drain.
+        #[arg(long, value_enum)]
+        uplink: Option<telemetryhub::bench::uplink::UplinkMode>,
+        /// The spool's fsync with --uplink: `always` or an interval in milliseconds.
+        #[arg(long, default_value = "100", value_parser = parse_fsync)]
+        fsync: telemetryhub::config::FsyncSetting,
+        /// The spool directory with --uplink (emptied first); a temporary one when omitted.
+        #[arg(long)]
+        spool_dir: Option<PathBuf>,
     },
 }
 
@@ -160,6 +172,9 @@ fn main() -> ExitCode {
             capacity,
             batch_max,
             workers,
+            uplink,
+            fsync,
+            spool_dir,
         }) => {
             let options = BenchOptions {
                 samples,
@@ -169,7 +184,14 @@ fn main() -> ExitCode {
                 capacity,
                 batch_max,
                 workers,
+                uplink: uplink.map(|mode| telemetryhub::bench::uplink::UplinkOptions {
+                    mode,
+                    fsync,
+                    spool_dir,
+                }),
             };
+            // Warnings (a lost broker connection, a damaged spool) belong in a benchmark's output.
+            telemetryhub::telemetry::init("warn", settings.log.format);
             block_on(async move {
                 match telemetryhub::bench::run(&options).await {
                     Ok(report) => {
@@ -226,6 +248,20 @@ fn at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(text: &str) -> Res
     match text.parse::<T>() {
         Ok(n) if n >= T::from(1) => Ok(n),
         _ => Err(format!("`{text}` is not a whole number of at least 1")),
+    }
+}
+
+fn parse_fsync(text: &str) -> Result<telemetryhub::config::FsyncSetting, String> {
+    match text {
+        "always" => Ok(telemetryhub::config::FsyncSetting::Always),
+        ms => match ms.parse::<u64>() {
+            Ok(ms) if (1..=60_000).contains(&ms) => {
+                Ok(telemetryhub::config::FsyncSetting::IntervalMs(ms))
+            }
+            _ => Err(format!(
+                "`{text}` is not `always` or an interval of 1 to 60000 ms"
+            )),
+        },
     }
 }
 

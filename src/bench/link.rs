@@ -194,6 +194,7 @@ mod tests {
             capacity: 1024,
             batch_max: 64,
             workers: Some(1),
+            uplink: None,
         }
     }
 

@@ -11,6 +11,7 @@
 //! pipeline's ceiling; paced, it measures read→processed latency under a given load.
 
 mod link;
+pub mod uplink;
 
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::link::{BenchLink, Schedule};
+use self::uplink::{UplinkMode, UplinkOptions, UplinkReport};
 use crate::buffer::OverflowPolicy;
 use crate::config::{DeviceSettings, Settings};
 use crate::pipeline::Pipeline;
@@ -49,6 +51,8 @@ pub struct BenchOptions {
     pub batch_max: usize,
     /// Worker permits; `None` is one per CPU.
     pub workers: Option<usize>,
+    /// With the spool and the forwarder to a local Mosquitto; `None`: no uplink.
+    pub uplink: Option<UplinkOptions>,
 }
 
 /// Why the bench cannot run these options.
@@ -57,6 +61,9 @@ pub enum BenchError {
     /// A count or size that must be at least 1 is 0.
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    /// The uplink part could not be set up (no mosquitto, an unusable spool directory).
+    #[error("uplink: {0}")]
+    Uplink(String),
 }
 
 impl BenchOptions {
@@ -105,12 +112,44 @@ pub struct BenchReport {
     pub rate: Option<u64>,
     /// Whether the ledger balanced after the drain.
     pub balanced: bool,
+    /// The uplink's part, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uplink: Option<UplinkReport>,
 }
 
-/// Runs the pipeline until exactly `samples` have gone through it, then drains it.
+/// Runs the pipeline until exactly `samples` have gone through it (with an uplink: until the
+/// broker acknowledged every one), then drains it.
 pub async fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
     options.validate()?;
-    let settings = bench_settings(options);
+    let mut settings = bench_settings(options);
+    // The uplink's broker, subscriber and spool live as long as the run.
+    let mut uplink_parts = None;
+    let mut release = None;
+    let mut opened = None;
+    if let Some(up) = &options.uplink {
+        let uplink_error = |e: std::io::Error| BenchError::Uplink(e.to_string());
+        let broker = uplink::Broker::start().await.map_err(uplink_error)?;
+        let subscriber = uplink::Subscriber::start(broker.port)
+            .await
+            .map_err(uplink_error)?;
+        let tmp = tempfile::tempdir().map_err(uplink_error)?;
+        let dir = match &up.spool_dir {
+            Some(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+                dir.clone()
+            }
+            None => tmp.path().to_owned(),
+        };
+        uplink::configure(&mut settings, up, broker.port, &dir);
+        let uplink_settings = settings.uplink.as_ref().expect("configured above");
+        let mut parts = crate::uplink::open(uplink_settings, &settings.spool)
+            .map_err(|e| BenchError::Uplink(e.to_string()))?;
+        if up.mode == UplinkMode::Replay {
+            release = Some(parts.hold_forwarder());
+        }
+        opened = Some(parts);
+        uplink_parts = Some((broker, subscriber, tmp));
+    }
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     let start = Instant::now();
@@ -119,7 +158,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
         &tracker,
         &cancel,
         None,
-        None,
+        opened,
         |i, device, cancel| {
             BenchLink::new(
                 device.simulator.clone(),
@@ -131,11 +170,21 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
         },
     );
     let mut tick = tokio::time::interval(PROGRESS_TICK);
+    let spool = pipeline.uplink.as_ref().map(|u| u.spool.clone());
     let ledger = loop {
         tick.tick().await;
         let ledger = pipeline.buffer.ledger();
         let done = ledger.processed + ledger.rejected.total() + ledger.dropped.total();
-        if done >= options.samples {
+        // With an uplink, a sample is done once the broker acknowledged it (live) or once it
+        // is in the spool (replay, whose forwarder is held back).
+        let uplink_done = match (&spool, &release) {
+            (None, _) => true,
+            (Some(_), Some(_)) => ledger.spool_queue == 0,
+            (Some(spool), None) => {
+                ledger.spool_queue == 0 && spool.stats().forwarded >= ledger.spooled
+            }
+        };
+        if done >= options.samples && uplink_done {
             break ledger;
         }
     };
@@ -147,12 +196,38 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
     let (p50, p99) = (quantile_ms(0.5), quantile_ms(0.99));
+    let mut uplink_report = None;
+    if let (Some(spool), Some(up)) = (&spool, &options.uplink) {
+        let mut report = UplinkReport {
+            fsync: uplink::fsync_label(up.fsync),
+            spooled: ledger.spooled,
+            ..UplinkReport::default()
+        };
+        if let Some(release) = release.take() {
+            report.outage_max_rss_mib = uplink::max_rss_mib();
+            report.backlog_bytes = Some(spool.stats().bytes);
+            let replay = Instant::now();
+            let _ = release.send(());
+            while spool.stats().pending > 0 {
+                tick.tick().await;
+            }
+            let replay_seconds = replay.elapsed().as_secs_f64();
+            report.replay_seconds = Some(replay_seconds);
+            report.replay_samples_per_sec = Some(ledger.spooled as f64 / replay_seconds);
+        }
+        report.forwarded = spool.stats().forwarded;
+        if let Some((_, subscriber, _)) = &uplink_parts {
+            uplink::verify(subscriber, ledger.spooled, &mut report).await;
+        }
+        uplink_report = Some(report);
+    }
     let drained = pipeline
         .drain(Instant::now() + Duration::from_secs(10))
         .await;
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
+    drop(uplink_parts);
     Ok(BenchReport {
         samples: options.samples,
         processed: ledger.processed,
@@ -166,6 +241,7 @@ pub async fn run(options: &BenchOptions) -> Result<BenchReport, BenchError> {
         devices: options.devices,
         rate: options.rate,
         balanced: drained.balanced(),
+        uplink: uplink_report,
     })
 }
 
@@ -211,6 +287,7 @@ mod tests {
             capacity: 1024,
             batch_max: 64,
             workers: Some(1),
+            uplink: None,
         }
     }
 

@@ -40,7 +40,10 @@ pub struct UplinkSettings {
     /// Most samples in one MQTT message.
     #[serde(default = "default_max_batch")]
     pub max_batch: u32,
-    /// Most messages published and not yet acknowledged (QoS 1) at once.
+    /// Most messages published and not yet acknowledged (QoS 1) at once. Measured against
+    /// Mosquitto 2.0.11 with ~90 KB messages: 64 replays a backlog at several million samples
+    /// a second; at 256 some PUBACKs never came, and the forwarder had to time them out
+    /// (10 s) and resend.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
     /// MQTT keep-alive, in seconds.

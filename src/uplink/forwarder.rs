@@ -34,6 +34,14 @@ const READ_BYTES: usize = 4 << 20;
 /// Longest wait at shutdown for PUBACKs of messages already sent.
 const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(2);
 
+/// A message the broker has not acknowledged for this long means a lost PUBACK or a dead
+/// connection: the connection is dropped and the spool resent from its oldest unacknowledged
+/// record (at least once), rather than waiting on it for good.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the forwarder looks for messages older than [`ACK_TIMEOUT`].
+const ACK_CHECK: Duration = Duration::from_secs(1);
+
 /// Largest MQTT packet sent: a spool record's largest payload plus headers.
 const MAX_PACKET: usize = (16 << 20) + 4096;
 
@@ -118,7 +126,10 @@ impl ForwarderOptions {
             // Every connection starts clean: what the broker had not acknowledged is sent
             // again from the spool, never replayed by the client library on its own.
             .set_clean_session(true)
-            .set_inflight(settings.max_inflight)
+            // The client's packet-id space is kept well above what we let be in flight:
+            // rumqttc hands out ids in a cycle, so a PUBACK that arrives out of order would
+            // otherwise make the next id collide and stall the connection.
+            .set_inflight(settings.max_inflight.saturating_mul(4).max(1024))
             .set_max_packet_size(1 << 20, MAX_PACKET);
         if let Some(user) = &settings.username {
             let password = settings
@@ -202,8 +213,8 @@ enum Session {
 struct InFlight {
     /// Handed to the client, not yet reported sent: the next report names the front one.
     handed: VecDeque<(u64, u32)>,
-    /// Sent, awaiting PUBACK.
-    by_pkid: HashMap<u16, (u64, u32)>,
+    /// Sent, awaiting PUBACK, with when it was sent.
+    by_pkid: HashMap<u16, ((u64, u32), tokio::time::Instant)>,
     /// Its packet id was still taken: sent once the PUBACK for that id arrives.
     collided: Option<(u16, (u64, u32))>,
 }
@@ -217,12 +228,14 @@ impl InFlight {
     fn sent(&mut self, pkid: u16) {
         match self.collided.take() {
             Some((id, record)) if id == pkid => {
-                self.by_pkid.insert(pkid, record);
+                self.by_pkid
+                    .insert(pkid, (record, tokio::time::Instant::now()));
             }
             other => {
                 self.collided = other;
                 if let Some(record) = self.handed.pop_front() {
-                    self.by_pkid.insert(pkid, record);
+                    self.by_pkid
+                        .insert(pkid, (record, tokio::time::Instant::now()));
                 }
             }
         }
@@ -237,7 +250,12 @@ impl InFlight {
 
     /// The broker acknowledged `pkid`: the record it carried.
     fn acked(&mut self, pkid: u16) -> Option<(u64, u32)> {
-        self.by_pkid.remove(&pkid)
+        self.by_pkid.remove(&pkid).map(|(record, _)| record)
+    }
+
+    /// How long the oldest message sent has waited for its PUBACK.
+    fn oldest_wait(&self) -> Option<Duration> {
+        self.by_pkid.values().map(|(_, sent)| sent.elapsed()).max()
     }
 }
 
@@ -318,6 +336,7 @@ impl Forwarder {
         // The last read found nothing new: wait for appends before reading again.
         let mut idle = false;
         let max = self.options.max_inflight;
+        let mut ack_check = tokio::time::interval(ACK_CHECK);
         let outcome = loop {
             let mut queue_error = None;
             if connected {
@@ -402,6 +421,14 @@ impl Forwarder {
                 }
                 more = self.spool.wait_beyond(next), if idle && read_task.is_none() => {
                     idle = !more;
+                }
+                _ = ack_check.tick() => {
+                    if let Some(waited) = inflight.oldest_wait().filter(|w| *w > ACK_TIMEOUT) {
+                        break Session::Failed {
+                            error: format!("no PUBACK for {}s; resending from the spool", waited.as_secs()),
+                            was_connected: connected,
+                        };
+                    }
                 }
             }
         };

@@ -67,8 +67,19 @@ pub struct Opened {
     options: ForwarderOptions,
     encoder: Encoder,
     max_batch: u32,
+    hold: Option<tokio::sync::oneshot::Receiver<()>>,
     /// What recovery found.
     pub report: OpenReport,
+}
+
+impl Opened {
+    /// Keeps the forwarder from connecting until the returned sender fires (or is dropped):
+    /// for benchmarks that fill the spool first and then measure the replay.
+    pub fn hold_forwarder(&mut self) -> tokio::sync::oneshot::Sender<()> {
+        let (release, hold) = tokio::sync::oneshot::channel();
+        self.hold = Some(hold);
+        release
+    }
 }
 
 /// Opens the spool (recovering whatever is in it) and checks the broker settings.
@@ -97,6 +108,7 @@ pub fn open(uplink: &UplinkSettings, spool: &SpoolSettings) -> Result<Opened, Op
         options,
         encoder,
         max_batch: uplink.max_batch,
+        hold: None,
         report,
     })
 }
@@ -211,6 +223,7 @@ impl Uplink {
             options,
             encoder,
             max_batch,
+            hold,
             report: _,
         } = opened;
         let (stage, writer) = SpoolStage::start(
@@ -231,7 +244,16 @@ impl Uplink {
             status.clone(),
             forwarder_cancel.clone(),
         );
-        let forwarder = tracker.spawn(forwarder.run());
+        let held = forwarder_cancel.clone();
+        let forwarder = tracker.spawn(async move {
+            if let Some(hold) = hold {
+                tokio::select! {
+                    _ = held.cancelled() => return,
+                    _ = hold => {}
+                }
+            }
+            forwarder.run().await;
+        });
         Ok(Uplink {
             handle: UplinkHandle {
                 spool,

@@ -18,6 +18,7 @@ fn options(samples: u64, devices: usize, rate: Option<u64>) -> BenchOptions {
         capacity: 65_536,
         batch_max: 1024,
         workers: Some(2),
+        uplink: None,
     }
 }
 
