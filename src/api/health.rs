@@ -45,6 +45,20 @@ pub(super) async fn readyz(
         }));
     }
     ready &= !all_safe;
+    if let Some(uplink) = &state.uplink {
+        // Informational: buffering through a broker outage is what the spool is for, so a
+        // disconnected uplink never makes the gateway unready.
+        let view = uplink.view();
+        checks.push(json!({
+            "check": "uplink",
+            "ok": true,
+            "connected": view.connected,
+            "broker": view.broker,
+            "pending_samples": view.pending_samples,
+            "oldest_pending_age_seconds": view.oldest_pending_age_seconds,
+            "last_error": view.last_error,
+        }));
+    }
     let status = if ready {
         StatusCode::OK
     } else {

@@ -419,8 +419,19 @@ async fn a_broker_outage_under_load_loses_no_sequence_number_of_any_device() {
     })
     .await;
     // Readiness stays: buffering through an outage is the point.
-    let ready = app.get("/readyz").await;
-    assert_eq!(ready.status(), StatusCode::OK);
+    let (code, ready) = app.get_json("/readyz?verbose").await;
+    assert_eq!(code, StatusCode::OK, "{ready}");
+    let check = ready["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "uplink")
+        .expect("an uplink check")
+        .clone();
+    assert_eq!(
+        (check["ok"].clone(), check["connected"].clone()),
+        (json!(true), json!(false))
+    );
     tokio::time::sleep(outage.saturating_sub(started.elapsed())).await;
     let (_, during) = app.get_json("/uplink").await;
     assert!(u64_at(&during, "/pending_samples") > 0, "{during}");
