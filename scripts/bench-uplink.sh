@@ -69,6 +69,9 @@ for label in ("fsync100", "always"):
           f"({mbs / max(float(disk.get('disk_seq_write_mb_s', 0)), 1):.1%} of the disk's sequential rate); "
           f"missing {missing}, duplicates {dups}")
 rs = runs["replay"]
+fill = med([r["samples_per_sec"] for r in rs])
+print(f"pipeline with the spool (fsync 100, forwarder held: the replay's fill): {fill:,.0f} samples/s, "
+      f"{fill / off:.0%} of the pipeline without it")
 rate = med([r["uplink"]["replay_samples_per_sec"] for r in rs])
 print(f"replay of {rs[0]['uplink']['spooled']:,} samples ({rs[0]['uplink']['backlog_bytes'] / 1e6:,.0f} MB): "
       f"{rate:,.0f} samples/s, {rate * bytes_per_sample / 1e6:,.0f} MB/s; missing "
