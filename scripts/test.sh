@@ -14,6 +14,8 @@ missing=()
 need_cmd socat || missing+=(socat)
 need_cmd mosquitto || missing+=(mosquitto)
 need_cmd mosquitto_sub || missing+=(mosquitto-clients)
+# openssl makes the private CA and broker certificate of the mqtts:// test.
+need_cmd openssl || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}" >&2
   apt-get update -qq

@@ -165,3 +165,109 @@ impl Drop for Subscriber {
         self.task.abort();
     }
 }
+
+/// A TLS listener for a broker: a private CA and a server certificate for 127.0.0.1, made with
+/// `openssl` in a directory of their own.
+pub struct TlsFiles {
+    /// The port the TLS listener will use.
+    pub port: u16,
+    /// The CA certificate (PEM) that signed the server's.
+    pub ca: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl TlsFiles {
+    /// Makes the CA and the server certificate (P-256, valid two days).
+    pub fn new() -> TlsFiles {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let d = dir.path();
+        std::fs::write(d.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl runs (scripts/test.sh installs it)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=test-ca",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.cnf",
+        ]);
+        TlsFiles {
+            port: free_port(),
+            ca: d.join("ca.pem"),
+            dir,
+        }
+    }
+
+    /// Config lines for a broker: a TLS listener on `port` with these files.
+    pub fn listener(&self) -> String {
+        let d = self.dir.path().display();
+        format!(
+            "listener {} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n",
+            self.port
+        )
+    }
+
+    /// The TLS listener's URL.
+    pub fn url(&self) -> String {
+        format!("mqtts://127.0.0.1:{}", self.port)
+    }
+}

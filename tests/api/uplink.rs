@@ -242,3 +242,50 @@ async fn refused_credentials_are_retried_with_backoff_and_visible() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtts_with_a_private_ca_delivers_and_without_it_the_handshake_is_refused() {
+    let tls = super::broker::TlsFiles::new();
+    // One plain listener for the test's subscriber, one TLS listener for the gateway.
+    let broker = Broker::start_with(&format!("allow_anonymous true\n{}", tls.listener())).await;
+    let sub = Subscriber::start(broker.port, "t/#").await;
+    let mut s = settings(tls.url());
+    s.ca_file = Some(tls.ca.clone());
+    let mut up = start_forwarder(&s);
+    for n in 0..50 {
+        append(&mut up.writer, "tls", n);
+    }
+    wait_until(DEADLINE, "every record acknowledged over TLS", async || {
+        up.spool.stats().pending == 0 && sub.len() >= 50
+    })
+    .await;
+    assert_eq!(received(&sub)["t/tls"], (0..50).collect::<Vec<_>>());
+    up.cancel.cancel();
+    tokio::time::timeout(DEADLINE, up.task)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Without the private CA (the system's CAs only), the broker's certificate is not trusted.
+    let mut s = settings(tls.url());
+    s.ca_file = None;
+    let mut up = start_forwarder(&s);
+    append(&mut up.writer, "tls", 99);
+    wait_until(DEADLINE, "a refused handshake reported", async || {
+        up.status.snapshot().reconnects >= 2
+    })
+    .await;
+    let status = up.status.snapshot();
+    assert!(!status.connected);
+    let error = status.last_error.unwrap_or_default();
+    assert!(
+        error.contains("TLS") || error.contains("certificate"),
+        "{error}"
+    );
+    assert_eq!(up.spool.stats().pending, 1, "nothing was sent");
+    up.cancel.cancel();
+    tokio::time::timeout(DEADLINE, up.task)
+        .await
+        .unwrap()
+        .unwrap();
+}

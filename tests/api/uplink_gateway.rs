@@ -184,6 +184,12 @@ async fn a_full_spool_stays_bounded_under_both_policies_and_the_accounts_balance
     }
 }
 
+/// The binary's `GET /uplink`.
+async fn uplink_of(http: &reqwest::Client, binary: &Binary) -> Value {
+    let response = http.get(binary.url("/uplink")).send().await.unwrap();
+    response.json().await.unwrap()
+}
+
 /// A config for the binary: one fast device, the uplink, the spool at `spool`.
 fn binary_config(url: &str, spool: &std::path::Path, fsync: &str) -> String {
     format!(
@@ -311,14 +317,7 @@ async fn a_damaged_spool_never_stops_the_gateway_and_intact_records_are_forwarde
     let mut binary = Binary::start(&config, &[]).await;
     let http = super::helpers::client();
     wait_until(DEADLINE, "records in the spool", async || {
-        let u: Value = http
-            .get(binary.url("/uplink"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let u = uplink_of(&http, &binary).await;
         u64_at(&u, "/pending_records") > 50
     })
     .await;
@@ -346,14 +345,7 @@ async fn a_damaged_spool_never_stops_the_gateway_and_intact_records_are_forwarde
     let config = binary_config(&broker.url(), spool.path(), "100");
     let mut binary = Binary::start(&config, &[]).await;
     wait_until(DEADLINE, "the damaged spool forwarded", async || {
-        let u: Value = http
-            .get(binary.url("/uplink"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let u = uplink_of(&http, &binary).await;
         u64_at(&u, "/dropped/spool_corrupt") > 0 && u64_at(&u, "/forwarded") > 0
     })
     .await;
