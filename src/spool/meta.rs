@@ -147,11 +147,14 @@ impl MetaFile {
 
     /// Writes `meta` into the older slot and makes it durable.
     pub fn store(&mut self, meta: &Meta) -> io::Result<()> {
-        self.generation += 1;
-        let slot = encode(meta, self.generation);
-        let at = (self.generation % 2) * SLOT_LEN as u64;
+        // The generation moves on only once the slot is durable: a failed write is retried
+        // into the same (older) slot, never into the one holding the last valid copy.
+        let generation = self.generation + 1;
+        let slot = encode(meta, generation);
+        let at = (generation % 2) * SLOT_LEN as u64;
         self.file.write_all_at(&slot, at)?;
         self.file.sync_data()?;
+        self.generation = generation;
         self.stored = *meta;
         Ok(())
     }

@@ -514,10 +514,25 @@ impl SpoolWriter {
             self.roll(start)?;
         }
         let active = self.active.as_mut().expect("roll opened a segment");
-        active.file.write_all(&self.buf)?;
-        if self.shared.options.fsync == Fsync::Always {
-            timed_sync(&active.file)?;
-        } else {
+        let always = self.shared.options.fsync == Fsync::Always;
+        let written = active.file.write_all(&self.buf).and_then(|()| {
+            if always {
+                timed_sync(&active.file)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(err) = written {
+            // Cut what part of the group reached the file, so the next append starts where
+            // the spool believes the segment ends; if even that fails, the segment is closed
+            // and the next append starts a new one.
+            let known = self.shared.lock().segments.back().map_or(0, |s| s.bytes);
+            if active.file.set_len(known).is_err() {
+                self.active = None;
+            }
+            return Err(err.into());
+        }
+        if !always {
             self.unsynced = true;
         }
         {
@@ -535,6 +550,12 @@ impl SpoolWriter {
         self.shared.appended.notify_waiters();
         self.shared.changed.notify_all();
         Ok(start..offset)
+    }
+
+    /// The most bytes one [`Self::append`] call should carry (records with their headers): one
+    /// segment's worth. A larger group is refused or makes an oversized segment.
+    pub fn max_append_bytes(&self) -> usize {
+        self.shared.options.segment_bytes() as usize
     }
 
     /// Makes appended records durable, then the metadata (head, counts), then deletes
@@ -617,6 +638,11 @@ impl SpoolWriter {
                 continue;
             }
             match self.shared.options.when_full {
+                WhenFull::Block if self.unsynced => {
+                    // Waiting can take a whole outage: what was appended must not wait with it.
+                    drop(state);
+                    self.sync()?;
+                }
                 WhenFull::Block => {
                     // Woken by acknowledgements and by close; the timeout is a safety net.
                     let _ = self
@@ -744,7 +770,7 @@ impl SpoolReader {
         let mut taken = 0usize;
         while out.len() < max_records && taken < max_bytes {
             // Where to read, and how far the writer has written there.
-            let (head, limit) = {
+            let (head, limit, first, end) = {
                 let state = self.shared.lock();
                 if self.next < state.meta.head {
                     self.next = state.meta.head;
@@ -760,14 +786,21 @@ impl SpoolReader {
                     .as_ref()
                     .is_none_or(|c| c.first != segment.first)
                 {
-                    let file = File::open(&segment.path)?;
-                    self.cursor = Some(Cursor {
-                        file,
-                        first: segment.first,
-                        pos: 0,
-                    });
+                    self.cursor = match File::open(&segment.path) {
+                        Ok(file) => Some(Cursor {
+                            file,
+                            first: segment.first,
+                            pos: 0,
+                        }),
+                        Err(err) => {
+                            let (first, end) = (segment.first, segment.end);
+                            drop(state);
+                            self.lose_rest(first, end, &err);
+                            continue;
+                        }
+                    };
                 }
-                (state.meta.head, segment.bytes)
+                (state.meta.head, segment.bytes, segment.first, segment.end)
             };
             let cursor = self.cursor.as_mut().expect("set above");
             if cursor.pos >= limit {
@@ -775,13 +808,21 @@ impl SpoolReader {
             }
             let mut want = ((limit - cursor.pos) as usize).min(READ_CHUNK);
             self.buf.resize(want.min(HEADER_LEN), 0);
-            cursor.file.read_exact_at(&mut self.buf, cursor.pos)?;
-            if let Decoded::Record(h) = record::peek(&self.buf) {
+            let peeked = cursor.file.read_exact_at(&mut self.buf, cursor.pos);
+            if let Ok(()) = peeked
+                && let Decoded::Record(h) = record::peek(&self.buf)
+            {
                 // A record larger than one chunk is read whole.
                 want = want.max(h.total_len().min((limit - cursor.pos) as usize));
             }
             self.buf.resize(want, 0);
-            cursor.file.read_exact_at(&mut self.buf, cursor.pos)?;
+            if let Err(err) =
+                peeked.and_then(|()| cursor.file.read_exact_at(&mut self.buf, cursor.pos))
+            {
+                // An unreadable segment (a bad sector) must not stall the uplink for good.
+                self.lose_rest(first, end, &err);
+                continue;
+            }
             let mut at = 0usize;
             let mut progressed = false;
             while at < self.buf.len() && out.len() < max_records && taken < max_bytes {
@@ -807,16 +848,41 @@ impl SpoolReader {
                     Decoded::Incomplete | Decoded::Invalid => {
                         // Damage that appeared after recovery (the disk, or someone else):
                         // skip to the next intact record, counting the items in between.
-                        let skipped = self.skip_damage(at, limit)?;
-                        at += skipped;
+                        match self.skip_damage(at, limit) {
+                            Ok(skipped) => at += skipped,
+                            Err(err) => {
+                                self.lose_rest(first, end, &err);
+                                at = 0;
+                            }
+                        }
                         break;
                     }
                 }
             }
-            let cursor = self.cursor.as_mut().expect("set above");
-            cursor.pos += at as u64;
+            // A segment that could not be read has no cursor any more.
+            if let Some(cursor) = self.cursor.as_mut() {
+                cursor.pos += at as u64;
+            }
         }
         Ok(out)
+    }
+
+    /// Counts the records of segment `first` not read yet (up to `end`) as lost, after an I/O
+    /// error reading it, and moves on to the next segment.
+    fn lose_rest(&mut self, first: u64, end: u64, err: &io::Error) {
+        warn!(
+            segment = first,
+            error = %err,
+            items = end.saturating_sub(self.next),
+            "A spool segment cannot be read; its unread records are counted as lost."
+        );
+        let mut state = self.shared.lock();
+        let lost = state.settle(self.next, end, Settle::LostAtRead);
+        state.meta.dropped_corrupt += lost;
+        drop(state);
+        self.next = self.next.max(end);
+        self.cursor = None;
+        self.shared.changed.notify_all();
     }
 
     /// Skips damaged bytes at `at` in the read buffer; returns how many.

@@ -13,8 +13,14 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use tracing::warn;
+
 use super::meta::{self, Loaded, Meta};
 use super::record::{self, Decoded, Header, Kind};
+
+/// The widest gap between two segments that recovery counts as lost; a segment named further
+/// away was not made by this spool.
+const MAX_GAP: u64 = 1 << 40;
 
 /// Segment files are named by their first offset: `00000000000000001234.seg`.
 pub const SEGMENT_SUFFIX: &str = ".seg";
@@ -126,15 +132,43 @@ pub fn recover(dir: &Path, loaded: Loaded) -> io::Result<Recovered> {
         files.first().map_or(0, |(first, _)| *first)
     };
     for (first, path) in files {
+        if first > expected && first - expected > MAX_GAP {
+            // A name no append of this spool could have made (a flipped digit, a stray copy):
+            // counting its gap as lost would be absurd, so the file is left alone.
+            recovery.skipped.push(Skipped {
+                path: path.clone(),
+                at: 0,
+                bytes: 0,
+                items: 0,
+                what: "a segment name far beyond the spool's offsets; left alone",
+            });
+            continue;
+        }
         if first > expected {
-            recovery.lost_range(expected, first, &path, "items missing before this segment")?;
+            recovery.lost_range(expected, first, &path, "items missing before this segment");
             expected = first;
         }
-        recovery.scan_segment(first, &path, &mut expected)?;
+        if let Err(err) = recovery.scan_segment(first, &path, &mut expected) {
+            // A segment that cannot be read (a bad sector) must not stop the start: it is set
+            // aside, and the items it held count as lost once the next segment shows how many.
+            let aside = path.with_extension("seg.damaged");
+            let _ = fs::rename(&path, &aside);
+            recovery.skipped.push(Skipped {
+                path: path.clone(),
+                at: 0,
+                bytes: 0,
+                items: 0,
+                what: if err.kind() == io::ErrorKind::NotFound {
+                    "vanished while it was read"
+                } else {
+                    "cannot be read; renamed to *.seg.damaged"
+                },
+            });
+        }
     }
     // Items the metadata had seen durable, but no file holds any more.
     if meta_known && meta.tail > expected {
-        recovery.lost_range(expected, meta.tail, dir, "durable items missing at the end")?;
+        recovery.lost_range(expected, meta.tail, dir, "durable items missing at the end");
         expected = meta.tail;
     }
     let Recovery {
@@ -173,14 +207,10 @@ struct Recovery<'a> {
 }
 
 impl Recovery<'_> {
-    /// Counts `[from, to)` as lost and writes a segment of tombstones for it.
-    fn lost_range(
-        &mut self,
-        from: u64,
-        to: u64,
-        near: &Path,
-        what: &'static str,
-    ) -> io::Result<()> {
+    /// Counts `[from, to)` as lost and writes a segment of tombstones for it. When the
+    /// tombstones cannot be written (a full disk), the loss is still counted and skipped in this
+    /// run, only counted again at the next start.
+    fn lost_range(&mut self, from: u64, to: u64, near: &Path, what: &'static str) {
         self.skipped.push(Skipped {
             path: near.to_owned(),
             at: 0,
@@ -190,27 +220,33 @@ impl Recovery<'_> {
         });
         self.lost += to - from;
         if to <= self.head {
-            return Ok(());
+            return;
         }
         self.holes.insert(from, to);
         let mut bytes = Vec::new();
         record::encode_lost(from, to, self.now_ms, &mut bytes);
         let path = self.dir.join(segment_name(from));
-        replace_file(self.dir, &path, &bytes)?;
-        self.segments.push(Segment {
-            first: from,
-            end: to,
-            bytes: bytes.len() as u64,
-            path,
-            times: Vec::new(),
-        });
-        Ok(())
+        match replace_file(self.dir, &path, &bytes) {
+            Ok(()) => self.segments.push(Segment {
+                first: from,
+                end: to,
+                bytes: bytes.len() as u64,
+                path,
+                times: Vec::new(),
+            }),
+            Err(err) => warn!(
+                file = %path.display(),
+                error = %err,
+                "Cannot write down a loss in the spool; the next start counts it again."
+            ),
+        }
     }
 
     /// Scans one segment file, keeping its intact records. A damaged file is rewritten with
     /// its intact records and tombstones for what was lost; a file with nothing left after the
     /// head is deleted.
     fn scan_segment(&mut self, first: u64, path: &Path, expected: &mut u64) -> io::Result<()> {
+        let entry = *expected;
         let bytes = fs::read(path)?;
         let mut pos = 0usize;
         let mut damaged = false;
@@ -274,7 +310,9 @@ impl Recovery<'_> {
         let mut out_bytes = bytes.len() as u64;
         if damaged || !holes.is_empty() {
             let mut out = Vec::with_capacity(bytes.len());
-            let mut at = kept[0].1.offset;
+            // Tombstones from where this segment was expected to start, so a hole before its
+            // first intact record is written down too.
+            let mut at = entry.max(self.head);
             for (range, header) in &kept {
                 if header.offset > at {
                     record::encode_lost(at, header.offset, self.now_ms, &mut out);
@@ -282,8 +320,23 @@ impl Recovery<'_> {
                 out.extend_from_slice(&bytes[range.clone()]);
                 at = header.end();
             }
-            replace_file(self.dir, path, &out)?;
-            out_bytes = out.len() as u64;
+            match replace_file(self.dir, path, &out) {
+                Ok(()) => out_bytes = out.len() as u64,
+                Err(err) => {
+                    // No room for the rewrite: at least cut a damaged tail, which needs none.
+                    let last = kept.last().map_or(0, |(range, _)| range.end);
+                    if let Ok(file) = fs::OpenOptions::new().write(true).open(path)
+                        && file.set_len(last as u64).is_ok()
+                    {
+                        out_bytes = last as u64;
+                    }
+                    warn!(
+                        file = %path.display(),
+                        error = %err,
+                        "Cannot rewrite a damaged spool segment; the next start counts its loss again."
+                    );
+                }
+            }
         }
         let mut times = Vec::new();
         for (_, header) in &kept {

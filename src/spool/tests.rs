@@ -384,6 +384,42 @@ fn a_zeroed_segment_a_deleted_segment_and_a_foreign_file_are_survived() {
 }
 
 #[test]
+fn a_hole_at_the_start_of_a_later_segment_is_counted_once() {
+    let (tmp, options) = damaged_fixture();
+    let second = segments(tmp.path()).remove(1);
+    let first_offset: u64 = second
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut bytes = fs::read(&second).unwrap();
+    bytes[record::HEADER_LEN + 10] ^= 0xff; // the segment's first record
+    fs::write(&second, &bytes).unwrap();
+    let (offsets, stats, _) = reopen_and_read(&options);
+    assert!(!offsets.contains(&first_offset));
+    assert_eq!(stats.dropped_corrupt, 1);
+    for _ in 0..2 {
+        let (again, stats, report) = reopen_and_read(&options);
+        assert_eq!(again, offsets);
+        assert_eq!(stats.dropped_corrupt, 1, "{:?}", report.skipped);
+    }
+}
+
+#[test]
+fn a_segment_named_far_beyond_the_spool_is_left_alone() {
+    let (tmp, options) = damaged_fixture();
+    let stray = tmp.path().join("99999999999999999999.seg");
+    fs::write(&stray, b"a stray copy").unwrap();
+    let (offsets, stats, report) = reopen_and_read(&options);
+    assert_eq!(offsets, (0..60).collect::<Vec<_>>());
+    assert_eq!(stats.dropped_corrupt, 0);
+    assert!(stray.exists());
+    assert!(report.skipped.iter().any(|s| s.path == stray));
+}
+
+#[test]
 fn a_damaged_metadata_file_still_recovers_every_record() {
     let (tmp, options) = damaged_fixture();
     fs::write(tmp.path().join(meta::FILE_NAME), vec![0u8; 128]).unwrap();

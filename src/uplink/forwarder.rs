@@ -34,9 +34,9 @@ const READ_BYTES: usize = 4 << 20;
 /// Longest wait at shutdown for PUBACKs of messages already sent.
 const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(2);
 
-/// A message the broker has not acknowledged for this long means a lost PUBACK or a dead
-/// connection: the connection is dropped and the spool resent from its oldest unacknowledged
-/// record (at least once), rather than waiting on it for good.
+/// No PUBACK for this long while messages await one means a lost PUBACK or a dead connection:
+/// the connection is dropped and the spool resent from its oldest unacknowledged record (at
+/// least once), rather than waiting on it for good.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the forwarder looks for messages older than [`ACK_TIMEOUT`].
@@ -253,9 +253,13 @@ impl InFlight {
         self.by_pkid.remove(&pkid).map(|(record, _)| record)
     }
 
-    /// How long the oldest message sent has waited for its PUBACK.
-    fn oldest_wait(&self) -> Option<Duration> {
-        self.by_pkid.values().map(|(_, sent)| sent.elapsed()).max()
+    /// How long the broker has kept every message waiting: the time since the last PUBACK (or
+    /// since the oldest message was sent, if later), while any message awaits one. Measured
+    /// from progress rather than per message, so a slow link where messages queue behind each
+    /// other is not taken for a lost PUBACK.
+    fn stalled_for(&self, last_ack: tokio::time::Instant) -> Option<Duration> {
+        let oldest = self.by_pkid.values().map(|(_, sent)| *sent).min()?;
+        Some(oldest.max(last_ack).elapsed())
     }
 }
 
@@ -335,8 +339,11 @@ impl Forwarder {
         let mut connected = false;
         // The last read found nothing new: wait for appends before reading again.
         let mut idle = false;
+        // The spool was closed (shutdown): nothing more will come; wait to be cancelled.
+        let mut spool_closed = false;
         let max = self.options.max_inflight;
         let mut ack_check = tokio::time::interval(ACK_CHECK);
+        let mut last_ack = tokio::time::Instant::now();
         let outcome = loop {
             let mut queue_error = None;
             if connected {
@@ -389,6 +396,7 @@ impl Forwarder {
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => inflight.sent(pkid),
                     Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => inflight.await_ack(pkid),
                     Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        last_ack = tokio::time::Instant::now();
                         if let Some((offset, count)) = inflight.acked(ack.pkid) {
                             self.spool.ack(offset, count);
                             self.status.acked.fetch_add(1, Ordering::Relaxed);
@@ -419,11 +427,12 @@ impl Forwarder {
                         Err(join) => panic!("a spool read panicked: {join}"),
                     }
                 }
-                more = self.spool.wait_beyond(next), if idle && read_task.is_none() => {
+                more = self.spool.wait_beyond(next), if idle && read_task.is_none() && !spool_closed => {
                     idle = !more;
+                    spool_closed = !more;
                 }
                 _ = ack_check.tick() => {
-                    if let Some(waited) = inflight.oldest_wait().filter(|w| *w > ACK_TIMEOUT) {
+                    if let Some(waited) = inflight.stalled_for(last_ack).filter(|w| *w > ACK_TIMEOUT) {
                         break Session::Failed {
                             error: format!("no PUBACK for {}s; resending from the spool", waited.as_secs()),
                             was_connected: connected,

@@ -1,8 +1,9 @@
 //! Uplink messages: plain functions from one device's processed samples to an MQTT topic and
 //! payload, and the envelope that stores a message as one opaque spool record.
 //!
-//! Messages are encoded once, by the spool stage on a blocking thread, so the forwarder only
-//! moves bytes: it knows no devices and no formats.
+//! Messages are encoded once, by the worker that processed the batch (on its blocking thread,
+//! in `SpoolStage::submit`), so the forwarder only moves bytes: it knows no devices and no
+//! formats.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -23,13 +23,15 @@ use tracing::{error, warn};
 use super::payload::{Encoder, envelope};
 use crate::buffer::RingBuffer;
 use crate::sample::ProcessedSample;
+use crate::spool::record::HEADER_LEN;
 use crate::spool::{Append, Fsync, SpoolError, SpoolWriter};
 
 /// Longest wait of the writer between looks at its work, to keep syncing on time.
 const IDLE_TICK: Duration = Duration::from_millis(100);
 
-/// How many settled batches that failed to reach the spool are remembered for waiters.
-const FAILURES_KEPT: usize = 256;
+/// How many ranges of orders that failed to reach the spool are remembered for waiters
+/// (adjacent failures merge into one range, so this is many failed batches).
+const FAILURES_KEPT: usize = 65_536;
 
 /// One batch, encoded.
 struct Encoded {
@@ -94,7 +96,7 @@ pub struct SpoolStage {
 
 /// The writer thread, joined at shutdown.
 pub struct StageWriter {
-    thread: std::thread::JoinHandle<()>,
+    thread: std::thread::JoinHandle<SpoolWriter>,
 }
 
 impl SpoolStage {
@@ -143,8 +145,15 @@ impl SpoolStage {
 
     fn put(&self, seq: u64, orders: Range<u64>, item: Item) {
         let mut queue = self.shared.lock();
-        // The batch the writer needs next always gets in, or nothing could ever move.
-        while queue.waiting.len() >= self.shared.capacity && seq != queue.next && !queue.closed {
+        // The batch the writer needs next always gets in, or nothing could ever move; so does
+        // a lost batch, which holds nothing and is settled from the async dispatcher, which
+        // must never wait here.
+        let lost = matches!(item, Item::Lost);
+        while !lost
+            && queue.waiting.len() >= self.shared.capacity
+            && seq != queue.next
+            && !queue.closed
+        {
             queue = self
                 .shared
                 .room
@@ -214,15 +223,31 @@ impl SpoolStage {
 }
 
 impl StageWriter {
-    /// Waits for the writer thread to finish (after [`SpoolStage::close`]).
-    pub fn join(self) {
-        if self.thread.join().is_err() {
-            error!("The spool writer thread panicked.");
+    /// Waits for the writer thread to finish (after [`SpoolStage::close`]) and hands back the
+    /// spool's writer, for a last sync once the forwarder has stopped.
+    pub fn join(self) -> Option<SpoolWriter> {
+        match self.thread.join() {
+            Ok(writer) => Some(writer),
+            Err(_) => {
+                error!("The spool writer thread panicked.");
+                None
+            }
         }
     }
 }
 
-fn write_loop(shared: &Shared, mut writer: SpoolWriter, fsync: Fsync) {
+/// Tells `POST /samples` waiters that nothing more will settle, however the writer ends (a
+/// panic included), so none of them waits for good.
+struct ClosedOnDrop<'a>(&'a watch::Sender<Settled>);
+
+impl Drop for ClosedOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|s| s.closed = true);
+    }
+}
+
+fn write_loop(shared: &Shared, mut writer: SpoolWriter, fsync: Fsync) -> SpoolWriter {
+    let _closed = ClosedOnDrop(&shared.settled);
     let interval = match fsync {
         Fsync::Always => IDLE_TICK,
         Fsync::Interval(every) => every,
@@ -243,7 +268,7 @@ fn write_loop(shared: &Shared, mut writer: SpoolWriter, fsync: Fsync) {
             break;
         }
     }
-    shared.settled.send_modify(|s| s.closed = true);
+    writer
 }
 
 /// Waits until the next batch is there (or `until`), then takes every batch that is ready in
@@ -284,6 +309,26 @@ fn take_ready(shared: &Shared, until: Instant) -> (Vec<(Range<u64>, Item)>, bool
     (taken, false)
 }
 
+/// Appends `records` in groups of at most one segment's worth each (one write and, with
+/// `"always"`, one `fdatasync` per group).
+fn append_in_groups(writer: &mut SpoolWriter, records: &[Append<'_>]) -> Result<(), SpoolError> {
+    let max = writer.max_append_bytes();
+    let mut start = 0;
+    while start < records.len() {
+        let mut bytes = 0;
+        let mut end = start;
+        while end < records.len()
+            && (end == start || bytes + records[end].payload.len() + HEADER_LEN <= max)
+        {
+            bytes += records[end].payload.len() + HEADER_LEN;
+            end += 1;
+        }
+        writer.append(&records[start..end])?;
+        start = end;
+    }
+    Ok(())
+}
+
 fn write(shared: &Shared, writer: &mut SpoolWriter, batch: Vec<(Range<u64>, Item)>) {
     let mut appends = Vec::new();
     let mut samples = 0u64;
@@ -306,8 +351,8 @@ fn write(shared: &Shared, writer: &mut SpoolWriter, batch: Vec<(Range<u64>, Item
             Item::Lost => lost.push(orders.clone()),
         }
     }
-    match writer.append(&appends) {
-        Ok(_) => shared.buffer.spool_settled(samples, 0),
+    match append_in_groups(writer, &appends) {
+        Ok(()) => shared.buffer.spool_settled(samples, 0),
         Err(err) => {
             match &err {
                 SpoolError::Closed => {
@@ -324,7 +369,13 @@ fn write(shared: &Shared, writer: &mut SpoolWriter, batch: Vec<(Range<u64>, Item
     }
     if !lost.is_empty() {
         let mut failures = shared.failures.lock().unwrap_or_else(|e| e.into_inner());
-        failures.extend(lost);
+        for range in lost {
+            match failures.back_mut() {
+                // Batches settle in order: a failure right after the last one extends it.
+                Some(last) if range.start <= last.end => last.end = last.end.max(range.end),
+                _ => failures.push_back(range),
+            }
+        }
         while failures.len() > FAILURES_KEPT {
             failures.pop_front();
         }
