@@ -480,3 +480,18 @@ async fn a_broker_outage_under_load_loses_no_sequence_number_of_any_device() {
          received, {duplicates} duplicates"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_uplink_there_is_no_spool_and_no_uplink_anywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let app = spawn_app(|s: &mut Settings| s.spool.path = spool.clone()).await;
+    app.wait_processed_above(10).await;
+    let (code, _) = app.get_json("/uplink").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    let status = app.status().await;
+    assert!(status.get("uplink").is_none(), "{status}");
+    let summary = app.shut_down().await;
+    assert_eq!(summary.ledger.spooled + summary.ledger.spool_queue, 0);
+    assert!(!spool.exists(), "no spool directory without an uplink");
+}
