@@ -70,24 +70,36 @@ struct Inner {
 }
 
 /// Removes up to `n` of the oldest samples read from devices; samples accepted over HTTP stay.
-/// Returns how many were removed. In one pass over the queue, and without a pass at all in the
-/// usual case of a front made of device samples only.
+/// Returns how many were removed. Touches only the queue up to the `n`-th device sample (and
+/// in the usual case of a front made of device samples only, just drains it).
 fn evict_device_samples(queue: &mut VecDeque<Sample>, n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
     if queue.iter().take(n).all(|s| s.source == Source::Device) {
         let n = n.min(queue.len());
         queue.drain(..n);
         return n;
     }
-    let mut left = n;
-    queue.retain(|s| {
-        if left > 0 && s.source == Source::Device {
-            left -= 1;
-            false
-        } else {
-            true
-        }
-    });
-    n - left
+    // Where the n-th device sample is: only the queue up to there is rebuilt.
+    let Some(end) = queue
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.source == Source::Device)
+        .map(|(i, _)| i + 1)
+        .take(n)
+        .last()
+    else {
+        return 0;
+    };
+    // Taking from the front of a ring buffer and putting back there is O(end), not O(len).
+    let mut front: Vec<Sample> = queue.drain(..end).collect();
+    front.retain(|s| s.source != Source::Device);
+    let removed = end - front.len();
+    for sample in front.into_iter().rev() {
+        queue.push_front(sample);
+    }
+    removed
 }
 
 /// A bounded, multi-producer sample queue with an overflow policy and exact accounting.
