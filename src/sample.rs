@@ -67,27 +67,61 @@ pub struct ProcessedSample {
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_rfc3339(*t))
+    Rfc3339::new(*t).serialize(s)
+}
+
+/// A wall-clock time as RFC 3339 UTC with milliseconds, e.g. `2026-11-26T23:10:00.123Z`,
+/// formatted into a buffer of its own: serialising one allocates nothing, which matters for
+/// the uplink's JSON, one timestamp per sample.
+#[derive(Clone, Copy)]
+pub struct Rfc3339([u8; Self::LEN]);
+
+impl Rfc3339 {
+    /// `YYYY-MM-DDTHH:MM:SS.mmmZ`: every time RFC 3339 can show has this length.
+    const LEN: usize = 24;
+
+    /// Formats `t`. Never panics: a time outside what RFC 3339 can show is written as the
+    /// Unix epoch.
+    pub fn new(t: SystemTime) -> Self {
+        let format = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+        );
+        let epoch = time::OffsetDateTime::UNIX_EPOCH;
+        let t = match t.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(after) => time::Duration::try_from(after)
+                .ok()
+                .and_then(|d| epoch.checked_add(d)),
+            Err(before) => time::Duration::try_from(before.duration())
+                .ok()
+                .and_then(|d| epoch.checked_sub(d)),
+        };
+        let mut out = *b"1970-01-01T00:00:00.000Z";
+        if let Some(t) = t.filter(|t| (0..=9999).contains(&t.year())) {
+            let mut buf = [0u8; Self::LEN];
+            if let Ok(Self::LEN) = t.format_into(&mut &mut buf[..], &format) {
+                out = buf;
+            }
+        }
+        Self(out)
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and separators are ever written.
+        std::str::from_utf8(&self.0).expect("RFC 3339 text is ASCII")
+    }
+}
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 /// Formats a wall-clock time as RFC 3339 UTC with milliseconds, e.g. `2026-11-26T23:10:00.123Z`.
 /// Never panics: a time outside what RFC 3339 can show is written as the Unix epoch.
 pub fn format_rfc3339(t: SystemTime) -> String {
-    let format = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    let epoch = time::OffsetDateTime::UNIX_EPOCH;
-    let t = match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(after) => time::Duration::try_from(after)
-            .ok()
-            .and_then(|d| epoch.checked_add(d)),
-        Err(before) => time::Duration::try_from(before.duration())
-            .ok()
-            .and_then(|d| epoch.checked_sub(d)),
-    };
-    t.filter(|t| (0..=9999).contains(&t.year()))
-        .and_then(|t| t.format(&format).ok())
-        .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".to_owned())
+    Rfc3339::new(t).as_str().to_owned()
 }
 
 #[cfg(test)]

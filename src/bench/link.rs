@@ -182,21 +182,8 @@ impl AsyncRead for Gate {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::options;
     use super::*;
-    use crate::buffer::OverflowPolicy;
-
-    fn options(samples: u64, devices: usize, rate: Option<u64>) -> BenchOptions {
-        BenchOptions {
-            samples,
-            devices,
-            rate,
-            policy: OverflowPolicy::Block,
-            capacity: 1024,
-            batch_max: 64,
-            workers: Some(1),
-            uplink: None,
-        }
-    }
 
     #[test]
     fn the_schedule_deals_the_runs_frames_round_robin_at_the_rate() {

@@ -278,7 +278,8 @@ fn share(samples: u64, devices: usize, i: usize) -> u64 {
 mod tests {
     use super::*;
 
-    fn options(samples: u64, devices: usize, rate: Option<u64>) -> BenchOptions {
+    /// Small options for the unit tests of the bench and its links.
+    pub(super) fn options(samples: u64, devices: usize, rate: Option<u64>) -> BenchOptions {
         BenchOptions {
             samples,
             devices,

@@ -235,8 +235,6 @@ pub(super) fn configure(
 ) {
     let mut uplink = UplinkSettings::new(format!("mqtt://127.0.0.1:{port}"));
     uplink.gateway_id = Some(GATEWAY.to_owned());
-    // The default; see `UplinkSettings::max_inflight` on larger values with Mosquitto 2.0.
-    uplink.max_inflight = 64;
     uplink.reconnect_initial_ms = 20;
     uplink.reconnect_max_ms = 200;
     settings.uplink = Some(uplink);

@@ -221,6 +221,18 @@ fn idle_settings() -> DeviceSettings {
     }
 }
 
+/// A device on a scripted link that connected and read one frame (sequence 1): Measuring.
+/// Returns the script (for later links), the device's end of the link, and the device.
+async fn measuring_device(settings: &DeviceSettings) -> (Script, DuplexStream, Device) {
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(settings, roomy_buffer(), connector);
+    script.wait_connects(1).await;
+    send(&mut peer, &frames([1])).await;
+    dev.samples(1).await;
+    (script, peer, dev)
+}
+
 fn roomy_buffer() -> RingBuffer {
     RingBuffer::new(1024, OverflowPolicy::DropOldest)
 }
@@ -360,12 +372,7 @@ async fn start_connects_and_frames_become_samples_in_the_buffer() {
 
 #[tokio::test(start_paused = true)]
 async fn stop_drops_the_link_and_start_opens_a_new_one() {
-    let (script, connector) = scripted();
-    let mut first = script.link();
-    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
-    script.wait_connects(1).await;
-    send(&mut first, &frames([1])).await;
-    dev.samples(1).await;
+    let (script, mut first, dev) = measuring_device(&settings()).await;
 
     assert_eq!(dev.command(Command::Stop).await.unwrap(), DeviceState::Idle);
     assert_closed(&mut first).await;
@@ -430,12 +437,7 @@ async fn fifty_stop_start_cycles_each_open_a_fresh_link() {
 
 #[tokio::test(start_paused = true)]
 async fn eof_is_an_error_and_a_good_frame_after_the_backoff_recovers() {
-    let (script, connector) = scripted();
-    let mut first = script.link();
-    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
-    script.wait_connects(1).await;
-    send(&mut first, &frames([1])).await;
-    dev.samples(1).await;
+    let (script, first, dev) = measuring_device(&settings()).await;
 
     let mut second = script.link();
     drop(first);
@@ -781,12 +783,7 @@ async fn stop_is_served_while_blocked_on_a_full_buffer() {
 
 #[tokio::test(start_paused = true)]
 async fn reset_while_measuring_is_refused_and_changes_nothing() {
-    let (script, connector) = scripted();
-    let mut peer = script.link();
-    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
-    script.wait_connects(1).await;
-    send(&mut peer, &frames([1])).await;
-    dev.samples(1).await;
+    let (script, mut peer, dev) = measuring_device(&settings()).await;
 
     let refused = illegal(dev.command(Command::Reset).await);
     assert_eq!(
@@ -877,12 +874,7 @@ async fn a_command_that_is_never_answered_does_not_shift_later_replies() {
         command_timeout_ms: 500,
         ..settings()
     };
-    let (script, connector) = scripted();
-    let mut peer = script.link();
-    let dev = Device::spawn(&settings, roomy_buffer(), connector);
-    script.wait_connects(1).await;
-    send(&mut peer, &frames([1])).await;
-    dev.samples(1).await;
+    let (_script, mut peer, dev) = measuring_device(&settings).await;
 
     let one = ask(&dev, "ONE");
     assert_eq!(read_command(&mut peer).await, "ONE");
@@ -909,12 +901,7 @@ async fn a_command_that_is_never_answered_does_not_shift_later_replies() {
 
 #[tokio::test(start_paused = true)]
 async fn a_caller_that_hangs_up_keeps_its_place_so_replies_do_not_shift() {
-    let (script, connector) = scripted();
-    let mut peer = script.link();
-    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
-    script.wait_connects(1).await;
-    send(&mut peer, &frames([1])).await;
-    dev.samples(1).await;
+    let (_script, mut peer, dev) = measuring_device(&settings()).await;
 
     // A's caller hangs up (an HTTP client that disconnected) before the device answers it.
     let a = ask(&dev, "A");
@@ -932,12 +919,7 @@ async fn a_reply_after_the_timeout_is_dropped_or_taken_by_the_next_command() {
         command_timeout_ms: 500,
         ..settings()
     };
-    let (script, connector) = scripted();
-    let mut peer = script.link();
-    let dev = Device::spawn(&settings, roomy_buffer(), connector);
-    script.wait_connects(1).await;
-    send(&mut peer, &frames([1])).await;
-    dev.samples(1).await;
+    let (_script, mut peer, dev) = measuring_device(&settings).await;
 
     // Nobody waits when the late reply comes: it is dropped.
     let slow = ask(&dev, "SLOW");
@@ -969,12 +951,7 @@ async fn a_reply_after_the_timeout_is_dropped_or_taken_by_the_next_command() {
 
 #[tokio::test(start_paused = true)]
 async fn commands_waiting_for_replies_are_bounded() {
-    let (script, connector) = scripted();
-    let mut peer = script.link();
-    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
-    script.wait_connects(1).await;
-    send(&mut peer, &frames([1])).await;
-    dev.samples(1).await;
+    let (_script, mut peer, dev) = measuring_device(&settings()).await;
 
     let mut pending = Vec::new();
     for _ in 0..32 {
@@ -999,12 +976,7 @@ async fn commands_waiting_for_replies_are_bounded() {
 
 #[tokio::test(start_paused = true)]
 async fn a_waiting_command_learns_why_its_link_went_away() {
-    let (script, connector) = scripted();
-    let mut first = script.link();
-    let mut dev = Device::spawn(&settings(), roomy_buffer(), connector);
-    script.wait_connects(1).await;
-    send(&mut first, &frames([1])).await;
-    dev.samples(1).await;
+    let (script, mut first, mut dev) = measuring_device(&settings()).await;
 
     // The device closes the link.
     let pending = ask(&dev, "A");
@@ -1200,12 +1172,7 @@ async fn an_acknowledged_rate_survives_stop_and_start() {
 
 #[tokio::test(start_paused = true)]
 async fn an_acknowledged_rate_is_sent_again_after_every_reconnect() {
-    let (script, connector) = scripted();
-    let mut first = script.link();
-    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
-    script.wait_connects(1).await;
-    send(&mut first, &frames([1])).await;
-    dev.samples(1).await;
+    let (script, mut first, dev) = measuring_device(&settings()).await;
     let set = ask(&dev, "SET_RATE=2000");
     assert_eq!(read_command(&mut first).await, "SET_RATE=2000");
     send(&mut first, b"OK: rate_ms=2000\r\n").await;

@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -442,11 +442,6 @@ impl Spool {
             }
             notified.await;
         }
-    }
-
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.shared.options.dir
     }
 }
 
@@ -962,7 +957,8 @@ fn timed_sync(file: &File) -> io::Result<()> {
     result
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+/// Unix time in milliseconds (0 before 1970): how records and timestamps are stamped.
+pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }

@@ -122,7 +122,7 @@ pub fn recover(dir: &Path, loaded: Loaded) -> io::Result<Recovered> {
         holes: BTreeMap::new(),
         lost: 0,
         skipped,
-        now_ms: unix_ms(),
+        now_ms: super::unix_ms(std::time::SystemTime::now()),
     };
     // The next offset expected; starts at the head when the metadata is known, else at the
     // first segment (counts restart).
@@ -368,12 +368,6 @@ fn replace_file(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
     }
     fs::rename(&tmp, path)?;
     fs::File::open(dir)?.sync_all()
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The next position at or after `from` where an intact record for offset `expected` or later

@@ -224,12 +224,14 @@ fn block_waits_for_room_until_an_ack_frees_it() {
         }
         writer
     });
-    // The writer cannot finish all three appends while nothing is acknowledged.
-    let before = rx.recv_timeout(Duration::from_secs(5));
+    // Nine records of 100,032 bytes and a tenth fit in 1 MiB; the eleventh must wait for an
+    // acknowledgement.
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(1));
     assert!(
-        rx.recv_timeout(Duration::from_millis(300)).is_err() || before.is_err(),
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
         "the writer should be blocked on a full spool"
     );
+    assert_eq!(spool.stats().tail, 10);
     for r in read_all(&mut reader) {
         reader.ack(r.offset, r.count);
     }

@@ -31,7 +31,7 @@ use self::payload::Encoder;
 use self::stage::{SpoolStage, StageWriter};
 use crate::buffer::RingBuffer;
 use crate::config::{SpoolSettings, UplinkSettings};
-use crate::spool::{Fsync, OpenReport, Spool, SpoolReader, SpoolStats, SpoolWriter};
+use crate::spool::{Fsync, OpenReport, Spool, SpoolReader, SpoolWriter};
 
 /// Encoded batches that may wait for the spool writer, per worker.
 const STAGE_DEPTH_PER_WORKER: usize = 2;
@@ -175,11 +175,6 @@ pub struct SpoolDropped {
 }
 
 impl UplinkHandle {
-    /// The spool's counters.
-    pub fn spool_stats(&self) -> SpoolStats {
-        self.spool.stats()
-    }
-
     /// The view `/status` and `GET /uplink` show.
     pub fn view(&self) -> UplinkView {
         let stats = self.spool.stats();

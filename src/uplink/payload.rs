@@ -5,13 +5,12 @@
 //! in `SpoolStage::submit`), so the forwarder only moves bytes: it knows no devices and no
 //! formats.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use serde::Serialize;
 use serde::ser::{SerializeMap, SerializeSeq};
 
 use crate::config::UplinkFormat;
-use crate::sample::{ProcessedSample, format_rfc3339};
+use crate::sample::{ProcessedSample, Rfc3339};
+use crate::spool::unix_ms;
 
 /// Builds topics and payloads for one gateway.
 #[derive(Debug, Clone)]
@@ -103,7 +102,7 @@ impl Serialize for JsonSamples<'_> {
             seq: Option<u32>,
             value: f64,
             unit: &'a str,
-            timestamp: String,
+            timestamp: Rfc3339,
         }
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
         for sample in self.0 {
@@ -111,7 +110,7 @@ impl Serialize for JsonSamples<'_> {
                 seq: sample.seq,
                 value: sample.value,
                 unit: &sample.unit,
-                timestamp: format_rfc3339(sample.timestamp),
+                timestamp: Rfc3339::new(sample.timestamp),
             })?;
         }
         seq.end()
@@ -152,11 +151,6 @@ impl Serialize for ThingsboardBatch<'_> {
     }
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Why a spool record is not a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("a spool record is not an uplink message (bad envelope)")]
@@ -185,7 +179,7 @@ pub fn open_envelope(record: &[u8]) -> Result<(&str, &[u8]), BadEnvelope> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
 

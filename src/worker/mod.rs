@@ -230,19 +230,23 @@ impl Worker {
             stats.add(&sample, value);
             latency.record(sample.received.elapsed());
             outcome.processed += 1;
-            let processed = || ProcessedSample {
+            let processed = ProcessedSample {
                 seq: sample.seq,
                 value,
-                unit: sample.unit.clone(),
-                device: sample.device.clone(),
+                unit: sample.unit,
+                device: sample.device,
                 timestamp: sample.timestamp,
                 order: sample.order,
             };
-            if let Some(all) = all.as_deref_mut() {
-                all.push(processed());
-            }
-            if i >= keep_from {
-                kept.push(processed());
+            // Moved into the one place that keeps it; cloned only when both do.
+            match (all.as_deref_mut(), i >= keep_from) {
+                (Some(all), true) => {
+                    kept.push(processed.clone());
+                    all.push(processed);
+                }
+                (Some(all), false) => all.push(processed),
+                (None, true) => kept.push(processed),
+                (None, false) => {}
             }
         }
         self.latency.merge(&latency);

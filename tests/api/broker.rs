@@ -7,9 +7,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use telemetryhub::config::UplinkSettings;
 use tokio::task::JoinHandle;
 
 use super::helpers::{DEADLINE, wait_until};
+
+/// Uplink settings for the tests: gateway `gw`, quick reconnects (50 ms to 500 ms).
+pub fn uplink_settings(url: String) -> UplinkSettings {
+    let mut u = UplinkSettings::new(url);
+    u.gateway_id = Some("gw".into());
+    u.reconnect_initial_ms = 50;
+    u.reconnect_max_ms = 500;
+    u
+}
 
 /// A Mosquitto process on 127.0.0.1.
 pub struct Broker {

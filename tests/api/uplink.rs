@@ -12,7 +12,7 @@ use telemetryhub::uplink::payload::envelope;
 use telemetryhub::uplink::{Forwarder, ForwarderOptions, UplinkStatus};
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{Broker, Subscriber};
+use super::broker::{Broker, Subscriber, uplink_settings};
 use super::helpers::{DEADLINE, wait_until};
 
 struct Running {
@@ -22,6 +22,17 @@ struct Running {
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
+}
+
+impl Running {
+    /// Cancels the forwarder and waits for it to end.
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("the forwarder stops in time")
+            .expect("the forwarder does not panic");
+    }
 }
 
 fn start_forwarder(settings: &UplinkSettings) -> Running {
@@ -53,14 +64,6 @@ fn start_forwarder(settings: &UplinkSettings) -> Running {
     }
 }
 
-fn settings(url: String) -> UplinkSettings {
-    let mut s = UplinkSettings::new(url);
-    s.gateway_id = Some("gw-test".into());
-    s.reconnect_initial_ms = 50;
-    s.reconnect_max_ms = 500;
-    s
-}
-
 /// Appends message `n` for device `dev` (topic `t/<dev>`, payload `n`).
 fn append(writer: &mut SpoolWriter, dev: &str, n: u64) {
     let mut record = Vec::new();
@@ -89,7 +92,7 @@ fn received(sub: &Subscriber) -> BTreeMap<String, Vec<u64>> {
 async fn every_record_reaches_the_broker_in_order_and_is_acknowledged_by_its_puback() {
     let broker = Broker::start().await;
     let sub = Subscriber::start(broker.port, "t/#").await;
-    let mut up = start_forwarder(&settings(broker.url()));
+    let mut up = start_forwarder(&uplink_settings(broker.url()));
     for n in 0..600 {
         append(&mut up.writer, if n % 2 == 0 { "a" } else { "b" }, n);
     }
@@ -105,18 +108,14 @@ async fn every_record_reaches_the_broker_in_order_and_is_acknowledged_by_its_pub
     let status = up.status.snapshot();
     assert!(status.connected);
     assert_eq!((status.published, status.acked), (600, 600));
-    up.cancel.cancel();
-    tokio::time::timeout(DEADLINE, up.task)
-        .await
-        .unwrap()
-        .unwrap();
+    up.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_loses_nothing_and_the_backlog_drains_when_the_broker_returns() {
     let mut broker = Broker::start().await;
     let sub = Subscriber::start(broker.port, "t/#").await;
-    let mut up = start_forwarder(&settings(broker.url()));
+    let mut up = start_forwarder(&uplink_settings(broker.url()));
     let total = 3000u64;
     for n in 0..total / 3 {
         append(&mut up.writer, "d", n);
@@ -164,18 +163,14 @@ async fn an_outage_loses_nothing_and_the_backlog_drains_when_the_broker_returns(
     }
     assert_eq!(first_seen, (0..total).collect::<Vec<_>>());
     assert!(up.status.snapshot().reconnects >= 1);
-    up.cancel.cancel();
-    tokio::time::timeout(DEADLINE, up.task)
-        .await
-        .unwrap()
-        .unwrap();
+    up.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_absent_broker_at_start_is_no_error_and_the_spool_keeps_everything() {
     let mut broker = Broker::start().await;
     broker.stop();
-    let mut up = start_forwarder(&settings(broker.url()));
+    let mut up = start_forwarder(&uplink_settings(broker.url()));
     for n in 0..100 {
         append(&mut up.writer, "d", n);
     }
@@ -194,11 +189,7 @@ async fn an_absent_broker_at_start_is_no_error_and_the_spool_keeps_everything() 
     // The subscriber came late; what matters is that the broker acknowledged all of it.
     assert_eq!(up.spool.stats().forwarded, 100);
     drop(sub);
-    up.cancel.cancel();
-    tokio::time::timeout(DEADLINE, up.task)
-        .await
-        .unwrap()
-        .unwrap();
+    up.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +209,7 @@ async fn refused_credentials_are_retried_with_backoff_and_visible() {
         passwords.display()
     ))
     .await;
-    let mut s = settings(broker.url());
+    let mut s = uplink_settings(broker.url());
     s.username = Some("gateway".into());
     s.password = Some(telemetryhub::config::Secret::new("wrong-password"));
     let mut up = start_forwarder(&s);
@@ -236,11 +227,7 @@ async fn refused_credentials_are_retried_with_backoff_and_visible() {
         "the password is never shown"
     );
     assert_eq!(up.spool.stats().pending, 1);
-    up.cancel.cancel();
-    tokio::time::timeout(DEADLINE, up.task)
-        .await
-        .unwrap()
-        .unwrap();
+    up.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,7 +236,7 @@ async fn mqtts_with_a_private_ca_delivers_and_without_it_the_handshake_is_refuse
     // One plain listener for the test's subscriber, one TLS listener for the gateway.
     let broker = Broker::start_with(&format!("allow_anonymous true\n{}", tls.listener())).await;
     let sub = Subscriber::start(broker.port, "t/#").await;
-    let mut s = settings(tls.url());
+    let mut s = uplink_settings(tls.url());
     s.ca_file = Some(tls.ca.clone());
     let mut up = start_forwarder(&s);
     for n in 0..50 {
@@ -260,14 +247,10 @@ async fn mqtts_with_a_private_ca_delivers_and_without_it_the_handshake_is_refuse
     })
     .await;
     assert_eq!(received(&sub)["t/tls"], (0..50).collect::<Vec<_>>());
-    up.cancel.cancel();
-    tokio::time::timeout(DEADLINE, up.task)
-        .await
-        .unwrap()
-        .unwrap();
+    up.stop().await;
 
     // Without the private CA (the system's CAs only), the broker's certificate is not trusted.
-    let mut s = settings(tls.url());
+    let mut s = uplink_settings(tls.url());
     s.ca_file = None;
     let mut up = start_forwarder(&s);
     append(&mut up.writer, "tls", 99);
@@ -283,9 +266,5 @@ async fn mqtts_with_a_private_ca_delivers_and_without_it_the_handshake_is_refuse
         "{error}"
     );
     assert_eq!(up.spool.stats().pending, 1, "nothing was sent");
-    up.cancel.cancel();
-    tokio::time::timeout(DEADLINE, up.task)
-        .await
-        .unwrap()
-        .unwrap();
+    up.stop().await;
 }

@@ -76,22 +76,27 @@ const MAX_NOISE: f64 = 1_000_000.0;
 const SIGNAL_BAND: (f64, f64) = (41.0, 43.0);
 
 impl SimulatorSettings {
-    /// The longest data frame this simulator can send, as `max_frame_len` counts it (up to
-    /// and including its first line-end byte, so the `\r` of its `\r\n`): the largest sequence
-    /// number with the value the noise can push furthest from the signal's band (above it, or
-    /// below it, where a minus sign may appear), in the configured unit, encoded by the codec.
-    pub fn longest_frame_len(&self) -> usize {
+    /// The longest data frame this simulator can send, in bytes on the line (its `\r\n`
+    /// included): the largest sequence number with the value the noise can push furthest from
+    /// the signal's band (above it, or below it, where a minus sign may appear), in the
+    /// configured unit, encoded by the codec.
+    pub fn longest_frame_on_wire(&self) -> usize {
         let (low, high) = SIGNAL_BAND;
         [high + self.noise, low - self.noise]
             .into_iter()
             .map(|value| {
                 let mut frame = BytesMut::new();
                 encode_frame(u32::MAX, value, &self.unit, &mut frame);
-                // The `\n` after the `\r` is not counted.
-                frame.len() - 1
+                frame.len()
             })
             .max()
             .unwrap_or_default()
+    }
+
+    /// That frame's length as `max_frame_len` counts it: up to and including its first
+    /// line-end byte (the `\r` of its `\r\n`).
+    pub fn longest_frame_len(&self) -> usize {
+        self.longest_frame_on_wire() - 1
     }
 }
 

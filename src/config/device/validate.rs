@@ -85,8 +85,7 @@ impl DeviceSettings {
         }
         let interval = self.sample_interval_ms;
         if sim.baud > 0 && interval > 0 {
-            // On the wire the frame also carries the `\n` that max_frame_len does not count.
-            let bits = (sim.longest_frame_len() as u64 + 1) * 10;
+            let bits = sim.longest_frame_on_wire() as u64 * 10;
             let frame_ms = line_ms(bits, sim.baud);
             if bits * 1000 > interval * u64::from(sim.baud) {
                 out.push(format!(
@@ -146,8 +145,8 @@ impl DeviceSettings {
         if baud == 0 {
             return Ok(()); // Unpaced: a frame crosses the link at once.
         }
-        // 8N1: ten bits a byte, and on the line the frame also carries its final `\n`.
-        let on_wire = longest + 1;
+        // 8N1: ten bits a byte.
+        let on_wire = self.simulator.longest_frame_on_wire();
         let bits = on_wire as u64 * 10;
         self.check_line(at, "simulator.baud", baud, on_wire, bits)?;
         // A reply is queued behind the frame being sent, and is about as long.
