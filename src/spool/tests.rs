@@ -30,10 +30,12 @@ fn payload(n: u64) -> Vec<u8> {
 }
 
 fn append(writer: &mut SpoolWriter, n: u64, count: u32) -> std::ops::Range<u64> {
-    let p = payload(n);
-    writer
-        .append(&[Append { payload: &p, count }])
-        .expect("append")
+    push(writer, &payload(n), count)
+}
+
+/// Appends one record of `count` items.
+fn push(writer: &mut SpoolWriter, payload: &[u8], count: u32) -> std::ops::Range<u64> {
+    writer.append(&[Append { payload, count }]).expect("append")
 }
 
 fn read_all(reader: &mut SpoolReader) -> Vec<Record> {
@@ -139,12 +141,7 @@ fn acknowledged_segments_are_deleted_once_the_head_is_durable() {
     let (spool, mut writer, mut reader, _) = open(&options);
     let big = vec![7u8; 20_000];
     for _ in 0..40 {
-        writer
-            .append(&[Append {
-                payload: &big,
-                count: 10,
-            }])
-            .unwrap();
+        push(&mut writer, &big, 10);
     }
     assert!(segments(tmp.path()).len() >= 6);
     for r in read_all(&mut reader) {
@@ -170,12 +167,7 @@ fn drop_oldest_bounds_the_disk_and_counts_what_it_deleted() {
     let (spool, mut writer, mut reader, _) = open(&options);
     let big = vec![1u8; 10_000];
     for _ in 0..1000 {
-        writer
-            .append(&[Append {
-                payload: &big,
-                count: 5,
-            }])
-            .unwrap();
+        push(&mut writer, &big, 5);
         let on_disk: u64 = segments(tmp.path())
             .iter()
             .map(|p| fs::metadata(p).unwrap().len())
@@ -202,23 +194,13 @@ fn block_waits_for_room_until_an_ack_frees_it() {
     let (spool, mut writer, mut reader, _) = open(&options);
     let big = vec![1u8; 100_000];
     for _ in 0..9 {
-        writer
-            .append(&[Append {
-                payload: &big,
-                count: 1,
-            }])
-            .unwrap();
+        push(&mut writer, &big, 1);
     }
     let (tx, rx) = std::sync::mpsc::channel();
     let blocked = std::thread::spawn(move || {
         let mut n = 0;
         for _ in 0..3 {
-            writer
-                .append(&[Append {
-                    payload: &big,
-                    count: 1,
-                }])
-                .unwrap();
+            push(&mut writer, &big, 1);
             n += 1;
             tx.send(n).unwrap();
         }
@@ -283,12 +265,7 @@ fn damaged_fixture() -> (tempfile::TempDir, SpoolOptions) {
     let (_spool, mut writer, _reader, _) = open(&options);
     let p = vec![9u8; 6_000];
     for _ in 0..60 {
-        writer
-            .append(&[Append {
-                payload: &p,
-                count: 1,
-            }])
-            .unwrap();
+        push(&mut writer, &p, 1);
     }
     writer.sync().unwrap();
     assert!(segments(tmp.path()).len() >= 3);
