@@ -50,6 +50,7 @@ fn samples(n: usize) -> Vec<Sample> {
             seq: Some(i as u32),
             value: 42.0 + i as f64 * 1e-3,
             unit: SmolStr::new_static("arb.units"),
+            channel: SmolStr::new_static("value"),
             timestamp,
             received,
             order: 0,

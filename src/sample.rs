@@ -7,6 +7,9 @@ use smol_str::SmolStr;
 
 use crate::ledger::Source;
 
+/// The channel of a sample whose source names none.
+pub const DEFAULT_CHANNEL: &str = "value";
+
 /// One measurement, stamped by the gateway on arrival.
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -18,6 +21,9 @@ pub struct Sample {
     pub value: f64,
     /// Unit token.
     pub unit: SmolStr,
+    /// Name of the quantity measured (`temperature`, `humidity`, ...); one device may report
+    /// several. Devices that name none report [`DEFAULT_CHANNEL`].
+    pub channel: SmolStr,
     /// When the gateway received it (UTC wall clock), or the time the client gave.
     pub timestamp: SystemTime,
     /// When the gateway received it (monotonic), for read-to-processed latency.
@@ -39,6 +45,7 @@ impl Sample {
             seq: Some(seq),
             value,
             unit: SmolStr::new_static("arb.units"),
+            channel: SmolStr::new_static(DEFAULT_CHANNEL),
             timestamp: SystemTime::now(),
             received: Instant::now(),
             order: u64::from(seq),
@@ -58,6 +65,8 @@ pub struct ProcessedSample {
     pub unit: SmolStr,
     /// Device id.
     pub device: SmolStr,
+    /// The quantity measured.
+    pub channel: SmolStr,
     /// Receive time, RFC 3339 UTC.
     #[serde(serialize_with = "rfc3339")]
     pub timestamp: SystemTime,

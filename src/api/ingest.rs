@@ -26,7 +26,7 @@ use super::{ApiError, AppState};
 use crate::buffer::PushError;
 use crate::device::codec::valid_unit;
 use crate::ledger::Source;
-use crate::sample::Sample;
+use crate::sample::{DEFAULT_CHANNEL, Sample};
 use crate::uplink::stage::SpoolStage;
 
 /// One sample as a client posts it.
@@ -138,6 +138,7 @@ pub fn parse_body(
                 seq: item.seq,
                 value: item.value,
                 unit: item.unit,
+                channel: SmolStr::new_static(DEFAULT_CHANNEL),
                 timestamp,
                 received: received.1,
                 order: 0,

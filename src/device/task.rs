@@ -33,7 +33,7 @@ use super::{
 use crate::buffer::RingBuffer;
 use crate::config::DeviceSettings;
 use crate::ledger::{DropReason, Source};
-use crate::sample::Sample;
+use crate::sample::{DEFAULT_CHANNEL, Sample};
 
 /// Most frames decoded into one push to the buffer.
 const CHUNK_MAX: usize = 256;
@@ -338,6 +338,7 @@ impl<C: Connector> DeviceTask<C> {
                         seq: Some(raw.seq),
                         value: raw.value,
                         unit: raw.unit,
+                        channel: SmolStr::new_static(DEFAULT_CHANNEL),
                         timestamp,
                         received,
                         order: 0,

@@ -189,6 +189,7 @@ mod tests {
             value,
             unit: "degC".into(),
             device: "probe-1".into(),
+            channel: "value".into(),
             timestamp: UNIX_EPOCH + Duration::from_millis(1_764_198_600_123 + u64::from(seq)),
             order: u64::from(seq),
         }

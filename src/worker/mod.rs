@@ -235,6 +235,7 @@ impl Worker {
                 value,
                 unit: sample.unit,
                 device: sample.device,
+                channel: sample.channel,
                 timestamp: sample.timestamp,
                 order: sample.order,
             };
@@ -399,6 +400,7 @@ mod tests {
             value: 0.0,
             unit: "u".into(),
             device: "d".into(),
+            channel: "value".into(),
             timestamp: std::time::SystemTime::UNIX_EPOCH,
             order,
         };

@@ -44,7 +44,7 @@ fn assert_sample(sample: &Value, device: &str) {
     keys.sort_unstable();
     assert_eq!(
         keys,
-        ["device", "seq", "timestamp", "unit", "value"],
+        ["channel", "device", "seq", "timestamp", "unit", "value"],
         "{sample}"
     );
     assert_eq!(sample["device"], device);

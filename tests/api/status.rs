@@ -45,7 +45,7 @@ async fn status_has_the_documented_shape_and_real_numbers() {
     assert!(status["uptime_seconds"].is_u64(), "{status}");
     assert_eq!(
         keys(&status["latest_sample"]),
-        ["device", "seq", "timestamp", "unit", "value"]
+        ["channel", "device", "seq", "timestamp", "unit", "value"]
     );
     assert_eq!(status["latest_sample"]["device"], "sim0");
 
