@@ -12,7 +12,8 @@
 #   3. POST /samples with k6/ingest.lua (1,000-sample ~61 KB body, wrk -t2 -c16) RUNS times,
 #      sampling VmRSS; then 60 s of ingest overload with drop_oldest and an unpaced device;
 #   4. a socat pty pair read as a serial device, examples/pty_writer.rs writing frames as fast
-#      as the pty takes them, RUNS times (block policy; lost frames counted);
+#      as the pty takes them, RUNS times (block policy; lost frames counted), each run after
+#      the pair's own limit: the same writer and frames with `dd` reading the other end;
 #   5. idle CPU (devices stopped) and one device at 10 Hz, each over IDLE_SECONDS, from
 #      /proc/PID/stat utime+stime and /proc/PID/task/*/schedstat;
 # and prints a summary with medians, ratios and the load average of every run.
@@ -317,8 +318,41 @@ if ! skip overload; then
 fi
 
 # --- 4. serial device on a pty ----------------------------------------------------------------
+# Each run first measures the pty pair's own limit: the same writer and frames, with `dd` reading
+# the other end into /dev/null (no decoding), then the gateway on a fresh pair. The summary
+# reports the gateway's median as a share of the raw median, both from this one run.
 if ! skip pty; then
   for i in $(seq "$RUNS"); do
+    rm -f "$OUT/ttyGW" "$OUT/ttyDEV"
+    socat -d -b 65536 "pty,raw,echo=0,link=$OUT/ttyGW" "pty,raw,echo=0,link=$OUT/ttyDEV" \
+      >> "$OUT/socat.log" 2>&1 &
+    SOCAT_PID=$!
+    PIDS+=("$SOCAT_PID")
+    for _ in $(seq 50); do [ -e "$OUT/ttyGW" ] && [ -e "$OUT/ttyDEV" ] && break; sleep 0.1; done
+    # The writer's byte count for these frames, known before it runs: dd stops after exactly it.
+    bytes=$(python3 -c "
+n = $PTY_FRAMES
+tail = len(',42.500000,arb.units*CC\\r\\n') + len('\$TH,')
+total, d, lo = 0, 1, 0
+while lo < n:
+    hi = min(n, 10 ** d)
+    total += (hi - lo) * (tail + d)
+    lo, d = hi, d + 1
+print(total)")
+    l=$(load)
+    log "pty raw run $i/$RUNS: $PTY_FRAMES frames, $bytes bytes to dd (load $l)"
+    t0=$(date +%s.%N)
+    dd if="$OUT/ttyGW" of=/dev/null bs=64K iflag=count_bytes,fullblock count="$bytes" status=none &
+    DD_PID=$!
+    PIDS+=("$DD_PID")
+    writer=$(timeout 300 "$PTY_WRITER" --path "$OUT/ttyDEV" --frames "$PTY_FRAMES")
+    timeout 60 tail --pid="$DD_PID" -f /dev/null
+    t1=$(date +%s.%N)
+    wait "$DD_PID"
+    record "{\"kind\":\"pty_raw\",\"load\":$l,\"frames\":$PTY_FRAMES,\"bytes\":$bytes,\"seconds\":$(awk "BEGIN {print $t1 - $t0}"),\"writer\":$writer}"
+    kill "$SOCAT_PID" 2>/dev/null || true
+    wait "$SOCAT_PID" 2>/dev/null || true
+
     rm -f "$OUT/ttyGW" "$OUT/ttyDEV"
     socat -d -b 65536 "pty,raw,echo=0,link=$OUT/ttyGW" "pty,raw,echo=0,link=$OUT/ttyDEV" \
       >> "$OUT/socat.log" 2>&1 &
@@ -469,6 +503,14 @@ if t:
     out.append(f"serial pty (socat pair): median {rate:,.0f} frames/s decoded and processed "
                f"({', '.join(f'{x:,.0f}' for x in rates)}), lost/invalid/gaps {lost}; gateway CPU {cpu:.2f} s per "
                f"million frames; target >= 1,200,000 and 0 lost: {verdict(rate >= 1.2e6 and lost == 0)}; {loads(t)}")
+    raw = [r for r in rows if r["kind"] == "pty_raw"]
+    if raw:
+        raw_rates = [r["frames"] / r["seconds"] for r in raw]
+        limit = med(raw_rates)
+        mbps = med([r["bytes"] / r["seconds"] / 1e6 for r in raw])
+        out.append(f"  pty limit (same pair, same writer, dd reader): median {limit:,.0f} frames/s = {mbps:.1f} MB/s "
+                   f"({', '.join(f'{x:,.0f}' for x in raw_rates)}); gateway / limit {rate / limit:.0%}; "
+                   f"target >= 75 % and 0 lost: {verdict(rate >= 0.75 * limit and lost == 0)}; {loads(raw)}")
 for label, limit in (("idle", 0.05), ("device_10hz", 1.0)):
     c = [r for r in rows if r["kind"] == "cpu" and r["label"] == label]
     if c:
