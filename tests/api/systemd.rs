@@ -1,0 +1,110 @@
+//! systemd integration of the real binary: given a `NOTIFY_SOCKET` that the test listens on
+//! and a `WATCHDOG_USEC`, the gateway sends READY=1 once it serves, WATCHDOG=1 pings while it
+//! runs, and STOPPING=1 when SIGTERM starts the drain.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UnixDatagram;
+
+use crate::helpers::{Binary, DEADLINE, wait_until};
+
+/// One simulated device and a short grace period.
+const CONFIG: &str = "
+[pipeline]
+shutdown_grace_ms = 2000
+
+[[devices]]
+id = \"notify0\"
+sample_interval_ms = 20
+";
+
+/// Watchdog interval given to the gateway: it pings every half of it (100 ms).
+const WATCHDOG_USEC: &str = "200000";
+
+/// Every datagram received on a notification socket, in order.
+#[derive(Clone, Default)]
+struct Received(Arc<Mutex<Vec<String>>>);
+
+impl Received {
+    fn all(&self) -> Vec<String> {
+        self.0.lock().expect("not poisoned").clone()
+    }
+
+    fn count(&self, message: &str) -> usize {
+        self.all().iter().filter(|m| m.as_str() == message).count()
+    }
+}
+
+/// Binds a datagram socket at `path` and records every message sent to it.
+fn listen(path: &std::path::Path) -> Received {
+    let socket = UnixDatagram::bind(path).expect("the notify socket binds");
+    let received = Received::default();
+    let record = received.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf).await {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            record.0.lock().expect("not poisoned").push(text);
+        }
+    });
+    received
+}
+
+#[tokio::test]
+async fn ready_watchdog_and_stopping_reach_the_notify_socket() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let socket = dir.path().join("notify.sock");
+    let received = listen(&socket);
+    let socket_env = socket.to_str().expect("a UTF-8 temp path");
+    let mut gateway = Binary::start(
+        CONFIG,
+        &[
+            ("NOTIFY_SOCKET", socket_env),
+            ("WATCHDOG_USEC", WATCHDOG_USEC),
+        ],
+    )
+    .await;
+
+    wait_until(DEADLINE, "READY=1", async || {
+        received.count("READY=1\n") == 1
+    })
+    .await;
+    wait_until(DEADLINE, "three watchdog pings", async || {
+        received.count("WATCHDOG=1\n") >= 3
+    })
+    .await;
+    assert_eq!(
+        received.all().first().map(String::as_str),
+        Some("READY=1\n"),
+        "READY=1 comes first: {:?}",
+        received.all()
+    );
+
+    gateway.signal("TERM");
+    let (status, stderr) = gateway.wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status}\n{stderr}");
+    wait_until(DEADLINE, "STOPPING=1", async || {
+        received.count("STOPPING=1\n") == 1
+    })
+    .await;
+    let all = received.all();
+    let stopping = all.iter().position(|m| m == "STOPPING=1\n");
+    let ready = all.iter().position(|m| m == "READY=1\n");
+    assert!(ready < stopping, "{all:?}");
+    // Nothing but these three kinds of message, and READY=1 only once (no reload here).
+    assert!(
+        all.iter()
+            .all(|m| ["READY=1\n", "WATCHDOG=1\n", "STOPPING=1\n"].contains(&m.as_str())),
+        "{all:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_notify_socket_the_gateway_runs_as_before() {
+    let mut gateway = Binary::start(CONFIG, &[("WATCHDOG_USEC", WATCHDOG_USEC)]).await;
+    gateway.signal("TERM");
+    let (status, stderr) = gateway.wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status}\n{stderr}");
+    assert!(!stderr.contains("Cannot notify"), "{stderr}");
+}
