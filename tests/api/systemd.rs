@@ -94,7 +94,8 @@ async fn ready_watchdog_and_stopping_reach_the_notify_socket() {
     let stopping = all.iter().position(|m| m == "STOPPING=1\n");
     let ready = all.iter().position(|m| m == "READY=1\n");
     assert!(ready < stopping, "{all:?}");
-    // Nothing but these three kinds of message, and READY=1 only once (no reload here).
+    // Nothing but these three kinds of message, and READY=1 only once: there is no reload here
+    // (a reload sends RELOADING=1 + MONOTONIC_USEC, then READY=1; see notify::tests).
     assert!(
         all.iter()
             .all(|m| ["READY=1\n", "WATCHDOG=1\n", "STOPPING=1\n"].contains(&m.as_str())),
