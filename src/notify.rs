@@ -254,6 +254,59 @@ mod tests {
     }
 
     #[test]
+    fn the_watchdog_goes_quiet_while_the_runtime_is_stalled_and_resumes_after() {
+        let (_dir, socket, notifier) = listener(Some(Duration::from_millis(20)));
+        // One runtime thread: blocking it stalls the whole runtime, watchdog task included.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (pinged_tx, pinged_rx) = tokio::sync::oneshot::channel();
+        let (stalled_tx, stalled_rx) = std::sync::mpsc::channel();
+        let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
+        let (resumed_tx, resumed_rx) = tokio::sync::oneshot::channel();
+        let checker = std::thread::spawn(move || {
+            assert_eq!(receive(&socket), "WATCHDOG=1\n");
+            pinged_tx.send(()).unwrap();
+            stalled_rx.recv().unwrap();
+            // Pings sent before the stall are already queued (a unix datagram is queued as it
+            // is sent): drain them; nothing can be sent while the only runtime thread is held.
+            socket.set_nonblocking(true).unwrap();
+            while socket.recv(&mut [0u8; 64]).is_ok() {}
+            socket.set_nonblocking(false).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let quiet = socket.recv(&mut [0u8; 64]).is_err();
+            resume_tx.send(()).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let after = receive(&socket);
+            resumed_tx.send(()).unwrap();
+            (quiet, after)
+        });
+        runtime.block_on(async {
+            let tracker = TaskTracker::new();
+            let cancel = CancellationToken::new();
+            notifier.spawn_watchdog(&tracker, cancel.clone(), || {});
+            pinged_rx.await.unwrap();
+            // The stall: the runtime's only thread held until the checker has watched a
+            // 200 ms window (ten ping periods).
+            stalled_tx.send(()).unwrap();
+            resume_rx.recv().unwrap();
+            // Running again: the checker gets a ping again.
+            resumed_rx.await.unwrap();
+            cancel.cancel();
+            tracker.close();
+            tracker.wait().await;
+        });
+        let (quiet, after) = checker.join().unwrap();
+        assert!(quiet, "a ping was sent while the runtime was stalled");
+        assert_eq!(after, "WATCHDOG=1\n");
+    }
+
+    #[test]
     fn no_watchdog_task_without_watchdog_usec() {
         let (_dir, _socket, notifier) = listener(None);
         let tracker = TaskTracker::new();
