@@ -1,6 +1,8 @@
 //! The `telemetryhub` binary: parse the CLI, load the config, start logging, bind, run until
 //! SIGINT or SIGTERM, drain, and report. A second signal during the drain stops at once (exit
-//! code 130), still writing the report.
+//! code 130), still writing the report. Under systemd it reports readiness, watchdog pings and
+//! the drain through `NOTIFY_SOCKET` (see `telemetryhub::notify`). `completions` and `man` print
+//! what clap generates from the definitions below, before any configuration is read.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
