@@ -16,6 +16,9 @@ need_cmd mosquitto || missing+=(mosquitto)
 need_cmd mosquitto_sub || missing+=(mosquitto-clients)
 # openssl makes the private CA and broker certificate of the mqtts:// test.
 need_cmd openssl || missing+=(openssl)
+# systemd-analyze verifies the packaged unit file; it checks the unit's man: page with man.
+need_cmd systemd-analyze || missing+=(systemd)
+need_cmd man || missing+=(man-db)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]}" >&2
   apt-get update -qq

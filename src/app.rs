@@ -22,6 +22,7 @@ use crate::api::{self, AppState};
 use crate::config::Settings;
 use crate::dispatch::ProcessFn;
 use crate::ledger::Ledger;
+use crate::notify::Notifier;
 use crate::pipeline::Pipeline;
 
 /// How often the metrics recorder drains histogram samples when nobody scrapes.
@@ -76,6 +77,7 @@ pub struct App {
     local_addr: SocketAddr,
     process: Option<ProcessFn>,
     uplink: Option<crate::uplink::Opened>,
+    notifier: Notifier,
 }
 
 impl App {
@@ -99,6 +101,7 @@ impl App {
             local_addr,
             process: None,
             uplink,
+            notifier: Notifier::default(),
         })
     }
 
@@ -110,6 +113,14 @@ impl App {
     /// Replaces the worker's processing function; for fault-injection tests.
     pub fn with_process(mut self, process: ProcessFn) -> Self {
         self.process = Some(process);
+        self
+    }
+
+    /// Notifies the service manager through `notifier` (see [`crate::notify`]): READY=1 once
+    /// the stages and the server have started, watchdog pings while running, STOPPING=1 when
+    /// the drain starts.
+    pub fn with_notifier(mut self, notifier: Notifier) -> Self {
+        self.notifier = notifier;
         self
     }
 
@@ -141,6 +152,7 @@ impl App {
             local_addr,
             process,
             uplink,
+            notifier,
         } = self;
         let started = Instant::now();
         let tracker = TaskTracker::new();
@@ -190,9 +202,16 @@ impl App {
             devices = settings.devices.len(),
             workers,
             capacity = settings.buffer.capacity,
-            overflow = ?settings.buffer.overflow,
+            overflow = %settings.buffer.overflow,
             "TelemetryHub listening."
         );
+        // The listener was bound in `build` and the devices' tasks are spawned: ready. The
+        // watchdog's liveness check goes through the buffer lock (see `crate::notify`).
+        notifier.ready();
+        let buffer = pipeline.buffer.clone();
+        notifier.spawn_watchdog(&tracker, http_cancel.clone(), move || {
+            let _snapshot = buffer.ledger();
+        });
         Running {
             grace: settings.pipeline.shutdown_grace(),
             pipeline,
@@ -200,6 +219,7 @@ impl App {
             tracker,
             cancel,
             http_cancel,
+            notifier,
         }
     }
 }
@@ -212,6 +232,7 @@ struct Running {
     tracker: TaskTracker,
     cancel: CancellationToken,
     http_cancel: CancellationToken,
+    notifier: Notifier,
 }
 
 impl Running {
@@ -224,7 +245,9 @@ impl Running {
             tracker,
             cancel,
             http_cancel,
+            notifier,
         } = self;
+        notifier.stopping();
         info!(
             grace_ms = grace.as_millis() as u64,
             "Shutdown requested; draining."

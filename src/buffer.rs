@@ -31,6 +31,24 @@ pub enum OverflowPolicy {
     Block,
 }
 
+impl OverflowPolicy {
+    /// The policy's name, as in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DropOldest => "drop_oldest",
+            Self::DropNewest => "drop_newest",
+            Self::Block => "block",
+        }
+    }
+}
+
+impl std::fmt::Display for OverflowPolicy {
+    /// The name as in the config (`drop_oldest`), so logs show what users write.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why [`RingBuffer::try_push_all`] refused a batch. Nothing of a refused batch is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PushError {

@@ -27,7 +27,8 @@
 //! - [`worker`]: pure processing functions and the worker's shared statistics.
 //! - [`metrics`]: every metric name and how it is recorded.
 //! - [`api`]: the HTTP routes; it sees the pipeline only through the stages' handle types.
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logging set-up; [`notify`]: systemd readiness, reload and watchdog
+//!   notifications.
 //! - [`bench`]: the end-to-end pipeline benchmark behind `telemetryhub bench`.
 //! - [`cli`]: the binary's helper subcommands (`healthcheck`, `simulate`).
 
@@ -41,6 +42,7 @@ pub mod device;
 pub mod dispatch;
 pub mod ledger;
 pub mod metrics;
+pub mod notify;
 pub mod pipeline;
 pub mod sample;
 pub mod spool;

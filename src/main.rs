@@ -1,6 +1,8 @@
 //! The `telemetryhub` binary: parse the CLI, load the config, start logging, bind, run until
 //! SIGINT or SIGTERM, drain, and report. A second signal during the drain stops at once (exit
-//! code 130), still writing the report.
+//! code 130), still writing the report. Under systemd it reports readiness, watchdog pings and
+//! the drain through `NOTIFY_SOCKET` (see `telemetryhub::notify`). `completions` and `man` print
+//! what clap generates from the definitions below, before any configuration is read.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,9 +28,17 @@ const EXIT_STOPPED_NOW: u8 = 130;
 /// threads (they cannot be cancelled); the process exits without them after that.
 const LEFTOVER_WAIT: Duration = Duration::from_millis(500);
 
+/// `--version`: the package version and the git commit it was built from (see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TELEMETRYHUB_GIT_COMMIT"),
+    ")"
+);
+
 /// Edge telemetry gateway: serial sensors → ring buffer → workers → REST + Prometheus.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = VERSION, about)]
 struct Cli {
     /// TOML configuration file; built-in defaults (config/default.toml) when omitted.
     #[arg(long, global = true, env = "TELEMETRYHUB_CONFIG")]
@@ -51,6 +61,15 @@ struct Cli {
 enum Cmd {
     /// Check the configuration and exit: 0 if valid, 2 with a message naming the bad key.
     Validate,
+    /// Print the shell completion script for SHELL to standard output (e.g. `telemetryhub
+    /// completions bash > /etc/bash_completion.d/telemetryhub`).
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to standard output (e.g. `telemetryhub man | man -l -`).
+    Man,
     /// Exit 0 if the gateway at URL answers 200 (for container health checks; needs no curl).
     Healthcheck {
         /// The URL to probe (plain HTTP).
@@ -115,6 +134,12 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // These describe the command line itself: they need no configuration.
+    match &cli.command {
+        Some(Cmd::Completions { shell }) => return print_completions(*shell),
+        Some(Cmd::Man) => return print_man_page(),
+        _ => {}
+    }
     let env = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
     let mut settings = match Settings::load(cli.config.as_deref(), env) {
@@ -138,6 +163,7 @@ fn main() -> ExitCode {
             println!("configuration is valid");
             ExitCode::SUCCESS
         }
+        Some(Cmd::Completions { .. } | Cmd::Man) => unreachable!("handled before loading"),
         Some(Cmd::Healthcheck { url, timeout_ms }) => {
             match cli::probe(&url, Duration::from_millis(timeout_ms)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -222,6 +248,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes the completion script for `shell`, generated from the same clap definitions that
+/// parse the command line.
+fn print_completions(shell: clap_complete::Shell) -> ExitCode {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut command, "telemetryhub", &mut std::io::stdout());
+    ExitCode::SUCCESS
+}
+
+/// Writes the man page, generated from the same clap definitions that parse the command line.
+fn print_man_page() -> ExitCode {
+    let command = <Cli as clap::CommandFactory>::command();
+    match clap_mangen::Man::new(command).render(&mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("telemetryhub: man: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs `future` on a new multi-threaded runtime.
 fn block_on(future: impl Future<Output = ExitCode>) -> ExitCode {
     match tokio::runtime::Runtime::new() {
@@ -275,7 +321,8 @@ async fn run(settings: Settings, stats_file: Option<PathBuf>) -> ExitCode {
         tracing::warn!(%warning, "Suspicious configuration.");
     }
     let app = match App::build(settings).await {
-        Ok(app) => app,
+        // systemd's NOTIFY_SOCKET and WATCHDOG_USEC, when it started us.
+        Ok(app) => app.with_notifier(telemetryhub::notify::Notifier::from_env()),
         Err(err) => {
             tracing::error!(error = %err, "Cannot start.");
             // A spool directory or broker setting that cannot be used is a configuration

@@ -79,6 +79,13 @@ impl UplinkFormat {
     }
 }
 
+impl std::fmt::Display for UplinkFormat {
+    /// The name as in the config, so logs show what users write.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 fn default_max_batch() -> u32 {
     1000
 }
@@ -355,6 +362,16 @@ pub enum FsyncSetting {
     Always,
     /// Every this many milliseconds.
     IntervalMs(u64),
+}
+
+impl std::fmt::Display for FsyncSetting {
+    /// As in the config: `always`, or the interval in milliseconds.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Always => f.write_str("always"),
+            Self::IntervalMs(ms) => write!(f, "{ms}"),
+        }
+    }
 }
 
 impl Serialize for FsyncSetting {

@@ -36,6 +36,13 @@ impl DeviceKind {
     }
 }
 
+impl std::fmt::Display for DeviceKind {
+    /// The name as in the config, so logs show what users write.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

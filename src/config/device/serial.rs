@@ -57,6 +57,17 @@ pub enum Parity {
     Even,
 }
 
+impl std::fmt::Display for Parity {
+    /// The name as in the config, so logs show what users write.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Odd => "odd",
+            Self::Even => "even",
+        })
+    }
+}
+
 fn default_baud() -> u32 {
     115_200
 }

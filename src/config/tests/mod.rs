@@ -5,6 +5,7 @@ use std::time::Duration;
 use super::*;
 use crate::buffer::OverflowPolicy;
 
+mod display;
 mod env;
 mod ignored;
 mod pairs;
