@@ -28,6 +28,8 @@
 //! - [`metrics`]: every metric name and how it is recorded.
 //! - [`api`]: the HTTP routes; it sees the pipeline only through the stages' handle types.
 //! - [`telemetry`]: logging set-up.
+//! - [`reload`]: live reload (`SIGHUP`, `POST /-/reload`): re-reads the config and applies
+//!   what can change without a restart; [`swap`] is the cell the live settings sit in.
 //! - [`bench`]: the end-to-end pipeline benchmark behind `telemetryhub bench`.
 //! - [`cli`]: the binary's helper subcommands (`healthcheck`, `simulate`).
 
@@ -42,8 +44,10 @@ pub mod dispatch;
 pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
+pub mod reload;
 pub mod sample;
 pub mod spool;
+pub mod swap;
 pub mod telemetry;
 pub mod uplink;
 pub mod worker;
