@@ -235,7 +235,7 @@ impl App {
             tracker.spawn(reloader.run(requests, cancel.clone()));
         }
         let router = api::router(state, guard);
-        let server = tracker.spawn(api::serve(
+        let server = tracker.spawn(api::serve_live(
             listener,
             router,
             header_read_timeout_rx,

@@ -56,7 +56,11 @@ impl LogControl {
 /// Installs the global subscriber. `RUST_LOG`, when set, wins over `level`. Returns the control
 /// a live reload changes the level with; `None` when a subscriber was already installed (tests).
 pub fn init(level: &str, format: LogFormat) -> Option<LogControl> {
-    let from_env = EnvFilter::try_from_default_env().ok();
+    // An empty `RUST_LOG` counts as unset (as `RUST_LOG= telemetryhub` means to).
+    let from_env = std::env::var(EnvFilter::DEFAULT_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|_| EnvFilter::try_from_default_env().ok());
     let env_wins = from_env.is_some();
     let filter = from_env
         .or_else(|| EnvFilter::try_new(level).ok())

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::error::ApiError;
 pub use self::guard::Guard;
 pub use self::ingest::IngestLimits;
-pub use self::server::serve;
+pub use self::server::{serve, serve_live};
 use crate::buffer::RingBuffer;
 use crate::device::DeviceHandle;
 use crate::dispatch::PoolGauges;

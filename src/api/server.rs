@@ -25,10 +25,21 @@ use tracing::{debug, warn};
 /// How long to wait before accepting again after an accept error (e.g. out of descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// Serves `router` until `cancel`, then waits for the requests in flight to finish. Each new
-/// connection gets the header-read timeout `header_read_timeout` holds when it is accepted (a
-/// live reload may change it).
+/// Serves `router` until `cancel`, then waits for the requests in flight to finish.
 pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    header_read_timeout: Duration,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let (_fixed, header_read_timeout) = watch::channel(header_read_timeout);
+    serve_live(listener, router, header_read_timeout, tracker, cancel).await;
+}
+
+/// Like [`serve`], but each new connection gets the header-read timeout that
+/// `header_read_timeout` holds when it is accepted (a live reload may change it).
+pub async fn serve_live(
     listener: TcpListener,
     router: Router,
     header_read_timeout: watch::Receiver<Duration>,

@@ -294,8 +294,10 @@ mod tests {
 
     #[test]
     fn an_uplinks_broker_settings_are_live_and_its_message_format_is_not() {
-        let mut running = Settings::default();
-        running.uplink = Some(UplinkSettings::new("mqtt://127.0.0.1:1"));
+        let running = Settings {
+            uplink: Some(UplinkSettings::new("mqtt://127.0.0.1:1")),
+            ..Settings::default()
+        };
         let mut loaded = running.clone();
         let uplink = loaded.uplink.as_mut().expect("set above");
         uplink.url = "mqtt://127.0.0.1:2".to_owned();
