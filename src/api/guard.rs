@@ -4,7 +4,7 @@
 //! when `protect_reads` is set (except the probes and the static live page, whose data requests
 //! carry the token), an early 413 for a declared body over the limit, and the request timeout
 //! (408). The token is compared in constant time, taken only from the `Authorization` header
-//! (never from a URL), and never logged.
+//! (never from a URL), and never logged. All of it follows a live reload: see [`GuardLayer`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -241,7 +241,8 @@ fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
 /// A hand-written service rather than `axum::middleware::from_fn` plus tower-http's
 /// `CatchPanicLayer`: those clone the inner service into a box, box a future and box the
 /// response body on every request, about a third of the instructions of a `GET /status`
-/// (callgrind, docs/PERFORMANCE.md). This does the same work with no allocation of its own.
+/// (callgrind, docs/PERFORMANCE.md). This does the same work with no allocation of its own,
+/// except boxing the body limit around a request that has a body (see `Guard::limit_body`).
 ///
 /// The guard sits in a [`Swap`]: a live reload replaces it whole (token, hosts, limits,
 /// timeout), and each request is judged by the one guard it loaded when it arrived. A new

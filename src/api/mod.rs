@@ -1,5 +1,6 @@
 //! The HTTP API: REST control of the devices, status, samples, health, Prometheus metrics, and
-//! a live page (`GET /`, fed by server-sent events from `GET /events`).
+//! a live page (`GET /`, fed by server-sent events from `GET /events`), and `POST /-/reload`
+//! (live reload of the configuration, through [`crate::reload::ReloadHandle`]).
 //!
 //! [`router`] builds the axum `Router` from an [`AppState`], which holds only handle types the
 //! pipeline stages export (device handles, the buffer's accounting, the worker's statistics);
