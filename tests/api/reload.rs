@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, Subscriber};
 use crate::helpers::{
-    Binary, DEADLINE, TestApp, assert_stats_balanced, client, json_of, temp_path, u64_at,
-    wait_until,
+    Binary, DEADLINE, TestApp, assert_stats_balanced, client, json_of, raw_exchange, temp_path,
+    u64_at, wait_until,
 };
 
 /// One simulated device in a test config: id, interval, calibration scale.
@@ -290,7 +290,7 @@ async fn http_limits_token_and_hosts_apply_live_and_restart_only_keys_are_named_
     let v2 = config(
         &devices,
         "[http]\napi_token = \"s3cret\"\ningest_max_samples = 2\nbody_limit_bytes = 300\n\
-         allowed_hosts = [\"gateway.example\"]\n\
+         allowed_hosts = [\"gateway.example\"]\nheader_read_timeout_ms = 200\n\
          [buffer]\ncapacity = 77\n[log]\nlevel = \"debug\"\nformat = \"json\"\n",
     );
     let (code, report) = reload(&app, &path, &v2).await;
@@ -341,6 +341,10 @@ async fn http_limits_token_and_hosts_apply_live_and_restart_only_keys_are_named_
     let padded = format!("[{}]", " ".repeat(400));
     let response = post(padded).await.expect("answers");
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // A new connection gets the new header-read timeout (the old one was 10 s).
+    let half_sent = b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n";
+    let reply = raw_exchange(app.addr, half_sent, Duration::from_secs(5)).await;
+    assert!(reply.closed, "the half-sent request is cut off: {reply:?}");
     // A browser page under the newly allowed host may post.
     let response = app
         .client
