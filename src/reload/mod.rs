@@ -15,7 +15,7 @@
 //! - **restart required** ([`RESTART_REQUIRED`]): named in the answer and the log, and kept at
 //!   their running values until a restart, while the rest is applied.
 //!
-//! The API sees only this module's handle and report types; [`apply`] does the work and is
+//! The API sees only this module's handle and report types; [`Reloader`] does the work and is
 //! wired up by [`crate::app`].
 
 mod apply;
