@@ -281,6 +281,13 @@ async fn run(
     for warning in settings.warnings() {
         tracing::warn!(%warning, "Suspicious configuration.");
     }
+    let hangups = match Hangups::listen() {
+        Ok(hangups) => hangups,
+        Err(err) => {
+            tracing::error!(error = %err, "Cannot listen for SIGHUP.");
+            return ExitCode::FAILURE;
+        }
+    };
     let app = match App::build(settings).await {
         Ok(app) => app.with_reload(source, log),
         Err(err) => {
@@ -293,11 +300,8 @@ async fn run(
             };
         }
     };
-    if let Some(reload) = app.reload_handle()
-        && let Err(err) = reload_on_sighup(reload)
-    {
-        tracing::error!(error = %err, "Cannot listen for SIGHUP.");
-        return ExitCode::FAILURE;
+    if let Some(reload) = app.reload_handle() {
+        hangups.reload_with(reload);
     }
     let (drain, stop_now) = match watch_signals() {
         Ok(tokens) => tokens,
@@ -344,32 +348,51 @@ fn watch_signals() -> std::io::Result<(CancellationToken, CancellationToken)> {
     Ok(tokens)
 }
 
-/// Reloads the configuration on every SIGHUP, for the rest of the process (Prometheus,
-/// Vector and Telegraf do the same). Signals that arrive during a reload are merged into one
-/// more reload after it (the kernel does not queue them); the outcome is logged by the
-/// reloader.
-fn reload_on_sighup(reload: ReloadHandle) -> std::io::Result<()> {
+/// SIGHUP, caught from the start of [`run`]: a hang-up while the gateway starts (a long spool
+/// recovery, say) must not end the process, which is SIGHUP's default action.
+struct Hangups {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangups = signal(SignalKind::hangup())?;
-        tokio::spawn(async move {
-            while hangups.recv().await.is_some() {
-                tracing::info!(
-                    signal = "SIGHUP",
-                    "Signal received; reloading the configuration."
-                );
-                if let Err(telemetryhub::reload::ReloadError::ShuttingDown) =
-                    reload.reload(Trigger::Signal).await
-                {
-                    break;
-                }
-            }
-        });
+    signal: tokio::signal::unix::Signal,
+}
+
+impl Hangups {
+    fn listen() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                signal: signal(SignalKind::hangup())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    drop(reload);
-    Ok(())
+
+    /// Reloads the configuration on every SIGHUP, for the rest of the process (Prometheus,
+    /// Vector and Telegraf do the same); one caught during start-up reloads once the gateway
+    /// runs. Signals that arrive during a reload are merged into one more reload after it (the
+    /// kernel does not queue them); the outcome is logged by the reloader.
+    fn reload_with(self, reload: ReloadHandle) {
+        #[cfg(unix)]
+        {
+            let mut hangups = self.signal;
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::info!(
+                        signal = "SIGHUP",
+                        "Signal received; reloading the configuration."
+                    );
+                    if let Err(telemetryhub::reload::ReloadError::ShuttingDown) =
+                        reload.reload(Trigger::Signal).await
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+        #[cfg(not(unix))]
+        drop((self, reload));
+    }
 }
 
 /// SIGINT (Ctrl-C) and SIGTERM, installed once.
