@@ -9,21 +9,26 @@
 //! ([`App::run_until_or_stopped`]) cuts all of that short; the summary still balances.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::api::{self, AppState};
-use crate::config::Settings;
+use crate::config::{ConfigSource, Settings};
 use crate::dispatch::ProcessFn;
 use crate::ledger::Ledger;
 use crate::notify::Notifier;
 use crate::pipeline::Pipeline;
+use crate::reload::{LiveParts, ReloadHandle, ReloadRequests, Reloader};
+use crate::swap::Swap;
+use crate::telemetry::LogControl;
 
 /// How often the metrics recorder drains histogram samples when nobody scrapes.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
@@ -78,6 +83,15 @@ pub struct App {
     process: Option<ProcessFn>,
     uplink: Option<crate::uplink::Opened>,
     notifier: Notifier,
+    reload: Option<ReloadSetup>,
+}
+
+/// What live reload needs before the stages exist.
+struct ReloadSetup {
+    source: ConfigSource,
+    log: Option<LogControl>,
+    handle: ReloadHandle,
+    requests: ReloadRequests,
 }
 
 impl App {
@@ -102,7 +116,28 @@ impl App {
             process: None,
             uplink,
             notifier: Notifier::default(),
+            reload: None,
         })
+    }
+
+    /// Enables live reload (`SIGHUP` through [`Self::reload_handle`], and `POST /-/reload`):
+    /// `source` is read again on each reload, and `log` changes the log level. Without it,
+    /// `POST /-/reload` answers 503.
+    pub fn with_reload(mut self, source: ConfigSource, log: Option<LogControl>) -> Self {
+        let (handle, requests) = ReloadHandle::channel();
+        self.reload = Some(ReloadSetup {
+            source,
+            log,
+            handle,
+            requests,
+        });
+        self
+    }
+
+    /// The handle a signal handler asks for reloads with, once [`Self::with_reload`] enabled
+    /// them. Reloads wait until the gateway runs.
+    pub fn reload_handle(&self) -> Option<ReloadHandle> {
+        self.reload.as_ref().map(|r| r.handle.clone())
     }
 
     /// The address actually bound (useful with port 0).
@@ -153,6 +188,7 @@ impl App {
             process,
             uplink,
             notifier,
+            reload,
         } = self;
         let started = Instant::now();
         let tracker = TaskTracker::new();
@@ -176,7 +212,7 @@ impl App {
 
         let workers = pipeline.workers;
         let state = AppState {
-            devices: pipeline.devices.clone().into(),
+            devices: pipeline.devices.clone(),
             buffer: pipeline.buffer.clone(),
             worker: pipeline.worker.clone(),
             pool: pipeline.pool.clone(),
@@ -185,15 +221,37 @@ impl App {
             shutdown: cancel.clone(),
             started,
             uplink: pipeline.uplink.clone(),
-            high_watermark: settings.buffer.high_watermark_samples(),
-            ingest_max_samples: settings.http.ingest_max_samples,
+            ingest: Arc::new(Swap::new(Arc::new(api::IngestLimits::new(&settings)))),
+            reload: reload.as_ref().map(|r| r.handle.clone()),
         };
-        let guard = api::Guard::new(&settings.http);
-        let router = api::router(state, guard, settings.http.body_limit_bytes);
-        let server = tracker.spawn(api::serve(
+        let guard = Arc::new(Swap::new(Arc::new(api::Guard::new(&settings.http))));
+        let (header_read_timeout, header_read_timeout_rx) =
+            watch::channel(settings.http.header_read_timeout());
+        if let Some(ReloadSetup {
+            source,
+            log,
+            handle: _,
+            requests,
+        }) = reload
+        {
+            let parts = LiveParts {
+                guard: guard.clone(),
+                ingest: state.ingest.clone(),
+                header_read_timeout,
+                worker: pipeline.worker.clone(),
+                devices: pipeline.device_control(),
+                log,
+                uplink: pipeline.uplink_control(),
+                notifier: notifier.clone(),
+            };
+            let reloader = Reloader::new(source, settings.clone(), parts, cancel.clone());
+            tracker.spawn(reloader.run(requests, cancel.clone()));
+        }
+        let router = api::router(state, guard);
+        let server = tracker.spawn(api::serve_live(
             listener,
             router,
-            settings.http.header_read_timeout(),
+            header_read_timeout_rx,
             tracker.clone(),
             http_cancel.clone(),
         ));

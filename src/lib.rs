@@ -29,6 +29,8 @@
 //! - [`api`]: the HTTP routes; it sees the pipeline only through the stages' handle types.
 //! - [`telemetry`]: logging set-up; [`notify`]: systemd readiness, reload and watchdog
 //!   notifications.
+//! - [`reload`]: live reload (`SIGHUP`, `POST /-/reload`): re-reads the config and applies
+//!   what can change without a restart; [`swap`] is the cell the live settings sit in.
 //! - [`bench`]: the end-to-end pipeline benchmark behind `telemetryhub bench`.
 //! - [`cli`]: the binary's helper subcommands (`healthcheck`, `simulate`).
 
@@ -44,8 +46,10 @@ pub mod ledger;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;
+pub mod reload;
 pub mod sample;
 pub mod spool;
+pub mod swap;
 pub mod telemetry;
 pub mod uplink;
 pub mod worker;

@@ -1,8 +1,9 @@
 //! The `telemetryhub` binary: parse the CLI, load the config, start logging, bind, run until
-//! SIGINT or SIGTERM, drain, and report. A second signal during the drain stops at once (exit
-//! code 130), still writing the report. Under systemd it reports readiness, watchdog pings and
-//! the drain through `NOTIFY_SOCKET` (see `telemetryhub::notify`). `completions` and `man` print
-//! what clap generates from the definitions below, before any configuration is read.
+//! SIGINT or SIGTERM (SIGHUP reloads the config), drain, and report. A second signal during the
+//! drain stops at once (exit code 130), still writing the report. Under systemd it reports
+//! readiness, reloads, watchdog pings and the drain through `NOTIFY_SOCKET` (see
+//! `telemetryhub::notify`). `completions` and `man` print what clap generates from the
+//! definitions below, before any configuration is read.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,7 +15,9 @@ use telemetryhub::app::App;
 use telemetryhub::bench::BenchOptions;
 use telemetryhub::buffer::OverflowPolicy;
 use telemetryhub::cli;
-use telemetryhub::config::{LogFormat, Settings};
+use telemetryhub::config::{ConfigSource, LogFormat, Settings};
+use telemetryhub::reload::{ReloadHandle, Trigger};
+use telemetryhub::telemetry::LogControl;
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for a bad configuration or command line.
@@ -142,19 +145,19 @@ fn main() -> ExitCode {
     }
     let env = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-    let mut settings = match Settings::load(cli.config.as_deref(), env) {
+    // Kept for the whole run: a live reload reads the same layers again.
+    let source = ConfigSource {
+        listen: cli.listen,
+        log_format: cli.log_format,
+        ..ConfigSource::new(cli.config.clone(), env)
+    };
+    let settings = match source.load() {
         Ok(settings) => settings,
         Err(err) => {
             eprintln!("telemetryhub: configuration error: {err}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(listen) = cli.listen {
-        settings.http.listen = listen;
-    }
-    if let Some(format) = cli.log_format {
-        settings.log.format = format;
-    }
     match cli.command {
         Some(Cmd::Validate) => {
             for warning in settings.warnings() {
@@ -242,8 +245,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             }
-            telemetryhub::telemetry::init(&settings.log.level, settings.log.format);
-            block_on(run(settings, cli.stats_file))
+            let log = telemetryhub::telemetry::init(&settings.log.level, settings.log.format);
+            block_on(run(settings, source, log, cli.stats_file))
         }
     }
 }
@@ -316,13 +319,27 @@ fn parse_policy(text: &str) -> Result<OverflowPolicy, String> {
         .map_err(|_| format!("`{text}` is not block, drop_oldest or drop_newest"))
 }
 
-async fn run(settings: Settings, stats_file: Option<PathBuf>) -> ExitCode {
+async fn run(
+    settings: Settings,
+    source: ConfigSource,
+    log: Option<LogControl>,
+    stats_file: Option<PathBuf>,
+) -> ExitCode {
     for warning in settings.warnings() {
         tracing::warn!(%warning, "Suspicious configuration.");
     }
+    let hangups = match Hangups::listen() {
+        Ok(hangups) => hangups,
+        Err(err) => {
+            tracing::error!(error = %err, "Cannot listen for SIGHUP.");
+            return ExitCode::FAILURE;
+        }
+    };
     let app = match App::build(settings).await {
         // systemd's NOTIFY_SOCKET and WATCHDOG_USEC, when it started us.
-        Ok(app) => app.with_notifier(telemetryhub::notify::Notifier::from_env()),
+        Ok(app) => app
+            .with_notifier(telemetryhub::notify::Notifier::from_env())
+            .with_reload(source, log),
         Err(err) => {
             tracing::error!(error = %err, "Cannot start.");
             // A spool directory or broker setting that cannot be used is a configuration
@@ -333,6 +350,9 @@ async fn run(settings: Settings, stats_file: Option<PathBuf>) -> ExitCode {
             };
         }
     };
+    if let Some(reload) = app.reload_handle() {
+        hangups.reload_with(reload);
+    }
     let (drain, stop_now) = match watch_signals() {
         Ok(tokens) => tokens,
         Err(err) => {
@@ -376,6 +396,53 @@ fn watch_signals() -> std::io::Result<(CancellationToken, CancellationToken)> {
         stop_now.cancel();
     });
     Ok(tokens)
+}
+
+/// SIGHUP, caught from the start of [`run`]: a hang-up while the gateway starts (a long spool
+/// recovery, say) must not end the process, which is SIGHUP's default action.
+struct Hangups {
+    #[cfg(unix)]
+    signal: tokio::signal::unix::Signal,
+}
+
+impl Hangups {
+    fn listen() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                signal: signal(SignalKind::hangup())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Reloads the configuration on every SIGHUP, for the rest of the process (Prometheus,
+    /// Vector and Telegraf do the same); one caught during start-up reloads once the gateway
+    /// runs. Signals that arrive during a reload are merged into one more reload after it (the
+    /// kernel does not queue them); the outcome is logged by the reloader.
+    fn reload_with(self, reload: ReloadHandle) {
+        #[cfg(unix)]
+        {
+            let mut hangups = self.signal;
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::info!(
+                        signal = "SIGHUP",
+                        "Signal received; reloading the configuration."
+                    );
+                    if let Err(telemetryhub::reload::ReloadError::ShuttingDown) =
+                        reload.reload(Trigger::Signal).await
+                    {
+                        break;
+                    }
+                }
+            });
+        }
+        #[cfg(not(unix))]
+        drop((self, reload));
+    }
 }
 
 /// SIGINT (Ctrl-C) and SIGTERM, installed once.

@@ -89,6 +89,11 @@ pub const SPOOL_DROPPED: &str = "telemetryhub_spool_dropped_samples_total";
 pub const SPOOL_FSYNC_DURATION: &str = "telemetryhub_spool_fsync_duration_seconds";
 /// Build information.
 pub const BUILD_INFO: &str = "telemetryhub_build_info";
+/// Whether the last configuration reload succeeded (1) or was refused (0); Prometheus's name.
+pub const CONFIG_RELOAD_SUCCESSFUL: &str = "telemetryhub_config_last_reload_successful";
+/// When the configuration was last loaded successfully (start-up or reload), Unix seconds.
+pub const CONFIG_RELOAD_SUCCESS_TIMESTAMP: &str =
+    "telemetryhub_config_last_reload_success_timestamp_seconds";
 /// Seconds since the gateway started.
 pub const UPTIME: &str = "telemetryhub_uptime_seconds";
 
@@ -133,6 +138,17 @@ pub fn install() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// A configuration was loaded (at start, or by a reload) or refused.
+pub fn config_loaded(success: bool) {
+    gauge!(CONFIG_RELOAD_SUCCESSFUL).set(if success { 1.0 } else { 0.0 });
+    if success {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        gauge!(CONFIG_RELOAD_SUCCESS_TIMESTAMP).set(now.as_secs_f64());
+    }
 }
 
 fn describe() {
@@ -219,6 +235,15 @@ fn describe() {
         "HTTP request duration, by method and matched route."
     );
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
+    describe_gauge!(
+        CONFIG_RELOAD_SUCCESSFUL,
+        "Whether the last configuration reload attempt was successful (1) or refused (0)."
+    );
+    describe_gauge!(
+        CONFIG_RELOAD_SUCCESS_TIMESTAMP,
+        Unit::Seconds,
+        "Timestamp of the last successful configuration load (start or reload)."
+    );
     describe_counter!(
         SAMPLES_SPOOLED,
         Unit::Count,

@@ -2,10 +2,15 @@
 //! on a caller's `TaskTracker` under a caller's `CancellationToken`, and drained in order.
 //!
 //! [`crate::app`] wraps it with the HTTP API; `telemetryhub bench` drives it alone.
+//!
+//! The devices are a set that a live reload changes while everything runs
+//! ([`DeviceControl::apply`]): an added device gets a task, a removed one's task stops, a
+//! changed one's task is replaced; every other task runs on untouched.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,9 +20,11 @@ use crate::buffer::RingBuffer;
 use crate::config::{DeviceKind, DeviceSettings, Settings};
 use crate::device::serial::SerialConnector;
 use crate::device::sim::SimConnector;
+use crate::device::state::Command;
 use crate::device::{Connector, DeviceHandle, DeviceTask};
 use crate::dispatch::{Dispatcher, PoolGauges, ProcessFn};
 use crate::ledger::Ledger;
+use crate::swap::Swap;
 use crate::uplink::{Opened, Uplink, UplinkHandle};
 use crate::worker::Worker;
 
@@ -34,14 +41,56 @@ pub struct Pipeline {
     pub pool: Arc<PoolGauges>,
     /// Worker permits.
     pub workers: usize,
-    /// The devices, in configuration order.
-    pub devices: Vec<DeviceHandle>,
+    /// The devices, in configuration order; replaced whole when a reload changes the set.
+    pub devices: Arc<Swap<[DeviceHandle]>>,
     /// The uplink's handle, when one is configured.
     pub uplink: Option<UplinkHandle>,
-    device_tasks: Vec<JoinHandle<()>>,
+    device_set: Arc<tokio::sync::Mutex<DeviceSet>>,
     dispatcher: JoinHandle<()>,
     devices_cancel: CancellationToken,
     running_uplink: Option<Uplink>,
+}
+
+/// The running devices: one task each, in configuration order.
+struct DeviceSet {
+    running: Vec<RunningDevice>,
+    /// What the API reads; stored again after every change.
+    live: Arc<Swap<[DeviceHandle]>>,
+    buffer: Arc<RingBuffer>,
+    tracker: TaskTracker,
+    /// The parent of every device's token: cancelled when the pipeline drains.
+    cancel: CancellationToken,
+}
+
+/// One device's task and what it was started with.
+struct RunningDevice {
+    settings: DeviceSettings,
+    handle: DeviceHandle,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// What a reload did to the devices, by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DeviceChanges {
+    /// New devices, each with a new task.
+    pub added: Vec<String>,
+    /// Devices no longer configured: their tasks stopped; what they had read stays in the
+    /// buffer and is processed.
+    pub removed: Vec<String>,
+    /// Devices whose link or timing settings changed: their tasks were replaced (new link,
+    /// counters from zero).
+    pub restarted: Vec<String>,
+    /// Devices whose calibration alone changed: the workers apply it; the task runs on.
+    pub recalibrated: Vec<String>,
+    /// Devices left exactly as they were.
+    pub unchanged: Vec<String>,
+}
+
+/// Changes the running devices: [`Pipeline::device_control`].
+#[derive(Clone)]
+pub struct DeviceControl {
+    set: Arc<tokio::sync::Mutex<DeviceSet>>,
 }
 
 impl Pipeline {
@@ -56,26 +105,31 @@ impl Pipeline {
         process: Option<ProcessFn>,
         uplink: Option<Opened>,
     ) -> Self {
-        let mut pipeline = Self::start_stages(settings, tracker, cancel, process, uplink);
-        for device in &settings.devices {
-            let device_cancel = pipeline.devices_cancel.child_token();
-            match (device.kind, &device.serial) {
-                (DeviceKind::Serial, Some(serial)) => {
-                    let connector = SerialConnector::new(serial.clone());
-                    pipeline.spawn_device(device, connector, tracker, device_cancel);
-                }
-                _ => {
-                    let connector = SimConnector::new(
-                        device.simulator.clone(),
-                        Duration::from_millis(device.sample_interval_ms),
-                        tracker.clone(),
-                        device_cancel.clone(),
-                    );
-                    pipeline.spawn_device(device, connector, tracker, device_cancel);
-                }
+        let pipeline = Self::start_stages(settings, tracker, cancel, process, uplink);
+        {
+            let mut set = pipeline
+                .device_set
+                .try_lock()
+                .expect("nobody else holds the new pipeline's devices");
+            for device in &settings.devices {
+                let running = set.spawn_configured(device);
+                set.running.push(running);
             }
+            set.publish();
         }
         pipeline
+    }
+
+    /// The handle a live reload changes the broker settings with, with an uplink.
+    pub fn uplink_control(&self) -> Option<crate::uplink::UplinkControl> {
+        self.running_uplink.as_ref().map(Uplink::control)
+    }
+
+    /// The handle a live reload changes the devices with.
+    pub fn device_control(&self) -> DeviceControl {
+        DeviceControl {
+            set: self.device_set.clone(),
+        }
     }
 
     /// Like [`Self::start`], but every device's link comes from `connector(index, device,
@@ -90,11 +144,19 @@ impl Pipeline {
         uplink: Option<Opened>,
         mut connector: impl FnMut(usize, &DeviceSettings, &CancellationToken) -> C,
     ) -> Self {
-        let mut pipeline = Self::start_stages(settings, tracker, cancel, process, uplink);
-        for (index, device) in settings.devices.iter().enumerate() {
-            let device_cancel = pipeline.devices_cancel.child_token();
-            let link = connector(index, device, &device_cancel);
-            pipeline.spawn_device(device, link, tracker, device_cancel);
+        let pipeline = Self::start_stages(settings, tracker, cancel, process, uplink);
+        {
+            let mut set = pipeline
+                .device_set
+                .try_lock()
+                .expect("nobody else holds the new pipeline's devices");
+            for (index, device) in settings.devices.iter().enumerate() {
+                let device_cancel = set.cancel.child_token();
+                let link = connector(index, device, &device_cancel);
+                let running = set.spawn(device, link, device_cancel);
+                set.running.push(running);
+            }
+            set.publish();
         }
         pipeline
     }
@@ -136,32 +198,27 @@ impl Pipeline {
         }
         let pool = dispatcher.gauges();
         let dispatcher = tracker.spawn(dispatcher.run());
+        let devices_cancel = cancel.child_token();
+        let devices: Arc<Swap<[DeviceHandle]>> = Arc::new(Swap::new(Arc::from(Vec::new())));
+        let device_set = DeviceSet {
+            running: Vec::new(),
+            live: devices.clone(),
+            buffer: buffer.clone(),
+            tracker: tracker.clone(),
+            cancel: devices_cancel.clone(),
+        };
         Self {
             buffer,
             worker,
             pool,
             workers,
-            devices: Vec::new(),
+            devices,
             uplink: running_uplink.as_ref().map(Uplink::handle),
-            device_tasks: Vec::new(),
+            device_set: Arc::new(tokio::sync::Mutex::new(device_set)),
             dispatcher,
-            devices_cancel: cancel.child_token(),
+            devices_cancel,
             running_uplink,
         }
-    }
-
-    /// Spawns the task of one device reading from `connector`'s links.
-    fn spawn_device<C: Connector>(
-        &mut self,
-        device: &DeviceSettings,
-        connector: C,
-        tracker: &TaskTracker,
-        cancel: CancellationToken,
-    ) {
-        let kind = device.kind.as_str();
-        let (task, handle) = DeviceTask::new(device, kind, connector, self.buffer.clone(), cancel);
-        self.device_tasks.push(tracker.spawn(task.run()));
-        self.devices.push(handle);
     }
 
     /// Stops the sources, then lets the buffer drain into the workers until `deadline`;
@@ -169,8 +226,11 @@ impl Pipeline {
     /// last: the spool takes every processed batch, and what is not yet forwarded stays in it.
     pub async fn drain(self, deadline: tokio::time::Instant) -> Ledger {
         self.devices_cancel.cancel();
-        for task in self.device_tasks {
-            let _ = task.await;
+        // A reload in progress holds the set; its devices end at once, since their tokens are
+        // children of the one just cancelled.
+        let running = std::mem::take(&mut self.device_set.lock().await.running);
+        for device in running {
+            let _ = device.task.await;
         }
         self.buffer.close();
         let mut dispatcher = self.dispatcher;
@@ -191,5 +251,135 @@ impl Pipeline {
             uplink.stop().await;
         }
         self.buffer.ledger()
+    }
+}
+
+impl DeviceSet {
+    /// Starts the task of `device` on the link its kind says. The one place a device kind
+    /// turns into a link: a new kind is a new arm here.
+    fn spawn_configured(&self, device: &DeviceSettings) -> RunningDevice {
+        let cancel = self.cancel.child_token();
+        match (device.kind, &device.serial) {
+            (DeviceKind::Serial, Some(serial)) => {
+                let connector = SerialConnector::new(serial.clone());
+                self.spawn(device, connector, cancel)
+            }
+            _ => {
+                let connector = SimConnector::new(
+                    device.simulator.clone(),
+                    Duration::from_millis(device.sample_interval_ms),
+                    self.tracker.clone(),
+                    cancel.clone(),
+                );
+                self.spawn(device, connector, cancel)
+            }
+        }
+    }
+
+    /// Spawns the task of one device reading from `connector`'s links.
+    fn spawn<C: Connector>(
+        &self,
+        device: &DeviceSettings,
+        connector: C,
+        cancel: CancellationToken,
+    ) -> RunningDevice {
+        let kind = device.kind.as_str();
+        let (task, handle) =
+            DeviceTask::new(device, kind, connector, self.buffer.clone(), cancel.clone());
+        RunningDevice {
+            settings: device.clone(),
+            handle,
+            cancel,
+            task: self.tracker.spawn(task.run()),
+        }
+    }
+
+    /// Shows the running devices to the API.
+    fn publish(&self) {
+        let handles: Vec<DeviceHandle> = self.running.iter().map(|r| r.handle.clone()).collect();
+        self.live.store(Arc::from(handles));
+    }
+}
+
+/// Whether `a` and `b` differ in calibration at most: then the task need not restart.
+fn same_but_calibration(a: &DeviceSettings, b: &DeviceSettings) -> bool {
+    let mut b = b.clone();
+    b.scale = a.scale;
+    b.offset = a.offset;
+    *a == b
+}
+
+/// How long a device being removed may take to acknowledge its stop.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+impl DeviceControl {
+    /// Makes the running devices those of `devices`, in that order; reports what changed.
+    ///
+    /// Devices whose settings are equal keep their task (and so their link, counters, state
+    /// and statistics). Devices removed or changed are stopped first, as an operator's stop
+    /// would (a sample waiting for room in a full `block` buffer is counted as `stopped`; what
+    /// was pushed stays in the buffer and is processed), and their tasks awaited; then the
+    /// new tasks start. The caller (the reload) applies calibrations to the workers.
+    pub async fn apply(&self, devices: &[DeviceSettings]) -> DeviceChanges {
+        let mut set = self.set.lock().await;
+        let mut old: Vec<Option<RunningDevice>> = std::mem::take(&mut set.running)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut take_old = |id: &str| {
+            old.iter_mut()
+                .find(|r| r.as_ref().is_some_and(|r| r.settings.id == id))
+                .and_then(Option::take)
+        };
+        let mut changes = DeviceChanges::default();
+        let mut to_stop = Vec::new();
+        // `Ok`: keep this task; `Err`: start one for these settings.
+        let mut next: Vec<Result<RunningDevice, &DeviceSettings>> = Vec::new();
+        for device in devices {
+            match take_old(&device.id) {
+                Some(running) if running.settings == *device => {
+                    changes.unchanged.push(device.id.clone());
+                    next.push(Ok(running));
+                }
+                Some(mut running) if same_but_calibration(&running.settings, device) => {
+                    changes.recalibrated.push(device.id.clone());
+                    running.settings = device.clone();
+                    next.push(Ok(running));
+                }
+                Some(running) => {
+                    changes.restarted.push(device.id.clone());
+                    to_stop.push(running);
+                    next.push(Err(device));
+                }
+                None => {
+                    changes.added.push(device.id.clone());
+                    next.push(Err(device));
+                }
+            }
+        }
+        for running in old.into_iter().flatten() {
+            changes.removed.push(running.settings.id.clone());
+            to_stop.push(running);
+        }
+        stop_all(to_stop).await;
+        set.running = next
+            .into_iter()
+            .map(|slot| slot.unwrap_or_else(|device| set.spawn_configured(device)))
+            .collect();
+        set.publish();
+        changes
+    }
+}
+
+/// Stops devices as an operator would, then ends their tasks and waits for them.
+async fn stop_all(devices: Vec<RunningDevice>) {
+    let stops = devices.iter().map(|r| async {
+        // Refused when already stopped; either way the task ends below.
+        let _ = tokio::time::timeout(STOP_WAIT, r.handle.command(Command::Stop)).await;
+        r.cancel.cancel();
+    });
+    futures_util::future::join_all(stops).await;
+    for running in devices {
+        let _ = running.task.await;
     }
 }

@@ -99,6 +99,7 @@ pub(super) async fn reset_one(
 pub(super) async fn list_devices(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let devices: Vec<DeviceView> = state
         .devices
+        .load()
         .iter()
         .map(|d| DeviceView::new(&state, d))
         .collect();
@@ -111,7 +112,7 @@ pub(super) async fn get_device(
 ) -> Result<Json<DeviceView>, ApiError> {
     let Path(id) = id?;
     let device = state.device(&id)?;
-    Ok(Json(DeviceView::new(&state, device)))
+    Ok(Json(DeviceView::new(&state, &device)))
 }
 
 /// Applies `command` to every device. All are tried; if any refuses, the answer is 409 naming
@@ -121,7 +122,8 @@ async fn command_all(
     command: Command,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let mut refusals = Vec::new();
-    for device in state.devices.iter() {
+    let devices = state.devices.load();
+    for device in devices.iter() {
         match run(state, device, command).await {
             Ok(_) => {}
             Err(CommandError::Illegal(err)) => {
@@ -132,7 +134,7 @@ async fn command_all(
             }
         }
     }
-    let combined = combined_state(&state.devices);
+    let combined = combined_state(&devices);
     if refusals.is_empty() {
         Ok(Json(json!({ "ok": true, "state": combined })))
     } else {
@@ -149,13 +151,15 @@ async fn command_one(
     command: Command,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let device = state.device(id)?;
-    run(state, device, command).await.map_err(|err| match err {
-        CommandError::Illegal(err) => ApiError::Conflict {
-            error: err.to_string(),
-            state: device.state(),
-        },
-        CommandError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
-    })?;
+    run(state, &device, command)
+        .await
+        .map_err(|err| match err {
+            CommandError::Illegal(err) => ApiError::Conflict {
+                error: err.to_string(),
+                state: device.state(),
+            },
+            CommandError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
+        })?;
     Ok(Json(
         json!({ "ok": true, "id": device.id(), "state": device.state() }),
     ))

@@ -4,7 +4,7 @@
 //! when `protect_reads` is set (except the probes and the static live page, whose data requests
 //! carry the token), an early 413 for a declared body over the limit, and the request timeout
 //! (408). The token is compared in constant time, taken only from the `Authorization` header
-//! (never from a URL), and never logged.
+//! (never from a URL), and never logged. All of it follows a live reload: see [`GuardLayer`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use axum::body::{Body, HttpBody};
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -24,6 +25,7 @@ use tower::{Layer, Service};
 
 use super::ApiError;
 use crate::config::{HttpSettings, Secret};
+use crate::swap::Swap;
 
 /// Seconds a shed or backpressured client is told to wait.
 pub const RETRY_AFTER_SECONDS: &str = "1";
@@ -137,6 +139,19 @@ impl Guard {
         Ok(permit)
     }
 
+    /// Bounds the body a handler can read to the limit, for bodies that declared no length
+    /// (chunked) or lied about it: reading past the limit fails, and axum's extractors answer
+    /// that with 413. Done here rather than with axum's `DefaultBodyLimit`, whose limit is fixed
+    /// when the router is built, so a live reload can change it. Requests without a body (every
+    /// read) are left alone and allocate nothing.
+    fn limit_body(&self, request: Request) -> Request {
+        if request.body().is_end_stream() {
+            return request;
+        }
+        let limit = usize::try_from(self.body_limit).unwrap_or(usize::MAX);
+        request.map(|body| Body::new(http_body_util::Limited::new(body, limit)))
+    }
+
     fn authorized(&self, request: &Request) -> bool {
         let Some(token) = &self.token else {
             return true;
@@ -226,18 +241,28 @@ fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
 /// A hand-written service rather than `axum::middleware::from_fn` plus tower-http's
 /// `CatchPanicLayer`: those clone the inner service into a box, box a future and box the
 /// response body on every request, about a third of the instructions of a `GET /status`
-/// (callgrind, docs/PERFORMANCE.md). This does the same work with no allocation of its own.
+/// (callgrind, docs/PERFORMANCE.md). This does the same work with no allocation of its own,
+/// except boxing the body limit around a request that has a body (see `Guard::limit_body`).
+///
+/// The guard sits in a [`Swap`]: a live reload replaces it whole (token, hosts, limits,
+/// timeout), and each request is judged by the one guard it loaded when it arrived. A new
+/// `max_concurrent_requests` comes with a new semaphore, so requests admitted under the old
+/// bound finish holding the old one's slots: for as long as they run, the two bounds add up.
 #[derive(Clone)]
 pub struct GuardLayer {
-    guard: Arc<Guard>,
+    guard: Arc<Swap<Guard>>,
 }
 
 impl GuardLayer {
     /// A layer enforcing `guard`.
+    #[cfg(test)]
     pub fn new(guard: Guard) -> Self {
-        Self {
-            guard: Arc::new(guard),
-        }
+        Self::live(Arc::new(Swap::new(Arc::new(guard))))
+    }
+
+    /// A layer enforcing whichever guard `guard` holds when a request arrives.
+    pub fn live(guard: Arc<Swap<Guard>>) -> Self {
+        Self { guard }
     }
 }
 
@@ -259,7 +284,7 @@ impl<S> Layer<S> for GuardLayer {
 /// axum clones it for every request, so the guard is behind an `Arc` (the token is not copied).
 #[derive(Clone)]
 pub struct GuardService<S> {
-    guard: Arc<Guard>,
+    guard: Arc<Swap<Guard>>,
     inner: S,
 }
 
@@ -281,17 +306,19 @@ where
             method: request.method().clone(),
             route: super::route_label(&request),
         };
-        let state = match self.guard.admit(&request) {
+        let guard = self.guard.load();
+        let state = match guard.admit(&request) {
             Err(refusal) => Stage::Answer {
                 response: Some(refusal.into_response()),
             },
             Ok(permit) => {
+                let request = guard.limit_body(request);
                 // A handler that panics before returning its future is caught here, the one
                 // that panics while running in `GuardFuture::poll`.
                 match panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request))) {
                     Ok(future) => Stage::Running {
-                        future: tokio::time::timeout(self.guard.timeout, future),
-                        timeout: self.guard.timeout,
+                        future: tokio::time::timeout(guard.timeout, future),
+                        timeout: guard.timeout,
                         _permit: permit,
                     },
                     Err(panic) => Stage::Answer {

@@ -32,7 +32,7 @@ pub(super) async fn readyz(
     })];
     let mut ready = !state.shutdown.is_cancelled();
     let mut all_safe = true;
-    for device in state.devices.iter() {
+    for device in state.devices.load().iter() {
         let f = device.freshness();
         all_safe &= f.state == DeviceState::SafeState;
         ready &= !f.stale;

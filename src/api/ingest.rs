@@ -42,6 +42,25 @@ struct IngestSample {
     timestamp: Option<String>,
 }
 
+/// `POST /samples` limits from the config; a live reload replaces them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngestLimits {
+    /// Buffer depth at which `POST /samples` answers 429.
+    pub high_watermark: usize,
+    /// Most samples in one `POST /samples` (`http.ingest_max_samples`).
+    pub ingest_max_samples: usize,
+}
+
+impl IngestLimits {
+    /// The limits these settings set.
+    pub fn new(settings: &crate::config::Settings) -> Self {
+        Self {
+            high_watermark: settings.buffer.high_watermark_samples(),
+            ingest_max_samples: settings.http.ingest_max_samples,
+        }
+    }
+}
+
 /// The most samples one request may hold, and the setting that makes it so (for the 413).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SampleLimit {
@@ -250,24 +269,27 @@ fn accept(
     }
     let body =
         body.map_err(|rejection| ApiError::Rejected(rejection.status(), rejection.body_text()))?;
-    let limit = SampleLimit::effective(state.ingest_max_samples, state.buffer.capacity());
+    let limits = state.ingest.load();
+    let high_watermark = limits.high_watermark;
+    let limit = SampleLimit::effective(limits.ingest_max_samples, state.buffer.capacity());
     // Above the high watermark the answer is 429, unless the request could never succeed:
     // count its items without building them (most requests under overload end here).
     let depth = state.buffer.len();
-    if depth >= state.high_watermark {
+    if depth >= high_watermark {
         return match count_items(&body) {
             Some(n) if n > limit.max => Err(limit.refuse(n).into()),
             _ => Err(Refusal::Busy(PushError::AboveWatermark {
                 depth,
-                high_watermark: state.high_watermark,
+                high_watermark,
             })),
         };
     }
-    let known = |id: &str| state.devices.iter().any(|d| d.id() == id);
+    let devices = state.devices.load();
+    let known = |id: &str| devices.iter().any(|d| d.id() == id);
     let samples = parse_body(&body, known, limit, (SystemTime::now(), Instant::now()))?;
     match state
         .buffer
-        .try_push_all(Source::Ingest, samples, state.high_watermark)
+        .try_push_all(Source::Ingest, samples, high_watermark)
     {
         Ok(orders) => Ok(orders),
         Err(why @ (PushError::AboveWatermark { .. } | PushError::NoRoom { .. })) => {

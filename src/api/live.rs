@@ -173,7 +173,7 @@ mod tests {
 
     fn app_state(settings: &Settings, pipeline: &Pipeline, cancel: &CancellationToken) -> AppState {
         AppState {
-            devices: Arc::from(pipeline.devices.clone()),
+            devices: pipeline.devices.clone(),
             buffer: pipeline.buffer.clone(),
             worker: pipeline.worker.clone(),
             pool: pipeline.pool.clone(),
@@ -181,9 +181,11 @@ mod tests {
             prometheus: crate::metrics::install(),
             shutdown: cancel.clone(),
             started: Instant::now(),
-            high_watermark: settings.buffer.high_watermark_samples(),
-            ingest_max_samples: settings.http.ingest_max_samples,
+            ingest: Arc::new(crate::swap::Swap::new(Arc::new(
+                crate::api::IngestLimits::new(settings),
+            ))),
             uplink: pipeline.uplink.clone(),
+            reload: None,
         }
     }
 

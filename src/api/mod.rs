@@ -1,5 +1,6 @@
 //! The HTTP API: REST control of the devices, status, samples, health, Prometheus metrics, and
-//! a live page (`GET /`, fed by server-sent events from `GET /events`).
+//! a live page (`GET /`, fed by server-sent events from `GET /events`), and `POST /-/reload`
+//! (live reload of the configuration, through [`crate::reload::ReloadHandle`]).
 //!
 //! [`router`] builds the axum `Router` from an [`AppState`], which holds only handle types the
 //! pipeline stages export (device handles, the buffer's accounting, the worker's statistics);
@@ -12,6 +13,7 @@ mod guard;
 mod health;
 pub mod ingest;
 mod live;
+mod reload;
 mod server;
 mod status;
 
@@ -27,16 +29,19 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::error::ApiError;
 pub use self::guard::Guard;
-pub use self::server::serve;
+pub use self::ingest::IngestLimits;
+pub use self::server::{serve, serve_live};
 use crate::buffer::RingBuffer;
 use crate::device::DeviceHandle;
 use crate::dispatch::PoolGauges;
+use crate::reload::ReloadHandle;
+use crate::swap::Swap;
 use crate::worker::Worker;
 
 /// Everything the handlers need; the router shares it behind one `Arc`.
 pub struct AppState {
-    /// The devices, in configuration order.
-    pub devices: Arc<[DeviceHandle]>,
+    /// The devices, in configuration order; a live reload replaces the list.
+    pub devices: Arc<Swap<[DeviceHandle]>>,
     /// The ring buffer (for its accounting and depth).
     pub buffer: Arc<RingBuffer>,
     /// The worker stage (statistics, history, latency).
@@ -51,26 +56,29 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// When the gateway started.
     pub started: Instant,
-    /// Buffer depth at which `POST /samples` answers 429.
-    pub high_watermark: usize,
-    /// Most samples in one `POST /samples`.
-    pub ingest_max_samples: usize,
+    /// `POST /samples` limits; a live reload replaces them.
+    pub ingest: Arc<Swap<IngestLimits>>,
     /// The uplink, when one is configured.
     pub uplink: Option<crate::uplink::UplinkHandle>,
+    /// Live reload (`POST /-/reload`); `None` when the gateway has no config source to re-read.
+    pub reload: Option<ReloadHandle>,
 }
 
 impl AppState {
-    fn device(&self, id: &str) -> Result<&DeviceHandle, ApiError> {
+    fn device(&self, id: &str) -> Result<DeviceHandle, ApiError> {
         self.devices
+            .load()
             .iter()
             .find(|d| d.id() == id)
+            .cloned()
             .ok_or_else(|| ApiError::NotFound(format!("unknown device `{id}`")))
     }
 }
 
 /// Every route pattern, as metric labels use them.
-const ROUTES: [&str; 17] = [
+const ROUTES: [&str; 18] = [
     "/",
+    "/-/reload",
     "/uplink",
     "/events",
     "/status",
@@ -101,7 +109,9 @@ fn route_label(request: &Request) -> &'static str {
 }
 
 /// The API's routes, behind the request guard and body limit.
-pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
+///
+/// The body limit is the guard's (see [`Guard`]), so axum's own default limit is disabled.
+pub fn router(state: AppState, guard: Arc<Swap<Guard>>) -> Router {
     let status_cache = Arc::new(status::StatusCache::default());
     Router::new()
         .route("/", get(live::page))
@@ -122,12 +132,13 @@ pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
         .route("/devices/{id}/stop", post(control::stop_one))
         .route("/devices/{id}/reset", post(control::reset_one))
         .route("/devices/{id}/command", post(control::send_command))
+        .route("/-/reload", post(reload::reload))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(guard::GuardLayer::new(guard))
+        .layer(DefaultBodyLimit::disable())
+        .layer(guard::GuardLayer::live(guard))
         .with_state(Arc::new(state))
 }
 

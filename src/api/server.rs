@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -32,9 +33,21 @@ pub async fn serve(
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
+    let (_fixed, header_read_timeout) = watch::channel(header_read_timeout);
+    serve_live(listener, router, header_read_timeout, tracker, cancel).await;
+}
+
+/// Like [`serve`], but each new connection gets the header-read timeout that
+/// `header_read_timeout` holds when it is accepted (a live reload may change it).
+pub async fn serve_live(
+    listener: TcpListener,
+    router: Router,
+    header_read_timeout: watch::Receiver<Duration>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout);
+    http.timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
@@ -52,6 +65,7 @@ pub async fn serve(
         if let Err(err) = stream.set_nodelay(true) {
             debug!(error = %err, "Cannot set TCP_NODELAY.");
         }
+        http.header_read_timeout(*header_read_timeout.borrow());
         let served = Arc::new(AtomicBool::new(false));
         let service = MarkServed {
             inner: TowerToHyperService::new(router.clone()),

@@ -101,8 +101,9 @@ pub(super) async fn status(
 /// What `GET /status` shows, gathered now.
 pub(super) fn status_body(state: &AppState) -> StatusBody {
     let ledger = state.buffer.ledger();
+    let devices = state.devices.load();
     StatusBody {
-        state: combined_state(&state.devices),
+        state: combined_state(&devices),
         latest_sample: state.worker.latest(),
         metrics: StatusMetrics {
             samples_processed: ledger.processed,
@@ -114,11 +115,7 @@ pub(super) fn status_body(state: &AppState) -> StatusBody {
             queue_depth: ledger.in_buffer,
             queue_capacity: state.buffer.capacity(),
         },
-        devices: state
-            .devices
-            .iter()
-            .map(|d| DeviceView::new(state, d))
-            .collect(),
+        devices: devices.iter().map(|d| DeviceView::new(state, d)).collect(),
         uptime_seconds: state.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION"),
         uplink: state.uplink.as_ref().map(|u| u.view()),
@@ -135,13 +132,13 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderM
         return metrics_json(&state).into_response();
     }
     let ledger = state.buffer.ledger();
-    let counters: Vec<_> = state.devices.iter().map(|d| d.counters()).collect();
+    let devices = state.devices.load();
+    let counters: Vec<_> = devices.iter().map(|d| d.counters()).collect();
     crate::metrics::sync(&crate::metrics::ScrapeView {
         ledger,
         capacity: state.buffer.capacity(),
         uptime: state.started.elapsed(),
-        devices: state
-            .devices
+        devices: devices
             .iter()
             .zip(counters)
             .map(|(d, c)| (d.id().as_str(), c))

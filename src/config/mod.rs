@@ -17,6 +17,7 @@ mod device;
 mod http;
 mod layers;
 mod pipeline;
+mod source;
 #[cfg(test)]
 mod tests;
 mod uplink;
@@ -30,6 +31,7 @@ pub use self::device::{
 pub use self::http::{HttpSettings, Secret};
 use self::layers::{apply_env_overrides, merge, parse_table};
 pub use self::pipeline::{BufferSettings, PipelineSettings, ProcessingSettings, ValueRange};
+pub use self::source::ConfigSource;
 pub use self::uplink::{
     BrokerUrl, FsyncSetting, SpoolSettings, UplinkFormat, UplinkSettings, parse_broker_url,
 };

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -200,12 +201,19 @@ pub struct Forwarder {
     reader: Option<SpoolReader>,
     status: Arc<UplinkStatus>,
     cancel: CancellationToken,
+    /// New connection settings from a live reload.
+    updates: Option<watch::Receiver<ForwarderOptions>>,
 }
 
 /// How a connection ended.
 enum Session {
     Cancelled,
-    Failed { error: String, was_connected: bool },
+    /// New settings arrived: connect again with them, at once.
+    Reconfigured,
+    Failed {
+        error: String,
+        was_connected: bool,
+    },
 }
 
 /// Records in flight on one connection, and which packet id each got.
@@ -278,7 +286,25 @@ impl Forwarder {
             reader: Some(reader),
             status,
             cancel,
+            updates: None,
         }
+    }
+
+    /// Reconnects with the settings `updates` receives whenever they change.
+    pub fn with_updates(mut self, mut updates: watch::Receiver<ForwarderOptions>) -> Self {
+        updates.mark_unchanged();
+        self.updates = Some(updates);
+        self
+    }
+
+    /// Waits for new settings; never returns without them.
+    async fn updated(updates: &mut Option<watch::Receiver<ForwarderOptions>>) {
+        if let Some(rx) = updates
+            && rx.changed().await.is_ok()
+        {
+            return;
+        }
+        std::future::pending().await
     }
 
     /// Runs until cancelled: connects, forwards, and reconnects with capped, jittered backoff.
@@ -288,6 +314,14 @@ impl Forwarder {
         loop {
             match self.session().await {
                 Session::Cancelled => break,
+                Session::Reconfigured => {
+                    if let Some(updates) = &mut self.updates {
+                        self.options = updates.borrow_and_update().clone();
+                    }
+                    self.status.connected.store(false, Ordering::Relaxed);
+                    attempt = 0;
+                    info!(broker = %self.options.broker, "Uplink settings changed; reconnecting.");
+                }
                 Session::Failed {
                     error,
                     was_connected,
@@ -387,6 +421,7 @@ impl Forwarder {
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => break Session::Cancelled,
+                () = Self::updated(&mut self.updates) => break Session::Reconfigured,
                 event = eventloop.poll() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         connected = true;
@@ -446,7 +481,7 @@ impl Forwarder {
                 reader = Some(r);
             }
         }
-        if matches!(outcome, Session::Cancelled) && connected {
+        if matches!(outcome, Session::Cancelled | Session::Reconfigured) && connected {
             finish(
                 &mut eventloop,
                 &client,

@@ -32,6 +32,7 @@ use self::stage::{SpoolStage, StageWriter};
 use crate::buffer::RingBuffer;
 use crate::config::{SpoolSettings, UplinkSettings};
 use crate::spool::{Fsync, OpenReport, Spool, SpoolReader, SpoolWriter};
+use crate::swap::Swap;
 
 /// Encoded batches that may wait for the spool writer, per worker.
 const STAGE_DEPTH_PER_WORKER: usize = 2;
@@ -113,9 +114,28 @@ pub fn open(uplink: &UplinkSettings, spool: &SpoolSettings) -> Result<Opened, Op
     })
 }
 
+/// Changes the forwarder's connection settings while it runs (a live reload): it finishes the
+/// session it is in (waiting briefly for the PUBACKs of what it sent, like at shutdown) and
+/// connects again with the new settings at once; the spool resends whatever was not
+/// acknowledged.
+#[derive(Clone)]
+pub struct UplinkControl {
+    options: tokio::sync::watch::Sender<ForwarderOptions>,
+    broker: Arc<Swap<str>>,
+}
+
+impl UplinkControl {
+    /// Reconnects with `options`.
+    pub fn reconfigure(&self, options: ForwarderOptions) {
+        self.broker.store(options.broker().into());
+        self.options.send_replace(options);
+    }
+}
+
 /// The running uplink.
 pub struct Uplink {
     handle: UplinkHandle,
+    control: UplinkControl,
     writer: StageWriter,
     forwarder: JoinHandle<()>,
     forwarder_cancel: CancellationToken,
@@ -130,8 +150,8 @@ pub struct UplinkHandle {
     pub stage: SpoolStage,
     /// The forwarder's state.
     pub status: Arc<UplinkStatus>,
-    /// The broker, as `mqtt://host:port`.
-    pub broker: Arc<str>,
+    /// The broker, as `mqtt://host:port`; a reload may change it.
+    pub broker: Arc<Swap<str>>,
 }
 
 /// The uplink as `/status` and `GET /uplink` show it.
@@ -181,7 +201,7 @@ impl UplinkHandle {
         let status = self.status.snapshot();
         UplinkView {
             connected: status.connected,
-            broker: self.broker.to_string(),
+            broker: self.broker.load().to_string(),
             pending_samples: stats.pending,
             pending_records: stats.pending_records,
             pending_bytes: stats.bytes,
@@ -231,14 +251,16 @@ impl Uplink {
         )?;
         let status = Arc::new(UplinkStatus::default());
         let forwarder_cancel = CancellationToken::new();
-        let broker: Arc<str> = options.broker().into();
+        let broker: Arc<Swap<str>> = Arc::new(Swap::new(options.broker().into()));
+        let (options_tx, options_rx) = tokio::sync::watch::channel(options.clone());
         let forwarder = Forwarder::new(
             options,
             spool.clone(),
             reader,
             status.clone(),
             forwarder_cancel.clone(),
-        );
+        )
+        .with_updates(options_rx);
         let held = forwarder_cancel.clone();
         let forwarder = tracker.spawn(async move {
             if let Some(hold) = hold {
@@ -250,6 +272,10 @@ impl Uplink {
             forwarder.run().await;
         });
         Ok(Uplink {
+            control: UplinkControl {
+                options: options_tx,
+                broker: broker.clone(),
+            },
             handle: UplinkHandle {
                 spool,
                 stage,
@@ -267,6 +293,11 @@ impl Uplink {
         self.handle.clone()
     }
 
+    /// The handle a live reload changes the broker settings with.
+    pub fn control(&self) -> UplinkControl {
+        self.control.clone()
+    }
+
     /// The stage, for the dispatcher.
     pub fn stage(&self) -> SpoolStage {
         self.handle.stage.clone()
@@ -279,6 +310,7 @@ impl Uplink {
     pub async fn stop(self) {
         let Uplink {
             handle,
+            control: _,
             writer,
             forwarder,
             forwarder_cancel,

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use smol_str::SmolStr;
@@ -17,6 +17,7 @@ use smol_str::SmolStr;
 use crate::config::{DeviceSettings, ProcessingSettings, ValueRange};
 use crate::ledger::{BatchOutcome, RejectReason};
 use crate::sample::{ProcessedSample, Sample};
+use crate::swap::Swap;
 
 mod histogram;
 mod stats;
@@ -61,6 +62,41 @@ pub fn check(value: f64, range: Option<&ValueRange>) -> Result<(), RejectReason>
     match range {
         Some(r) if value < r.min || value > r.max => Err(RejectReason::OutOfRange),
         _ => Ok(()),
+    }
+}
+
+/// What the workers check and apply, per unit and per device.
+#[derive(Debug, Default)]
+struct Tables {
+    ranges: HashMap<SmolStr, ValueRange>,
+    calibration: HashMap<SmolStr, Calibration>,
+}
+
+impl Tables {
+    /// The tables for these settings; with `previous`, the calibrations of devices no longer
+    /// configured are carried over (see [`Worker::reconfigure`]).
+    fn new(
+        processing: &ProcessingSettings,
+        devices: &[DeviceSettings],
+        previous: Option<&Tables>,
+    ) -> Self {
+        let mut calibration: HashMap<SmolStr, Calibration> =
+            previous.map(|p| p.calibration.clone()).unwrap_or_default();
+        for d in devices {
+            let cal = Calibration {
+                scale: d.scale,
+                offset: d.offset,
+            };
+            calibration.insert(SmolStr::new(&d.id), cal);
+        }
+        Self {
+            ranges: processing
+                .units
+                .iter()
+                .map(|(unit, range)| (SmolStr::new(unit), *range))
+                .collect(),
+            calibration,
+        }
     }
 }
 
@@ -142,8 +178,8 @@ pub struct WorkerTotals {
 
 /// The worker stage's shared state and settings. `process` is called from blocking threads.
 pub struct Worker {
-    ranges: HashMap<SmolStr, ValueRange>,
-    calibration: HashMap<SmolStr, Calibration>,
+    /// Unit ranges and calibrations; a live reload replaces them whole, a batch loads them once.
+    tables: Swap<Tables>,
     history_len: usize,
     shared: Mutex<Shared>,
     latency: LatencyHistogram,
@@ -159,27 +195,25 @@ impl Worker {
         history: usize,
     ) -> Self {
         Self {
-            ranges: processing
-                .units
-                .iter()
-                .map(|(unit, range)| (SmolStr::new(unit), *range))
-                .collect(),
-            calibration: devices
-                .iter()
-                .map(|d| {
-                    let cal = Calibration {
-                        scale: d.scale,
-                        offset: d.offset,
-                    };
-                    (SmolStr::new(&d.id), cal)
-                })
-                .collect(),
+            tables: Swap::new(Arc::new(Tables::new(processing, devices, None))),
             history_len: history,
             shared: Mutex::new(Shared::default()),
             latency: LatencyHistogram::default(),
             batches: AtomicU64::new(0),
             busy_nanos: AtomicU64::new(0),
         }
+    }
+
+    /// Applies new unit ranges and calibrations (a live reload). Batches that already loaded
+    /// the old ones finish with them; the next batch uses the new ones, including for samples
+    /// that were queued before the reload.
+    ///
+    /// A device that is no longer configured keeps its calibration: its samples still queued
+    /// are processed as it would have processed them, never with the identity instead.
+    pub fn reconfigure(&self, processing: &ProcessingSettings, devices: &[DeviceSettings]) {
+        let old = self.tables.load();
+        self.tables
+            .store(Arc::new(Tables::new(processing, devices, Some(&old))));
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
@@ -208,14 +242,16 @@ impl Worker {
         // Batches come in runs of one device and one unit: look each up once per run.
         let mut ranges = LastLookup::default();
         let mut calibrations = LastLookup::default();
+        let tables = self.tables.load();
         for (i, sample) in batch.into_iter().enumerate() {
-            let range = ranges.get(&sample.unit, |unit| self.ranges.get(unit).copied());
+            let range = ranges.get(&sample.unit, |unit| tables.ranges.get(unit).copied());
             if let Err(reason) = check(sample.value, range.as_ref()) {
                 outcome.rejected.add(reason, 1);
                 continue;
             }
             let cal = calibrations.get(&sample.device, |device| {
-                self.calibration
+                tables
+                    .calibration
                     .get(device)
                     .copied()
                     .unwrap_or(Calibration::IDENTITY)
@@ -426,6 +462,26 @@ mod tests {
             assert_eq!(value, key.len(), "{key}");
         }
         assert_eq!(lookups, [a.clone(), bb, a]);
+    }
+
+    #[test]
+    fn reconfigure_applies_new_ranges_and_calibrations_and_keeps_removed_devices_calibrations() {
+        let worker = worker(10);
+        let mut processing = Settings::default().processing;
+        processing
+            .units
+            .insert("arb.units".to_owned(), ValueRange { min: 0.0, max: 1.0 });
+        let mut other = DeviceSettings::simulated("other");
+        other.scale = 10.0;
+        worker.reconfigure(&processing, &[other]);
+        let mut from_other = Sample::test(1, 0.5);
+        from_other.device = "other".into();
+        // "test" is gone from the config but keeps scale 2, offset 1; 5.0 is now out of range.
+        let outcome = worker.process(vec![Sample::test(0, 0.5), from_other, Sample::test(2, 5.0)]);
+        assert_eq!(outcome.processed, 2, "{outcome:?}");
+        assert_eq!(outcome.rejected.out_of_range, 1, "{outcome:?}");
+        let values: Vec<f64> = worker.recent(10).iter().map(|s| s.value).collect();
+        assert_eq!(values, [2.0, 5.0]);
     }
 
     #[test]

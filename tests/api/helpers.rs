@@ -632,6 +632,11 @@ impl Binary {
         panic!("the binary did not start in three attempts");
     }
 
+    /// The config file it was started with (a test may rewrite it and send SIGHUP).
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config
+    }
+
     /// The URL of `path` on the binary.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)

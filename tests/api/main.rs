@@ -19,6 +19,7 @@ mod helpers;
 mod ingest;
 mod lifecycle;
 mod metrics;
+mod reload;
 mod resilience;
 mod security;
 mod serial;

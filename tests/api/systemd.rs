@@ -1,6 +1,7 @@
 //! systemd integration of the real binary: given a `NOTIFY_SOCKET` that the test listens on
 //! and a `WATCHDOG_USEC`, the gateway sends READY=1 once it serves, WATCHDOG=1 pings while it
-//! runs, and STOPPING=1 when SIGTERM starts the drain. The packaged unit file passes
+//! runs, RELOADING=1 then READY=1 around a SIGHUP reload, and STOPPING=1 when SIGTERM starts
+//! the drain. The packaged unit file passes
 //! `systemd-analyze verify` and stays under an exposure threshold of `systemd-analyze security`.
 
 use std::process::Output;
@@ -83,22 +84,54 @@ async fn ready_watchdog_and_stopping_reach_the_notify_socket() {
         received.all()
     );
 
+    // A reload (SIGHUP, as the unit's ExecReload sends) is bracketed by RELOADING=1 with
+    // MONOTONIC_USEC, then READY=1 once it is over.
+    gateway.signal("HUP");
+    wait_until(DEADLINE, "READY=1 after RELOADING=1", async || {
+        let all = received.all();
+        all.iter()
+            .position(|m| m.starts_with("RELOADING=1\n"))
+            .is_some_and(|at| all[at..].iter().any(|m| m == "READY=1\n"))
+    })
+    .await;
+    let reloading = received
+        .all()
+        .into_iter()
+        .find(|m| m.starts_with("RELOADING=1\n"))
+        .expect("seen above");
+    let usec = reloading
+        .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+        .and_then(|rest| rest.strip_suffix('\n'))
+        .unwrap_or_else(|| panic!("RELOADING=1 then MONOTONIC_USEC: {reloading:?}"));
+    assert!(usec.parse::<u64>().is_ok_and(|u| u > 0), "{reloading:?}");
+
     gateway.signal("TERM");
     let (status, stderr) = gateway.wait_exit(Duration::from_secs(15)).await;
     assert!(status.success(), "{status}\n{stderr}");
+    assert!(stderr.contains("Configuration reloaded."), "{stderr}");
     wait_until(DEADLINE, "STOPPING=1", async || {
         received.count("STOPPING=1\n") == 1
     })
     .await;
     let all = received.all();
     let stopping = all.iter().position(|m| m == "STOPPING=1\n");
-    let ready = all.iter().position(|m| m == "READY=1\n");
+    let ready = all.iter().rposition(|m| m == "READY=1\n");
     assert!(ready < stopping, "{all:?}");
-    // Nothing but these three kinds of message, and READY=1 only once: there is no reload here
-    // (a reload sends RELOADING=1 + MONOTONIC_USEC, then READY=1; see notify::tests).
-    assert!(
+    // Nothing but these kinds of message: READY=1 twice (start, end of the reload), one
+    // RELOADING=1, one STOPPING=1, and watchdog pings.
+    assert_eq!(received.count("READY=1\n"), 2, "{all:?}");
+    assert_eq!(
         all.iter()
-            .all(|m| ["READY=1\n", "WATCHDOG=1\n", "STOPPING=1\n"].contains(&m.as_str())),
+            .filter(|m| m.starts_with("RELOADING=1\n"))
+            .count(),
+        1,
+        "{all:?}"
+    );
+    assert!(
+        all.iter().all(
+            |m| ["READY=1\n", "WATCHDOG=1\n", "STOPPING=1\n"].contains(&m.as_str())
+                || m.starts_with("RELOADING=1\n")
+        ),
         "{all:?}"
     );
 }

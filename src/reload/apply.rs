@@ -1,0 +1,318 @@
+//! [`Reloader`]: loads the configuration again, refuses it whole or applies it, and reports.
+//! The one entry point is [`Reloader::reload`]; [`Reloader::run`] serves a
+//! [`super::ReloadHandle`]'s requests one at a time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::{ReloadError, ReloadReport, ReloadRequests, Trigger};
+use crate::api::{Guard, IngestLimits};
+use crate::config::{ConfigSource, Settings};
+use crate::notify::Notifier;
+use crate::pipeline::DeviceControl;
+use crate::swap::Swap;
+use crate::telemetry::LogControl;
+use crate::uplink::{ForwarderOptions, UplinkControl};
+use crate::worker::Worker;
+
+/// The parts of a running gateway that a reload changes.
+pub struct LiveParts {
+    /// The request guard (token, hosts, limits, request timeout).
+    pub guard: Arc<Swap<Guard>>,
+    /// `POST /samples` limits.
+    pub ingest: Arc<Swap<IngestLimits>>,
+    /// The header-read timeout new connections get.
+    pub header_read_timeout: watch::Sender<Duration>,
+    /// Unit ranges and calibrations.
+    pub worker: Arc<Worker>,
+    /// The device tasks.
+    pub devices: DeviceControl,
+    /// The log filter; `None` when this process did not install the subscriber (tests).
+    pub log: Option<LogControl>,
+    /// The forwarder's connection settings, with an uplink.
+    pub uplink: Option<UplinkControl>,
+    /// Tells systemd a reload is under way (RELOADING=1) and over (READY=1).
+    pub notifier: Notifier,
+}
+
+/// Reloads the configuration of a running gateway.
+pub struct Reloader {
+    source: ConfigSource,
+    /// What runs now: the last configuration applied, with the restart-only settings as they
+    /// were at start.
+    running: Settings,
+    parts: LiveParts,
+    shutdown: CancellationToken,
+}
+
+impl Reloader {
+    /// A reloader for a gateway started with `running`, read from `source`.
+    pub fn new(
+        source: ConfigSource,
+        running: Settings,
+        parts: LiveParts,
+        shutdown: CancellationToken,
+    ) -> Self {
+        crate::metrics::config_loaded(true);
+        Self {
+            source,
+            running,
+            parts,
+            shutdown,
+        }
+    }
+
+    /// Serves reload requests one at a time until `cancel` (or every handle is gone).
+    pub async fn run(mut self, mut requests: ReloadRequests, cancel: CancellationToken) {
+        loop {
+            let request = tokio::select! {
+                _ = cancel.cancelled() => break,
+                request = requests.requests.recv() => match request {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
+            let outcome = self.reload(request.trigger).await;
+            let _ = request.reply.send(outcome);
+        }
+    }
+
+    /// Reloads: loads and checks the configuration, then applies all of it that can change
+    /// live, or nothing at all. Logs and counts the outcome.
+    pub async fn reload(&mut self, trigger: Trigger) -> Result<ReloadReport, ReloadError> {
+        // systemd wants READY=1 after RELOADING=1 whatever the outcome: a refused file leaves
+        // the gateway running, and ready, on the old configuration.
+        self.parts.notifier.reloading();
+        let outcome = self.try_reload().await;
+        self.parts.notifier.ready();
+        match &outcome {
+            Ok(report) => {
+                crate::metrics::config_loaded(true);
+                if !report.restart_required.is_empty() {
+                    warn!(
+                        trigger = trigger.as_str(),
+                        restart_required = ?report.restart_required,
+                        "Configuration changes need a restart; the rest is applied."
+                    );
+                }
+                info!(
+                    trigger = trigger.as_str(),
+                    applied = ?report.applied,
+                    added = ?report.devices.added,
+                    removed = ?report.devices.removed,
+                    restarted = ?report.devices.restarted,
+                    recalibrated = ?report.devices.recalibrated,
+                    "Configuration reloaded."
+                );
+            }
+            Err(ReloadError::ShuttingDown) => {}
+            Err(err) => {
+                crate::metrics::config_loaded(false);
+                error!(
+                    trigger = trigger.as_str(),
+                    error = %err,
+                    "Configuration reload refused; the running configuration is unchanged."
+                );
+            }
+        }
+        outcome
+    }
+
+    async fn try_reload(&mut self) -> Result<ReloadReport, ReloadError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ReloadError::ShuttingDown);
+        }
+        let loaded = self.source.load()?;
+        let (next, restart_required) = keep_restart_only(&self.running, loaded);
+        // Checked again: the restart-only values kept from the running configuration must
+        // still make a valid whole with the new ones.
+        next.validate()?;
+        // Everything that can fail is prepared before anything changes.
+        let forwarder = match (&self.parts.uplink, &next.uplink) {
+            (Some(_), Some(uplink)) if self.running.uplink.as_ref() != Some(uplink) => {
+                Some(ForwarderOptions::new(uplink)?)
+            }
+            _ => None,
+        };
+        let mut report = ReloadReport {
+            restart_required,
+            ..ReloadReport::default()
+        };
+        self.apply(&next, forwarder, &mut report).await;
+        for warning in next.warnings() {
+            warn!(%warning, "Suspicious configuration.");
+        }
+        self.running = next;
+        Ok(report)
+    }
+
+    /// Applies `next`, which differs from the running configuration only in what can change
+    /// live. Cannot fail.
+    async fn apply(
+        &mut self,
+        next: &Settings,
+        forwarder: Option<ForwarderOptions>,
+        report: &mut ReloadReport,
+    ) {
+        let running = &self.running;
+        let mut applied = |key: &str| report.applied.push(key.to_owned());
+        if next.http != running.http {
+            self.parts.guard.store(Arc::new(Guard::new(&next.http)));
+            self.parts
+                .header_read_timeout
+                .send_replace(next.http.header_read_timeout());
+            applied("http");
+        }
+        let limits = IngestLimits::new(next);
+        if limits != *self.parts.ingest.load() {
+            self.parts.ingest.store(Arc::new(limits));
+        }
+        if next.buffer.high_watermark != running.buffer.high_watermark {
+            applied("buffer.high_watermark");
+        }
+        let mut notes = Vec::new();
+        if next.log.level != running.log.level {
+            applied("log.level");
+            match self
+                .parts
+                .log
+                .as_ref()
+                .map(|log| log.set_level(&next.log.level))
+            {
+                Some(Ok(true)) => {}
+                Some(Ok(false)) => notes.push("RUST_LOG is set and wins over log.level".to_owned()),
+                Some(Err(err)) => notes.push(format!("log.level not applied: {err}")),
+                None => notes.push("log.level not applied: no log subscriber of ours".to_owned()),
+            }
+        }
+        // Calibrations before the devices: an added device's first samples are calibrated.
+        if next.processing != running.processing || next.devices != running.devices {
+            self.parts
+                .worker
+                .reconfigure(&next.processing, &next.devices);
+        }
+        if next.processing != running.processing {
+            applied("processing.units");
+        }
+        if next.devices != running.devices {
+            applied("devices");
+            report.devices = self.parts.devices.apply(&next.devices).await;
+            // A device that is new here, or whose task was replaced, starts with empty
+            // statistics; a removed one's are forgotten.
+            let fresh = report.devices.added.iter();
+            let gone = report
+                .devices
+                .removed
+                .iter()
+                .chain(&report.devices.restarted);
+            for id in fresh.chain(gone) {
+                self.parts.worker.reset_stats(id);
+            }
+        } else {
+            report.devices.unchanged = next.devices.iter().map(|d| d.id.clone()).collect();
+        }
+        if let (Some(control), Some(options)) = (&self.parts.uplink, forwarder) {
+            control.reconfigure(options);
+            applied("uplink");
+        }
+        report.notes = notes;
+    }
+}
+
+/// `loaded` with every restart-only setting put back to its running value, and the keys that
+/// differed.
+fn keep_restart_only(running: &Settings, mut loaded: Settings) -> (Settings, Vec<String>) {
+    let mut changed = Vec::new();
+    let mut keep = |key: &str, differs: bool| {
+        if differs {
+            changed.push(key.to_owned());
+        }
+    };
+    keep("http.listen", loaded.http.listen != running.http.listen);
+    loaded.http.listen = running.http.listen;
+    keep("log.format", loaded.log.format != running.log.format);
+    loaded.log.format = running.log.format;
+    keep(
+        "buffer.capacity",
+        loaded.buffer.capacity != running.buffer.capacity,
+    );
+    loaded.buffer.capacity = running.buffer.capacity;
+    keep(
+        "buffer.overflow",
+        loaded.buffer.overflow != running.buffer.overflow,
+    );
+    loaded.buffer.overflow = running.buffer.overflow;
+    keep("pipeline", loaded.pipeline != running.pipeline);
+    loaded.pipeline = running.pipeline.clone();
+    keep("spool", loaded.spool != running.spool);
+    loaded.spool = running.spool.clone();
+    match (&running.uplink, &mut loaded.uplink) {
+        (Some(old), Some(new)) => {
+            keep("uplink.format", new.format != old.format);
+            new.format = old.format;
+            keep("uplink.topic", new.topic != old.topic);
+            new.topic.clone_from(&old.topic);
+            keep("uplink.gateway_id", new.gateway_id != old.gateway_id);
+            new.gateway_id.clone_from(&old.gateway_id);
+            keep("uplink.max_batch", new.max_batch != old.max_batch);
+            new.max_batch = old.max_batch;
+        }
+        (None, None) => {}
+        (old, _) => {
+            keep("uplink", true);
+            loaded.uplink = old.clone();
+        }
+    }
+    (loaded, changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UplinkSettings;
+
+    #[test]
+    fn restart_only_settings_keep_their_running_values_and_are_named() {
+        let running = Settings::default();
+        let mut loaded = Settings::default();
+        loaded.http.listen = "127.0.0.1:9999".parse().expect("an address");
+        loaded.http.ingest_max_samples = 7;
+        loaded.buffer.capacity = 5;
+        loaded.buffer.high_watermark = 0.5;
+        loaded.pipeline.history = 3;
+        loaded.uplink = Some(UplinkSettings::new("mqtt://127.0.0.1:1"));
+        let (next, changed) = keep_restart_only(&running, loaded);
+        assert_eq!(
+            changed,
+            ["http.listen", "buffer.capacity", "pipeline", "uplink"]
+        );
+        assert_eq!(next.http.listen, running.http.listen);
+        assert_eq!(next.buffer.capacity, running.buffer.capacity);
+        assert_eq!(next.pipeline, running.pipeline);
+        assert_eq!(next.uplink, None);
+        // The live ones are taken.
+        assert_eq!(next.http.ingest_max_samples, 7);
+        assert_eq!(next.buffer.high_watermark, 0.5);
+    }
+
+    #[test]
+    fn an_uplinks_broker_settings_are_live_and_its_message_format_is_not() {
+        let running = Settings {
+            uplink: Some(UplinkSettings::new("mqtt://127.0.0.1:1")),
+            ..Settings::default()
+        };
+        let mut loaded = running.clone();
+        let uplink = loaded.uplink.as_mut().expect("set above");
+        uplink.url = "mqtt://127.0.0.1:2".to_owned();
+        uplink.max_batch += 1;
+        let (next, changed) = keep_restart_only(&running, loaded);
+        assert_eq!(changed, ["uplink.max_batch"]);
+        let next = next.uplink.expect("kept");
+        assert_eq!(next.url, "mqtt://127.0.0.1:2");
+        assert_eq!(Some(next.max_batch), running.uplink.map(|u| u.max_batch));
+    }
+}
