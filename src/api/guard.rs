@@ -1,10 +1,26 @@
-//! Request guards, applied to every route: load shedding (a bound on requests in progress,
-//! refusing the excess at once with 503 and `Retry-After`; probes are never shed), bearer-token
-//! authentication (401 with `WWW-Authenticate`) for state-changing routes, and for reads too
-//! when `protect_reads` is set (except the probes and the static live page, whose data requests
-//! carry the token), an early 413 for a declared body over the limit, and the request timeout
-//! (408). The token is compared in constant time, taken only from the `Authorization` header
-//! (never from a URL), and never logged.
+//! The request guard, applied to every route: what tower-http does not do as well, in one
+//! service that allocates nothing of its own per request.
+//!
+//! - **Load shedding with probes exempt**: a bound on requests in progress, refusing the
+//!   excess at once with 503 and `Retry-After`, but never `/healthz` or `/readyz`, which an
+//!   orchestrator must reach under overload. tower's `ConcurrencyLimit` queues instead of
+//!   refusing, and `LoadShed` cannot exempt a route.
+//! - **Bearer-token authentication compared in constant time** (401 with `WWW-Authenticate`)
+//!   for state-changing routes, and for reads too when `protect_reads` is set (except the
+//!   probes and the static live page, whose data requests carry the token). tower-http's
+//!   `ValidateRequestHeaderLayer::bearer` compares with `==`, which leaks the token's prefix
+//!   through timing. The token is taken only from the `Authorization` header (never from a
+//!   URL), and never logged: that header is marked sensitive in [`super::layers`].
+//! - **The CSRF and DNS-rebinding check** (403) on state-changing requests sent by a browser
+//!   for a page of another origin or under a foreign host name; tower-http has none.
+//! - An early 413 for a declared body over the limit, the request timeout (408) and a
+//!   handler panic turned into a 500, each as the API's JSON error body with the request id
+//!   (tower-http's `RequestBodyLimit`, `Timeout` and `CatchPanic` answer in plain text or
+//!   empty bodies, and box the body or the future on every request), and the request
+//!   counted by method, matched route and status, refusals included.
+//!
+//! What tower-http does well is done by tower-http, outside the guard: request ids, the
+//! request's span, sensitive headers and compression ([`super::layers`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -51,10 +67,11 @@ impl Guard {
         }
     }
 
-    fn needs_token(&self, request: &Request) -> bool {
+    /// Whether a request with this method to this path needs the bearer token (the OpenAPI
+    /// document asks the same question of every operation).
+    pub(super) fn needs_token(&self, method: &Method, path: &str) -> bool {
         self.token.is_some()
-            && (!is_read(request)
-                || (self.protect_reads && !is_probe(request) && !is_live_page(request)))
+            && (!is_read(method) || (self.protect_reads && !is_probe(path) && !is_live_page(path)))
     }
 
     /// Whether a browser sends this request on behalf of a page that is not the gateway's own
@@ -122,13 +139,14 @@ impl Guard {
     /// every slot is taken), or says why not.
     fn admit(&self, request: &Request) -> Result<Option<OwnedSemaphorePermit>, Refusal> {
         let permit = self.in_progress.clone().try_acquire_owned().ok();
-        if permit.is_none() && !is_probe(request) {
+        let path = request.uri().path();
+        if permit.is_none() && !is_probe(path) {
             return Err(Refusal::Busy);
         }
-        if !is_read(request) && self.sent_for_a_foreign_page(request) {
+        if !is_read(request.method()) && self.sent_for_a_foreign_page(request) {
             return Err(Refusal::CrossSite);
         }
-        if self.needs_token(request) && !self.authorized(request) {
+        if self.needs_token(request.method(), path) && !self.authorized(request) {
             return Err(Refusal::Unauthorized);
         }
         if self.declared_too_large(request) {
@@ -196,21 +214,21 @@ impl IntoResponse for Refusal {
 }
 
 /// Reads change nothing.
-fn is_read(request: &Request) -> bool {
-    matches!(*request.method(), Method::GET | Method::HEAD)
+pub(super) fn is_read(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD)
 }
 
 /// Orchestrators probe these; they are never shed or token-protected.
-fn is_probe(request: &Request) -> bool {
-    matches!(request.uri().path(), "/healthz" | "/readyz")
+pub(super) fn is_probe(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz")
 }
 
 /// The live page itself (not its data): static markup and script, the same for everyone, with
 /// no telemetry in it. A browser cannot send a bearer token when it loads a page, so the page
 /// loads without one and sends the token, once the user has given it, on its own requests
 /// (`/events` and the controls), which the token protects like every other route.
-fn is_live_page(request: &Request) -> bool {
-    request.uri().path() == "/"
+fn is_live_page(path: &str) -> bool {
+    path == "/"
 }
 
 /// The credentials of `Bearer <credentials>`; the scheme name is case-insensitive (RFC 9110).
@@ -253,8 +271,9 @@ impl<S> Layer<S> for GuardLayer {
 }
 
 /// The service [`GuardLayer`] wraps a route in: refuses what the guard refuses, bounds the
-/// request's time, turns a panicking handler into a 500, and counts every request by method,
-/// matched route (never the raw path) and status, refusals included.
+/// request's time, turns a panicking handler into a 500, writes the request id into error
+/// bodies, and counts every request by method, matched route (never the raw path) and status,
+/// refusals included.
 ///
 /// axum clones it for every request, so the guard is behind an `Arc` (the token is not copied).
 #[derive(Clone)]
@@ -280,6 +299,7 @@ where
             started: Instant::now(),
             method: request.method().clone(),
             route: super::route_label(&request),
+            request_id: request.headers().get(super::layers::REQUEST_ID).cloned(),
         };
         let state = match self.guard.admit(&request) {
             Err(refusal) => Stage::Answer {
@@ -312,6 +332,8 @@ struct Record {
     started: Instant,
     method: Method,
     route: &'static str,
+    /// Set by the request id layer outside the guard; `None` only in tests without it.
+    request_id: Option<HeaderValue>,
 }
 
 pin_project! {
@@ -346,7 +368,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let response = match this.stage.as_mut().project() {
+        let mut response = match this.stage.as_mut().project() {
             StageProj::Answer { response } => response
                 .take()
                 .expect("a GuardFuture is not polled after it completed"),
@@ -368,6 +390,9 @@ where
         // free the request's slot now rather than whenever the future is dropped.
         this.stage.set(Stage::Answer { response: None });
         let record = &*this.record;
+        if let Some(id) = &record.request_id {
+            super::error::stamp_request_id(&mut response, id);
+        }
         crate::metrics::http_request(
             &record.method,
             record.route,

@@ -14,13 +14,14 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 use serde::de::IgnoredAny;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use smol_str::SmolStr;
+use utoipa::ToSchema;
 
 use std::ops::Range;
 
+use super::error::ErrorBody;
 use super::guard::with_retry_after;
 use super::{ApiError, AppState};
 use crate::buffer::PushError;
@@ -30,16 +31,31 @@ use crate::sample::{DEFAULT_CHANNEL, Sample};
 use crate::uplink::stage::SpoolStage;
 
 /// One sample as a client posts it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct IngestSample {
+pub(super) struct IngestSample {
+    /// A configured device's id.
+    #[schema(value_type = String)]
     device: SmolStr,
+    /// The value, before calibration.
     value: f64,
+    /// Unit token: 1-16 characters of `A-Z a-z 0-9 . _ / % -`.
+    #[schema(value_type = String, pattern = r"^[A-Za-z0-9._/%-]{1,16}$")]
     unit: SmolStr,
+    /// The client's sequence number.
     #[serde(default)]
     seq: Option<u32>,
+    /// When it was measured, RFC 3339 (default: when it was received).
     #[serde(default)]
+    #[schema(format = DateTime)]
     timestamp: Option<String>,
+}
+
+/// The answer to an accepted `POST /samples`.
+#[derive(Serialize, ToSchema)]
+pub(super) struct Accepted {
+    /// Samples accepted: all of the request's.
+    accepted: u64,
 }
 
 /// The most samples one request may hold, and the setting that makes it so (for the 413).
@@ -180,6 +196,22 @@ fn count_items(body: &[u8]) -> Option<usize> {
         .map(|items| items.len())
 }
 
+/// `POST /samples`.
+#[utoipa::path(post, path = "/samples", tag = "samples",
+    request_body(content = Vec<IngestSample>, content_type = "application/json",
+        description = "A JSON array of samples, accepted whole or refused whole"),
+    responses(
+        (status = 202, description = "Every sample is in the buffer (with an uplink: in the spool)", body = Accepted),
+        (status = 400, description = "Not a valid array of samples: the error names the item and field", body = ErrorBody),
+        (status = 413, description = "More samples than `http.ingest_max_samples` or \
+            `buffer.capacity`, or a body larger than `http.body_limit_bytes`", body = ErrorBody),
+        (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
+        (status = 429, description = "The buffer is at its high watermark or lacks room: retry \
+            after `Retry-After` seconds", body = ErrorBody,
+            headers(("retry-after" = String, description = "Seconds to wait"))),
+        (status = 503, description = "Shutting down, or (with an uplink) the samples could not \
+            be spooled", body = ErrorBody),
+))]
 pub(super) async fn ingest(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -193,7 +225,7 @@ pub(super) async fn ingest(
                 return err.into_response();
             }
             let accepted = orders.end - orders.start;
-            (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response()
+            (StatusCode::ACCEPTED, Json(Accepted { accepted })).into_response()
         }
         Err(Refusal::Busy(why)) => with_retry_after(ApiError::Rejected(
             StatusCode::TOO_MANY_REQUESTS,

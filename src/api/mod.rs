@@ -4,14 +4,20 @@
 //! [`router`] builds the axum `Router` from an [`AppState`], which holds only handle types the
 //! pipeline stages export (device handles, the buffer's accounting, the worker's statistics);
 //! the API never reaches into `app`. Routes and JSON field names follow the C++ original so its
-//! clients keep working. Every error is a JSON `{"error": ...}` body.
+//! clients keep working. Every error is a JSON `{"error": ..., "request_id": ...}` body.
+//!
+//! Around the routes, from the outside in: `Authorization` marked sensitive, the request id
+//! set (or kept) and copied to the response, the request's tracing span ([`layers`]), then
+//! the hand-written [`Guard`]. `GET /openapi.json` describes all of it ([`openapi`]).
 
 mod control;
 mod error;
 mod guard;
 mod health;
 pub mod ingest;
+mod layers;
 mod live;
+mod openapi;
 mod server;
 mod status;
 
@@ -24,6 +30,9 @@ use axum::http::{Method, Uri};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
 
 pub use self::error::ApiError;
 pub use self::guard::Guard;
@@ -69,8 +78,9 @@ impl AppState {
 }
 
 /// Every route pattern, as metric labels use them.
-const ROUTES: [&str; 17] = [
+const ROUTES: [&str; 18] = [
     "/",
+    "/openapi.json",
     "/uplink",
     "/events",
     "/status",
@@ -101,8 +111,12 @@ fn route_label(request: &Request) -> &'static str {
 }
 
 /// The API's routes, behind the request guard and body limit.
+///
+/// Compression is a layer of the three routes with large bodies only, so the others (the
+/// hot `/status` above all) never pass through it.
 pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
     let status_cache = Arc::new(status::StatusCache::default());
+    let document = openapi::json(&guard);
     Router::new()
         .route("/", get(live::page))
         .route("/events", get(live::events))
@@ -110,9 +124,17 @@ pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
             "/status",
             get(move |state| status::status(state, status_cache.clone())),
         )
-        .route("/metrics", get(status::metrics))
+        .route(
+            "/metrics",
+            get(status::metrics).layer(layers::compression()),
+        )
         .route("/uplink", get(status::uplink))
-        .route("/samples", get(status::samples).post(ingest::ingest))
+        .route(
+            "/samples",
+            get(status::samples)
+                .layer(layers::compression())
+                .post(ingest::ingest),
+        )
         .route("/start", post(control::start_all))
         .route("/stop", post(control::stop_all))
         .route("/reset", post(control::reset_all))
@@ -124,10 +146,29 @@ pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
         .route("/devices/{id}/command", post(control::send_command))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route(
+            "/openapi.json",
+            get(move || openapi::serve(document.clone())).layer(layers::compression()),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(guard::GuardLayer::new(guard))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(layers::request_span)
+                .on_request(layers::log_request)
+                // A 5xx is logged once, by `ApiError`; 503s from shedding not at all.
+                .on_failure(()),
+        )
+        .layer(PropagateRequestIdLayer::new(layers::REQUEST_ID))
+        .layer(SetRequestIdLayer::new(
+            layers::REQUEST_ID,
+            layers::RequestIds::new(),
+        ))
+        .layer(SetSensitiveRequestHeadersLayer::new(
+            layers::SENSITIVE_HEADERS,
+        ))
         .with_state(Arc::new(state))
 }
 

@@ -1,0 +1,124 @@
+//! The tower-http layers around the routes: request ids, the request's tracing span with the
+//! `Authorization` header hidden from it, and response compression for the large bodies.
+//!
+//! Every request gets an `x-request-id`: the client's own, or one made here. The response
+//! carries it back (errors from the guard included), the request's span records it (so every
+//! log line written while serving the request names it, in the JSON logs under `span`), and
+//! error bodies repeat it (see [`super::error`]).
+//!
+//! Compression is negotiated from `Accept-Encoding` (gzip or zstd) and applied only where it
+//! pays: on `/metrics`, `GET /samples` and `/openapi.json` (see [`compression`]), and there
+//! only above [`MIN_COMPRESSED_BYTES`]. Every other route, `/status` among them, never meets
+//! the compression layer, and `/events` (a never-ending event stream that must reach the
+//! browser event by event) is not among them.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::Request;
+use axum::http::{HeaderName, HeaderValue, header};
+use tower_http::compression::CompressionLayer;
+use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
+use tower_http::request_id::{MakeRequestId, RequestId};
+use tracing::Span;
+
+/// The request id header, read from requests and set on every response.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Request headers that no log line or trace may show: marked sensitive, they print as
+/// `Sensitive` wherever a `HeaderMap` is formatted.
+pub const SENSITIVE_HEADERS: [HeaderName; 2] = [header::AUTHORIZATION, header::COOKIE];
+
+/// Bodies smaller than this are sent as they are: compressing a few hundred bytes saves less
+/// than the encoder costs, and a `/samples?limit=1` stays plain.
+pub const MIN_COMPRESSED_BYTES: u16 = 1024;
+
+/// Makes request ids for requests that come without one: a prefix random per process (so ids
+/// from two runs do not collide in one log store), then a counter. Cheaper than a random UUID
+/// per request (no system call), and as unique within the process.
+#[derive(Clone)]
+pub struct RequestIds {
+    prefix: u64,
+    next: Arc<AtomicU64>,
+}
+
+impl RequestIds {
+    /// A new sequence with a fresh random prefix.
+    pub fn new() -> Self {
+        Self {
+            // `RandomState` is seeded from the operating system's randomness once per process.
+            prefix: RandomState::new().hash_one(std::process::id()),
+            next: Arc::new(AtomicU64::new(1)),
+        }
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:016x}-{n}", self.prefix);
+        HeaderValue::try_from(id).ok().map(RequestId::new)
+    }
+}
+
+/// The request's span: method, matched route (never the raw path) and request id.
+///
+/// At `info`, so that with the default log level every event logged while serving a request
+/// (a 5xx's "Request failed.", say) carries the request id.
+pub fn request_span(request: &Request) -> Span {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        route = super::route_label(request),
+        request_id = id,
+    )
+}
+
+/// Logs a request's arrival with its headers, at `debug`: `Authorization` shows as
+/// `Sensitive` (see [`SENSITIVE_HEADERS`]).
+pub fn log_request(request: &Request, _span: &Span) {
+    tracing::debug!(headers = ?request.headers(), "Request started.");
+}
+
+/// The compression layer of the large responses: gzip or zstd as the client accepts, above
+/// [`MIN_COMPRESSED_BYTES`], never for event streams (tower-http's default predicate).
+pub fn compression() -> CompressionLayer<impl Predicate> {
+    CompressionLayer::new()
+        .compress_when(DefaultPredicate::new().and(SizeAbove::new(MIN_COMPRESSED_BYTES)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn made_request_ids_are_distinct_and_share_the_process_prefix() {
+        let mut ids = RequestIds::new();
+        let request = Request::new(axum::body::Body::empty());
+        let a = ids.make_request_id(&request).expect("an id");
+        let b = ids.clone().make_request_id(&request).expect("an id");
+        let (a, b) = (
+            a.header_value().to_str().unwrap().to_owned(),
+            b.header_value().to_str().unwrap().to_owned(),
+        );
+        assert_ne!(a, b);
+        assert_eq!(a.split('-').next(), b.split('-').next(), "{a} {b}");
+        assert_ne!(
+            RequestIds::new().prefix,
+            RequestIds::new().prefix,
+            "each sequence has its own random prefix"
+        );
+    }
+}
