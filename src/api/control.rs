@@ -292,7 +292,8 @@ async fn run(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CommandBody {
-    /// One line for the device (no line break), e.g. `STATUS`.
+    /// One line for the device: 1 to 64 printable ASCII characters, e.g. `STATUS`.
+    #[schema(pattern = r"^[\x20-\x7e]{1,64}$", min_length = 1, max_length = 64)]
     command: String,
 }
 

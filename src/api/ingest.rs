@@ -42,13 +42,57 @@ pub(super) struct IngestSample {
     /// Unit token: 1-16 characters of `A-Z a-z 0-9 . _ / % -`.
     #[schema(value_type = String, pattern = r"^[A-Za-z0-9._/%-]{1,16}$")]
     unit: SmolStr,
-    /// The client's sequence number.
-    #[serde(default)]
+    /// The client's sequence number, 0 to 2^32 - 1 (`7.0` is `7`, as in JSON Schema).
+    #[serde(default, deserialize_with = "integral_u32")]
+    #[schema(value_type = Option<u64>, maximum = 4294967295_u64)]
     seq: Option<u32>,
     /// When it was measured, RFC 3339 (default: when it was received).
     #[serde(default)]
     #[schema(format = DateTime)]
     timestamp: Option<String>,
+}
+
+/// An optional u32 written as any JSON number with an integral value: JSON has one number
+/// type, and JSON Schema's `integer` (what the document promises) includes `7.0`, which some
+/// encoders write for whole floats.
+fn integral_u32<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u32>, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = Option<u32>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an integer from 0 to 4294967295, or null")
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            u32::try_from(v)
+                .map(Some)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            u32::try_from(v)
+                .map(Some)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            // Every u32 is exact in an f64, so the round trip is the range and integrality test.
+            let n = v as u32;
+            if f64::from(n) == v {
+                Ok(Some(n))
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    deserializer.deserialize_any(Visitor)
 }
 
 /// The answer to an accepted `POST /samples`.
@@ -338,6 +382,15 @@ mod tests {
         .unwrap();
         assert_eq!(samples.len(), 2);
         assert_eq!((samples[1].seq, samples[1].value), (Some(7), -2.0));
+        // JSON has one number type: a whole float is an integer, as JSON Schema says.
+        let whole = parse(
+            r#"[{"device":"sim0","value":1,"unit":"V","seq":37500.0},
+                {"device":"sim0","value":1,"unit":"V","seq":null},
+                {"device":"sim0","value":1,"unit":"V","seq":4294967295}]"#,
+        )
+        .unwrap();
+        let seqs: Vec<_> = whole.iter().map(|s| s.seq).collect();
+        assert_eq!(seqs, [Some(37500), None, Some(u32::MAX)]);
         assert_eq!(
             samples[1].timestamp,
             SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_734_000)
@@ -365,6 +418,18 @@ mod tests {
             ),
             (
                 r#"[{"device":"sim0","value":1,"unit":"V","seq":-1}]"#,
+                "samples[0].seq",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"V","seq":7.5}]"#,
+                "samples[0].seq",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"V","seq":4294967296.0}]"#,
+                "samples[0].seq",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"V","seq":"7"}]"#,
                 "samples[0].seq",
             ),
             (

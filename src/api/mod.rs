@@ -116,7 +116,7 @@ fn route_label(request: &Request) -> &'static str {
 /// hot `/status` above all) never pass through it.
 pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
     let status_cache = Arc::new(status::StatusCache::default());
-    let document = openapi::json(&guard);
+    let document = Arc::new(openapi::Document::new(&guard));
     Router::new()
         .route("/", get(live::page))
         .route("/events", get(live::events))
@@ -148,7 +148,7 @@ pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
         .route("/readyz", get(health::readyz))
         .route(
             "/openapi.json",
-            get(move || openapi::serve(document.clone())).layer(layers::compression()),
+            get(move |state| openapi::serve(state, document.clone())).layer(layers::compression()),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -7,15 +7,21 @@
 //! applies ([`Guard::needs_token`], [`super::guard::is_read`], [`super::guard::is_probe`]):
 //! the 401 and the bearer security requirement exactly where this gateway's configuration
 //! asks for the token, 403 on state-changing routes, 408, 413, 500, 503 (not on the probes),
-//! and the `x-request-id` header on every response. The document is built once, when the
-//! router is, so it describes the running configuration.
+//! and the `x-request-id` header on every response. So the document describes the running
+//! configuration: it is built from the guard when the router is, and on every request the
+//! facts that the configuration sets are written into it (the configured device ids as the
+//! `enum` of every device id, the largest `limit` of `GET /samples`, the most samples one
+//! `POST /samples` may hold), so a request that follows it is one the gateway can accept.
 //!
 //! Like every read, it needs the token when `http.protect_reads` is set: it holds no
 //! telemetry, but it does tell how the gateway is configured (whether a token is needed).
 
-use axum::body::Bytes;
+use std::sync::Arc;
+
+use axum::extract::State;
 use axum::http::{HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
 use utoipa::OpenApi;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::Operation;
@@ -24,7 +30,8 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, Type};
 
 use super::error::{ConflictBody, ErrorBody};
 use super::guard::{Guard, is_probe, is_read};
-use super::{control, health, ingest, live, status};
+use super::ingest::SampleLimit;
+use super::{AppState, control, health, ingest, live, status};
 
 /// The name of the bearer security scheme in the document.
 const BEARER: &str = "bearer";
@@ -165,11 +172,63 @@ fn error_response(description: &str) -> utoipa::openapi::Response {
         .build()
 }
 
-/// The document as JSON, made once for the router.
-pub(super) fn json(guard: &Guard) -> Bytes {
-    // Serialising the document's plain data cannot fail.
-    let json = document(guard).to_json().expect("the document serialises");
-    Bytes::from(json)
+/// The document of one router: what the guard's configuration decides, made once.
+pub(super) struct Document(Value);
+
+impl Document {
+    /// The document for a gateway guarded by `guard`, without the facts of its pipeline.
+    pub(super) fn new(guard: &Guard) -> Self {
+        // Serialising the document's plain data cannot fail.
+        Self(serde_json::to_value(document(guard)).expect("the document serialises"))
+    }
+
+    /// The document with the facts of `state` written in.
+    fn render(&self, state: &AppState) -> Value {
+        let mut doc = self.0.clone();
+        let ids: Vec<&str> = state.devices.iter().map(|d| d.id().as_str()).collect();
+        let set = |doc: &mut Value, pointer: &str, key: &str, value: Value| {
+            if let Some(Value::Object(object)) = doc.pointer_mut(pointer) {
+                object.insert(key.to_owned(), value);
+            }
+        };
+        set(
+            &mut doc,
+            "/components/schemas/IngestSample/properties/device",
+            "enum",
+            json!(ids),
+        );
+        let limit = SampleLimit::effective(state.ingest_max_samples, state.buffer.capacity());
+        set(
+            &mut doc,
+            "/paths/~1samples/post/requestBody/content/application~1json/schema",
+            "maxItems",
+            json!(limit.max),
+        );
+        if let Some(Value::Object(paths)) = doc.get_mut("paths") {
+            for item in paths.values_mut() {
+                for operation in item
+                    .as_object_mut()
+                    .into_iter()
+                    .flat_map(|i| i.values_mut())
+                {
+                    let Some(Value::Array(parameters)) = operation.get_mut("parameters") else {
+                        continue;
+                    };
+                    for parameter in parameters {
+                        let facts = match (parameter["in"].as_str(), parameter["name"].as_str()) {
+                            (Some("path"), Some("id")) => ("enum", json!(ids)),
+                            (Some("query"), Some("limit")) => {
+                                ("maximum", json!(state.worker.history_len()))
+                            }
+                            _ => continue,
+                        };
+                        set(parameter, "/schema", facts.0, facts.1);
+                    }
+                }
+            }
+        }
+        doc
+    }
 }
 
 /// `GET /openapi.json`.
@@ -178,16 +237,18 @@ pub(super) fn json(guard: &Guard) -> Bytes {
     path = "/openapi.json",
     tag = "meta",
     responses(
-        (status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json", body = Object),
+        (status = 200, description = "This document (OpenAPI 3.1), for this gateway's \
+            configuration. Compressed (gzip, zstd) when the client accepts it",
+            content_type = "application/json", body = Object),
     )
 )]
-pub(super) async fn serve(document: Bytes) -> Response {
+pub(super) async fn serve(State(state): State<Arc<AppState>>, document: Arc<Document>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        document,
+        document.render(&state).to_string(),
     )
         .into_response()
 }
@@ -198,7 +259,7 @@ mod tests {
     use crate::config::{HttpSettings, Secret};
 
     fn doc(http: &HttpSettings) -> serde_json::Value {
-        serde_json::from_slice(&json(&Guard::new(http))).expect("the document is JSON")
+        Document::new(&Guard::new(http)).0
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod errors;
 mod faults;
 mod health;
 mod helpers;
+mod http_layers;
 mod ingest;
 mod lifecycle;
 mod metrics;
