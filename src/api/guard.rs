@@ -23,7 +23,7 @@
 //! request's span, sensitive headers and compression ([`super::layers`]).
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{Future, Ready};
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::future::Either;
 use pin_project_lite::pin_project;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Timeout;
@@ -139,20 +140,27 @@ impl Guard {
     /// every slot is taken), or says why not.
     fn admit(&self, request: &Request) -> Result<Option<OwnedSemaphorePermit>, Refusal> {
         let permit = self.in_progress.clone().try_acquire_owned().ok();
-        let path = request.uri().path();
-        if permit.is_none() && !is_probe(path) {
+        if permit.is_none() && !is_probe(request.uri().path()) {
             return Err(Refusal::Busy);
         }
+        Ok(permit)
+    }
+
+    /// Whether a request that a route and method matched may reach its handler: not sent for
+    /// a foreign page if it changes state, with the token where one is needed, and a declared
+    /// body within the limit (checked last, so a client without the token learns nothing of
+    /// the limit).
+    fn check_access(&self, request: &Request) -> Result<(), Refusal> {
         if !is_read(request.method()) && self.sent_for_a_foreign_page(request) {
             return Err(Refusal::CrossSite);
         }
-        if self.needs_token(request.method(), path) && !self.authorized(request) {
+        if self.needs_token(request.method(), request.uri().path()) && !self.authorized(request) {
             return Err(Refusal::Unauthorized);
         }
         if self.declared_too_large(request) {
             return Err(Refusal::TooLarge(self.body_limit));
         }
-        Ok(permit)
+        Ok(())
     }
 
     fn authorized(&self, request: &Request) -> bool {
@@ -239,7 +247,63 @@ fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
         .then_some(credentials)
 }
 
-/// The guard as a tower layer around every route.
+/// The access check (CSRF and host, bearer token, declared body size), applied to each
+/// route's handlers with `MethodRouter::route_layer`, so that a method the route does not
+/// have is a 405 with or without the token, never a 401. (`Router::route_layer` would not
+/// do: in axum 0.8 it wraps the 405 fallback too.) It refuses, or passes the request on
+/// untouched; its refusals come back out through [`GuardService`], which counts them and
+/// writes the request id into them.
+#[derive(Clone)]
+pub struct AccessLayer {
+    guard: Arc<Guard>,
+}
+
+impl AccessLayer {
+    /// The access check of `guard`.
+    pub fn new(guard: Arc<Guard>) -> Self {
+        Self { guard }
+    }
+}
+
+impl<S> Layer<S> for AccessLayer {
+    type Service = AccessService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AccessService {
+            guard: self.guard.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service of [`AccessLayer`].
+#[derive(Clone)]
+pub struct AccessService<S> {
+    guard: Arc<Guard>,
+    inner: S,
+}
+
+impl<S> Service<Request> for AccessService<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        match self.guard.check_access(&request) {
+            Ok(()) => Either::Right(self.inner.call(request)),
+            Err(refusal) => Either::Left(std::future::ready(Ok(refusal.into_response()))),
+        }
+    }
+}
+
+/// The guard as a tower layer around every route (404s and 405s included).
 ///
 /// A hand-written service rather than `axum::middleware::from_fn` plus tower-http's
 /// `CatchPanicLayer`: those clone the inner service into a box, box a future and box the
@@ -252,10 +316,8 @@ pub struct GuardLayer {
 
 impl GuardLayer {
     /// A layer enforcing `guard`.
-    pub fn new(guard: Guard) -> Self {
-        Self {
-            guard: Arc::new(guard),
-        }
+    pub fn new(guard: Arc<Guard>) -> Self {
+        Self { guard }
     }
 }
 
@@ -417,7 +479,7 @@ pub fn with_retry_after(error: ApiError) -> Response {
 mod tests {
     use axum::Router;
     use axum::body::{Body, to_bytes};
-    use axum::routing::get;
+    use axum::routing::{MethodRouter, get};
     use tower::ServiceExt;
 
     use super::*;
@@ -431,10 +493,22 @@ mod tests {
         assert_eq!(bearer_credentials(b"Bearer"), None);
     }
 
+    /// `routes` behind the guard of `http`, as the API's router puts it.
+    fn guarded(routes: Vec<(&'static str, MethodRouter)>, http: &HttpSettings) -> Router {
+        let guard = Arc::new(Guard::new(http));
+        let access = AccessLayer::new(guard.clone());
+        routes
+            .into_iter()
+            .fold(Router::new(), |router, (path, handlers)| {
+                router.route(path, handlers.route_layer(access.clone()))
+            })
+            .layer(GuardLayer::new(guard))
+    }
+
     fn router(http: &HttpSettings) -> Router {
-        Router::new()
-            .route("/status", get(|| async { "fine" }))
-            .route(
+        let routes = vec![
+            ("/status", get(|| async { "fine" })),
+            (
                 "/panics",
                 get(|| async {
                     if true {
@@ -442,15 +516,16 @@ mod tests {
                     }
                     "unreachable"
                 }),
-            )
-            .route(
+            ),
+            (
                 "/slow",
                 get(|| async {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                     "late"
                 }),
-            )
-            .layer(GuardLayer::new(Guard::new(http)))
+            ),
+        ];
+        guarded(routes, http)
     }
 
     async fn get_status(router: &Router, path: &str) -> (StatusCode, String) {
@@ -465,9 +540,10 @@ mod tests {
 
     /// The status of `POST /start` with these headers, through the guard.
     async fn post_with(http: &HttpSettings, headers: &[(&str, &str)]) -> StatusCode {
-        let router = Router::new()
-            .route("/start", axum::routing::post(|| async { "started" }))
-            .layer(GuardLayer::new(Guard::new(http)));
+        let router = guarded(
+            vec![("/start", axum::routing::post(|| async { "started" }))],
+            http,
+        );
         let mut request = Request::post("/start");
         for (name, value) in headers {
             request = request.header(*name, *value);
@@ -590,10 +666,9 @@ mod tests {
             max_concurrent_requests: 1,
             ..HttpSettings::default()
         };
-        let mut service =
-            GuardLayer::new(Guard::new(&http)).layer(tower::service_fn(|_: Request| async {
-                Ok::<_, Infallible>(Response::new(Body::empty()))
-            }));
+        let mut service = GuardLayer::new(Arc::new(Guard::new(&http))).layer(tower::service_fn(
+            |_: Request| async { Ok::<_, Infallible>(Response::new(Body::empty())) },
+        ));
         let request = || Request::get("/status").body(Body::empty()).unwrap();
         let mut first = Box::pin(service.call(request()));
         assert_eq!((&mut first).await.unwrap().status(), StatusCode::OK);

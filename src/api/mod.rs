@@ -27,7 +27,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{Method, Uri};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
@@ -112,43 +112,58 @@ fn route_label(request: &Request) -> &'static str {
 
 /// The API's routes, behind the request guard and body limit.
 ///
-/// Compression is a layer of the three routes with large bodies only, so the others (the
-/// hot `/status` above all) never pass through it.
+/// Each route's handlers go through `guarded`, which puts the guard's access check on them
+/// (see [`guard::AccessLayer`]); a route added without it fails the test that sends every
+/// documented operation without the token. Compression is a layer of the three routes with
+/// large bodies only, so the others (the hot `/status` above all) never pass through it.
 pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
     let status_cache = Arc::new(status::StatusCache::default());
     let document = Arc::new(openapi::Document::new(&guard));
+    let guard = Arc::new(guard);
+    let access = guard::AccessLayer::new(guard.clone());
+    let guarded = |handlers: MethodRouter<Arc<AppState>>| handlers.route_layer(access.clone());
     Router::new()
-        .route("/", get(live::page))
-        .route("/events", get(live::events))
+        .route("/", guarded(get(live::page)))
+        .route("/events", guarded(get(live::events)))
         .route(
             "/status",
-            get(move |state| status::status(state, status_cache.clone())),
+            guarded(get(move |state| {
+                status::status(state, status_cache.clone())
+            })),
         )
         .route(
             "/metrics",
-            get(status::metrics).layer(layers::compression()),
+            guarded(get(status::metrics).layer(layers::compression())),
         )
-        .route("/uplink", get(status::uplink))
+        .route("/uplink", guarded(get(status::uplink)))
         .route(
             "/samples",
-            get(status::samples)
-                .layer(layers::compression())
-                .post(ingest::ingest),
+            guarded(
+                get(status::samples)
+                    .layer(layers::compression())
+                    .post(ingest::ingest),
+            ),
         )
-        .route("/start", post(control::start_all))
-        .route("/stop", post(control::stop_all))
-        .route("/reset", post(control::reset_all))
-        .route("/devices", get(control::list_devices))
-        .route("/devices/{id}", get(control::get_device))
-        .route("/devices/{id}/start", post(control::start_one))
-        .route("/devices/{id}/stop", post(control::stop_one))
-        .route("/devices/{id}/reset", post(control::reset_one))
-        .route("/devices/{id}/command", post(control::send_command))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
+        .route("/start", guarded(post(control::start_all)))
+        .route("/stop", guarded(post(control::stop_all)))
+        .route("/reset", guarded(post(control::reset_all)))
+        .route("/devices", guarded(get(control::list_devices)))
+        .route("/devices/{id}", guarded(get(control::get_device)))
+        .route("/devices/{id}/start", guarded(post(control::start_one)))
+        .route("/devices/{id}/stop", guarded(post(control::stop_one)))
+        .route("/devices/{id}/reset", guarded(post(control::reset_one)))
+        .route(
+            "/devices/{id}/command",
+            guarded(post(control::send_command)),
+        )
+        .route("/healthz", guarded(get(health::healthz)))
+        .route("/readyz", guarded(get(health::readyz)))
         .route(
             "/openapi.json",
-            get(move |state| openapi::serve(state, document.clone())).layer(layers::compression()),
+            guarded(
+                get(move |state| openapi::serve(state, document.clone()))
+                    .layer(layers::compression()),
+            ),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -19,6 +19,7 @@ mod http_layers;
 mod ingest;
 mod lifecycle;
 mod metrics;
+mod openapi;
 mod resilience;
 mod security;
 mod serial;
