@@ -30,6 +30,7 @@ use axum::http::{Method, Uri};
 use axum::routing::{MethodRouter, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
@@ -167,23 +168,28 @@ pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(guard::GuardLayer::new(guard))
+        // One `layer` call for the whole stack: axum boxes the service and its future once
+        // per `layer` call, on every request.
         .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(layers::request_span)
-                .on_request(layers::log_request)
-                // A 5xx is logged once, by `ApiError`; 503s from shedding not at all.
-                .on_failure(()),
+            ServiceBuilder::new()
+                .layer(SetSensitiveRequestHeadersLayer::new(
+                    layers::SENSITIVE_HEADERS,
+                ))
+                .layer(SetRequestIdLayer::new(
+                    layers::REQUEST_ID,
+                    layers::RequestIds::new(),
+                ))
+                .layer(PropagateRequestIdLayer::new(layers::REQUEST_ID))
+                .layer(
+                    TraceLayer::new_for_http()
+                        .make_span_with(layers::request_span)
+                        .on_request(layers::log_request)
+                        // A 5xx is logged once, by `ApiError`; 503s from shedding not at all.
+                        .on_failure(()),
+                )
+                .layer(guard::GuardLayer::new(guard))
+                .layer(DefaultBodyLimit::max(body_limit)),
         )
-        .layer(PropagateRequestIdLayer::new(layers::REQUEST_ID))
-        .layer(SetRequestIdLayer::new(
-            layers::REQUEST_ID,
-            layers::RequestIds::new(),
-        ))
-        .layer(SetSensitiveRequestHeadersLayer::new(
-            layers::SENSITIVE_HEADERS,
-        ))
         .with_state(Arc::new(state))
 }
 
