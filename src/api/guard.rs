@@ -19,8 +19,11 @@
 //!   empty bodies, and box the body or the future on every request), and the request
 //!   counted by method, matched route and status, refusals included.
 //!
-//! What tower-http does well is done by tower-http, outside the guard: request ids, the
-//! request's span, sensitive headers and compression ([`super::layers`]).
+//! - **The request's tracing span**, entered around the handler (see [`super::layers`] for why
+//!   not tower-http's `TraceLayer`).
+//!
+//! What tower-http does well is done by tower-http, outside the guard: request ids, sensitive
+//! headers and compression ([`super::layers`]).
 
 use std::convert::Infallible;
 use std::future::{Future, Ready};
@@ -357,10 +360,14 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        let route = super::route_label(&request);
+        let span = super::layers::request_span(&request, route);
+        let _entered = span.enter();
+        super::layers::log_request(&request);
         let record = Record {
             started: Instant::now(),
             method: request.method().clone(),
-            route: super::route_label(&request),
+            route,
             request_id: request.headers().get(super::layers::REQUEST_ID).cloned(),
         };
         let state = match self.guard.admit(&request) {
@@ -382,9 +389,11 @@ where
                 }
             }
         };
+        drop(_entered);
         GuardFuture {
             stage: state,
             record,
+            span,
         }
     }
 }
@@ -404,6 +413,8 @@ pin_project! {
         #[pin]
         stage: Stage<F>,
         record: Record,
+        // The request's span, entered on every poll.
+        span: tracing::Span,
     }
 }
 
@@ -430,6 +441,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _entered = this.span.enter();
         let mut response = match this.stage.as_mut().project() {
             StageProj::Answer { response } => response
                 .take()
@@ -455,12 +467,13 @@ where
         if let Some(id) = &record.request_id {
             super::error::stamp_request_id(&mut response, id);
         }
-        crate::metrics::http_request(
-            &record.method,
-            record.route,
-            response.status(),
-            record.started.elapsed(),
+        let elapsed = record.started.elapsed();
+        tracing::debug!(
+            status = response.status().as_u16(),
+            micros = elapsed.as_micros() as u64,
+            "Request finished."
         );
+        crate::metrics::http_request(&record.method, record.route, response.status(), elapsed);
         Poll::Ready(Ok(response))
     }
 }

@@ -7,8 +7,8 @@
 //! clients keep working. Every error is a JSON `{"error": ..., "request_id": ...}` body.
 //!
 //! Around the routes, from the outside in: `Authorization` marked sensitive, the request id
-//! set (or kept) and copied to the response, the request's tracing span ([`layers`]), then
-//! the hand-written [`Guard`]. `GET /openapi.json` describes all of it ([`openapi`]).
+//! set (or kept) and copied to the response ([`layers`]), then the hand-written [`Guard`],
+//! which enters the request's tracing span. `GET /openapi.json` describes all of it ([`openapi`]).
 
 mod control;
 mod error;
@@ -33,7 +33,6 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
-use tower_http::trace::TraceLayer;
 
 pub use self::error::ApiError;
 pub use self::guard::Guard;
@@ -180,13 +179,6 @@ pub fn router(state: AppState, guard: Guard, body_limit: usize) -> Router {
                     layers::RequestIds::new(),
                 ))
                 .layer(PropagateRequestIdLayer::new(layers::REQUEST_ID))
-                .layer(
-                    TraceLayer::new_for_http()
-                        .make_span_with(layers::request_span)
-                        .on_request(layers::log_request)
-                        // A 5xx is logged once, by `ApiError`; 503s from shedding not at all.
-                        .on_failure(()),
-                )
                 .layer(guard::GuardLayer::new(guard))
                 .layer(DefaultBodyLimit::max(body_limit)),
         )
