@@ -1,5 +1,6 @@
-//! The request guard, applied to every route: what tower-http does not do as well, in one
-//! service that allocates nothing of its own per request.
+//! The request guard: what tower-http does not do as well, in two services that allocate
+//! nothing of their own per request: [`GuardService`] around every route (404s and 405s
+//! included) and [`AccessService`] (CSRF, token, declared size) on each route's handlers.
 //!
 //! - **Load shedding with probes exempt**: a bound on requests in progress, refusing the
 //!   excess at once with 503 and `Retry-After`, but never `/healthz` or `/readyz`, which an
@@ -18,7 +19,6 @@
 //!   (tower-http's `RequestBodyLimit`, `Timeout` and `CatchPanic` answer in plain text or
 //!   empty bodies, and box the body or the future on every request), and the request
 //!   counted by method, matched route and status, refusals included.
-//!
 //! - **The request's tracing span**, entered around the handler (see [`super::layers`] for why
 //!   not tower-http's `TraceLayer`).
 //!

@@ -25,11 +25,13 @@ const FUZZ_SECONDS: &str = "12";
 /// The most one tool run may take, startup included, before the test fails.
 const TOOL_LIMIT: Duration = Duration::from_secs(90);
 
-/// Runs `program args`, failing the test if it is missing, fails or overruns; returns its
-/// output.
+/// Runs `program args` in a scratch directory (Schemathesis writes a cache where it runs),
+/// failing the test if it is missing, fails or overruns; returns its output.
 async fn run_tool(program: &str, args: &[&str]) -> String {
+    let scratch = tempfile::tempdir().expect("a scratch directory");
     let child = tokio::process::Command::new(program)
         .args(args)
+        .current_dir(scratch.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
