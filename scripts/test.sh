@@ -25,6 +25,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
+# Python tools the OpenAPI test runs against a live gateway (tests/api/openapi.rs), pinned:
+# openapi-spec-validator checks the document, Schemathesis fuzzes every route with it.
+SCHEMATHESIS_VERSION=4.32.5
+OPENAPI_SPEC_VALIDATOR_VERSION=0.9.0
+python_tools=()
+schemathesis --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION" ||
+  python_tools+=("schemathesis==$SCHEMATHESIS_VERSION")
+python3 -m pip show openapi-spec-validator 2>/dev/null | grep -q "^Version: $OPENAPI_SPEC_VALIDATOR_VERSION" ||
+  python_tools+=("openapi-spec-validator==$OPENAPI_SPEC_VALIDATOR_VERSION")
+if [ ${#python_tools[@]} -gt 0 ]; then
+  echo "test.sh: installing ${python_tools[*]}" >&2
+  python3 -m pip install --quiet "${python_tools[@]}"
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "test.sh: installing cargo-nextest" >&2
   cargo install cargo-nextest --locked

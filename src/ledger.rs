@@ -153,7 +153,7 @@ impl RejectCounts {
 }
 
 /// Where samples come from. Shown in JSON as `link` and `http`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
 pub enum Source {
     /// Read from a device link.
     #[serde(rename = "link")]

@@ -71,7 +71,7 @@ struct RunningDevice {
 }
 
 /// What a reload did to the devices, by id.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct DeviceChanges {
     /// New devices, each with a new task.
     pub added: Vec<String>,

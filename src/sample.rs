@@ -55,20 +55,24 @@ impl Sample {
 }
 
 /// A processed sample as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct ProcessedSample {
     /// The device's sequence number, if any.
     pub seq: Option<u32>,
     /// The calibrated value.
     pub value: f64,
     /// Unit token.
+    #[schema(value_type = String)]
     pub unit: SmolStr,
     /// Device id.
+    #[schema(value_type = String)]
     pub device: SmolStr,
     /// The quantity measured.
+    #[schema(value_type = String)]
     pub channel: SmolStr,
     /// Receive time, RFC 3339 UTC.
     #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub timestamp: SystemTime,
     /// Arrival order in the buffer (not shown).
     #[serde(skip)]

@@ -8,26 +8,79 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use smol_str::SmolStr;
+use utoipa::ToSchema;
 
+use super::error::{ConflictBody, ErrorBody};
 use super::{ApiError, AppState};
 use crate::device::state::{Command, DeviceState};
 use crate::device::{CommandError, CountersSnapshot, DeviceHandle, SendError};
 use crate::worker::DeviceStats;
 
 /// One device as the API shows it.
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Serialize, PartialEq, ToSchema)]
 pub struct DeviceView {
+    /// The device's id.
+    #[schema(value_type = String)]
     id: SmolStr,
+    /// Its link: `simulated` or `serial`.
+    #[schema(value_type = String)]
     kind: &'static str,
+    /// Its state.
     state: DeviceState,
+    /// Failed reads since the last good frame (the circuit breaker trips at
+    /// `failure_threshold`).
     consecutive_failures: u32,
+    /// The last link error, if any.
     last_error: Option<String>,
+    /// The device's counters.
     #[serde(flatten)]
     counters: CountersSnapshot,
+    /// The device's statistics.
     #[serde(flatten)]
     stats: DeviceStats,
+}
+
+/// `GET /devices`.
+#[derive(Serialize, ToSchema)]
+pub(super) struct DeviceList {
+    /// Every device, in configuration order.
+    devices: Vec<DeviceView>,
+}
+
+/// The answer to a command on every device.
+#[derive(Serialize, ToSchema)]
+pub(super) struct AllCommanded {
+    /// Always `true` (a refusal is a 409 [`ConflictBody`]).
+    ok: bool,
+    /// The combined state afterwards.
+    state: DeviceState,
+}
+
+/// The answer to a command on one device.
+#[derive(Serialize, ToSchema)]
+pub(super) struct DeviceCommanded {
+    /// Always `true` (a refusal is a 409 [`ConflictBody`]).
+    ok: bool,
+    /// The device.
+    #[schema(value_type = String)]
+    id: SmolStr,
+    /// Its state afterwards.
+    state: DeviceState,
+}
+
+/// The device's reply to `POST /devices/{id}/command`.
+#[derive(Serialize, ToSchema)]
+pub(super) struct CommandReply {
+    /// Whether the device accepted the command (its reply does not start with `ERROR:`).
+    ok: bool,
+    /// The device.
+    #[schema(value_type = String)]
+    id: SmolStr,
+    /// The command sent.
+    command: String,
+    /// The device's reply line.
+    reply: String,
 }
 
 impl DeviceView {
@@ -54,58 +107,118 @@ pub(super) fn combined_state(devices: &[DeviceHandle]) -> DeviceState {
         .unwrap_or_default()
 }
 
+/// `POST /start`.
+#[utoipa::path(post, path = "/start", tag = "control", responses(
+    (status = 200, description = "Every device is measuring", body = AllCommanded),
+    (status = 409, description = "Some device refused (the others did start)", body = ConflictBody),
+    (status = 503, description = "A device task is gone (shutting down)", body = ErrorBody),
+))]
 pub(super) async fn start_all(
     State(state): State<Arc<AppState>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<AllCommanded>, ApiError> {
     command_all(&state, Command::Start).await
 }
 
+/// `POST /stop`.
+#[utoipa::path(post, path = "/stop", tag = "control", responses(
+    (status = 200, description = "Every device is idle", body = AllCommanded),
+    (status = 409, description = "Some device refused (the others did stop)", body = ConflictBody),
+    (status = 503, description = "A device task is gone (shutting down)", body = ErrorBody),
+))]
 pub(super) async fn stop_all(
     State(state): State<Arc<AppState>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<AllCommanded>, ApiError> {
     command_all(&state, Command::Stop).await
 }
 
+/// `POST /reset`.
+#[utoipa::path(post, path = "/reset", tag = "control", responses(
+    (status = 200, description = "Every device is reset", body = AllCommanded),
+    (status = 409, description = "Some device refused, e.g. while measuring (the others were reset)", body = ConflictBody),
+    (status = 503, description = "A device task is gone (shutting down)", body = ErrorBody),
+))]
 pub(super) async fn reset_all(
     State(state): State<Arc<AppState>>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<AllCommanded>, ApiError> {
     command_all(&state, Command::Reset).await
 }
 
+/// `POST /devices/{id}/start`.
+#[utoipa::path(post, path = "/devices/{id}/start", tag = "control",
+    params(("id" = String, Path, description = "The device's id")),
+    responses(
+        (status = 200, description = "The device is started", body = DeviceCommanded),
+        (status = 400, description = "The id is not valid UTF-8", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 409, description = "The device refused in its state", body = ConflictBody),
+        (status = 503, description = "The device task is gone (shutting down)", body = ErrorBody),
+))]
 pub(super) async fn start_one(
     State(state): State<Arc<AppState>>,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<DeviceCommanded>, ApiError> {
     let Path(id) = id?;
     command_one(&state, &id, Command::Start).await
 }
 
+/// `POST /devices/{id}/stop`.
+#[utoipa::path(post, path = "/devices/{id}/stop", tag = "control",
+    params(("id" = String, Path, description = "The device's id")),
+    responses(
+        (status = 200, description = "The device is stopped", body = DeviceCommanded),
+        (status = 400, description = "The id is not valid UTF-8", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 409, description = "The device refused in its state", body = ConflictBody),
+        (status = 503, description = "The device task is gone (shutting down)", body = ErrorBody),
+))]
 pub(super) async fn stop_one(
     State(state): State<Arc<AppState>>,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<DeviceCommanded>, ApiError> {
     let Path(id) = id?;
     command_one(&state, &id, Command::Stop).await
 }
 
+/// `POST /devices/{id}/reset`.
+#[utoipa::path(post, path = "/devices/{id}/reset", tag = "control",
+    params(("id" = String, Path, description = "The device's id")),
+    responses(
+        (status = 200, description = "The device is reset", body = DeviceCommanded),
+        (status = 400, description = "The id is not valid UTF-8", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 409, description = "The device refused in its state", body = ConflictBody),
+        (status = 503, description = "The device task is gone (shutting down)", body = ErrorBody),
+))]
 pub(super) async fn reset_one(
     State(state): State<Arc<AppState>>,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<DeviceCommanded>, ApiError> {
     let Path(id) = id?;
     command_one(&state, &id, Command::Reset).await
 }
 
-pub(super) async fn list_devices(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+/// `GET /devices`.
+#[utoipa::path(get, path = "/devices", tag = "control", responses(
+    (status = 200, description = "Every device", body = DeviceList),
+))]
+pub(super) async fn list_devices(State(state): State<Arc<AppState>>) -> Json<DeviceList> {
     let devices: Vec<DeviceView> = state
         .devices
         .load()
         .iter()
         .map(|d| DeviceView::new(&state, d))
         .collect();
-    Json(json!({ "devices": devices }))
+    Json(DeviceList { devices })
 }
 
+/// `GET /devices/{id}`.
+#[utoipa::path(get, path = "/devices/{id}", tag = "control",
+    params(("id" = String, Path, description = "The device's id")),
+    responses(
+        (status = 200, description = "The device", body = DeviceView),
+        (status = 400, description = "The id is not valid UTF-8", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+))]
 pub(super) async fn get_device(
     State(state): State<Arc<AppState>>,
     id: Result<Path<String>, PathRejection>,
@@ -117,10 +230,7 @@ pub(super) async fn get_device(
 
 /// Applies `command` to every device. All are tried; if any refuses, the answer is 409 naming
 /// the devices that refused (the others did change).
-async fn command_all(
-    state: &AppState,
-    command: Command,
-) -> Result<Json<serde_json::Value>, ApiError> {
+async fn command_all(state: &AppState, command: Command) -> Result<Json<AllCommanded>, ApiError> {
     let mut refusals = Vec::new();
     let devices = state.devices.load();
     for device in devices.iter() {
@@ -136,7 +246,10 @@ async fn command_all(
     }
     let combined = combined_state(&devices);
     if refusals.is_empty() {
-        Ok(Json(json!({ "ok": true, "state": combined })))
+        Ok(Json(AllCommanded {
+            ok: true,
+            state: combined,
+        }))
     } else {
         Err(ApiError::Conflict {
             error: refusals.join("; "),
@@ -149,7 +262,7 @@ async fn command_one(
     state: &AppState,
     id: &str,
     command: Command,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<DeviceCommanded>, ApiError> {
     let device = state.device(id)?;
     run(state, &device, command)
         .await
@@ -160,9 +273,11 @@ async fn command_one(
             },
             CommandError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
         })?;
-    Ok(Json(
-        json!({ "ok": true, "id": device.id(), "state": device.state() }),
-    ))
+    Ok(Json(DeviceCommanded {
+        ok: true,
+        id: device.id().clone(),
+        state: device.state(),
+    }))
 }
 
 async fn run(
@@ -178,17 +293,35 @@ async fn run(
 }
 
 /// Body of `POST /devices/{id}/command`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CommandBody {
+    /// One line for the device: 1 to 64 printable ASCII characters, e.g. `STATUS`.
+    #[schema(pattern = r"^[\x20-\x7e]{1,64}$", min_length = 1, max_length = 64)]
     command: String,
 }
 
+/// `POST /devices/{id}/command`.
+#[utoipa::path(post, path = "/devices/{id}/command", tag = "control",
+    params(("id" = String, Path, description = "The device's id")),
+    request_body = CommandBody,
+    responses(
+        (status = 200, description = "The device's reply", body = CommandReply),
+        (status = 400, description = "Malformed JSON, or a command the link cannot carry", body = ErrorBody),
+        (status = 404, description = "No such device", body = ErrorBody),
+        (status = 409, description = "The device is not connected", body = ConflictBody),
+        (status = 413, description = "The body is larger than `http.body_limit_bytes`", body = ErrorBody),
+        (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
+        (status = 422, description = "JSON, but not a `CommandBody`", body = ErrorBody),
+        (status = 502, description = "The link failed while waiting for the reply", body = ErrorBody),
+        (status = 503, description = "Another command is in progress, or shutting down", body = ErrorBody),
+        (status = 504, description = "The device did not answer in time", body = ErrorBody),
+))]
 pub(super) async fn send_command(
     State(state): State<Arc<AppState>>,
     id: Result<Path<String>, PathRejection>,
     body: Result<Json<CommandBody>, JsonRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<CommandReply>, ApiError> {
     let Path(id) = id?;
     let device = state.device(&id)?;
     let Json(body) = body?;
@@ -203,7 +336,10 @@ pub(super) async fn send_command(
         SendError::Busy(_) | SendError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
     })?;
     let ok = !reply.starts_with("ERROR:");
-    Ok(Json(
-        json!({ "ok": ok, "id": device.id(), "command": body.command, "reply": reply }),
-    ))
+    Ok(Json(CommandReply {
+        ok,
+        id: device.id().clone(),
+        command: body.command,
+        reply,
+    }))
 }

@@ -1,13 +1,34 @@
-//! Request guards, applied to every route: load shedding (a bound on requests in progress,
-//! refusing the excess at once with 503 and `Retry-After`; probes are never shed), bearer-token
-//! authentication (401 with `WWW-Authenticate`) for state-changing routes, and for reads too
-//! when `protect_reads` is set (except the probes and the static live page, whose data requests
-//! carry the token), an early 413 for a declared body over the limit, and the request timeout
-//! (408). The token is compared in constant time, taken only from the `Authorization` header
-//! (never from a URL), and never logged. All of it follows a live reload: see [`GuardLayer`].
+//! The request guard: what tower-http does not do as well, in two services that allocate
+//! nothing of their own per request: [`GuardService`] around every route (404s and 405s
+//! included) and [`AccessService`] (CSRF, token, declared size) on each route's handlers.
+//!
+//! - **Load shedding with probes exempt**: a bound on requests in progress, refusing the
+//!   excess at once with 503 and `Retry-After`, but never `/healthz` or `/readyz`, which an
+//!   orchestrator must reach under overload. tower's `ConcurrencyLimit` queues instead of
+//!   refusing, and `LoadShed` cannot exempt a route.
+//! - **Bearer-token authentication compared in constant time** (401 with `WWW-Authenticate`)
+//!   for state-changing routes, and for reads too when `protect_reads` is set (except the
+//!   probes and the static live page, whose data requests carry the token). tower-http's
+//!   `ValidateRequestHeaderLayer::bearer` compares with `==`, which leaks the token's prefix
+//!   through timing. The token is taken only from the `Authorization` header (never from a
+//!   URL), and never logged: that header is marked sensitive in [`super::layers`].
+//! - **The CSRF and DNS-rebinding check** (403) on state-changing requests sent by a browser
+//!   for a page of another origin or under a foreign host name; tower-http has none.
+//! - An early 413 for a declared body over the limit, the request timeout (408) and a
+//!   handler panic turned into a 500, each as the API's JSON error body with the request id
+//!   (tower-http's `RequestBodyLimit`, `Timeout` and `CatchPanic` answer in plain text or
+//!   empty bodies, and box the body or the future on every request), and the request
+//!   counted by method, matched route and status, refusals included.
+//! - **The request's tracing span**, entered around the handler (see [`super::layers`] for why
+//!   not tower-http's `TraceLayer`).
+//!
+//! What tower-http does well is done by tower-http, outside the guard: request ids, sensitive
+//! headers and compression ([`super::layers`]).
+//!
+//! All of it follows a live reload: both services load the guard from a [`Swap`] per request.
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{Future, Ready};
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,6 +39,7 @@ use axum::body::{Body, HttpBody};
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::future::Either;
 use pin_project_lite::pin_project;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Timeout;
@@ -53,10 +75,11 @@ impl Guard {
         }
     }
 
-    fn needs_token(&self, request: &Request) -> bool {
+    /// Whether a request with this method to this path needs the bearer token (the OpenAPI
+    /// document asks the same question of every operation).
+    pub(super) fn needs_token(&self, method: &Method, path: &str) -> bool {
         self.token.is_some()
-            && (!is_read(request)
-                || (self.protect_reads && !is_probe(request) && !is_live_page(request)))
+            && (!is_read(method) || (self.protect_reads && !is_probe(path) && !is_live_page(path)))
     }
 
     /// Whether a browser sends this request on behalf of a page that is not the gateway's own
@@ -124,17 +147,8 @@ impl Guard {
     /// every slot is taken), or says why not.
     fn admit(&self, request: &Request) -> Result<Option<OwnedSemaphorePermit>, Refusal> {
         let permit = self.in_progress.clone().try_acquire_owned().ok();
-        if permit.is_none() && !is_probe(request) {
+        if permit.is_none() && !is_probe(request.uri().path()) {
             return Err(Refusal::Busy);
-        }
-        if !is_read(request) && self.sent_for_a_foreign_page(request) {
-            return Err(Refusal::CrossSite);
-        }
-        if self.needs_token(request) && !self.authorized(request) {
-            return Err(Refusal::Unauthorized);
-        }
-        if self.declared_too_large(request) {
-            return Err(Refusal::TooLarge(self.body_limit));
         }
         Ok(permit)
     }
@@ -150,6 +164,23 @@ impl Guard {
         }
         let limit = usize::try_from(self.body_limit).unwrap_or(usize::MAX);
         request.map(|body| Body::new(http_body_util::Limited::new(body, limit)))
+    }
+
+    /// Whether a request that a route and method matched may reach its handler: not sent for
+    /// a foreign page if it changes state, with the token where one is needed, and a declared
+    /// body within the limit (checked last, so a client without the token learns nothing of
+    /// the limit).
+    fn check_access(&self, request: &Request) -> Result<(), Refusal> {
+        if !is_read(request.method()) && self.sent_for_a_foreign_page(request) {
+            return Err(Refusal::CrossSite);
+        }
+        if self.needs_token(request.method(), request.uri().path()) && !self.authorized(request) {
+            return Err(Refusal::Unauthorized);
+        }
+        if self.declared_too_large(request) {
+            return Err(Refusal::TooLarge(self.body_limit));
+        }
+        Ok(())
     }
 
     fn authorized(&self, request: &Request) -> bool {
@@ -211,21 +242,21 @@ impl IntoResponse for Refusal {
 }
 
 /// Reads change nothing.
-fn is_read(request: &Request) -> bool {
-    matches!(*request.method(), Method::GET | Method::HEAD)
+pub(super) fn is_read(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD)
 }
 
 /// Orchestrators probe these; they are never shed or token-protected.
-fn is_probe(request: &Request) -> bool {
-    matches!(request.uri().path(), "/healthz" | "/readyz")
+pub(super) fn is_probe(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz")
 }
 
 /// The live page itself (not its data): static markup and script, the same for everyone, with
 /// no telemetry in it. A browser cannot send a bearer token when it loads a page, so the page
 /// loads without one and sends the token, once the user has given it, on its own requests
 /// (`/events` and the controls), which the token protects like every other route.
-fn is_live_page(request: &Request) -> bool {
-    request.uri().path() == "/"
+fn is_live_page(path: &str) -> bool {
+    path == "/"
 }
 
 /// The credentials of `Bearer <credentials>`; the scheme name is case-insensitive (RFC 9110).
@@ -236,7 +267,64 @@ fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
         .then_some(credentials)
 }
 
-/// The guard as a tower layer around every route.
+/// The access check (CSRF and host, bearer token, declared body size), applied to each
+/// route's handlers with `MethodRouter::route_layer`, so that a method the route does not
+/// have is a 405 with or without the token, never a 401. (`Router::route_layer` would not
+/// do: in axum 0.8 it wraps the 405 fallback too.) It refuses, or passes the request on
+/// untouched; its refusals come back out through [`GuardService`], which counts them and
+/// writes the request id into them.
+#[derive(Clone)]
+pub struct AccessLayer {
+    guard: Arc<Swap<Guard>>,
+}
+
+impl AccessLayer {
+    /// The access check of whichever guard `guard` holds when a request arrives.
+    pub fn new(guard: Arc<Swap<Guard>>) -> Self {
+        Self { guard }
+    }
+}
+
+impl<S> Layer<S> for AccessLayer {
+    type Service = AccessService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AccessService {
+            guard: self.guard.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service of [`AccessLayer`].
+#[derive(Clone)]
+pub struct AccessService<S> {
+    guard: Arc<Swap<Guard>>,
+    inner: S,
+}
+
+impl<S> Service<Request> for AccessService<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let guard = self.guard.load();
+        match guard.check_access(&request) {
+            Ok(()) => Either::Right(self.inner.call(guard.limit_body(request))),
+            Err(refusal) => Either::Left(std::future::ready(Ok(refusal.into_response()))),
+        }
+    }
+}
+
+/// The guard as a tower layer around every route (404s and 405s included).
 ///
 /// A hand-written service rather than `axum::middleware::from_fn` plus tower-http's
 /// `CatchPanicLayer`: those clone the inner service into a box, box a future and box the
@@ -245,7 +333,7 @@ fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
 /// except boxing the body limit around a request that has a body (see `Guard::limit_body`).
 ///
 /// The guard sits in a [`Swap`]: a live reload replaces it whole (token, hosts, limits,
-/// timeout), and each request is judged by the one guard it loaded when it arrived. A new
+/// timeout), and each request is judged by the guard it loaded when it arrived. A new
 /// `max_concurrent_requests` comes with a new semaphore, so requests admitted under the old
 /// bound finish holding the old one's slots: for as long as they run, the two bounds add up.
 #[derive(Clone)]
@@ -254,14 +342,8 @@ pub struct GuardLayer {
 }
 
 impl GuardLayer {
-    /// A layer enforcing `guard`.
-    #[cfg(test)]
-    pub fn new(guard: Guard) -> Self {
-        Self::live(Arc::new(Swap::new(Arc::new(guard))))
-    }
-
     /// A layer enforcing whichever guard `guard` holds when a request arrives.
-    pub fn live(guard: Arc<Swap<Guard>>) -> Self {
+    pub fn new(guard: Arc<Swap<Guard>>) -> Self {
         Self { guard }
     }
 }
@@ -278,8 +360,9 @@ impl<S> Layer<S> for GuardLayer {
 }
 
 /// The service [`GuardLayer`] wraps a route in: refuses what the guard refuses, bounds the
-/// request's time, turns a panicking handler into a 500, and counts every request by method,
-/// matched route (never the raw path) and status, refusals included.
+/// request's time, turns a panicking handler into a 500, writes the request id into error
+/// bodies, and counts every request by method, matched route (never the raw path) and status,
+/// refusals included.
 ///
 /// axum clones it for every request, so the guard is behind an `Arc` (the token is not copied).
 #[derive(Clone)]
@@ -301,10 +384,15 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        let route = super::route_label(&request);
+        let span = super::layers::request_span(&request, route);
+        let _entered = span.enter();
+        super::layers::log_request(&request);
         let record = Record {
             started: Instant::now(),
             method: request.method().clone(),
-            route: super::route_label(&request),
+            route,
+            request_id: request.headers().get(super::layers::REQUEST_ID).cloned(),
         };
         let guard = self.guard.load();
         let state = match guard.admit(&request) {
@@ -312,7 +400,6 @@ where
                 response: Some(refusal.into_response()),
             },
             Ok(permit) => {
-                let request = guard.limit_body(request);
                 // A handler that panics before returning its future is caught here, the one
                 // that panics while running in `GuardFuture::poll`.
                 match panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request))) {
@@ -327,9 +414,11 @@ where
                 }
             }
         };
+        drop(_entered);
         GuardFuture {
             stage: state,
             record,
+            span,
         }
     }
 }
@@ -339,6 +428,8 @@ struct Record {
     started: Instant,
     method: Method,
     route: &'static str,
+    /// Set by the request id layer outside the guard; `None` only in tests without it.
+    request_id: Option<HeaderValue>,
 }
 
 pin_project! {
@@ -347,6 +438,8 @@ pin_project! {
         #[pin]
         stage: Stage<F>,
         record: Record,
+        // The request's span, entered on every poll.
+        span: tracing::Span,
     }
 }
 
@@ -373,7 +466,8 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let response = match this.stage.as_mut().project() {
+        let _entered = this.span.enter();
+        let mut response = match this.stage.as_mut().project() {
             StageProj::Answer { response } => response
                 .take()
                 .expect("a GuardFuture is not polled after it completed"),
@@ -395,12 +489,16 @@ where
         // free the request's slot now rather than whenever the future is dropped.
         this.stage.set(Stage::Answer { response: None });
         let record = &*this.record;
-        crate::metrics::http_request(
-            &record.method,
-            record.route,
-            response.status(),
-            record.started.elapsed(),
+        if let Some(id) = &record.request_id {
+            super::error::stamp_request_id(&mut response, id);
+        }
+        let elapsed = record.started.elapsed();
+        tracing::debug!(
+            status = response.status().as_u16(),
+            micros = elapsed.as_micros() as u64,
+            "Request finished."
         );
+        crate::metrics::http_request(&record.method, record.route, response.status(), elapsed);
         Poll::Ready(Ok(response))
     }
 }
@@ -419,10 +517,15 @@ pub fn with_retry_after(error: ApiError) -> Response {
 mod tests {
     use axum::Router;
     use axum::body::{Body, to_bytes};
-    use axum::routing::get;
+    use axum::routing::{MethodRouter, get};
     use tower::ServiceExt;
 
     use super::*;
+
+    /// `guard` in the cell the layers load it from.
+    fn live(guard: Guard) -> Arc<Swap<Guard>> {
+        Arc::new(Swap::new(Arc::new(guard)))
+    }
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive_and_the_token_is_not() {
@@ -433,10 +536,22 @@ mod tests {
         assert_eq!(bearer_credentials(b"Bearer"), None);
     }
 
+    /// `routes` behind the guard of `http`, as the API's router puts it.
+    fn guarded(routes: Vec<(&'static str, MethodRouter)>, http: &HttpSettings) -> Router {
+        let guard = live(Guard::new(http));
+        let access = AccessLayer::new(guard.clone());
+        routes
+            .into_iter()
+            .fold(Router::new(), |router, (path, handlers)| {
+                router.route(path, handlers.route_layer(access.clone()))
+            })
+            .layer(GuardLayer::new(guard))
+    }
+
     fn router(http: &HttpSettings) -> Router {
-        Router::new()
-            .route("/status", get(|| async { "fine" }))
-            .route(
+        let routes = vec![
+            ("/status", get(|| async { "fine" })),
+            (
                 "/panics",
                 get(|| async {
                     if true {
@@ -444,15 +559,16 @@ mod tests {
                     }
                     "unreachable"
                 }),
-            )
-            .route(
+            ),
+            (
                 "/slow",
                 get(|| async {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                     "late"
                 }),
-            )
-            .layer(GuardLayer::new(Guard::new(http)))
+            ),
+        ];
+        guarded(routes, http)
     }
 
     async fn get_status(router: &Router, path: &str) -> (StatusCode, String) {
@@ -467,9 +583,10 @@ mod tests {
 
     /// The status of `POST /start` with these headers, through the guard.
     async fn post_with(http: &HttpSettings, headers: &[(&str, &str)]) -> StatusCode {
-        let router = Router::new()
-            .route("/start", axum::routing::post(|| async { "started" }))
-            .layer(GuardLayer::new(Guard::new(http)));
+        let router = guarded(
+            vec![("/start", axum::routing::post(|| async { "started" }))],
+            http,
+        );
         let mut request = Request::post("/start");
         for (name, value) in headers {
             request = request.header(*name, *value);
@@ -593,7 +710,7 @@ mod tests {
             ..HttpSettings::default()
         };
         let mut service =
-            GuardLayer::new(Guard::new(&http)).layer(tower::service_fn(|_: Request| async {
+            GuardLayer::new(live(Guard::new(&http))).layer(tower::service_fn(|_: Request| async {
                 Ok::<_, Infallible>(Response::new(Body::empty()))
             }));
         let request = || Request::get("/status").body(Body::empty()).unwrap();

@@ -6,18 +6,54 @@ use std::sync::Arc;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use serde_json::json;
+use utoipa::ToSchema;
 
 use super::AppState;
 use crate::device::state::DeviceState;
 
+/// `GET /healthz`.
+#[derive(Serialize, ToSchema)]
+pub(super) struct Healthz {
+    /// Always `ok`.
+    #[schema(value_type = String)]
+    status: &'static str,
+}
+
+/// `GET /readyz`.
+#[derive(Serialize, ToSchema)]
+pub(super) struct ReadyBody {
+    /// `ready` or `not_ready`.
+    #[schema(value_type = String)]
+    status: &'static str,
+    /// Why not ready (only when not ready).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    error: Option<&'static str>,
+    /// With `?verbose`: every check, each with `check` (its name) and `ok`, and its details.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    checks: Option<Vec<serde_json::Value>>,
+}
+
 /// Liveness: 200 while the process serves requests.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses(
+    (status = 200, description = "The process serves requests", body = Healthz),
+))]
 pub(super) async fn healthz() -> impl IntoResponse {
-    axum::Json(json!({ "status": "ok" }))
+    axum::Json(Healthz { status: "ok" })
 }
 
 /// Readiness: 503 while shutting down, when a Measuring device has gone stale, or when every
 /// device is in SafeState. `?verbose` lists each check; machines read only the status code.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    params(("verbose" = Option<String>, Query, description = "Present (any value): list every check")),
+    responses(
+        (status = 200, description = "Ready for traffic", body = ReadyBody),
+        (status = 503, description = "Shutting down, a measuring device is stale, or every \
+            device is in SafeState", body = ReadyBody),
+))]
 pub(super) async fn readyz(
     State(state): State<Arc<AppState>>,
     RawQuery(query): RawQuery,
@@ -64,18 +100,19 @@ pub(super) async fn readyz(
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let mut body = json!({ "status": if ready { "ready" } else { "not_ready" } });
-    if !ready {
-        body["error"] = json!(if state.shutdown.is_cancelled() {
+    let error = (!ready).then(|| {
+        if state.shutdown.is_cancelled() {
             "the gateway is shutting down"
         } else if all_safe {
             "every device is in SafeState"
         } else {
             "a measuring device has sent no valid frame for too long"
-        });
-    }
-    if verbose {
-        body["checks"] = json!(checks);
-    }
+        }
+    });
+    let body = ReadyBody {
+        status: if ready { "ready" } else { "not_ready" },
+        error,
+        checks: verbose.then_some(checks),
+    };
     (status, axum::Json(body)).into_response()
 }

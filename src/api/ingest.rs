@@ -14,13 +14,14 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 use serde::de::IgnoredAny;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use smol_str::SmolStr;
+use utoipa::ToSchema;
 
 use std::ops::Range;
 
+use super::error::ErrorBody;
 use super::guard::with_retry_after;
 use super::{ApiError, AppState};
 use crate::buffer::PushError;
@@ -30,15 +31,24 @@ use crate::sample::{DEFAULT_CHANNEL, Sample};
 use crate::uplink::stage::SpoolStage;
 
 /// One sample as a client posts it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct IngestSample {
+pub(super) struct IngestSample {
+    /// A configured device's id.
+    #[schema(value_type = String)]
     device: SmolStr,
+    /// The value, before calibration.
     value: f64,
+    /// Unit token: 1-16 characters of `A-Z a-z 0-9 . _ / % -`.
+    #[schema(value_type = String, pattern = r"^[A-Za-z0-9._/%-]{1,16}$")]
     unit: SmolStr,
-    #[serde(default)]
+    /// The client's sequence number, 0 to 2^32 - 1 (`7.0` is `7`, as in JSON Schema).
+    #[serde(default, deserialize_with = "integral_u32")]
+    #[schema(value_type = Option<u64>, maximum = 4294967295_u64)]
     seq: Option<u32>,
+    /// When it was measured, RFC 3339 (default: when it was received).
     #[serde(default)]
+    #[schema(format = DateTime)]
     timestamp: Option<String>,
 }
 
@@ -59,6 +69,56 @@ impl IngestLimits {
             ingest_max_samples: settings.http.ingest_max_samples,
         }
     }
+}
+
+/// An optional u32 written as any JSON number with an integral value: JSON has one number
+/// type, and JSON Schema's `integer` (what the document promises) includes `7.0`, which some
+/// encoders write for whole floats.
+fn integral_u32<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u32>, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = Option<u32>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an integer from 0 to 4294967295, or null")
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            u32::try_from(v)
+                .map(Some)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            u32::try_from(v)
+                .map(Some)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            // Every u32 is exact in an f64, so the round trip is the range and integrality test.
+            let n = v as u32;
+            if f64::from(n) == v {
+                Ok(Some(n))
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    deserializer.deserialize_any(Visitor)
+}
+
+/// The answer to an accepted `POST /samples`.
+#[derive(Serialize, ToSchema)]
+pub(super) struct Accepted {
+    /// Samples accepted: all of the request's.
+    accepted: u64,
 }
 
 /// The most samples one request may hold, and the setting that makes it so (for the 413).
@@ -199,6 +259,22 @@ fn count_items(body: &[u8]) -> Option<usize> {
         .map(|items| items.len())
 }
 
+/// `POST /samples`.
+#[utoipa::path(post, path = "/samples", tag = "samples",
+    request_body(content = Vec<IngestSample>, content_type = "application/json",
+        description = "A JSON array of samples, accepted whole or refused whole"),
+    responses(
+        (status = 202, description = "Every sample is in the buffer (with an uplink: in the spool)", body = Accepted),
+        (status = 400, description = "Not a valid array of samples: the error names the item and field", body = ErrorBody),
+        (status = 413, description = "More samples than `http.ingest_max_samples` or \
+            `buffer.capacity`, or a body larger than `http.body_limit_bytes`", body = ErrorBody),
+        (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
+        (status = 429, description = "The buffer is at its high watermark or lacks room: retry \
+            after `Retry-After` seconds", body = ErrorBody,
+            headers(("retry-after" = String, description = "Seconds to wait"))),
+        (status = 503, description = "Shutting down, or (with an uplink) the samples could not \
+            be spooled", body = ErrorBody),
+))]
 pub(super) async fn ingest(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -212,7 +288,7 @@ pub(super) async fn ingest(
                 return err.into_response();
             }
             let accepted = orders.end - orders.start;
-            (StatusCode::ACCEPTED, Json(json!({ "accepted": accepted }))).into_response()
+            (StatusCode::ACCEPTED, Json(Accepted { accepted })).into_response()
         }
         Err(Refusal::Busy(why)) => with_retry_after(ApiError::Rejected(
             StatusCode::TOO_MANY_REQUESTS,
@@ -328,6 +404,15 @@ mod tests {
         .unwrap();
         assert_eq!(samples.len(), 2);
         assert_eq!((samples[1].seq, samples[1].value), (Some(7), -2.0));
+        // JSON has one number type: a whole float is an integer, as JSON Schema says.
+        let whole = parse(
+            r#"[{"device":"sim0","value":1,"unit":"V","seq":37500.0},
+                {"device":"sim0","value":1,"unit":"V","seq":null},
+                {"device":"sim0","value":1,"unit":"V","seq":4294967295}]"#,
+        )
+        .unwrap();
+        let seqs: Vec<_> = whole.iter().map(|s| s.seq).collect();
+        assert_eq!(seqs, [Some(37500), None, Some(u32::MAX)]);
         assert_eq!(
             samples[1].timestamp,
             SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_734_000)
@@ -355,6 +440,18 @@ mod tests {
             ),
             (
                 r#"[{"device":"sim0","value":1,"unit":"V","seq":-1}]"#,
+                "samples[0].seq",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"V","seq":7.5}]"#,
+                "samples[0].seq",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"V","seq":4294967296.0}]"#,
+                "samples[0].seq",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"V","seq":"7"}]"#,
                 "samples[0].seq",
             ),
             (

@@ -57,6 +57,9 @@ pub const MAX_SAMPLES_PER_EVENT: usize = 250;
 const RECONNECT_AFTER: Duration = Duration::from_secs(2);
 
 /// `GET /`: the live page.
+#[utoipa::path(get, path = "/", tag = "live", responses(
+    (status = 200, description = "The live page: one static HTML document", content_type = "text/html", body = String),
+))]
 pub(super) async fn page() -> Response {
     (
         [
@@ -80,6 +83,11 @@ pub(super) async fn page() -> Response {
 }
 
 /// `GET /events`: a `snapshot` event every [`EVENT_INTERVAL`] until shutdown begins.
+#[utoipa::path(get, path = "/events", tag = "live", responses(
+    (status = 200, description = "Server-sent events: a `snapshot` every 500 ms, its data a \
+        JSON object with `status` (as `GET /status`) and `samples` (those not sent before); \
+        never ends before shutdown", content_type = "text/event-stream", body = String),
+))]
 pub(super) async fn events(
     State(state): State<Arc<AppState>>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {

@@ -5,14 +5,20 @@
 //! [`router`] builds the axum `Router` from an [`AppState`], which holds only handle types the
 //! pipeline stages export (device handles, the buffer's accounting, the worker's statistics);
 //! the API never reaches into `app`. Routes and JSON field names follow the C++ original so its
-//! clients keep working. Every error is a JSON `{"error": ...}` body.
+//! clients keep working. Every error is a JSON `{"error": ..., "request_id": ...}` body.
+//!
+//! Around the routes, from the outside in: `Authorization` marked sensitive, the request id
+//! set (or kept) and copied to the response ([`layers`]), then the hand-written [`Guard`],
+//! which enters the request's tracing span. `GET /openapi.json` describes all of it ([`openapi`]).
 
 mod control;
 mod error;
 mod guard;
 mod health;
 pub mod ingest;
+mod layers;
 mod live;
+mod openapi;
 mod reload;
 mod server;
 mod status;
@@ -23,9 +29,12 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{Method, Uri};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 pub use self::error::ApiError;
 pub use self::guard::Guard;
@@ -76,9 +85,10 @@ impl AppState {
 }
 
 /// Every route pattern, as metric labels use them.
-const ROUTES: [&str; 18] = [
+const ROUTES: [&str; 19] = [
     "/",
     "/-/reload",
+    "/openapi.json",
     "/uplink",
     "/events",
     "/status",
@@ -110,35 +120,78 @@ fn route_label(request: &Request) -> &'static str {
 
 /// The API's routes, behind the request guard and body limit.
 ///
+/// Each route's handlers go through `guarded`, which puts the guard's access check on them
+/// (see [`guard::AccessLayer`]); a route added without it fails the test that sends every
+/// documented operation without the token. Compression is a layer of the three routes with
+/// large bodies only, so the others (the hot `/status` above all) never pass through it.
+///
 /// The body limit is the guard's (see [`Guard`]), so axum's own default limit is disabled.
 pub fn router(state: AppState, guard: Arc<Swap<Guard>>) -> Router {
     let status_cache = Arc::new(status::StatusCache::default());
+    let document = Arc::new(openapi::Document::new(guard.clone()));
+    let access = guard::AccessLayer::new(guard.clone());
+    let guarded = |handlers: MethodRouter<Arc<AppState>>| handlers.route_layer(access.clone());
     Router::new()
-        .route("/", get(live::page))
-        .route("/events", get(live::events))
+        .route("/", guarded(get(live::page)))
+        .route("/events", guarded(get(live::events)))
         .route(
             "/status",
-            get(move |state| status::status(state, status_cache.clone())),
+            guarded(get(move |state| {
+                status::status(state, status_cache.clone())
+            })),
         )
-        .route("/metrics", get(status::metrics))
-        .route("/uplink", get(status::uplink))
-        .route("/samples", get(status::samples).post(ingest::ingest))
-        .route("/start", post(control::start_all))
-        .route("/stop", post(control::stop_all))
-        .route("/reset", post(control::reset_all))
-        .route("/devices", get(control::list_devices))
-        .route("/devices/{id}", get(control::get_device))
-        .route("/devices/{id}/start", post(control::start_one))
-        .route("/devices/{id}/stop", post(control::stop_one))
-        .route("/devices/{id}/reset", post(control::reset_one))
-        .route("/devices/{id}/command", post(control::send_command))
-        .route("/-/reload", post(reload::reload))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
+        .route(
+            "/metrics",
+            guarded(get(status::metrics).layer(layers::compression())),
+        )
+        .route("/uplink", guarded(get(status::uplink)))
+        .route(
+            "/samples",
+            guarded(
+                get(status::samples)
+                    .layer(layers::compression())
+                    .post(ingest::ingest),
+            ),
+        )
+        .route("/start", guarded(post(control::start_all)))
+        .route("/stop", guarded(post(control::stop_all)))
+        .route("/reset", guarded(post(control::reset_all)))
+        .route("/devices", guarded(get(control::list_devices)))
+        .route("/devices/{id}", guarded(get(control::get_device)))
+        .route("/devices/{id}/start", guarded(post(control::start_one)))
+        .route("/devices/{id}/stop", guarded(post(control::stop_one)))
+        .route("/devices/{id}/reset", guarded(post(control::reset_one)))
+        .route(
+            "/devices/{id}/command",
+            guarded(post(control::send_command)),
+        )
+        .route("/-/reload", guarded(post(reload::reload)))
+        .route("/healthz", guarded(get(health::healthz)))
+        .route("/readyz", guarded(get(health::readyz)))
+        .route(
+            "/openapi.json",
+            guarded(
+                get(move |state| openapi::serve(state, document.clone()))
+                    .layer(layers::compression()),
+            ),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::disable())
-        .layer(guard::GuardLayer::live(guard))
+        // One `layer` call for the whole stack: axum boxes the service and its future once
+        // per `layer` call, on every request.
+        .layer(
+            ServiceBuilder::new()
+                .layer(SetSensitiveRequestHeadersLayer::new(
+                    layers::SENSITIVE_HEADERS,
+                ))
+                .layer(SetRequestIdLayer::new(
+                    layers::REQUEST_ID,
+                    layers::RequestIds::new(),
+                ))
+                .layer(PropagateRequestIdLayer::new(layers::REQUEST_ID))
+                .layer(guard::GuardLayer::new(guard))
+                .layer(DefaultBodyLimit::disable()),
+        )
         .with_state(Arc::new(state))
 }
 

@@ -11,9 +11,19 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::State;
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
 use crate::reload::{ReloadError, ReloadReport, Trigger};
 
+/// `POST /-/reload`.
+#[utoipa::path(post, path = "/-/reload", tag = "control", responses(
+    (status = 200, description = "The configuration was re-read: what was applied, what waits \
+        for a restart, what happened to each device", body = ReloadReport),
+    (status = 400, description = "The configuration is invalid (the message `telemetryhub \
+        validate` gives); nothing changed", body = ErrorBody),
+    (status = 503, description = "Shutting down, or started without a configuration file to \
+        re-read", body = ErrorBody),
+))]
 pub(super) async fn reload(
     State(state): State<Arc<AppState>>,
 ) -> Result<Json<ReloadReport>, ApiError> {

@@ -10,9 +10,10 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 
 use super::control::{DeviceView, combined_state};
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
 use crate::device::state::DeviceState;
 use crate::sample::ProcessedSample;
@@ -26,27 +27,45 @@ const DEFAULT_SAMPLES_LIMIT: usize = 100;
 /// Room for a `/status` body with a few devices, so serialising rarely reallocates.
 const STATUS_BODY_CAPACITY: usize = 2048;
 
-#[derive(Serialize, PartialEq)]
+/// `GET /status`: the whole gateway at a glance.
+#[derive(Serialize, PartialEq, ToSchema)]
 pub(super) struct StatusBody {
+    /// The most severe device state.
     state: DeviceState,
+    /// The newest processed sample, if any.
     latest_sample: Option<ProcessedSample>,
+    /// The pipeline's counters.
     metrics: StatusMetrics,
+    /// Every device, in configuration order.
     devices: Vec<DeviceView>,
+    /// Seconds since the gateway started.
     uptime_seconds: u64,
+    /// The gateway's version.
+    #[schema(value_type = String)]
     version: &'static str,
+    /// The uplink, present only when one is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     uplink: Option<crate::uplink::UplinkView>,
 }
 
-#[derive(Serialize, PartialEq)]
+/// The pipeline's counters in `/status` (the C++ original's names).
+#[derive(Serialize, PartialEq, ToSchema)]
 struct StatusMetrics {
+    /// Samples processed by the workers.
     samples_processed: u64,
+    /// Samples the workers rejected (non-finite or out of range).
     samples_rejected: u64,
+    /// Samples dropped, every reason together.
     samples_dropped: u64,
+    /// Batches the workers ran.
     pool_jobs_processed: u64,
+    /// Batches waiting for a worker.
     pool_jobs_queued: u64,
+    /// Worker permits.
     pool_num_threads: usize,
+    /// Samples in the ring buffer.
     queue_depth: u64,
+    /// The ring buffer's capacity.
     queue_capacity: usize,
 }
 
@@ -84,6 +103,13 @@ impl StatusCache {
     }
 }
 
+/// `GET /status`.
+#[utoipa::path(
+    get,
+    path = "/status",
+    tag = "status",
+    responses((status = 200, description = "The gateway's state", body = StatusBody))
+)]
 pub(super) async fn status(
     State(state): State<Arc<AppState>>,
     cache: Arc<StatusCache>,
@@ -122,6 +148,18 @@ pub(super) fn status_body(state: &AppState) -> StatusBody {
     }
 }
 
+/// `GET /metrics`.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "status",
+    responses((status = 200, description = "Prometheus text exposition (0.0.4); with \
+        `Accept: application/json`, the C++ original's JSON. Compressed (gzip, zstd) when \
+        the client accepts it", content(
+        (String = "text/plain"),
+        (MetricsJson = "application/json"),
+    )))
+)]
 pub(super) async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let wants_json = headers
         .get_all(header::ACCEPT)
@@ -158,6 +196,15 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderM
 }
 
 /// `GET /uplink`: the uplink's state, as in `/status`; 404 without an uplink.
+#[utoipa::path(
+    get,
+    path = "/uplink",
+    tag = "status",
+    responses(
+        (status = 200, description = "The uplink's state", body = crate::uplink::UplinkView),
+        (status = 404, description = "No uplink is configured", body = ErrorBody),
+    )
+)]
 pub(super) async fn uplink(State(state): State<Arc<AppState>>) -> Response {
     match &state.uplink {
         Some(uplink) => Json(uplink.view()).into_response(),
@@ -166,8 +213,38 @@ pub(super) async fn uplink(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// The C++ original's `/metrics` JSON.
+#[derive(Serialize, ToSchema)]
+pub(super) struct MetricsJson {
+    /// Samples processed by the workers.
+    samples_processed: u64,
+    /// Samples dropped, every reason together.
+    samples_dropped: u64,
+    /// Samples in the ring buffer.
+    queue_depth: u64,
+    /// The 99th percentile of a batch's processing time, in milliseconds.
+    latency_p99_ms: f64,
+    /// Seconds since the gateway started.
+    uptime_seconds: u64,
+    /// The worker stage.
+    thread_pool: ThreadPool,
+}
+
+/// The worker stage in [`MetricsJson`].
+#[derive(Serialize, ToSchema)]
+struct ThreadPool {
+    /// Batches the workers ran.
+    jobs_processed: u64,
+    /// Batches waiting for a worker.
+    jobs_queued: u64,
+    /// Mean processing time of a batch, in milliseconds.
+    avg_processing_ms: f64,
+    /// Worker permits.
+    num_threads: usize,
+}
+
 /// The C++ original's `/metrics` JSON, with real values.
-fn metrics_json(state: &AppState) -> Json<serde_json::Value> {
+fn metrics_json(state: &AppState) -> Json<MetricsJson> {
     let ledger = state.buffer.ledger();
     let totals = state.worker.totals();
     let avg_processing_ms = if totals.batches == 0 {
@@ -179,31 +256,58 @@ fn metrics_json(state: &AppState) -> Json<serde_json::Value> {
         .worker
         .latency_quantile(0.99)
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
-    Json(json!({
-        "samples_processed": ledger.processed,
-        "samples_dropped": ledger.dropped.total(),
-        "queue_depth": ledger.in_buffer,
-        "latency_p99_ms": p99_ms,
-        "uptime_seconds": state.started.elapsed().as_secs(),
-        "thread_pool": {
-            "jobs_processed": ledger.batches,
-            "jobs_queued": state.pool.queued(),
-            "avg_processing_ms": avg_processing_ms,
-            "num_threads": state.workers,
+    Json(MetricsJson {
+        samples_processed: ledger.processed,
+        samples_dropped: ledger.dropped.total(),
+        queue_depth: ledger.in_buffer,
+        latency_p99_ms: p99_ms,
+        uptime_seconds: state.started.elapsed().as_secs(),
+        thread_pool: ThreadPool {
+            jobs_processed: ledger.batches,
+            jobs_queued: state.pool.queued(),
+            avg_processing_ms,
+            num_threads: state.workers,
         },
-    }))
+    })
 }
 
-#[derive(Deserialize)]
+/// The query of `GET /samples`.
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(super) struct SamplesQuery {
+    /// How many of the newest samples, 1 to the `history` setting (default 100, or
+    /// `history` if smaller).
+    #[param(minimum = 1)]
     limit: Option<usize>,
 }
 
+/// `GET /samples`: the newest processed samples, oldest first.
+#[derive(Serialize, ToSchema)]
+pub(super) struct SamplesBody {
+    /// How many samples follow.
+    count: usize,
+    /// The samples, oldest first.
+    samples: Vec<ProcessedSample>,
+}
+
+/// `GET /samples?limit=N`.
+#[utoipa::path(
+    get,
+    path = "/samples",
+    tag = "samples",
+    params(SamplesQuery),
+    responses(
+        (status = 200, description = "The newest processed samples, oldest first. Compressed \
+            (gzip, zstd) when the client accepts it", body = SamplesBody),
+        (status = 400, description = "`limit` is not a number from 1 to `history`, or the \
+            query has another parameter", body = ErrorBody),
+    )
+)]
 pub(super) async fn samples(
     State(state): State<Arc<AppState>>,
     query: Result<Query<SamplesQuery>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<SamplesBody>, ApiError> {
     let Query(query) = query?;
     let max = state.worker.history_len();
     let limit = query.limit.unwrap_or(DEFAULT_SAMPLES_LIMIT.min(max));
@@ -213,7 +317,10 @@ pub(super) async fn samples(
         )));
     }
     let samples = state.worker.recent(limit);
-    Ok(Json(json!({ "count": samples.len(), "samples": samples })))
+    Ok(Json(SamplesBody {
+        count: samples.len(),
+        samples,
+    }))
 }
 
 #[cfg(test)]

@@ -97,7 +97,7 @@ impl Default for DeviceCounters {
 }
 
 /// A copy of a device's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct CountersSnapshot {
     /// Valid samples decoded and handed to the buffer.
     pub samples_read: u64,
@@ -112,7 +112,7 @@ pub struct CountersSnapshot {
 }
 
 /// Invalid frames by reason.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct InvalidCounts {
     /// Checksum mismatches.
     pub checksum: u64,
@@ -139,7 +139,7 @@ impl InvalidCounts {
 }
 
 /// Link failures by kind.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FailureCounts {
     /// Opening the link failed.
     pub connect: u64,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 /// Where a device is in its life cycle. Serialised as these exact strings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Default, utoipa::ToSchema)]
 pub enum DeviceState {
     /// Not sampling; waiting for `start`.
     #[default]

@@ -66,7 +66,7 @@ impl Trigger {
 }
 
 /// What a successful reload did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ReloadReport {
     /// Settings that changed and were applied, as keys or sections (`http`, `log.level`,
     /// `processing.units`, `devices`, `uplink`, ...); empty when the file changed nothing.

@@ -155,7 +155,7 @@ pub struct UplinkHandle {
 }
 
 /// The uplink as `/status` and `GET /uplink` show it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct UplinkView {
     /// Connected to the broker now.
     pub connected: bool,
@@ -186,7 +186,7 @@ pub struct UplinkView {
 }
 
 /// Samples deleted from the spool unsent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct SpoolDropped {
     /// The spool was full under `when_full = "drop_oldest"`.
     pub spool_full: u64,

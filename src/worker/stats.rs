@@ -17,7 +17,7 @@ use crate::sample::Sample;
 pub const MAX_SERIES_PER_DEVICE: usize = 32;
 
 /// Running statistics of processed values (of one device and series).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct RollingStats {
     /// Values seen.
     pub count: u64,
@@ -81,9 +81,10 @@ impl RollingStats {
 /// Which of a device's samples one set of statistics covers: those in one unit, from one
 /// source. A mean across units means nothing, and HTTP clients can post values the device never
 /// sent. A struct rather than a tuple, so it can grow (samples will gain channels).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
 pub struct Series {
     /// Unit token.
+    #[schema(value_type = String)]
     pub unit: SmolStr,
     /// The device's link or HTTP ingest.
     pub source: Source,
@@ -103,7 +104,7 @@ impl Series {
 }
 
 /// One series' statistics as the API shows them: `{"unit", "source", "count", "min", ...}`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct SeriesStats {
     /// Which samples.
     #[serde(flatten)]
@@ -114,7 +115,7 @@ pub struct SeriesStats {
 }
 
 /// One device's statistics as the API shows them.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct DeviceStats {
     /// The statistics of the device's link samples when they are all in one unit, else `None`.
     /// The single `stats` object of earlier versions (which mixed units and sources), kept so

@@ -137,8 +137,9 @@ fn corpus() -> Vec<Case> {
             item(r#""device":"sim0","value":1,"unit":"V","seq":4294967296"#),
             400,
         ),
+        // A fraction is no sequence number (`1e3` is one: JSON Schema's integer 1000).
         ingest(
-            item(r#""device":"sim0","value":1,"unit":"V","seq":1e3"#),
+            item(r#""device":"sim0","value":1,"unit":"V","seq":1.5"#),
             400,
         ),
         // Unknown devices, bad units and timestamps.

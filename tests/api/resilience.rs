@@ -163,8 +163,17 @@ async fn requests_beyond_the_concurrency_limit_are_shed_with_503_and_retry_after
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         assert!(retry_after.is_some_and(|s| s >= 1), "{response:?}");
+        let id = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
         let (_, body) = json_of(response).await;
         assert!(body["error"].is_string(), "{body}");
+        assert_eq!(
+            body["request_id"],
+            id.as_str(),
+            "a shed request names its id"
+        );
         shed += 1;
         true
     })

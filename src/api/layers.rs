@@ -1,0 +1,165 @@
+//! The tower-http layers around the routes (request ids, the `Authorization` header hidden from
+//! every log, response compression for the large bodies) and the request's tracing span.
+//!
+//! Every request gets an `x-request-id`: the client's own, or one made here. The response
+//! carries it back (errors from the guard included), the request's span records it (so every
+//! log line written while serving the request names it, in the JSON logs under `span`), and
+//! error bodies repeat it (see [`super::error`]).
+//!
+//! The span is entered by the guard's service around the handler, not by tower-http's
+//! `TraceLayer`: that layer wraps every response body in a body of its own, which axum then
+//! boxes, and times every request, which together cost more than a tenth of a `GET /status`
+//! (callgrind, docs/PERFORMANCE.md) for log lines the guard writes as well.
+//!
+//! Compression is negotiated from `Accept-Encoding` (gzip or zstd) and applied only where it
+//! pays: on `/metrics`, `GET /samples` and `/openapi.json` (see [`compression`]), and there
+//! only above [`MIN_COMPRESSED_BYTES`]. Every other route, `/status` among them, never meets
+//! the compression layer, and `/events` (a never-ending event stream that must reach the
+//! browser event by event) is not among them.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::Request;
+use axum::http::{HeaderName, HeaderValue, header};
+use tower_http::compression::CompressionLayer;
+use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
+use tower_http::request_id::{MakeRequestId, RequestId};
+use tracing::Span;
+
+/// The request id header, read from requests and set on every response.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Request headers that no log line or trace may show: marked sensitive, they print as
+/// `Sensitive` wherever a `HeaderMap` is formatted.
+pub const SENSITIVE_HEADERS: [HeaderName; 2] = [header::AUTHORIZATION, header::COOKIE];
+
+/// Bodies smaller than this are sent as they are: compressing a few hundred bytes saves less
+/// than the encoder costs, and a `/samples?limit=1` stays plain.
+pub const MIN_COMPRESSED_BYTES: u16 = 1024;
+
+/// Makes request ids for requests that come without one: a prefix random per process (so ids
+/// from two runs do not collide in one log store), then a counter. Cheaper than a random UUID
+/// per request (no system call), and as unique within the process.
+#[derive(Clone)]
+pub struct RequestIds {
+    prefix: u64,
+    next: Arc<AtomicU64>,
+}
+
+impl RequestIds {
+    /// A new sequence with a fresh random prefix.
+    pub fn new() -> Self {
+        Self {
+            // `RandomState` is seeded from the operating system's randomness once per process.
+            prefix: RandomState::new().hash_one(std::process::id()),
+            next: Arc::new(AtomicU64::new(1)),
+        }
+    }
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MakeRequestId for RequestIds {
+    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        // `{prefix:016x}-{n}`, written by hand: `format!` costs more than the rest of the id.
+        let mut id = [0u8; 16 + 1 + 20];
+        write_hex(self.prefix, &mut id[..16]);
+        id[16] = b'-';
+        let len = 17 + write_decimal(n, &mut id[17..]);
+        HeaderValue::from_bytes(&id[..len]).ok().map(RequestId::new)
+    }
+}
+
+/// `value` as 16 lowercase hex digits into `out` (16 bytes).
+fn write_hex(value: u64, out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = DIGITS[((value >> (60 - 4 * i)) & 0xf) as usize];
+    }
+}
+
+/// `value` in decimal at the start of `out` (room for 20 digits); returns its length.
+fn write_decimal(mut value: u64, out: &mut [u8]) -> usize {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    let len = digits.len() - start;
+    out[..len].copy_from_slice(&digits[start..]);
+    len
+}
+
+/// The request's span: method, matched route (never the raw path) and request id.
+///
+/// At `info`, so that with the default log level every event logged while serving a request
+/// (a 5xx's "Request failed.", say) carries the request id. Below that level it is disabled
+/// and costs a level check (the fields are only computed for an enabled span).
+pub fn request_span(request: &Request, route: &'static str) -> Span {
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        route,
+        request_id = request
+            .headers()
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    )
+}
+
+/// Logs a request's arrival with its headers, at `debug`: `Authorization` shows as
+/// `Sensitive` (see [`SENSITIVE_HEADERS`]).
+pub fn log_request(request: &Request) {
+    tracing::debug!(headers = ?request.headers(), "Request started.");
+}
+
+/// The compression layer of the large responses: gzip or zstd as the client accepts, above
+/// [`MIN_COMPRESSED_BYTES`], never for event streams (tower-http's default predicate).
+pub fn compression() -> CompressionLayer<impl Predicate> {
+    CompressionLayer::new()
+        .compress_when(DefaultPredicate::new().and(SizeAbove::new(MIN_COMPRESSED_BYTES)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn made_request_ids_are_distinct_and_share_the_process_prefix() {
+        let mut ids = RequestIds::new();
+        let request = Request::new(axum::body::Body::empty());
+        let a = ids.make_request_id(&request).expect("an id");
+        let b = ids.clone().make_request_id(&request).expect("an id");
+        let (a, b) = (
+            a.header_value().to_str().unwrap().to_owned(),
+            b.header_value().to_str().unwrap().to_owned(),
+        );
+        assert_ne!(a, b);
+        assert_eq!(a.split('-').next(), b.split('-').next(), "{a} {b}");
+        let (prefix, n) = a.split_once('-').expect("prefix-counter");
+        assert_eq!(prefix.len(), 16, "{a}");
+        assert!(prefix.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert_eq!(n, "1", "{a}");
+        let mut out = [0u8; 20];
+        let len = write_decimal(u64::MAX, &mut out);
+        assert_eq!(&out[..len], u64::MAX.to_string().as_bytes());
+        assert_ne!(
+            RequestIds::new().prefix,
+            RequestIds::new().prefix,
+            "each sequence has its own random prefix"
+        );
+    }
+}
