@@ -21,6 +21,8 @@ use crate::worker::DeviceStats;
 pub struct DeviceView {
     id: SmolStr,
     kind: &'static str,
+    /// The channel of samples that name none.
+    default_channel: SmolStr,
     state: DeviceState,
     consecutive_failures: u32,
     last_error: Option<String>,
@@ -36,6 +38,7 @@ impl DeviceView {
         Self {
             id: device.id().clone(),
             kind: device.kind(),
+            default_channel: device.channel().clone(),
             state: status.state,
             consecutive_failures: status.consecutive_failures,
             last_error: status.last_error,
