@@ -9,6 +9,7 @@ mod bad_input;
 mod bench;
 mod binary;
 mod broker;
+mod channels;
 mod control;
 mod devices;
 mod errors;
