@@ -12,7 +12,7 @@
   const TOKEN_KEY = 'telemetryhub.token';
 
   const $ = (selector) => document.querySelector(selector);
-  const series = new Map(); // line key (device and channel) -> {label, points: [{t, v}]}, oldest first
+  const series = new Map(); // line key (device and channel) -> {device, label, color, points: [{t, v}]}, oldest first
   const depths = []; // [{t, depth, capacity}], oldest first
   const colors = new Map();
   let previous = null; // the last snapshot's status and arrival time, for rates
@@ -167,7 +167,14 @@
       const channel = sample.channel || 'value';
       const key = `${sample.device}\u0000${channel}`;
       let line = series.get(key);
-      if (!line) series.set(key, (line = { label: `${sample.device} · ${channel}`, points: [] }));
+      if (!line) {
+        // A device's first line takes the device's colour (its card's swatch); further
+        // channels of the device take colours of their own.
+        const first = ![...series.values()].some((l) => l.device === sample.device);
+        const color = colorOf(first ? sample.device : key);
+        line = { device: sample.device, label: `${sample.device} · ${channel}`, color, points: [] };
+        series.set(key, line);
+      }
       const points = line.points;
       points.push({ t: Date.parse(sample.timestamp), v: sample.value });
       if (points.length > MAX_POINTS_PER_DEVICE) points.splice(0, points.length - MAX_POINTS_PER_DEVICE);
@@ -416,9 +423,9 @@
     const { x, y } = frame(ctx, width, height, t1 - WINDOW_MS, t1, niceScale(min, max));
     const legend = $('#legend');
     legend.replaceChildren();
-    for (const [key, { label, points }] of series) {
-      legend.append(h('span', {}, h('i', { class: 'swatch', style: `background:${colorOf(key)}` }), label));
-      ctx.strokeStyle = colorOf(key);
+    for (const { label, color, points } of series.values()) {
+      legend.append(h('span', {}, h('i', { class: 'swatch', style: `background:${color}` }), label));
+      ctx.strokeStyle = color;
       ctx.lineWidth = 1.5;
       ctx.beginPath();
       points.forEach((p, i) => (i ? ctx.lineTo(x(p.t), y(p.v)) : ctx.moveTo(x(p.t), y(p.v))));
