@@ -139,10 +139,12 @@ impl DeviceSettings {
             return Err(ConfigError::invalid(
                 format!("{at}.max_frame_len"),
                 format!(
-                    "the simulator's frames reach {longest} bytes (unit `{}`, noise {}) and \
-                     longer frames are skipped as too_long; set max_frame_len to at least \
-                     {longest}",
-                    self.simulator.unit, self.simulator.noise
+                    "the simulator's frames reach {longest} bytes (unit `{}`, noise {}, {} \
+                     channels) and longer frames are skipped as too_long; set max_frame_len to \
+                     at least {longest}",
+                    self.simulator.unit,
+                    self.simulator.noise,
+                    self.simulator.channels.len()
                 ),
             ));
         }
