@@ -6,14 +6,18 @@
 //! cargo bench --bench codec
 //! ```
 //!
-//! The input is what the simulator sends: `$TH,<seq>,<42 + sin(seq/10) + noise>,arb.units*CC`.
+//! The input is what the simulator sends: `$TH,<seq>,<42 + sin(seq/10) + noise>,arb.units*CC`;
+//! `decode_channel` decodes the same frames naming a channel (`...,arb.units,temperature*CC`),
+//! as a simulator with `channels` sends them.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use telemetryhub::device::codec::{Frame, FrameCodec, encode_frame, parse_line};
+use telemetryhub::device::codec::{
+    Frame, FrameCodec, encode_channel_frame, encode_frame, parse_line,
+};
 use tokio_util::codec::Decoder;
 
 /// Frames per iteration: a few reads' worth, like one `ready_chunks` batch of the device task.
@@ -29,6 +33,15 @@ fn wire() -> BytesMut {
     let mut buf = BytesMut::new();
     for seq in 0..FRAMES {
         encode_frame(seq, value(seq), "arb.units", &mut buf);
+    }
+    buf
+}
+
+/// The same frames, each naming channel `temperature`.
+fn wire_with_channel() -> BytesMut {
+    let mut buf = BytesMut::new();
+    for seq in 0..FRAMES {
+        encode_channel_frame(seq, value(seq), "arb.units", "temperature", &mut buf);
     }
     buf
 }
@@ -62,6 +75,12 @@ fn bench(c: &mut Criterion, unit: &str, throughput: impl Fn(u64) -> Throughput) 
         wire[..end].to_vec()
     };
     assert_eq!(decode(wire.clone()), FRAMES, "every frame decodes");
+    let named = wire_with_channel();
+    assert_eq!(
+        decode(named.clone()),
+        FRAMES,
+        "every frame naming a channel decodes"
+    );
 
     let mut group = c.benchmark_group(format!("codec_{unit}"));
     group
@@ -78,6 +97,12 @@ fn bench(c: &mut Criterion, unit: &str, throughput: impl Fn(u64) -> Throughput) 
     group.bench_function("decode", |b| {
         b.iter_batched(|| wire.clone(), decode, BatchSize::SmallInput)
     });
+    if unit == "frames" {
+        // Per frame only: the frames are longer, so bytes per second would not compare.
+        group.bench_function("decode_channel", |b| {
+            b.iter_batched(|| named.clone(), decode, BatchSize::SmallInput)
+        });
+    }
 
     group.throughput(throughput(if unit == "frames" {
         1

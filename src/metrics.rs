@@ -59,6 +59,8 @@ pub const DEVICE_SEQ_GAPS: &str = "telemetryhub_device_seq_gap_samples_total";
 pub const DEVICE_LINK_FAILURES: &str = "telemetryhub_device_link_failures_total";
 /// Device state, 1 for the current state.
 pub const DEVICE_STATE: &str = "telemetryhub_device_state";
+/// Last processed (calibrated) value, per device, channel and unit.
+pub const CHANNEL_VALUE: &str = "telemetryhub_channel_value";
 /// HTTP requests, by method, matched route and status.
 pub const HTTP_REQUESTS: &str = "telemetryhub_http_requests_total";
 /// HTTP request duration, by method and matched route.
@@ -224,6 +226,11 @@ fn describe() {
         DEVICE_STATE,
         "Device state: 1 for the current state, 0 for the others."
     );
+    describe_gauge!(
+        CHANNEL_VALUE,
+        "Last processed (calibrated) value, per device, channel and unit; only the series the \
+         per-device statistics keep (at most 32 a device)."
+    );
     describe_counter!(
         HTTP_REQUESTS,
         Unit::Count,
@@ -306,6 +313,18 @@ pub fn device_state(device: &str, state: DeviceState) {
         let value = if s == state { 1.0 } else { 0.0 };
         gauge!(DEVICE_STATE, "device" => device.to_owned(), "state" => s.as_str()).set(value);
     }
+}
+
+/// Sets the last processed value of one series; called once per batch and series, for the
+/// series the statistics keep, so the label set is bounded like them.
+pub fn channel_value(device: &str, channel: &str, unit: &str, value: f64) {
+    gauge!(
+        CHANNEL_VALUE,
+        "device" => device.to_owned(),
+        "channel" => channel.to_owned(),
+        "unit" => unit.to_owned()
+    )
+    .set(value);
 }
 
 /// Records one worker batch's processing time.

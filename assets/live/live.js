@@ -12,7 +12,7 @@
   const TOKEN_KEY = 'telemetryhub.token';
 
   const $ = (selector) => document.querySelector(selector);
-  const series = new Map(); // device id -> [{t, v}], oldest first
+  const series = new Map(); // line key (device and channel) -> {device, label, color, points: [{t, v}]}, oldest first
   const depths = []; // [{t, depth, capacity}], oldest first
   const colors = new Map();
   let previous = null; // the last snapshot's status and arrival time, for rates
@@ -163,12 +163,23 @@
   function onSnapshot({ status, samples }) {
     const now = Date.now();
     for (const sample of samples) {
-      let points = series.get(sample.device);
-      if (!points) series.set(sample.device, (points = []));
+      // One line per device and channel; samples of older gateways name no channel.
+      const channel = sample.channel || 'value';
+      const key = `${sample.device}\u0000${channel}`;
+      let line = series.get(key);
+      if (!line) {
+        // A device's first line takes the device's colour (its card's swatch); further
+        // channels of the device take colours of their own.
+        const first = ![...series.values()].some((l) => l.device === sample.device);
+        const color = colorOf(first ? sample.device : key);
+        line = { device: sample.device, label: `${sample.device} · ${channel}`, color, points: [] };
+        series.set(key, line);
+      }
+      const points = line.points;
       points.push({ t: Date.parse(sample.timestamp), v: sample.value });
       if (points.length > MAX_POINTS_PER_DEVICE) points.splice(0, points.length - MAX_POINTS_PER_DEVICE);
     }
-    for (const points of series.values()) {
+    for (const { points } of series.values()) {
       const newest = points.length ? points[points.length - 1].t : 0;
       const keepFrom = points.findIndex((p) => p.t >= newest - WINDOW_MS);
       if (keepFrom > 0) points.splice(0, keepFrom);
@@ -234,8 +245,13 @@
       const invalid = device.frames_invalid;
       const failures = Object.values(device.link_failures).reduce((a, b) => a + b, 0);
       const stats = device.stats;
+      // Several channels (or units) on the link: no single figure, but each channel's last value.
+      const perChannel = (device.series || [])
+        .filter((s) => s.source === 'link')
+        .map((s) => `${s.channel} ${fmt(s.last)} ${s.unit}`)
+        .join(' · ');
       const fields = {
-        last: stats ? fmt(stats.last) : '–',
+        last: stats ? fmt(stats.last) : perChannel || '–',
         mean: stats ? fmt(stats.mean) : '–',
         range: stats ? `${fmt(stats.min)} … ${fmt(stats.max)}` : '–',
         read: fmt(device.samples_read),
@@ -394,7 +410,7 @@
     const canvas = $('#chart-values');
     const { ctx, width, height } = prepare(canvas);
     let newest = -Infinity, min = Infinity, max = -Infinity, count = 0;
-    for (const points of series.values()) {
+    for (const { points } of series.values()) {
       for (const p of points) {
         newest = Math.max(newest, p.t);
         min = Math.min(min, p.v);
@@ -407,9 +423,9 @@
     const { x, y } = frame(ctx, width, height, t1 - WINDOW_MS, t1, niceScale(min, max));
     const legend = $('#legend');
     legend.replaceChildren();
-    for (const [device, points] of series) {
-      legend.append(h('span', {}, h('i', { class: 'swatch', style: `background:${colorOf(device)}` }), device));
-      ctx.strokeStyle = colorOf(device);
+    for (const { label, color, points } of series.values()) {
+      legend.append(h('span', {}, h('i', { class: 'swatch', style: `background:${color}` }), label));
+      ctx.strokeStyle = color;
       ctx.lineWidth = 1.5;
       ctx.beginPath();
       points.forEach((p, i) => (i ? ctx.lineTo(x(p.t), y(p.v)) : ctx.moveTo(x(p.t), y(p.v))));

@@ -9,19 +9,30 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use telemetryhub::device::codec::{Frame, FrameCodec, REPLY_PREFIXES, encode_frame, valid_unit};
+use telemetryhub::device::codec::{
+    Frame, FrameCodec, REPLY_PREFIXES, valid_channel, valid_unit,
+};
+use tokio_util::codec::Encoder;
 use tokio_util::codec::Decoder;
 
 fn check(frame: &Frame) {
     match frame {
         Frame::Sample(sample) => {
             assert!(valid_unit(sample.unit.as_bytes()), "{sample:?}");
-            // A decoded sample re-encodes to a frame that decodes to the same sequence and unit.
+            if let Some(channel) = &sample.channel {
+                assert!(valid_channel(channel.as_bytes()), "{sample:?}");
+            }
+            // A decoded sample re-encodes (in the same form) to a frame that decodes to the
+            // same sequence, unit and channel.
             let mut again = BytesMut::new();
-            encode_frame(sample.seq, sample.value, &sample.unit, &mut again);
+            let mut codec = FrameCodec::new(16);
+            codec.encode(sample, &mut again).expect("encoding never fails");
             match FrameCodec::new(again.len().max(16)).decode(&mut again) {
                 Ok(Some(Frame::Sample(back))) => {
-                    assert_eq!((back.seq, &back.unit), (sample.seq, &sample.unit));
+                    assert_eq!(
+                        (back.seq, &back.unit, &back.channel),
+                        (sample.seq, &sample.unit, &sample.channel)
+                    );
                 }
                 // NaN and infinities print as words the parser reads back; anything else
                 // would be a codec that cannot read its own output.

@@ -1,7 +1,7 @@
 //! Fuzzes the `POST /samples` body parser with arbitrary bytes.
 //!
 //! Whatever the body, parsing must not panic; a refusal must be a client error (4xx); an
-//! accepted batch must respect the sample limit, name only known devices and valid units, and
+//! accepted batch must respect the sample limit, name only known devices, valid units and valid channels, and
 //! carry timestamps the API can display (every accepted sample is later shown by
 //! `GET /samples`, which formats its timestamp).
 
@@ -12,20 +12,22 @@ use std::time::{Instant, SystemTime};
 use axum::response::IntoResponse;
 use libfuzzer_sys::fuzz_target;
 use telemetryhub::api::ingest::parse_body;
-use telemetryhub::device::codec::valid_unit;
+use telemetryhub::device::codec::{valid_channel, valid_unit};
 use telemetryhub::sample::format_rfc3339;
 
 const MAX_SAMPLES: usize = 64;
 
 fuzz_target!(|data: &[u8]| {
     let known = |id: &str| id == "sim0" || id == "probe-1";
+    let default_channel = |id: &str| known(id).then(|| "value".into());
     let received = (SystemTime::now(), Instant::now());
-    match parse_body(data, known, MAX_SAMPLES, received) {
+    match parse_body(data, default_channel, MAX_SAMPLES, received) {
         Ok(samples) => {
             assert!(samples.len() <= MAX_SAMPLES);
             for sample in &samples {
                 assert!(known(&sample.device), "{sample:?}");
                 assert!(valid_unit(sample.unit.as_bytes()), "{sample:?}");
+                assert!(valid_channel(sample.channel.as_bytes()), "{sample:?}");
                 let shown = format_rfc3339(sample.timestamp);
                 assert!(shown.ends_with('Z'), "{shown}");
             }

@@ -26,6 +26,9 @@ pub struct DeviceView {
     /// Its link: `simulated` or `serial`.
     #[schema(value_type = String)]
     kind: &'static str,
+    /// The channel of samples that name none.
+    #[schema(value_type = String)]
+    default_channel: SmolStr,
     /// Its state.
     state: DeviceState,
     /// Failed reads since the last good frame (the circuit breaker trips at
@@ -89,6 +92,7 @@ impl DeviceView {
         Self {
             id: device.id().clone(),
             kind: device.kind(),
+            default_channel: device.channel().clone(),
             state: status.state,
             consecutive_failures: status.consecutive_failures,
             last_error: status.last_error,

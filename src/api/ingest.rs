@@ -25,9 +25,9 @@ use super::error::ErrorBody;
 use super::guard::with_retry_after;
 use super::{ApiError, AppState};
 use crate::buffer::PushError;
-use crate::device::codec::valid_unit;
+use crate::device::codec::{valid_channel, valid_unit};
 use crate::ledger::Source;
-use crate::sample::{DEFAULT_CHANNEL, Sample};
+use crate::sample::Sample;
 use crate::uplink::stage::SpoolStage;
 
 /// One sample as a client posts it.
@@ -42,6 +42,11 @@ pub(super) struct IngestSample {
     /// Unit token: 1-16 characters of `A-Z a-z 0-9 . _ / % -`.
     #[schema(value_type = String, pattern = r"^[A-Za-z0-9._/%-]{1,16}$")]
     unit: SmolStr,
+    /// The quantity measured: 1-32 characters of `A-Z a-z 0-9 _ . -` (default: the device's
+    /// default channel).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, pattern = r"^[A-Za-z0-9_.-]{1,32}$")]
+    channel: Option<SmolStr>,
     /// The client's sequence number, 0 to 2^32 - 1 (`7.0` is `7`, as in JSON Schema).
     #[serde(default, deserialize_with = "integral_u32")]
     #[schema(value_type = Option<u64>, maximum = 4294967295_u64)]
@@ -172,10 +177,12 @@ impl SampleLimit {
 }
 
 /// Parses and validates a request body into samples stamped `received`; the error names the
-/// offending item and field, or is a 413 naming the limit. Public for the fuzzer.
+/// offending item and field, or is a 413 naming the limit. `default_channel` gives a known
+/// device's default channel (for items that name none), and `None` for an unknown device.
+/// Public for the fuzzer.
 pub fn parse_body(
     body: &[u8],
-    known_device: impl Fn(&str) -> bool,
+    default_channel: impl Fn(&str) -> Option<SmolStr>,
     limit: impl Into<SampleLimit>,
     received: (SystemTime, Instant),
 ) -> Result<Vec<Sample>, ApiError> {
@@ -198,15 +205,25 @@ pub fn parse_body(
             let bad = |field: &str, why: String| {
                 ApiError::BadRequest(format!("samples[{i}].{field}: {why}"))
             };
-            if !known_device(&item.device) {
+            let Some(default) = default_channel(&item.device) else {
                 return Err(bad("device", format!("unknown device `{}`", item.device)));
-            }
+            };
             if !valid_unit(item.unit.as_bytes()) {
                 return Err(bad(
                     "unit",
                     "must be 1-16 characters of A-Z a-z 0-9 . _ / % -".to_owned(),
                 ));
             }
+            let channel = match item.channel {
+                None => default,
+                Some(channel) if valid_channel(channel.as_bytes()) => channel,
+                Some(_) => {
+                    return Err(bad(
+                        "channel",
+                        "must be 1-32 characters of A-Z a-z 0-9 _ . -".to_owned(),
+                    ));
+                }
+            };
             let timestamp = match &item.timestamp {
                 None => received.0,
                 Some(text) => parse_timestamp(text)
@@ -217,7 +234,7 @@ pub fn parse_body(
                 seq: item.seq,
                 value: item.value,
                 unit: item.unit,
-                channel: SmolStr::new_static(DEFAULT_CHANNEL),
+                channel,
                 timestamp,
                 received: received.1,
                 order: 0,
@@ -361,8 +378,18 @@ fn accept(
         };
     }
     let devices = state.devices.load();
-    let known = |id: &str| devices.iter().any(|d| d.id() == id);
-    let samples = parse_body(&body, known, limit, (SystemTime::now(), Instant::now()))?;
+    let default_channel = |id: &str| {
+        devices
+            .iter()
+            .find(|d| d.id() == id)
+            .map(|d| d.channel().clone())
+    };
+    let samples = parse_body(
+        &body,
+        default_channel,
+        limit,
+        (SystemTime::now(), Instant::now()),
+    )?;
     match state
         .buffer
         .try_push_all(Source::Ingest, samples, high_watermark)
@@ -388,7 +415,7 @@ mod tests {
     fn parse(body: &str) -> Result<Vec<Sample>, String> {
         parse_body(
             body.as_bytes(),
-            |d| d == "sim0",
+            |d| (d == "sim0").then(|| SmolStr::new("level")),
             3,
             (SystemTime::now(), Instant::now()),
         )
@@ -404,6 +431,7 @@ mod tests {
         .unwrap();
         assert_eq!(samples.len(), 2);
         assert_eq!((samples[1].seq, samples[1].value), (Some(7), -2.0));
+        assert_eq!(samples[0].channel, "level", "the device's default channel");
         // JSON has one number type: a whole float is an integer, as JSON Schema says.
         let whole = parse(
             r#"[{"device":"sim0","value":1,"unit":"V","seq":37500.0},
@@ -437,6 +465,18 @@ mod tests {
             (
                 r#"[{"device":"sim0","value":1,"unit":"bad unit"}]"#,
                 "samples[0].unit",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"V","channel":"bad channel"}]"#,
+                "samples[0].channel",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"V","channel":""}]"#,
+                "samples[0].channel",
+            ),
+            (
+                r#"[{"device":"sim0","value":1,"unit":"V","channel":7}]"#,
+                "samples[0].channel",
             ),
             (
                 r#"[{"device":"sim0","value":1,"unit":"V","seq":-1}]"#,
@@ -477,12 +517,29 @@ mod tests {
     }
 
     #[test]
+    fn an_item_may_name_its_channel() {
+        let samples = parse(
+            r#"[{"device":"sim0","value":1,"unit":"V","channel":"rail_5v.max"},
+                {"device":"sim0","value":2,"unit":"V"}]"#,
+        )
+        .unwrap();
+        let channels: Vec<_> = samples.iter().map(|s| s.channel.as_str()).collect();
+        assert_eq!(channels, ["rail_5v.max", "level"]);
+        let long = "c".repeat(33);
+        let err = parse(&format!(
+            r#"[{{"device":"sim0","value":1,"unit":"V","channel":"{long}"}}]"#
+        ))
+        .unwrap_err();
+        assert!(err.starts_with("samples[0].channel: must be 1-32"), "{err}");
+    }
+
+    #[test]
     fn too_many_samples_is_413() {
         let item = r#"{"device":"sim0","value":1,"unit":"V"}"#;
         let body = format!("[{item},{item},{item},{item}]");
         let err = parse_body(
             body.as_bytes(),
-            |_| true,
+            |_| Some(SmolStr::new("value")),
             3,
             (SystemTime::now(), Instant::now()),
         )

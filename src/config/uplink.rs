@@ -61,11 +61,12 @@ pub struct UplinkSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UplinkFormat {
-    /// `{"gateway", "device", "samples": [{"seq", "value", "unit", "timestamp"}]}`, one device
-    /// per message.
+    /// `{"gateway", "device", "samples": [{"seq", "value", "unit", "channel", "timestamp"}]}`,
+    /// one device per message.
     #[default]
     Json,
-    /// The ThingsBoard gateway telemetry API: `{"<device>": [{"ts": ms, "values": {...}}]}`.
+    /// The ThingsBoard gateway telemetry API: `{"<device>": [{"ts": ms, "values": {...}}]}`,
+    /// keyed by each sample's channel.
     Thingsboard,
 }
 

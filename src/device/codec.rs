@@ -3,8 +3,13 @@
 //! One frame per line, NMEA-style, readable with `cat` on a real port:
 //!
 //! ```text
-//! $TH,<seq>,<value>,<unit>*<CC>\r\n      e.g.  $TH,42,42.914800,arb.units*30\r\n
+//! $TH,<seq>,<value>,<unit>*<CC>\r\n             e.g.  $TH,42,42.914800,arb.units*30\r\n
+//! $TH,<seq>,<value>,<unit>,<channel>*<CC>\r\n   e.g.  $TH,42,21.500000,degC,temperature*7B\r\n
 //! ```
+//!
+//! The second form names the quantity measured (its channel: 1 to 32 of `A-Z a-z 0-9 _ . -`),
+//! for devices that report several; a frame of the first form carries the device's default
+//! channel. Both forms are checksummed alike, over every byte between `$` and `*`.
 //!
 //! A line ends at `\r`, `\n` or `\r\n`, as serial terminals send them: the first line-end
 //! byte completes it (so a frame ending in a bare `\r` does not wait for the next one), and the
@@ -30,6 +35,9 @@ pub struct RawSample {
     pub value: f64,
     /// The unit token.
     pub unit: SmolStr,
+    /// The channel the frame names, if it names one (the second frame form); `None` means the
+    /// device's default channel.
+    pub channel: Option<SmolStr>,
 }
 
 /// Why a frame was skipped.
@@ -222,7 +230,8 @@ impl FrameCodec {
     }
 }
 
-/// Parses one line without its line ending: `$TH,<seq>,<value>,<unit>*<CC>`.
+/// Parses one line without its line ending: `$TH,<seq>,<value>,<unit>*<CC>` or
+/// `$TH,<seq>,<value>,<unit>,<channel>*<CC>`.
 pub fn parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
     let body = line.strip_prefix(b"$").ok_or(InvalidReason::Syntax)?;
     let star = body.len().checked_sub(3).ok_or(InvalidReason::Syntax)?;
@@ -236,7 +245,8 @@ pub fn parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
     }
     let payload = std::str::from_utf8(payload).map_err(|_| InvalidReason::Syntax)?;
     let mut fields = payload.split(',');
-    let (Some("TH"), Some(seq), Some(value), Some(unit), None) = (
+    let (Some("TH"), Some(seq), Some(value), Some(unit), channel, None) = (
+        fields.next(),
         fields.next(),
         fields.next(),
         fields.next(),
@@ -250,11 +260,28 @@ pub fn parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
     if !valid_unit(unit.as_bytes()) {
         return Err(InvalidReason::Syntax);
     }
+    let channel = match channel {
+        None => None,
+        Some(channel) if valid_channel(channel.as_bytes()) => Some(SmolStr::new(channel)),
+        Some(_) => return Err(InvalidReason::Syntax),
+    };
     Ok(RawSample {
         seq,
         value,
         unit: SmolStr::new(unit),
+        channel,
     })
+}
+
+/// The longest channel name.
+pub const MAX_CHANNEL_LEN: usize = 32;
+
+/// A channel name is 1 to [`MAX_CHANNEL_LEN`] bytes of `A-Z a-z 0-9 _ . -`.
+pub fn valid_channel(channel: &[u8]) -> bool {
+    (1..=MAX_CHANNEL_LEN).contains(&channel.len())
+        && channel
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// A unit is 1 to 16 bytes of `A-Z a-z 0-9 . _ / % -`.
@@ -282,16 +309,34 @@ impl Encoder<&RawSample> for FrameCodec {
     type Error = std::io::Error;
 
     fn encode(&mut self, sample: &RawSample, dst: &mut BytesMut) -> Result<(), Self::Error> {
-        encode_frame(sample.seq, sample.value, &sample.unit, dst);
+        match &sample.channel {
+            None => encode_frame(sample.seq, sample.value, &sample.unit, dst),
+            Some(channel) => {
+                encode_channel_frame(sample.seq, sample.value, &sample.unit, channel, dst)
+            }
+        }
         Ok(())
     }
 }
 
-/// Appends one frame, checksum and `\r\n` included, to `dst`.
+/// Appends one frame of the first form (no channel), checksum and `\r\n` included, to `dst`.
 pub fn encode_frame(seq: u32, value: f64, unit: &str, dst: &mut BytesMut) {
     let start = dst.len();
     // Writing into a BytesMut cannot fail: it grows as needed.
     let _ = write!(dst, "$TH,{seq},{value:.6},{unit}");
+    finish_frame(start, dst);
+}
+
+/// Appends one frame of the second form, naming `channel`, checksum and `\r\n` included, to
+/// `dst`.
+pub fn encode_channel_frame(seq: u32, value: f64, unit: &str, channel: &str, dst: &mut BytesMut) {
+    let start = dst.len();
+    let _ = write!(dst, "$TH,{seq},{value:.6},{unit},{channel}");
+    finish_frame(start, dst);
+}
+
+/// Appends the checksum of the frame that starts at `start` (its `$`) and the line end.
+fn finish_frame(start: usize, dst: &mut BytesMut) {
     let sum = checksum(&dst[start + 1..]);
     let _ = write!(dst, "*{sum:02X}\r\n");
 }
@@ -319,6 +364,7 @@ mod tests {
             seq,
             value,
             unit: "arb.units".into(),
+            channel: None,
         })
     }
 
@@ -420,7 +466,7 @@ mod tests {
             "TH,1,1.0",
             "TH,-1,1.0,u",
             "TH,1,abc,u",
-            "TH,1,1.0,u,extra",
+            "TH,1,1.0,u,channel,extra",
             "TH,1,1.0,bad unit",
         ] {
             let line = format!("${payload}*{:02X}\r\n", checksum(payload.as_bytes()));
@@ -529,8 +575,95 @@ mod tests {
             vec![Frame::Sample(RawSample {
                 seq: 3,
                 value: 0.5,
-                unit: "V".into()
+                unit: "V".into(),
+                channel: None,
             })]
+        );
+    }
+
+    #[test]
+    fn a_frame_naming_a_channel_decodes_with_it() {
+        let mut buf = BytesMut::new();
+        encode_channel_frame(42, 21.5, "degC", "temperature", &mut buf);
+        assert_eq!(&buf[..], b"$TH,42,21.500000,degC,temperature*7B\r\n");
+        buf.extend_from_slice(&frame(43, 1.0, "arb.units"));
+        let mut codec = FrameCodec::default();
+        assert_eq!(
+            decode_all(&mut codec, &mut buf),
+            vec![
+                Frame::Sample(RawSample {
+                    seq: 42,
+                    value: 21.5,
+                    unit: "degC".into(),
+                    channel: Some("temperature".into()),
+                }),
+                sample(43, 1.0),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_encoder_writes_the_form_the_sample_asks_for() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::new();
+        let named = RawSample {
+            seq: 1,
+            value: 2.0,
+            unit: "V".into(),
+            channel: Some("rail_5v".into()),
+        };
+        let plain = RawSample {
+            channel: None,
+            ..named.clone()
+        };
+        codec.encode(&named, &mut buf).unwrap();
+        codec.encode(&plain, &mut buf).unwrap();
+        assert_eq!(
+            decode_all(&mut codec, &mut buf),
+            vec![Frame::Sample(named), Frame::Sample(plain)]
+        );
+    }
+
+    #[test]
+    fn bad_channels_are_syntax_errors_with_valid_checksums() {
+        let too_long = format!("TH,1,1.0,u,{}", "c".repeat(MAX_CHANNEL_LEN + 1));
+        let longest = format!("TH,1,1.0,u,{}", "c".repeat(MAX_CHANNEL_LEN));
+        for payload in [
+            "TH,1,1.0,u,",
+            "TH,1,1.0,u,bad channel",
+            "TH,1,1.0,u,temp/1",
+            "TH,1,1.0,u,t\u{e9}mp",
+            "TH,1,1.0,u,temp,extra",
+            &too_long,
+        ] {
+            let line = format!("${payload}*{:02X}\r\n", checksum(payload.as_bytes()));
+            let mut codec = FrameCodec::new(256);
+            assert_eq!(
+                decode_all(&mut codec, &mut BytesMut::from(line.as_bytes())),
+                vec![Frame::Invalid(InvalidReason::Syntax)],
+                "{payload}"
+            );
+        }
+        let line = format!("${longest}*{:02X}\r\n", checksum(longest.as_bytes()));
+        let frames = decode_all(
+            &mut FrameCodec::new(256),
+            &mut BytesMut::from(line.as_bytes()),
+        );
+        assert!(
+            matches!(&frames[..], [Frame::Sample(s)] if s.channel.as_deref() == Some(&"c".repeat(32)[..])),
+            "{frames:?}"
+        );
+    }
+
+    #[test]
+    fn a_corrupted_channel_fails_the_checksum() {
+        let mut buf = BytesMut::new();
+        encode_channel_frame(9, 9.25, "V", "humidity", &mut buf);
+        let at = buf.len() - 8;
+        buf[at] ^= 0x01;
+        assert_eq!(
+            decode_all(&mut FrameCodec::default(), &mut buf),
+            vec![Frame::Invalid(InvalidReason::Checksum)]
         );
     }
 
@@ -633,8 +766,8 @@ mod tests {
 
         #[derive(Debug, Clone)]
         enum Piece {
-            /// A frame, ending in `LINE_ENDS[.3]`.
-            Frame(u32, f64, String, usize),
+            /// A frame, naming a channel or not, ending in `LINE_ENDS[.4]`.
+            Frame(u32, f64, String, Option<String>, usize),
             Garbage(Vec<u8>),
         }
 
@@ -644,9 +777,12 @@ mod tests {
                     any::<u32>(),
                     -1e9..1e9f64,
                     "[A-Za-z0-9._/%-]{1,16}",
+                    proptest::option::of("[A-Za-z0-9_.-]{1,32}"),
                     0..LINE_ENDS.len()
                 )
-                    .prop_map(|(seq, value, unit, end)| Piece::Frame(seq, value, unit, end)),
+                    .prop_map(|(seq, value, unit, channel, end)| {
+                        Piece::Frame(seq, value, unit, channel, end)
+                    }),
                 proptest::collection::vec(any::<u8>(), 0..300).prop_map(Piece::Garbage),
             ]
         }
@@ -696,7 +832,7 @@ mod tests {
                 let decoded = decode_in_pieces(&stream, &cuts);
                 let expected: Vec<_> = frames
                     .iter()
-                    .map(|(seq, _)| Frame::Sample(RawSample { seq: *seq, value: 1.5, unit: "V".into() }))
+                    .map(|(seq, _)| Frame::Sample(RawSample { seq: *seq, value: 1.5, unit: "V".into(), channel: None }))
                     .collect();
                 prop_assert_eq!(decoded, expected);
             }
@@ -718,15 +854,18 @@ mod tests {
                 let mut expected = Vec::new();
                 for piece in &pieces {
                     match piece {
-                        Piece::Frame(seq, value, unit, end) => {
+                        Piece::Frame(seq, value, unit, channel, end) => {
                             let mut buf = BytesMut::new();
-                            encode_frame(*seq, *value, unit, &mut buf);
+                            match channel {
+                                None => encode_frame(*seq, *value, unit, &mut buf),
+                                Some(c) => encode_channel_frame(*seq, *value, unit, c, &mut buf),
+                            }
                             buf.truncate(buf.len() - 2);
                             stream.extend_from_slice(&buf);
                             stream.extend_from_slice(LINE_ENDS[*end]);
                             // What was sent, after the %.6f formatting the frame carries.
                             let sent: f64 = format!("{value:.6}").parse().unwrap();
-                            expected.push((*seq, sent, unit.clone()));
+                            expected.push((*seq, sent, unit.clone(), channel.clone()));
                         }
                         Piece::Garbage(bytes) => stream.extend_from_slice(bytes),
                     }
@@ -734,7 +873,9 @@ mod tests {
                 let decoded: Vec<_> = decode_in_pieces(&stream, &cuts)
                     .into_iter()
                     .filter_map(|f| match f {
-                        Frame::Sample(s) => Some((s.seq, s.value, s.unit.to_string())),
+                        Frame::Sample(s) => {
+                            Some((s.seq, s.value, s.unit.to_string(), s.channel.map(|c| c.to_string())))
+                        }
                         _ => None,
                     })
                     .collect();

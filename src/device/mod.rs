@@ -280,6 +280,7 @@ pub enum CommandError {
 #[derive(Clone)]
 pub struct DeviceHandle {
     id: SmolStr,
+    channel: SmolStr,
     kind: &'static str,
     requests: mpsc::Sender<Request>,
     status: watch::Receiver<DeviceStatus>,
@@ -291,6 +292,12 @@ impl DeviceHandle {
     /// The device's id.
     pub fn id(&self) -> &SmolStr {
         &self.id
+    }
+
+    /// The device's default channel: that of samples whose frames, or `POST /samples` items,
+    /// name none.
+    pub fn channel(&self) -> &SmolStr {
+        &self.channel
     }
 
     /// The kind of link, `simulated` or `serial`.

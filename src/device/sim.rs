@@ -2,7 +2,9 @@
 //!
 //! The gateway's device task reads the other end exactly as it would read a tty. The duplex
 //! buffer is 4 KiB, like a UART FIFO, so a gateway that stops reading backs up into the
-//! simulator. Values follow `42 + sin(seq / 10)` plus uniform noise. The link is two-way: the
+//! simulator. Values follow `42 + sin(seq / 10)` plus uniform noise; a simulator configured with
+//! channels names one in each frame, in turn, each following its own signal (see
+//! [`Simulator::channel_signal`]). The link is two-way: the
 //! simulator answers `GET_STATUS`, `SET_RATE=<ms>`, `CALIBRATE` and `RESET` with `OK: ...`,
 //! `ERROR: ...` or `STATUS: ...` lines between frames. With `baud` set, bytes are paced like a
 //! real UART. Faults (corrupted bytes, lost bytes, stalls, disconnects) are injected at
@@ -23,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Connector;
-use super::codec::encode_frame;
+use super::codec::{encode_channel_frame, encode_frame};
 use crate::config::SimulatorSettings;
 
 /// Size of the in-memory link, like a UART's FIFO.
@@ -126,7 +128,16 @@ impl Simulator {
 
     /// The value of frame `seq` before noise.
     pub fn signal(seq: u32) -> f64 {
-        42.0 + (f64::from(seq) / 10.0).sin()
+        Self::channel_signal(seq, 0)
+    }
+
+    /// The value of frame `seq` before noise, when it reports the simulator's channel number
+    /// `channel`: `42 + 10 channel + sin(seq / 10 + channel)`, so each channel has its own
+    /// level and phase (channel 0 is [`Self::signal`]).
+    pub fn channel_signal(seq: u32, channel: usize) -> f64 {
+        let channel = channel as f64;
+        42.0 + SimulatorSettings::channel_shift(channel as usize)
+            + (f64::from(seq) / 10.0 + channel).sin()
     }
 
     /// Writes frames and answers commands until the link fails, the gateway closes its end,
@@ -214,7 +225,14 @@ impl Simulator {
     fn encode(&mut self, seq: u32, buf: &mut BytesMut) {
         let noise = self.settings.noise * (self.rng.next_f64() * 2.0 - 1.0);
         let start = buf.len();
-        encode_frame(seq, Self::signal(seq) + noise, &self.settings.unit, buf);
+        let channels = &self.settings.channels;
+        if channels.is_empty() {
+            encode_frame(seq, Self::signal(seq) + noise, &self.settings.unit, buf);
+        } else {
+            let i = seq as usize % channels.len();
+            let value = Self::channel_signal(seq, i) + noise;
+            encode_channel_frame(seq, value, &self.settings.unit, &channels[i], buf);
+        }
         if self.roll(self.settings.corrupt_rate) {
             // Flip a bit inside the checksummed part, so the frame fails its checksum.
             let end = buf.len() - 5;
@@ -401,6 +419,52 @@ mod tests {
                 "{s:?}"
             );
             assert_eq!(s.unit, "arb.units");
+            assert_eq!(
+                s.channel, None,
+                "no channels configured: the first frame form"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_simulator_with_channels_names_them_in_turn_each_on_its_own_signal() {
+        let channels = ["temperature", "humidity", "pressure"]
+            .map(String::from)
+            .to_vec();
+        let sim = Simulator::new(
+            SimulatorSettings {
+                channels: channels.clone(),
+                ..settings()
+            },
+            Duration::ZERO,
+        );
+        let frames = frames_from(sim, 8000).await;
+        assert!(frames.len() > 100);
+        for (i, frame) in frames.iter().enumerate() {
+            let Frame::Sample(s) = frame else {
+                panic!("frame {i} invalid: {frame:?}")
+            };
+            assert_eq!(s.seq, i as u32, "one sequence across channels");
+            let ch = i % channels.len();
+            assert_eq!(s.channel.as_deref(), Some(channels[ch].as_str()), "{s:?}");
+            assert!(
+                (s.value - Simulator::channel_signal(s.seq, ch)).abs() <= 0.0100001,
+                "{s:?}"
+            );
+            assert!(
+                (s.value - 42.0 - 10.0 * ch as f64).abs() <= 1.0100001,
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn channel_signals_stay_within_the_band_longest_frame_assumes() {
+        for seq in (0..100_000).step_by(7) {
+            for ch in 0..16 {
+                let v = Simulator::channel_signal(seq, ch) - SimulatorSettings::channel_shift(ch);
+                assert!((41.0..=43.0).contains(&v), "{seq} {ch} {v}");
+            }
         }
     }
 

@@ -33,7 +33,7 @@ use super::{
 use crate::buffer::RingBuffer;
 use crate::config::DeviceSettings;
 use crate::ledger::{DropReason, Source};
-use crate::sample::{DEFAULT_CHANNEL, Sample};
+use crate::sample::Sample;
 
 /// Most frames decoded into one push to the buffer.
 const CHUNK_MAX: usize = 256;
@@ -127,6 +127,8 @@ impl<Io: AsyncRead + AsyncWrite> Link<Io> {
 /// The task that runs one device.
 pub struct DeviceTask<C: Connector> {
     id: SmolStr,
+    /// The channel of samples whose frames name none.
+    channel: SmolStr,
     timing: Timing,
     autostart: bool,
     connector: C,
@@ -158,6 +160,7 @@ impl<C: Connector> DeviceTask<C> {
         cancel: CancellationToken,
     ) -> (Self, DeviceHandle) {
         let id = SmolStr::new(&settings.id);
+        let channel = SmolStr::new(&settings.channel);
         let (requests_tx, requests) = mpsc::channel(16);
         let (status, status_rx) = watch::channel(DeviceStatus::default());
         let counters = Arc::new(DeviceCounters::default());
@@ -171,6 +174,7 @@ impl<C: Connector> DeviceTask<C> {
         counters.set_stale_after(initial.stale_after);
         let handle = DeviceHandle {
             id: id.clone(),
+            channel: channel.clone(),
             kind,
             requests: requests_tx,
             status: status_rx,
@@ -179,6 +183,7 @@ impl<C: Connector> DeviceTask<C> {
         };
         let task = Self {
             id,
+            channel,
             timing: Timing {
                 configured_interval: settings.interval(),
                 explicit_read_timeout,
@@ -338,7 +343,7 @@ impl<C: Connector> DeviceTask<C> {
                         seq: Some(raw.seq),
                         value: raw.value,
                         unit: raw.unit,
-                        channel: SmolStr::new_static(DEFAULT_CHANNEL),
+                        channel: raw.channel.unwrap_or_else(|| self.channel.clone()),
                         timestamp,
                         received,
                         order: 0,

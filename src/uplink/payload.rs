@@ -102,6 +102,7 @@ impl Serialize for JsonSamples<'_> {
             seq: Option<u32>,
             value: f64,
             unit: &'a str,
+            channel: &'a str,
             timestamp: Rfc3339,
         }
         let mut seq = s.serialize_seq(Some(self.0.len()))?;
@@ -110,6 +111,7 @@ impl Serialize for JsonSamples<'_> {
                 seq: sample.seq,
                 value: sample.value,
                 unit: &sample.unit,
+                channel: &sample.channel,
                 timestamp: Rfc3339::new(sample.timestamp),
             })?;
         }
@@ -117,7 +119,8 @@ impl Serialize for JsonSamples<'_> {
     }
 }
 
-/// `{"<device>": [{"ts": <ms>, "values": {"value": v}}]}`, ThingsBoard's gateway telemetry.
+/// `{"<device>": [{"ts": <ms>, "values": {"<channel>": v}}]}`, ThingsBoard's gateway telemetry:
+/// the channel is the telemetry key (`value` for devices that name no channel).
 struct ThingsboardBatch<'a> {
     device: &'a str,
     samples: &'a [ProcessedSample],
@@ -125,14 +128,22 @@ struct ThingsboardBatch<'a> {
 
 impl Serialize for ThingsboardBatch<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        struct Values {
+        /// `{"<channel>": value}`.
+        struct Values<'a> {
+            channel: &'a str,
             value: f64,
         }
+        impl Serialize for Values<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut map = s.serialize_map(Some(1))?;
+                map.serialize_entry(self.channel, &self.value)?;
+                map.end()
+            }
+        }
         #[derive(Serialize)]
-        struct Item {
+        struct Item<'a> {
             ts: u64,
-            values: Values,
+            values: Values<'a>,
         }
         struct Items<'a>(&'a [ProcessedSample]);
         impl Serialize for Items<'_> {
@@ -140,6 +151,7 @@ impl Serialize for ThingsboardBatch<'_> {
                 s.collect_seq(self.0.iter().map(|sample| Item {
                     ts: unix_ms(sample.timestamp),
                     values: Values {
+                        channel: &sample.channel,
                         value: sample.value,
                     },
                 }))
@@ -207,7 +219,11 @@ mod tests {
     fn json_carries_gateway_device_and_each_sample_with_its_original_time() {
         let e = Encoder::new(UplinkFormat::Json, "gw1", "t/{device}");
         let mut out = Vec::new();
-        e.payload("probe-1", &[sample(1, 21.5), sample(2, -3.0)], &mut out);
+        let humidity = ProcessedSample {
+            channel: "humidity".into(),
+            ..sample(2, -3.0)
+        };
+        e.payload("probe-1", &[sample(1, 21.5), humidity], &mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(
             v,
@@ -215,8 +231,8 @@ mod tests {
                 "gateway": "gw1",
                 "device": "probe-1",
                 "samples": [
-                    {"seq": 1, "value": 21.5, "unit": "degC", "timestamp": "2025-11-26T23:10:00.124Z"},
-                    {"seq": 2, "value": -3.0, "unit": "degC", "timestamp": "2025-11-26T23:10:00.125Z"},
+                    {"seq": 1, "value": 21.5, "unit": "degC", "channel": "value", "timestamp": "2025-11-26T23:10:00.124Z"},
+                    {"seq": 2, "value": -3.0, "unit": "degC", "channel": "humidity", "timestamp": "2025-11-26T23:10:00.125Z"},
                 ]
             })
         );
@@ -226,11 +242,18 @@ mod tests {
     fn thingsboard_is_the_gateway_telemetry_api() {
         let e = Encoder::new(UplinkFormat::Thingsboard, "gw1", "v1/gateway/telemetry");
         let mut out = Vec::new();
-        e.payload("probe-1", &[sample(1, 21.5)], &mut out);
+        let humidity = ProcessedSample {
+            channel: "humidity".into(),
+            ..sample(2, 55.0)
+        };
+        e.payload("probe-1", &[sample(1, 21.5), humidity], &mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"probe-1": [{"ts": 1_764_198_600_124u64, "values": {"value": 21.5}}]})
+            serde_json::json!({"probe-1": [
+                {"ts": 1_764_198_600_124u64, "values": {"value": 21.5}},
+                {"ts": 1_764_198_600_125u64, "values": {"humidity": 55.0}},
+            ]})
         );
     }
 

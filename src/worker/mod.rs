@@ -3,9 +3,10 @@
 //! The dispatcher hands each batch to [`Worker::process`] inside `spawn_blocking`. A batch is
 //! validated (finite, within the range configured for its unit), calibrated per device
 //! (`value * scale + offset`, which must stay finite), folded into rolling statistics per
-//! device and [`Series`] (unit and source: a mean across units means nothing, and HTTP clients
-//! can post values a device never sent), and appended to the history behind `GET /samples`.
-//! Shared state is locked once per batch, never per sample.
+//! device and [`Series`] (channel, unit and source: a mean across quantities or units means
+//! nothing, and HTTP clients can post values a device never sent), and appended to the history
+//! behind `GET /samples`. Shared state is locked once per batch, never per sample, and the
+//! `telemetryhub_channel_value` gauges are set once per batch and series.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -287,10 +288,18 @@ impl Worker {
             }
         }
         self.latency.merge(&latency);
-        {
+        let last_values = {
             let mut shared = self.lock();
-            shared.stats.merge(stats);
             insert_in_order(&mut shared.history, kept, self.history_len);
+            shared.stats.merge(stats)
+        };
+        for last in &last_values {
+            crate::metrics::channel_value(
+                &last.device,
+                &last.series.channel,
+                &last.series.unit,
+                last.value,
+            );
         }
         let elapsed = started.elapsed();
         self.batches.fetch_add(1, Ordering::Relaxed);

@@ -1,4 +1,5 @@
-//! Rolling statistics of processed values, per device and [`Series`] (unit and source).
+//! Rolling statistics of processed values, per device and [`Series`] (channel, unit and
+//! source).
 //!
 //! A worker folds its batch into [`BatchStats`] without a lock, then merges it into the shared
 //! [`StatsStore`] once per batch; the API reads one device's [`DeviceStats`] from it.
@@ -78,11 +79,14 @@ impl RollingStats {
     }
 }
 
-/// Which of a device's samples one set of statistics covers: those in one unit, from one
-/// source. A mean across units means nothing, and HTTP clients can post values the device never
-/// sent. A struct rather than a tuple, so it can grow (samples will gain channels).
+/// Which of a device's samples one set of statistics covers: those of one channel, in one
+/// unit, from one source. A mean across quantities or units means nothing, and HTTP clients can
+/// post values the device never sent.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
 pub struct Series {
+    /// The quantity measured.
+    #[schema(value_type = String)]
+    pub channel: SmolStr,
     /// Unit token.
     #[schema(value_type = String)]
     pub unit: SmolStr,
@@ -93,17 +97,19 @@ pub struct Series {
 impl Series {
     fn of(sample: &Sample) -> Self {
         Self {
+            channel: sample.channel.clone(),
             unit: sample.unit.clone(),
             source: sample.source,
         }
     }
 
     fn matches(&self, sample: &Sample) -> bool {
-        self.unit == sample.unit && self.source == sample.source
+        self.channel == sample.channel && self.unit == sample.unit && self.source == sample.source
     }
 }
 
-/// One series' statistics as the API shows them: `{"unit", "source", "count", "min", ...}`.
+/// One series' statistics as the API shows them:
+/// `{"channel", "unit", "source", "count", "min", ...}`.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct SeriesStats {
     /// Which samples.
@@ -117,11 +123,11 @@ pub struct SeriesStats {
 /// One device's statistics as the API shows them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct DeviceStats {
-    /// The statistics of the device's link samples when they are all in one unit, else `None`.
-    /// The single `stats` object of earlier versions (which mixed units and sources), kept so
-    /// its clients keep working.
+    /// The statistics of the device's link samples when they are all of one channel and in one
+    /// unit, else `None`. The single `stats` object of earlier versions (which mixed units and
+    /// sources), kept so its clients keep working.
     pub stats: Option<RollingStats>,
-    /// Every series, ordered by unit, then link before HTTP.
+    /// Every series, ordered by channel, then unit, then link before HTTP.
     pub series: Vec<SeriesStats>,
     /// Processed samples in no series, because the device already had
     /// [`MAX_SERIES_PER_DEVICE`] series.
@@ -132,8 +138,8 @@ pub struct DeviceStats {
 #[derive(Default)]
 pub(super) struct BatchStats {
     entries: Vec<(SmolStr, Series, RollingStats)>,
-    /// Where each device and series is in `entries`. Batches come in runs of one device and
-    /// unit, so this is only consulted when the run changes, and a batch of many units
+    /// Where each device and series is in `entries`. Batches come in runs of one device,
+    /// channel and unit, so this is only consulted when the run changes, and a batch of many units
     /// (HTTP clients choose them) costs a hash per sample, not a scan of every entry.
     index: HashMap<(SmolStr, Series), usize>,
     /// The entry of the current run.
@@ -177,19 +183,38 @@ struct DeviceSeries {
     untracked: u64,
 }
 
+/// The last value of one series in one batch, for the `telemetryhub_channel_value` gauge.
+pub(super) struct LastValue {
+    /// Device id.
+    pub device: SmolStr,
+    /// The series (its source is not a label).
+    pub series: Series,
+    /// The last calibrated value of the batch.
+    pub value: f64,
+}
+
 impl StatsStore {
-    /// Merges a batch's statistics.
-    pub(super) fn merge(&mut self, batch: BatchStats) {
-        for (device, series, stats) in batch.entries {
-            let device = self.devices.entry(device).or_default();
+    /// Merges a batch's statistics. Returns the last value of each series the store keeps
+    /// (those within [`MAX_SERIES_PER_DEVICE`]), for the gauges: so they are bounded alike.
+    pub(super) fn merge(&mut self, batch: BatchStats) -> Vec<LastValue> {
+        let mut kept = Vec::with_capacity(batch.entries.len());
+        for (id, series, stats) in batch.entries {
+            let device = self.devices.entry(id.clone()).or_default();
             if let Some(known) = device.series.get_mut(&series) {
                 known.merge(&stats);
             } else if device.series.len() < MAX_SERIES_PER_DEVICE {
-                device.series.insert(series, stats);
+                device.series.insert(series.clone(), stats);
             } else {
                 device.untracked += stats.count;
+                continue;
             }
+            kept.push(LastValue {
+                device: id,
+                series,
+                value: stats.last,
+            });
         }
+        kept
     }
 
     /// One device's statistics; empty if it has none.
@@ -236,6 +261,83 @@ mod tests {
             source,
             ..Sample::test(0, 0.0)
         }
+    }
+
+    fn on_channel(channel: &str, unit: &str) -> Sample {
+        Sample {
+            channel: channel.into(),
+            ..sample("a", unit, Source::Device)
+        }
+    }
+
+    #[test]
+    fn series_are_kept_apart_by_channel() {
+        let mut batch = BatchStats::default();
+        let (temp, hum) = (on_channel("temp", "degC"), on_channel("hum", "%RH"));
+        let temp_f = on_channel("temp", "degF");
+        for (s, value) in [(&temp, 20.0), (&hum, 50.0), (&temp, 22.0), (&temp_f, 70.0)] {
+            batch.add(s, value);
+        }
+        let mut store = StatsStore::default();
+        let last = store.merge(batch);
+        let a = store.device("a");
+        let shown: Vec<_> = a
+            .series
+            .iter()
+            .map(|s| {
+                (
+                    s.series.channel.as_str(),
+                    s.series.unit.as_str(),
+                    s.stats.count,
+                    s.stats.last,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("hum", "%RH", 1, 50.0),
+                ("temp", "degC", 2, 22.0),
+                ("temp", "degF", 1, 70.0)
+            ]
+        );
+        assert_eq!(
+            store.device("a").stats,
+            None,
+            "the link reports several channels"
+        );
+        let gauges: Vec<_> = last
+            .iter()
+            .map(|l| (l.series.channel.as_str(), l.series.unit.as_str(), l.value))
+            .collect();
+        assert_eq!(
+            gauges,
+            [
+                ("temp", "degC", 22.0),
+                ("hum", "%RH", 50.0),
+                ("temp", "degF", 70.0)
+            ]
+        );
+    }
+
+    #[test]
+    fn only_kept_series_report_a_last_value() {
+        let mut store = StatsStore::default();
+        let mut batch = BatchStats::default();
+        for channel in 0..MAX_SERIES_PER_DEVICE + 5 {
+            batch.add(&on_channel(&format!("c{channel}"), "V"), 1.0);
+        }
+        assert_eq!(store.merge(batch).len(), MAX_SERIES_PER_DEVICE);
+        let mut batch = BatchStats::default();
+        batch.add(&on_channel("c0", "V"), 2.0);
+        batch.add(&on_channel("another", "V"), 2.0);
+        let last = store.merge(batch);
+        assert_eq!(last.len(), 1, "the full device admits no new series");
+        assert_eq!(
+            (last[0].series.channel.as_str(), last[0].value),
+            ("c0", 2.0)
+        );
+        assert_eq!(store.device("a").untracked_samples, 6);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod bad_input;
 mod bench;
 mod binary;
 mod broker;
+mod channels;
 mod cli;
 mod control;
 mod devices;

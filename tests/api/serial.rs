@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use telemetryhub::config::{DeviceSettings, Settings, SimulatorSettings};
-use telemetryhub::device::codec::encode_frame;
+use telemetryhub::device::codec::{encode_channel_frame, encode_frame};
 use telemetryhub::device::sim::Simulator;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
@@ -492,5 +492,87 @@ async fn a_rate_the_device_acknowledged_is_sent_again_after_stop_and_start() {
     })
     .await;
     assert_eq!(stale_after_ms(&app).await, 10_000);
+    app.shut_down().await;
+}
+
+/// Plays a two-quantity device: every 5 ms, a frame naming channel `flow` and one naming
+/// none, until `stop` is cancelled.
+fn spawn_channel_writer(path: PathBuf, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let Ok(mut file) = tokio::fs::OpenOptions::new().write(true).open(&path).await else {
+            return;
+        };
+        let mut seq = 0u32;
+        while !stop.is_cancelled() {
+            let mut buf = BytesMut::new();
+            encode_channel_frame(seq, 3.5, "m3/h", "flow", &mut buf);
+            encode_frame(seq + 1, 20.0, "degC", &mut buf);
+            if file.write_all(&buf).await.and(file.flush().await).is_err() {
+                return;
+            }
+            seq = seq.wrapping_add(2);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+}
+
+#[tokio::test]
+async fn frames_naming_a_channel_and_frames_naming_none_arrive_over_a_pty() {
+    let dir = temp_path("pty-channels");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pair = PtyPair::spawn(&dir).await;
+    let mut device = serial_device(&pair.gateway);
+    device.channel = "water_temp".to_owned();
+    let app = spawn_app(with_device(device)).await;
+    let stop = CancellationToken::new();
+    spawn_channel_writer(pair.device.clone(), stop.clone());
+
+    let series = |device: &Value, channel: &str| -> Option<Value> {
+        device["series"]
+            .as_array()?
+            .iter()
+            .find(|s| s["channel"] == channel && s["source"] == "link")
+            .cloned()
+    };
+    wait_until(DEADLINE, "20 samples on each channel", async || {
+        let device = app.device("tty0").await;
+        ["flow", "water_temp"]
+            .iter()
+            .all(|c| series(&device, c).is_some_and(|s| s["count"].as_u64() >= Some(20)))
+    })
+    .await;
+    stop.cancel();
+    let device = app.device("tty0").await;
+    let flow = series(&device, "flow").unwrap();
+    assert_eq!(
+        (flow["unit"].as_str(), flow["max"].as_f64()),
+        (Some("m3/h"), Some(3.5))
+    );
+    let temp = series(&device, "water_temp").unwrap();
+    assert_eq!(
+        (temp["unit"].as_str(), temp["min"].as_f64()),
+        (Some("degC"), Some(20.0))
+    );
+    assert_eq!(u64_at(&device, "/frames_invalid/syntax"), 0, "{device}");
+    assert_eq!(u64_at(&device, "/frames_invalid/checksum"), 0, "{device}");
+    let (_, body) = app.get_json("/samples?limit=100").await;
+    let pairs: std::collections::BTreeSet<_> = body["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["channel"].as_str().unwrap().to_owned(),
+                s["unit"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        [("flow", "m3/h"), ("water_temp", "degC")]
+            .map(|(c, u)| (c.to_owned(), u.to_owned()))
+            .into(),
+        "{body}"
+    );
     app.shut_down().await;
 }

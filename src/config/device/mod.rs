@@ -87,6 +87,10 @@ pub struct DeviceSettings {
     /// a paced simulator, longer than two frames take on the line.
     #[serde(default = "default_command_timeout_ms")]
     pub command_timeout_ms: u64,
+    /// The channel (name of the quantity measured) of samples from frames that name none, and
+    /// of samples posted for this device without one: 1 to 32 of `A-Z a-z 0-9 _ . -`.
+    #[serde(default = "default_channel")]
+    pub channel: String,
     /// Calibration: processed value = raw value * scale + offset. Any finite number.
     #[serde(default = "default_scale")]
     pub scale: f64,
@@ -117,6 +121,7 @@ impl DeviceSettings {
             max_frame_len: default_max_frame_len(),
             stale_after_ms: None,
             command_timeout_ms: default_command_timeout_ms(),
+            channel: default_channel(),
             scale: default_scale(),
             offset: 0.0,
             simulator: SimulatorSettings::default(),
@@ -195,6 +200,9 @@ fn default_backoff_max_ms() -> u64 {
 }
 fn default_max_frame_len() -> usize {
     128
+}
+fn default_channel() -> String {
+    crate::sample::DEFAULT_CHANNEL.to_owned()
 }
 fn default_scale() -> f64 {
     1.0

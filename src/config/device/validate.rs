@@ -11,6 +11,8 @@ use crate::config::{ConfigError, MAX_MS, check_range};
 const MAX_TIMEOUT_MS: u64 = 86_400_000;
 /// Most consecutive failures before the breaker trips.
 const MAX_FAILURE_THRESHOLD: u32 = 1_000_000;
+/// What a channel name must be, for the error naming a bad one.
+pub(super) const CHANNEL_RULE: &str = "must be 1-32 characters of A-Z, a-z, 0-9, '_', '.' or '-'";
 /// Longest wait for a command's reply.
 const MAX_COMMAND_TIMEOUT_MS: u64 = 60_000;
 
@@ -27,6 +29,9 @@ impl DeviceSettings {
                 format!("{at}.id"),
                 "must be 1-64 characters of A-Z, a-z, 0-9, '-', '_' or '.'",
             ));
+        }
+        if !crate::device::codec::valid_channel(self.channel.as_bytes()) {
+            return Err(ConfigError::invalid(format!("{at}.channel"), CHANNEL_RULE));
         }
         self.check_ranges(at)?;
         self.check_timeouts(at)?;
@@ -134,10 +139,12 @@ impl DeviceSettings {
             return Err(ConfigError::invalid(
                 format!("{at}.max_frame_len"),
                 format!(
-                    "the simulator's frames reach {longest} bytes (unit `{}`, noise {}) and \
-                     longer frames are skipped as too_long; set max_frame_len to at least \
-                     {longest}",
-                    self.simulator.unit, self.simulator.noise
+                    "the simulator's frames reach {longest} bytes (unit `{}`, noise {}, {} \
+                     channels) and longer frames are skipped as too_long; set max_frame_len to \
+                     at least {longest}",
+                    self.simulator.unit,
+                    self.simulator.noise,
+                    self.simulator.channels.len()
                 ),
             ));
         }

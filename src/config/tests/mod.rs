@@ -235,11 +235,71 @@ fn values_that_cannot_work_are_rejected_by_name() {
             "[[devices]]\nid = \"a\"\n[devices.simulator]\nunit = \"bad unit\"\n",
             "devices[0].simulator.unit",
         ),
+        (
+            "[[devices]]\nid = \"a\"\nchannel = \"\"\n",
+            "devices[0].channel",
+        ),
+        (
+            "[[devices]]\nid = \"a\"\nchannel = \"rel humidity\"\n",
+            "devices[0].channel",
+        ),
+        (
+            "[[devices]]\nid = \"a\"\nchannel = \"c234567890123456789012345678901234\"\n",
+            "devices[0].channel",
+        ),
+        (
+            "[[devices]]\nid = \"a\"\n[devices.simulator]\nchannels = [\"t\", \"h/2\"]\n",
+            "devices[0].simulator.channels[1]",
+        ),
+        (
+            "[[devices]]\nid = \"a\"\n[devices.simulator]\nchannels = [\"t\", \"h\", \"t\"]\n",
+            "devices[0].simulator.channels[2]",
+        ),
+        (
+            "[[devices]]\nid = \"a\"\n[devices.simulator]\nchannels = [\"a\",\"b\",\"c\",\"d\",\
+             \"e\",\"f\",\"g\",\"h\",\"i\",\"j\",\"k\",\"l\",\"m\",\"n\",\"o\",\"p\",\"q\"]\n",
+            "devices[0].simulator.channels",
+        ),
+        (
+            // Frames naming a 32-character channel are longer than 48 bytes.
+            "[[devices]]\nid = \"a\"\nmax_frame_len = 48\n[devices.simulator]\n\
+             channels = [\"c2345678901234567890123456789012\"]\n",
+            "devices[0].max_frame_len",
+        ),
     ];
     for (text, key) in cases {
         let err = load_toml(text, &[]).expect_err(text);
         assert_eq!(invalid_key(err), key, "{text}");
     }
+}
+
+#[test]
+fn channels_are_configured_per_device_and_per_simulator() {
+    let settings = load_toml(
+        "[[devices]]\nid = \"a\"\nchannel = \"level\"\n[devices.simulator]\n\
+         channels = [\"temperature\", \"humidity\"]\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(settings.devices[0].channel, "level");
+    assert_eq!(
+        settings.devices[0].simulator.channels,
+        ["temperature", "humidity"]
+    );
+    assert_eq!(Settings::default().devices[0].channel, "value");
+    let from_env = Settings::load(None, env(&[("TELEMETRYHUB__DEVICES__0__CHANNEL", "flow")]));
+    assert_eq!(from_env.unwrap().devices[0].channel, "flow");
+}
+
+#[test]
+fn the_simulators_longest_frame_counts_its_longest_channel() {
+    let plain = SimulatorSettings::default();
+    let named = SimulatorSettings {
+        channels: vec!["t".into(), "c2345678901234567890123456789012".into()],
+        ..SimulatorSettings::default()
+    };
+    // ",<channel>" and a second channel's level above 50 (same digit count as 42).
+    assert_eq!(named.longest_frame_len(), plain.longest_frame_len() + 33);
 }
 
 #[test]
