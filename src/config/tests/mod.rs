@@ -7,6 +7,7 @@ use crate::buffer::OverflowPolicy;
 
 mod env;
 mod ignored;
+mod modbus;
 mod pairs;
 mod ranges;
 mod warnings;
