@@ -8,6 +8,7 @@
 //! change is published on a `watch` channel so status reads never wait for the task.
 
 pub mod codec;
+pub mod modbus;
 mod rate;
 pub mod serial;
 pub mod sim;
