@@ -13,6 +13,7 @@ use tracing::{error, warn};
 
 use crate::buffer::RingBuffer;
 use crate::config::{DeviceKind, DeviceSettings, Settings};
+use crate::device::modbus::TcpConnector;
 use crate::device::serial::SerialConnector;
 use crate::device::sim::SimConnector;
 use crate::device::{Connector, DeviceHandle, DeviceTask};
@@ -59,9 +60,14 @@ impl Pipeline {
         let mut pipeline = Self::start_stages(settings, tracker, cancel, process, uplink);
         for device in &settings.devices {
             let device_cancel = pipeline.devices_cancel.child_token();
-            match (device.kind, &device.serial) {
-                (DeviceKind::Serial, Some(serial)) => {
+            match (device.kind, &device.serial, &device.address) {
+                // A Modbus RTU device is on a tty too: the protocol is the task's business.
+                (DeviceKind::Serial | DeviceKind::ModbusRtu, Some(serial), _) => {
                     let connector = SerialConnector::new(serial.clone());
+                    pipeline.spawn_device(device, connector, tracker, device_cancel);
+                }
+                (DeviceKind::ModbusTcp, _, Some(address)) => {
+                    let connector = TcpConnector::new(address.as_str());
                     pipeline.spawn_device(device, connector, tracker, device_cancel);
                 }
                 _ => {

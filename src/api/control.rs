@@ -189,7 +189,7 @@ pub(super) async fn send_command(
     let device = state.device(&id)?;
     let Json(body) = body?;
     let reply = device.send(&body.command).await.map_err(|err| match err {
-        SendError::Invalid => ApiError::BadRequest(err.to_string()),
+        SendError::Invalid | SendError::Unsupported(_) => ApiError::BadRequest(err.to_string()),
         SendError::NotConnected { .. } => ApiError::Conflict {
             error: err.to_string(),
             state: device.state(),

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use self::codec::InvalidReason;
+use self::modbus::link::ModbusFailure;
 use self::state::{Command, DeviceState, IllegalTransition};
 
 /// Opens a device's link. Called again after every failure, so a link that went away (a
@@ -52,11 +53,34 @@ pub enum LinkFailure {
     Timeout,
     /// The other end closed the link.
     Closed,
+    /// A Modbus device answered with an exception (illegal address, busy, ...).
+    Exception,
+    /// A Modbus answer that does not decode (CRC, garbage, mismatched header or function).
+    Invalid,
+}
+
+impl From<ModbusFailure> for LinkFailure {
+    fn from(failure: ModbusFailure) -> Self {
+        match failure {
+            ModbusFailure::Timeout => Self::Timeout,
+            ModbusFailure::Exception(_) => Self::Exception,
+            ModbusFailure::Invalid => Self::Invalid,
+            ModbusFailure::Closed => Self::Closed,
+            ModbusFailure::Io => Self::Io,
+        }
+    }
 }
 
 impl LinkFailure {
     /// Every failure, for metrics.
-    pub const ALL: [LinkFailure; 4] = [Self::Connect, Self::Io, Self::Timeout, Self::Closed];
+    pub const ALL: [LinkFailure; 6] = [
+        Self::Connect,
+        Self::Io,
+        Self::Timeout,
+        Self::Closed,
+        Self::Exception,
+        Self::Invalid,
+    ];
 
     /// The label used in metrics and JSON.
     pub fn as_str(self) -> &'static str {
@@ -65,6 +89,8 @@ impl LinkFailure {
             Self::Io => "io",
             Self::Timeout => "timeout",
             Self::Closed => "closed",
+            Self::Exception => "exception",
+            Self::Invalid => "invalid",
         }
     }
 }
@@ -75,7 +101,7 @@ pub struct DeviceCounters {
     samples_read: AtomicU64,
     frames_invalid: [AtomicU64; 3],
     seq_gaps: AtomicU64,
-    link_failures: [AtomicU64; 4],
+    link_failures: [AtomicU64; 6],
     /// When the last valid frame arrived (or the link opened), in nanoseconds after `base`.
     last_good_nanos: AtomicU64,
     base: Instant,
@@ -150,6 +176,10 @@ pub struct FailureCounts {
     pub timeout: u64,
     /// Link closed by the other end.
     pub closed: u64,
+    /// Modbus exception answers.
+    pub exception: u64,
+    /// Modbus answers that did not decode.
+    pub invalid: u64,
 }
 
 impl FailureCounts {
@@ -160,6 +190,8 @@ impl FailureCounts {
             LinkFailure::Io => self.io,
             LinkFailure::Timeout => self.timeout,
             LinkFailure::Closed => self.closed,
+            LinkFailure::Exception => self.exception,
+            LinkFailure::Invalid => self.invalid,
         }
     }
 }
@@ -189,7 +221,7 @@ impl DeviceCounters {
     pub fn snapshot(&self) -> CountersSnapshot {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let [checksum, syntax, too_long] = &self.frames_invalid;
-        let [connect, io, timeout, closed] = &self.link_failures;
+        let [connect, io, timeout, closed, exception, invalid] = &self.link_failures;
         CountersSnapshot {
             samples_read: get(&self.samples_read),
             frames_invalid: InvalidCounts {
@@ -203,6 +235,8 @@ impl DeviceCounters {
                 io: get(io),
                 timeout: get(timeout),
                 closed: get(closed),
+                exception: get(exception),
+                invalid: get(invalid),
             },
         }
     }
@@ -264,6 +298,11 @@ pub enum SendError {
     /// The device task has stopped (the gateway is shutting down).
     #[error("device {0} is shutting down")]
     Unavailable(SmolStr),
+    /// A Modbus device takes writes, not command lines.
+    #[error(
+        "device {0} is a Modbus device: send {{\"write\": {{\"table\": ..., \"address\": ..., \"value\": ...}}}}"
+    )]
+    Unsupported(SmolStr),
 }
 
 /// Why a command did not take effect.

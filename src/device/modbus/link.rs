@@ -1,0 +1,429 @@
+//! An open Modbus link: a `tokio-modbus` client context over the byte stream the device's
+//! [`Connector`](crate::device::Connector) opened (a TCP connection, a tty), polled for the
+//! register map on the device's interval. The device task drives it exactly as it drives a
+//! frame link: each poll yields samples or a [`ModbusFailure`], which feeds the shared state
+//! machine, breaker, backoff and counters.
+//!
+//! tokio-modbus has no request timeout (its issue #113): every call here is wrapped in the
+//! device's `timeout_ms`. After any failed request the context is rebuilt on a fresh
+//! connection, since a late answer would otherwise be taken for the next request's.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, SystemTime};
+
+use smol_str::SmolStr;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tokio_modbus::client::{Context, Reader, Writer};
+use tokio_modbus::{ExceptionCode, Slave};
+
+use super::codec::{self, Raw};
+use super::plan::{ReadBlock, plan};
+use crate::config::{DataType, DeviceKind, DeviceSettings, RegisterSettings, Table};
+use crate::device::Connector;
+use crate::ledger::Source;
+use crate::sample::Sample;
+
+/// A device's register map and polling, from its settings.
+#[derive(Debug)]
+pub struct ModbusMap {
+    device: SmolStr,
+    rtu: bool,
+    unit_id: u8,
+    /// The registers, in configuration order.
+    pub registers: Vec<RegisterSettings>,
+    /// The requests one poll makes.
+    pub blocks: Vec<ReadBlock>,
+    channels: Vec<(SmolStr, SmolStr)>,
+    timeout: Duration,
+    retries: u32,
+    interval: Duration,
+}
+
+impl ModbusMap {
+    /// The map of a Modbus device; `None` for other kinds.
+    pub fn for_device(settings: &DeviceSettings) -> Option<Arc<Self>> {
+        if !settings.is_modbus() {
+            return None;
+        }
+        Some(Arc::new(Self {
+            device: SmolStr::new(&settings.id),
+            rtu: settings.kind == DeviceKind::ModbusRtu,
+            unit_id: settings.modbus_unit_id(),
+            blocks: plan(&settings.registers),
+            channels: settings
+                .registers
+                .iter()
+                .map(|r| (SmolStr::new(&r.channel), SmolStr::new(&r.unit)))
+                .collect(),
+            registers: settings.registers.clone(),
+            timeout: settings.modbus_timeout(),
+            retries: settings.modbus_retries(),
+            interval: settings.interval(),
+        }))
+    }
+
+    /// Round trips one poll makes.
+    pub fn requests_per_poll(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+/// Why a Modbus request failed, for the breaker and the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModbusFailure {
+    /// No answer within `timeout_ms` (a corrupted RTU answer usually ends here too:
+    /// tokio-modbus drops bytes to resynchronise and waits for the rest).
+    Timeout,
+    /// The device answered with a Modbus exception.
+    Exception(ExceptionCode),
+    /// An answer that does not decode (CRC, garbage, a mismatched header or function).
+    Invalid,
+    /// The other end closed the connection.
+    Closed,
+    /// Another I/O error.
+    Io,
+}
+
+/// The outcome of one request, after its retries.
+pub type Outcome<T> = Result<T, (ModbusFailure, String)>;
+
+/// A write asked for by an operator.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WriteRequest {
+    /// `holding` or `coil`.
+    pub table: Table,
+    /// The register's (first) address.
+    pub address: u16,
+    /// The value, before encoding to the register's data type.
+    pub value: f64,
+}
+
+/// Why a write was refused before reaching the device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteRefused {
+    /// No writable register starts at that address.
+    #[error(
+        "{table} {address} is not a writable register of this device (the register map must mark it writable = true)"
+    )]
+    NotWritable {
+        /// The table.
+        table: &'static str,
+        /// The address.
+        address: u16,
+    },
+    /// The value does not fit the register's type.
+    #[error("{0}")]
+    Value(String),
+}
+
+impl ModbusMap {
+    /// The registers a write to `table`/`address` of `value` becomes, or why it is refused:
+    /// only the start of a register the map marks writable is accepted, and the value must
+    /// fit its data type.
+    pub fn check_write(&self, w: &WriteRequest) -> Result<(DataType, Vec<u16>), WriteRefused> {
+        let reg = self
+            .registers
+            .iter()
+            .find(|r| r.writable && r.table == w.table && r.address == u32::from(w.address))
+            .ok_or(WriteRefused::NotWritable {
+                table: w.table.as_str(),
+                address: w.address,
+            })?;
+        let raw = codec::from_f64(reg.data_type, w.value)
+            .map_err(|e| WriteRefused::Value(e.to_string()))?;
+        let words = match raw {
+            Raw::Bool(b) => vec![u16::from(b)],
+            raw => codec::encode(reg.data_type, reg.byte_order, raw)
+                .map_err(|e| WriteRefused::Value(e.to_string()))?,
+        };
+        Ok((reg.data_type, words))
+    }
+}
+
+/// Gives a byte stream the `Debug` that tokio-modbus's TCP client asks for.
+struct Transport<Io>(Io);
+
+impl<Io> std::fmt::Debug for Transport<Io> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Transport")
+    }
+}
+
+impl<Io: AsyncRead + Unpin> AsyncRead for Transport<Io> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<Io: AsyncWrite + Unpin> AsyncWrite for Transport<Io> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// An open Modbus link.
+pub struct ModbusLink {
+    ctx: Context,
+    map: Arc<ModbusMap>,
+    next_poll: Instant,
+    /// Round trips made, for the benchmark's round trips per poll.
+    pub requests: u64,
+}
+
+impl ModbusLink {
+    /// A client context on `io`, speaking TCP or RTU framing as the device's kind says; the
+    /// first poll is due at once.
+    pub fn attach<Io>(io: Io, map: Arc<ModbusMap>) -> Self
+    where
+        Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        Self {
+            ctx: context(io, &map),
+            map,
+            next_poll: Instant::now(),
+            requests: 0,
+        }
+    }
+
+    /// When the next poll is due.
+    pub fn next_poll(&self) -> Instant {
+        self.next_poll
+    }
+
+    /// Reads every block of the map once, retrying a failed request on a new connection from
+    /// `reconnect`, and returns the samples, one per register, stamped with one time.
+    pub async fn poll<C: Connector>(&mut self, connector: &mut C) -> Outcome<Vec<Sample>> {
+        let now = Instant::now();
+        // Fixed rate, but a poll that overran does not cause a burst of catch-up polls.
+        self.next_poll = (self.next_poll + self.map.interval).max(now);
+        let map = self.map.clone();
+        let mut values = vec![0.0; map.registers.len()];
+        for block in &map.blocks {
+            let answer = self.read_block(block, connector).await?;
+            decode_block(&map, block, &answer, &mut values)
+                .map_err(|e| (ModbusFailure::Invalid, e))?;
+        }
+        let (timestamp, received) = (SystemTime::now(), std::time::Instant::now());
+        Ok(values
+            .into_iter()
+            .zip(&map.channels)
+            .map(|(value, (channel, unit))| Sample {
+                device: map.device.clone(),
+                seq: None,
+                value,
+                unit: unit.clone(),
+                channel: channel.clone(),
+                timestamp,
+                received,
+                order: 0,
+                source: Source::Device,
+            })
+            .collect())
+    }
+
+    async fn read_block<C: Connector>(
+        &mut self,
+        block: &ReadBlock,
+        connector: &mut C,
+    ) -> Outcome<Answer> {
+        let mut attempt = 0;
+        loop {
+            self.requests += 1;
+            let (start, count) = (block.start, block.count);
+            let ctx = &mut self.ctx;
+            let result = match block.table {
+                Table::Holding => call(self.map.timeout, ctx.read_holding_registers(start, count))
+                    .await
+                    .map(Answer::Words),
+                Table::Input => call(self.map.timeout, ctx.read_input_registers(start, count))
+                    .await
+                    .map(Answer::Words),
+                Table::Coil => call(self.map.timeout, ctx.read_coils(start, count))
+                    .await
+                    .map(Answer::Bits),
+                Table::Discrete => call(self.map.timeout, ctx.read_discrete_inputs(start, count))
+                    .await
+                    .map(Answer::Bits),
+            };
+            match result {
+                Ok(answer) => return Ok(answer),
+                // An exception is the device's considered answer: asking again will not change it.
+                Err(failure @ (ModbusFailure::Exception(_), _)) => return Err(failure),
+                Err(failure) if attempt >= self.map.retries => return Err(failure),
+                Err(_) => {
+                    attempt += 1;
+                    self.rebuild(connector).await?;
+                }
+            }
+        }
+    }
+
+    /// A fresh connection and context, after a failed request.
+    async fn rebuild<C: Connector>(&mut self, connector: &mut C) -> Outcome<()> {
+        // Drop the old connection first: a serial port may be opened only once.
+        self.ctx = context(Closed, &self.map);
+        match tokio::time::timeout(self.map.timeout, connector.connect()).await {
+            Ok(Ok(io)) => {
+                self.ctx = context(io, &self.map);
+                Ok(())
+            }
+            Ok(Err(err)) => Err((ModbusFailure::Io, format!("reconnecting: {err}"))),
+            Err(_) => Err((ModbusFailure::Timeout, "reconnecting timed out".to_owned())),
+        }
+    }
+
+    /// Writes `words` (or one coil) to the register `w` names; the caller checked it against
+    /// the map with [`ModbusMap::check_write`]. Not retried: a write that timed out may have
+    /// been carried out.
+    pub async fn write(
+        &mut self,
+        w: &WriteRequest,
+        data_type: DataType,
+        words: &[u16],
+    ) -> Outcome<()> {
+        self.requests += 1;
+        let timeout = self.map.timeout;
+        let ctx = &mut self.ctx;
+        match (data_type, words) {
+            (DataType::Bool, [bit]) => {
+                call(timeout, ctx.write_single_coil(w.address, *bit != 0)).await
+            }
+            (_, [word]) => call(timeout, ctx.write_single_register(w.address, *word)).await,
+            _ => call(timeout, ctx.write_multiple_registers(w.address, words)).await,
+        }
+    }
+}
+
+/// A stream that is always at its end: the context's placeholder while a new connection opens.
+struct Closed;
+
+impl AsyncRead for Closed {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _: &mut TaskContext<'_>,
+        _: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Closed {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut TaskContext<'_>,
+        _: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(Err(std::io::ErrorKind::NotConnected.into()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A block's answer.
+enum Answer {
+    Words(Vec<u16>),
+    Bits(Vec<bool>),
+}
+
+fn context<Io>(io: Io, map: &ModbusMap) -> Context
+where
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let slave = Slave(map.unit_id);
+    if map.rtu {
+        tokio_modbus::client::rtu::attach_slave(io, slave)
+    } else {
+        tokio_modbus::client::tcp::attach_slave(Transport(io), slave)
+    }
+}
+
+/// One tokio-modbus call, bounded by `timeout`, its three layers of result folded into one.
+async fn call<T>(
+    timeout: Duration,
+    request: impl Future<Output = tokio_modbus::Result<T>>,
+) -> Outcome<T> {
+    match tokio::time::timeout(timeout, request).await {
+        Err(_) => Err((
+            ModbusFailure::Timeout,
+            format!("no answer within {timeout:?}"),
+        )),
+        Ok(Ok(Ok(value))) => Ok(value),
+        Ok(Ok(Err(code))) => Err((
+            ModbusFailure::Exception(code),
+            format!("modbus exception: {code}"),
+        )),
+        Ok(Err(tokio_modbus::Error::Protocol(err))) => {
+            Err((ModbusFailure::Invalid, err.to_string()))
+        }
+        Ok(Err(tokio_modbus::Error::Transport(err))) => {
+            use std::io::ErrorKind::*;
+            let failure = match err.kind() {
+                UnexpectedEof | BrokenPipe | ConnectionReset | ConnectionAborted | NotConnected => {
+                    ModbusFailure::Closed
+                }
+                InvalidData => ModbusFailure::Invalid,
+                _ => ModbusFailure::Io,
+            };
+            Err((failure, err.to_string()))
+        }
+    }
+}
+
+/// Decodes each register of `block` from its answer into `values` (scaled and offset).
+fn decode_block(
+    map: &ModbusMap,
+    block: &ReadBlock,
+    answer: &Answer,
+    values: &mut [f64],
+) -> Result<(), String> {
+    for &i in &block.members {
+        let reg = &map.registers[i];
+        let at = block.offset(reg.start());
+        let width = usize::from(reg.data_type.width());
+        let raw = match answer {
+            Answer::Words(words) => {
+                let slice = words
+                    .get(at..at + width)
+                    .ok_or_else(|| short(block, words.len()))?;
+                codec::decode(reg.data_type, reg.byte_order, slice).map_err(|e| e.to_string())?
+            }
+            Answer::Bits(bits) => Raw::Bool(*bits.get(at).ok_or_else(|| short(block, bits.len()))?),
+        };
+        values[i] = raw.as_f64() * reg.scale + reg.offset;
+    }
+    Ok(())
+}
+
+fn short(block: &ReadBlock, got: usize) -> String {
+    format!(
+        "asked for {} {} items from {}, got {got}",
+        block.count,
+        block.table.as_str(),
+        block.start
+    )
+}
