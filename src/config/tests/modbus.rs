@@ -187,7 +187,7 @@ fn every_mistake_is_refused_naming_its_key() {
             format!("{p}.registers[1].address"),
         ),
         (
-            format!("[[devices]]\nid = \"s\"\nunit_id = 3\n"),
+            "[[devices]]\nid = \"s\"\nunit_id = 3\n".to_owned(),
             format!("{p}.unit_id"),
         ),
         (

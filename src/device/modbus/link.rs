@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -144,8 +145,13 @@ impl ModbusMap {
     }
 }
 
-/// Gives a byte stream the `Debug` that tokio-modbus's TCP client asks for.
-struct Transport<Io>(Io);
+/// Gives a byte stream the `Debug` that tokio-modbus's TCP client asks for, and notes when
+/// the other end closed it: tokio-modbus's TCP client reports a closed connection as
+/// `io::Error::last_os_error()`, whose kind says nothing.
+struct Transport<Io> {
+    io: Io,
+    eof: Arc<AtomicBool>,
+}
 
 impl<Io> std::fmt::Debug for Transport<Io> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -159,7 +165,15 @@ impl<Io: AsyncRead + Unpin> AsyncRead for Transport<Io> {
         cx: &mut TaskContext<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(())))
+            && buf.filled().len() == before
+            && buf.remaining() > 0
+        {
+            self.eof.store(true, Ordering::Relaxed);
+        }
+        poll
     }
 }
 
@@ -169,22 +183,24 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Transport<Io> {
         cx: &mut TaskContext<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
 /// An open Modbus link.
 pub struct ModbusLink {
     ctx: Context,
+    /// Whether the current connection reached its end.
+    eof: Arc<AtomicBool>,
     map: Arc<ModbusMap>,
     next_poll: Instant,
     /// Round trips made, for the benchmark's round trips per poll.
@@ -198,8 +214,10 @@ impl ModbusLink {
     where
         Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let eof = Arc::new(AtomicBool::new(false));
         Self {
-            ctx: context(io, &map),
+            ctx: context(io, &map, &eof),
+            eof,
             map,
             next_poll: Instant::now(),
             requests: 0,
@@ -266,6 +284,16 @@ impl ModbusLink {
                     .await
                     .map(Answer::Bits),
             };
+            let result = result.map_err(|(failure, message)| {
+                if self.eof.load(Ordering::Relaxed) {
+                    (
+                        ModbusFailure::Closed,
+                        "connection closed by the device".to_owned(),
+                    )
+                } else {
+                    (failure, message)
+                }
+            });
             match result {
                 Ok(answer) => return Ok(answer),
                 // An exception is the device's considered answer: asking again will not change it.
@@ -282,10 +310,11 @@ impl ModbusLink {
     /// A fresh connection and context, after a failed request.
     async fn rebuild<C: Connector>(&mut self, connector: &mut C) -> Outcome<()> {
         // Drop the old connection first: a serial port may be opened only once.
-        self.ctx = context(Closed, &self.map);
+        self.ctx = context(Closed, &self.map, &self.eof);
+        self.eof = Arc::new(AtomicBool::new(false));
         match tokio::time::timeout(self.map.timeout, connector.connect()).await {
             Ok(Ok(io)) => {
-                self.ctx = context(io, &self.map);
+                self.ctx = context(io, &self.map, &self.eof);
                 Ok(())
             }
             Ok(Err(err)) => Err((ModbusFailure::Io, format!("reconnecting: {err}"))),
@@ -350,15 +379,19 @@ enum Answer {
     Bits(Vec<bool>),
 }
 
-fn context<Io>(io: Io, map: &ModbusMap) -> Context
+fn context<Io>(io: Io, map: &ModbusMap, eof: &Arc<AtomicBool>) -> Context
 where
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let slave = Slave(map.unit_id);
+    let io = Transport {
+        io,
+        eof: eof.clone(),
+    };
     if map.rtu {
         tokio_modbus::client::rtu::attach_slave(io, slave)
     } else {
-        tokio_modbus::client::tcp::attach_slave(Transport(io), slave)
+        tokio_modbus::client::tcp::attach_slave(io, slave)
     }
 }
 

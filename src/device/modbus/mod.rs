@@ -9,6 +9,7 @@ use super::Connector;
 pub mod codec;
 pub mod link;
 pub mod plan;
+pub mod sim;
 
 /// Opens a Modbus TCP connection to `host:port`. Called again after every failure, so a PLC
 /// that rebooted is reconnected with backoff.
@@ -35,3 +36,6 @@ impl Connector for TcpConnector {
         Ok(stream)
     }
 }
+
+#[cfg(test)]
+mod tests;
