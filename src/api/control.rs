@@ -7,13 +7,16 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use smol_str::SmolStr;
 
 use super::{ApiError, AppState};
+use crate::config::Table;
+use crate::device::modbus::link::WriteRequest;
 use crate::device::state::{Command, DeviceState};
-use crate::device::{CommandError, CountersSnapshot, DeviceHandle, SendError};
+use crate::device::{CommandError, CountersSnapshot, DeviceHandle, SendError, WriteError};
 use crate::worker::DeviceStats;
 
 /// One device as the API shows it.
@@ -173,11 +176,49 @@ async fn run(
     Ok(next)
 }
 
-/// Body of `POST /devices/{id}/command`.
+/// Body of `POST /devices/{id}/command`: a command line for a frame device, or a register
+/// write for a Modbus device.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CommandBody {
-    command: String,
+    #[serde(default)]
+    command: Option<String>,
+    #[serde(default)]
+    write: Option<WriteBody>,
+}
+
+/// `{"table": "holding", "address": 10, "value": 42}`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WriteBody {
+    table: Table,
+    address: u16,
+    value: f64,
+}
+
+async fn write_register(
+    device: &DeviceHandle,
+    body: WriteBody,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request = WriteRequest {
+        table: body.table,
+        address: body.address,
+        value: body.value,
+    };
+    device.write(request).await.map_err(|err| match err {
+        WriteError::NotModbus(_) => ApiError::BadRequest(err.to_string()),
+        WriteError::Refused(_) => ApiError::Rejected(StatusCode::FORBIDDEN, err.to_string()),
+        WriteError::NotConnected { state, .. } => ApiError::Conflict {
+            error: err.to_string(),
+            state,
+        },
+        WriteError::Timeout(_) => ApiError::Timeout(err.to_string()),
+        WriteError::Exception { .. } | WriteError::Link(_) => ApiError::BadGateway(err.to_string()),
+        WriteError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
+    })?;
+    Ok(Json(
+        json!({ "ok": true, "id": device.id(), "write": body }),
+    ))
 }
 
 pub(super) async fn send_command(
@@ -188,7 +229,17 @@ pub(super) async fn send_command(
     let Path(id) = id?;
     let device = state.device(&id)?;
     let Json(body) = body?;
-    let reply = device.send(&body.command).await.map_err(|err| match err {
+    let command = match (body.command, body.write) {
+        (Some(command), None) => command,
+        (None, Some(write)) => return write_register(device, write).await,
+        _ => {
+            return Err(ApiError::BadRequest(
+                "send exactly one of {\"command\": \"...\"} or {\"write\": {\"table\", \"address\", \"value\"}}"
+                    .to_owned(),
+            ));
+        }
+    };
+    let reply = device.send(&command).await.map_err(|err| match err {
         SendError::Invalid | SendError::Unsupported(_) => ApiError::BadRequest(err.to_string()),
         SendError::NotConnected { .. } => ApiError::Conflict {
             error: err.to_string(),
@@ -200,6 +251,6 @@ pub(super) async fn send_command(
     })?;
     let ok = !reply.starts_with("ERROR:");
     Ok(Json(
-        json!({ "ok": ok, "id": device.id(), "command": body.command, "reply": reply }),
+        json!({ "ok": ok, "id": device.id(), "command": command, "reply": reply }),
     ))
 }

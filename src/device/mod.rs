@@ -29,8 +29,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use self::codec::InvalidReason;
-use self::modbus::link::ModbusFailure;
+use self::modbus::link::{ModbusFailure, ModbusMap, WriteRefused, WriteRequest};
 use self::state::{Command, DeviceState, IllegalTransition};
+use crate::config::DataType;
 
 /// Opens a device's link. Called again after every failure, so a link that went away (a
 /// simulator that disconnected, a USB adapter that was unplugged) is reopened with backoff.
@@ -258,6 +259,12 @@ enum Request {
         command: Command,
         reply: oneshot::Sender<Result<DeviceState, IllegalTransition>>,
     },
+    Write {
+        write: WriteRequest,
+        data_type: DataType,
+        words: Vec<u16>,
+        reply: oneshot::Sender<Result<(), WriteError>>,
+    },
     Send {
         line: String,
         /// When the caller stops waiting; the command gives up its place in the reply queue then.
@@ -305,6 +312,42 @@ pub enum SendError {
     Unsupported(SmolStr),
 }
 
+/// Why a Modbus write did not happen, or what the device said instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The device does not speak Modbus.
+    #[error("device {0} is not a Modbus device: send {{\"command\": \"...\"}}")]
+    NotModbus(SmolStr),
+    /// Refused by the register map, without reaching the device.
+    #[error(transparent)]
+    Refused(#[from] WriteRefused),
+    /// The device has no open link (it is not measuring).
+    #[error("device {id} has no open link (state {state})")]
+    NotConnected {
+        /// The device.
+        id: SmolStr,
+        /// Its state.
+        state: DeviceState,
+    },
+    /// The device answered with a Modbus exception.
+    #[error("the device answered with Modbus exception {code} ({name})")]
+    Exception {
+        /// The exception code.
+        code: u8,
+        /// What it means.
+        name: String,
+    },
+    /// No answer within the device's `timeout_ms`.
+    #[error("no answer from the device: {0}")]
+    Timeout(String),
+    /// The link failed (closed, invalid answer, I/O error).
+    #[error("the link failed: {0}")]
+    Link(String),
+    /// The device task has stopped (the gateway is shutting down).
+    #[error("device {0} is shutting down")]
+    Unavailable(SmolStr),
+}
+
 /// Why a command did not take effect.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -325,9 +368,35 @@ pub struct DeviceHandle {
     status: watch::Receiver<DeviceStatus>,
     counters: Arc<DeviceCounters>,
     command_timeout: Duration,
+    /// A Modbus device's register map, to refuse writes without reaching the task.
+    modbus: Option<Arc<ModbusMap>>,
 }
 
 impl DeviceHandle {
+    /// Writes a value to a Modbus device's register that its map marks writable (function 6
+    /// or 16, or 5 for a coil), and waits for the device's answer. A write the map does not
+    /// allow, or whose value does not fit the register's type, is refused here and never
+    /// reaches the device.
+    pub async fn write(&self, write: WriteRequest) -> Result<(), WriteError> {
+        let Some(map) = &self.modbus else {
+            return Err(WriteError::NotModbus(self.id.clone()));
+        };
+        let (data_type, words) = map.check_write(&write)?;
+        let (reply, response) = oneshot::channel();
+        let unavailable = || WriteError::Unavailable(self.id.clone());
+        let request = Request::Write {
+            write,
+            data_type,
+            words,
+            reply,
+        };
+        self.requests
+            .send(request)
+            .await
+            .map_err(|_| unavailable())?;
+        response.await.map_err(|_| unavailable())?
+    }
+
     /// The device's id.
     pub fn id(&self) -> &SmolStr {
         &self.id

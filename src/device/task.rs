@@ -25,14 +25,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::codec::{Frame, FrameCodec};
-use super::modbus::link::{ModbusLink, ModbusMap, Outcome};
+use super::modbus::link::{ModbusFailure, ModbusLink, ModbusMap, Outcome, WriteRequest};
 use super::rate::{limits_for, requested_rate};
 use super::state::{self, Breaker, Command, DeviceState, IllegalTransition};
 use super::{
     Connector, DeviceCounters, DeviceHandle, DeviceStatus, LinkFailure, Request, SendError,
+    WriteError as ModbusWriteError,
 };
 use crate::buffer::RingBuffer;
-use crate::config::DeviceSettings;
+use crate::config::{DataType, DeviceSettings};
 use crate::ledger::{DropReason, Source};
 use crate::sample::{DEFAULT_CHANNEL, Sample};
 
@@ -190,6 +191,7 @@ impl<C: Connector> DeviceTask<C> {
             status: status_rx,
             counters: counters.clone(),
             command_timeout: Duration::from_millis(settings.command_timeout_ms),
+            modbus: ModbusMap::for_device(settings),
         };
         let task = Self {
             id,
@@ -214,7 +216,7 @@ impl<C: Connector> DeviceTask<C> {
             breaker: Breaker::new(settings.failure_threshold),
             last_error: None,
             link: None,
-            modbus: ModbusMap::for_device(settings),
+            modbus: handle.modbus.clone(),
             retry_at: Instant::now(),
             last_good: Instant::now(),
             last_seq: None,
@@ -260,6 +262,9 @@ impl<C: Connector> DeviceTask<C> {
                 Request::Send { reply, .. } => {
                     let _ = reply.send(Err(SendError::Unavailable(self.id.clone())));
                 }
+                Request::Write { reply, .. } => {
+                    let _ = reply.send(Err(ModbusWriteError::Unavailable(self.id.clone())));
+                }
                 // Dropped unanswered, which the handle reports as unavailable.
                 Request::Control { .. } => {}
             }
@@ -285,6 +290,47 @@ impl<C: Connector> DeviceTask<C> {
                 deadline,
                 reply,
             } => self.send(line, deadline, reply).await,
+            Request::Write {
+                write,
+                data_type,
+                words,
+                reply,
+            } => {
+                let result = self.write(&write, data_type, &words).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Carries out a checked Modbus write on the open link. The device's exception is its
+    /// answer, and the link stays; a timeout or a broken link is a link failure as in a poll.
+    async fn write(
+        &mut self,
+        write: &WriteRequest,
+        data_type: DataType,
+        words: &[u16],
+    ) -> Result<(), ModbusWriteError> {
+        let Some(Open::Modbus(link)) = self.link.as_mut() else {
+            return Err(ModbusWriteError::NotConnected {
+                id: self.id.clone(),
+                state: self.state,
+            });
+        };
+        let outcome = link.write(write, data_type, words).await;
+        info!(device = %self.id, table = write.table.as_str(), address = write.address, ok = outcome.is_ok(), "Modbus write.");
+        match outcome {
+            Ok(()) => Ok(()),
+            Err((ModbusFailure::Exception(code), _)) => Err(ModbusWriteError::Exception {
+                code: u8::from(code),
+                name: code.to_string(),
+            }),
+            Err((failure, message)) => {
+                self.fail(LinkFailure::from(failure), &message);
+                Err(match failure {
+                    ModbusFailure::Timeout => ModbusWriteError::Timeout(message),
+                    _ => ModbusWriteError::Link(message),
+                })
+            }
         }
     }
 

@@ -328,3 +328,72 @@ async fn a_failed_request_is_retried_on_a_new_connection() {
     );
     assert_eq!(dev.handle.state(), DeviceState::Measuring);
 }
+
+#[tokio::test(start_paused = true)]
+async fn writes_reach_writable_registers_only() {
+    use crate::device::WriteError;
+    use crate::device::modbus::link::{WriteRefused, WriteRequest};
+    let sim = SimHandle::default();
+    let mut registers = mixed_map(&sim);
+    registers[6].writable = true; // coil 3
+    registers[7].writable = true; // holding 20, int32 CDAB
+    let dev = run(&device(DeviceKind::ModbusTcp, registers), &sim);
+    dev.take(8).await;
+
+    let write = |table, address, value| WriteRequest {
+        table,
+        address,
+        value,
+    };
+    dev.handle
+        .write(write(Table::Holding, 20, -100_000.0))
+        .await
+        .unwrap();
+    // CDAB: low register first. -100000 = 0xFFFE7960.
+    assert_eq!(sim.words(Table::Holding, 20, 2), [0x7960, 0xFFFE]);
+    dev.handle.write(write(Table::Coil, 3, 0.0)).await.unwrap();
+    let samples = dev.take(16).await;
+    let last = |channel: &str| {
+        samples
+            .iter()
+            .rev()
+            .find(|s| s.channel == channel)
+            .unwrap()
+            .value
+    };
+    assert_eq!((last("sp"), last("pump")), (-100_000.0, 0.0));
+
+    // Refused without a request: not writable, not the start of a register, not a fit.
+    let before = sim.requests();
+    for (w, refused) in [
+        (write(Table::Input, 0, 1.0), true),
+        (write(Table::Holding, 21, 1.0), true),
+        (write(Table::Holding, 20, 1.5), false),
+        (write(Table::Coil, 3, 2.0), false),
+    ] {
+        let err = dev.handle.write(w).await.unwrap_err();
+        match err {
+            WriteError::Refused(WriteRefused::NotWritable { .. }) => assert!(refused, "{w:?}"),
+            WriteError::Refused(WriteRefused::Value(_)) => assert!(!refused, "{w:?}"),
+            other => panic!("{w:?}: {other}"),
+        }
+    }
+    assert_eq!(sim.requests(), before);
+
+    // The device's exception is its answer: reported, and the link keeps measuring.
+    sim.inject(Fault::Exception(4), 1);
+    let err = dev
+        .handle
+        .write(write(Table::Holding, 20, 1.0))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, WriteError::Exception { code: 4, .. }),
+        "{err}"
+    );
+    assert_eq!(dev.handle.state(), DeviceState::Measuring);
+    assert_eq!(
+        dev.handle.counters().link_failures,
+        FailureCounts::default()
+    );
+}
