@@ -181,7 +181,7 @@ fn main() -> ExitCode {
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    let target = modbus_tcp.map_or_else(|| path.display().to_string(), |a| a);
+                    let target = modbus_tcp.unwrap_or_else(|| path.display().to_string());
                     eprintln!("telemetryhub: {target}: {err}");
                     ExitCode::FAILURE
                 }
