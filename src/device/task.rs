@@ -62,8 +62,9 @@ enum LinkEvent<Io> {
     Connected(Io),
     ConnectFailed(std::io::Error),
     Frames(Vec<std::io::Result<Frame>>),
-    /// A Modbus poll's samples, or why it failed.
-    Polled(Outcome<Vec<Sample>>),
+    /// A Modbus poll is due. The task runs it to its end outside the `select!`: a request
+    /// abandoned halfway would leave its answer on the line for the next one.
+    PollDue,
     Ended,
     TimedOut,
 }
@@ -316,7 +317,9 @@ impl<C: Connector> DeviceTask<C> {
                 state: self.state,
             });
         };
-        let outcome = link.write(write, data_type, words).await;
+        let outcome = link
+            .write(&mut self.connector, write, data_type, words)
+            .await;
         info!(device = %self.id, table = write.table.as_str(), address = write.address, ok = outcome.is_ok(), "Modbus write.");
         match outcome {
             Ok(()) => Ok(()),
@@ -381,21 +384,37 @@ impl<C: Connector> DeviceTask<C> {
             }
             LinkEvent::ConnectFailed(err) => self.fail(LinkFailure::Connect, &err.to_string()),
             LinkEvent::Frames(frames) => self.on_frames(frames).await,
-            LinkEvent::Polled(Ok(samples)) => {
-                self.last_good = Instant::now();
-                self.counters.mark_good(self.last_good);
-                let next = self.breaker.on_success(self.state);
-                self.set_state(next);
-                self.push(samples.into()).await;
-            }
-            LinkEvent::Polled(Err((failure, message))) => {
-                self.fail(LinkFailure::from(failure), &message);
-            }
+            LinkEvent::PollDue => match self.poll().await {
+                Some(Ok(samples)) => {
+                    self.last_good = Instant::now();
+                    self.counters.mark_good(self.last_good);
+                    let next = self.breaker.on_success(self.state);
+                    self.set_state(next);
+                    self.push(samples.into()).await;
+                }
+                Some(Err((failure, message))) => {
+                    self.fail(LinkFailure::from(failure), &message);
+                }
+                None => {}
+            },
             LinkEvent::Ended => self.fail(LinkFailure::Closed, "link closed by the device"),
             LinkEvent::TimedOut => self.fail(
                 LinkFailure::Timeout,
                 &format!("no valid frame for {:?}", self.timing.read_timeout),
             ),
+        }
+    }
+
+    /// Polls the Modbus link once, to its end (commands wait in their channel meanwhile; a
+    /// poll is bounded by its requests' timeouts); `None` when cancelled.
+    async fn poll(&mut self) -> Option<Outcome<Vec<Sample>>> {
+        let Some(Open::Modbus(link)) = self.link.as_mut() else {
+            return None;
+        };
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => None,
+            outcome = link.poll(&mut self.connector) => Some(outcome),
         }
     }
 
@@ -694,12 +713,10 @@ async fn next_event<C: Connector>(
             }
         }
         Some(Open::Modbus(link)) => {
-            let poll = async {
-                tokio::time::sleep_until(link.next_poll()).await;
-                link.poll(connector).await
-            };
-            match tokio::time::timeout_at(deadline, poll).await {
-                Ok(outcome) => LinkEvent::Polled(outcome),
+            match tokio::time::timeout_at(deadline, tokio::time::sleep_until(link.next_poll()))
+                .await
+            {
+                Ok(()) => LinkEvent::PollDue,
                 Err(_) => LinkEvent::TimedOut,
             }
         }

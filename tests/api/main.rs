@@ -18,6 +18,7 @@ mod helpers;
 mod ingest;
 mod lifecycle;
 mod metrics;
+mod modbus;
 mod resilience;
 mod security;
 mod serial;

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_modbus::client::{Context, Reader, Writer};
 use tokio_modbus::{ExceptionCode, Slave};
+use tracing::debug;
 
 use super::codec::{self, Raw};
 use super::plan::{ReadBlock, plan};
@@ -205,6 +206,11 @@ pub struct ModbusLink {
     next_poll: Instant,
     /// Round trips made, for the benchmark's round trips per poll.
     pub requests: u64,
+    /// A request is on the wire. Still set at the next call, the request's future was dropped
+    /// before its answer came (the device task serves a command in the middle of a poll):
+    /// its answer may still arrive and be taken for the next request's, so the connection is
+    /// rebuilt first.
+    in_flight: bool,
 }
 
 impl ModbusLink {
@@ -221,6 +227,7 @@ impl ModbusLink {
             map,
             next_poll: Instant::now(),
             requests: 0,
+            in_flight: false,
         }
     }
 
@@ -232,6 +239,7 @@ impl ModbusLink {
     /// Reads every block of the map once, retrying a failed request on a new connection from
     /// `reconnect`, and returns the samples, one per register, stamped with one time.
     pub async fn poll<C: Connector>(&mut self, connector: &mut C) -> Outcome<Vec<Sample>> {
+        self.resync(connector).await?;
         let now = Instant::now();
         // Fixed rate, but a poll that overran does not cause a burst of catch-up polls.
         self.next_poll = (self.next_poll + self.map.interval).max(now);
@@ -270,6 +278,7 @@ impl ModbusLink {
             self.requests += 1;
             let (start, count) = (block.start, block.count);
             let ctx = &mut self.ctx;
+            self.in_flight = true;
             let result = match block.table {
                 Table::Holding => call(self.map.timeout, ctx.read_holding_registers(start, count))
                     .await
@@ -284,6 +293,7 @@ impl ModbusLink {
                     .await
                     .map(Answer::Bits),
             };
+            self.in_flight = false;
             let result = result.map_err(|(failure, message)| {
                 if self.eof.load(Ordering::Relaxed) {
                     (
@@ -307,6 +317,16 @@ impl ModbusLink {
         }
     }
 
+    /// Rebuilds the connection if a request was abandoned on it.
+    async fn resync<C: Connector>(&mut self, connector: &mut C) -> Outcome<()> {
+        if self.in_flight {
+            debug!("A Modbus request was abandoned; reconnecting before the next one.");
+            self.rebuild(connector).await?;
+            self.in_flight = false;
+        }
+        Ok(())
+    }
+
     /// A fresh connection and context, after a failed request.
     async fn rebuild<C: Connector>(&mut self, connector: &mut C) -> Outcome<()> {
         // Drop the old connection first: a serial port may be opened only once.
@@ -325,15 +345,18 @@ impl ModbusLink {
     /// Writes `words` (or one coil) to the register `w` names; the caller checked it against
     /// the map with [`ModbusMap::check_write`]. Not retried: a write that timed out may have
     /// been carried out.
-    pub async fn write(
+    pub async fn write<C: Connector>(
         &mut self,
+        connector: &mut C,
         w: &WriteRequest,
         data_type: DataType,
         words: &[u16],
     ) -> Outcome<()> {
+        self.resync(connector).await?;
         self.requests += 1;
         let timeout = self.map.timeout;
         let ctx = &mut self.ctx;
+        // The task runs a write to its end (it is not a select! branch): no in-flight mark.
         match (data_type, words) {
             (DataType::Bool, [bit]) => {
                 call(timeout, ctx.write_single_coil(w.address, *bit != 0)).await

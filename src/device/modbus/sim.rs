@@ -62,6 +62,8 @@ struct State {
     rates: FaultRates,
     rng: SplitMix64,
     requests: u64,
+    /// Holding registers that refuse writes with exception 4 (server device failure).
+    protected: Vec<u16>,
 }
 
 /// A shared handle on the simulator's bank and faults: set registers, queue faults, count
@@ -90,6 +92,7 @@ impl SimHandle {
                 rates,
                 rng: SplitMix64::new(seed),
                 requests: 0,
+                protected: Vec::new(),
             })),
         }
     }
@@ -134,6 +137,12 @@ impl SimHandle {
     /// Plays `fault` on each of the next `count` requests.
     pub fn inject(&self, fault: Fault, count: usize) {
         self.lock().queued.extend(std::iter::repeat_n(fault, count));
+    }
+
+    /// Makes writes to holding register `address` fail with exception 4, as a device whose
+    /// register is locked; reads still work.
+    pub fn protect(&self, address: u16) {
+        self.lock().protected.push(address);
     }
 
     /// Requests received so far.
@@ -224,6 +233,15 @@ fn answer(s: &mut State, pdu: &[u8]) -> Result<Vec<u8>, u8> {
     let value = u16_at(pdu, 3)?;
     let quantity = usize::from(value);
     let in_bank = |n: usize| address + n <= BANK_SIZE;
+    if matches!(function, 6 | 16) {
+        let n = if function == 6 { 1 } else { quantity };
+        if s.protected
+            .iter()
+            .any(|&p| (address..address + n).contains(&usize::from(p)))
+        {
+            return Err(4);
+        }
+    }
     match function {
         1 | 2 => {
             if !(1..=2000).contains(&quantity) {
@@ -525,6 +543,10 @@ mod tests {
         assert_eq!(sim.process(&[0x2B]), [0xAB, 3]);
         assert_eq!(sim.process(&[0x41, 0, 0, 0, 1]), [0xC1, 1]);
         assert_eq!(sim.process(&[]), [0x80, 1]);
+        sim.protect(12);
+        assert_eq!(sim.process(&[6, 0, 12, 0, 1]), [0x86, 4]);
+        assert_eq!(sim.process(&[16, 0, 11, 0, 2, 4, 0, 1, 0, 2]), [0x90, 4]);
+        assert_eq!(sim.process(&[3, 0, 12, 0, 1]), [3, 2, 0, 0]);
     }
 
     #[test]
