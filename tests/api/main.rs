@@ -19,6 +19,7 @@ mod ingest;
 mod lifecycle;
 mod metrics;
 mod modbus;
+mod modbus_pymodbus;
 mod resilience;
 mod security;
 mod serial;
