@@ -8,6 +8,7 @@
 //! device's `timeout_ms`. After any failed request the context is rebuilt on a fresh
 //! connection, since a late answer would otherwise be taken for the next request's.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,8 +19,8 @@ use std::time::{Duration, SystemTime};
 use smol_str::SmolStr;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-use tokio_modbus::client::{Context, Reader, Writer};
-use tokio_modbus::{ExceptionCode, Slave};
+use tokio_modbus::client::{Client, Context};
+use tokio_modbus::{ExceptionCode, Request, Response, Slave};
 use tracing::debug;
 
 use super::codec::{self, Raw};
@@ -279,20 +280,26 @@ impl ModbusLink {
             let (start, count) = (block.start, block.count);
             let ctx = &mut self.ctx;
             self.in_flight = true;
-            let result = match block.table {
-                Table::Holding => call(self.map.timeout, ctx.read_holding_registers(start, count))
-                    .await
-                    .map(Answer::Words),
-                Table::Input => call(self.map.timeout, ctx.read_input_registers(start, count))
-                    .await
-                    .map(Answer::Words),
-                Table::Coil => call(self.map.timeout, ctx.read_coils(start, count))
-                    .await
-                    .map(Answer::Bits),
-                Table::Discrete => call(self.map.timeout, ctx.read_discrete_inputs(start, count))
-                    .await
-                    .map(Answer::Bits),
+            // `Client::call`, not the `Reader` helpers: those `debug_assert` the answer's
+            // length, so a short answer from a device would panic a debug build. The block
+            // decoder checks lengths instead.
+            let request = match block.table {
+                Table::Holding => Request::ReadHoldingRegisters(start, count),
+                Table::Input => Request::ReadInputRegisters(start, count),
+                Table::Coil => Request::ReadCoils(start, count),
+                Table::Discrete => Request::ReadDiscreteInputs(start, count),
             };
+            let result = call(self.map.timeout, ctx.call(request))
+                .await
+                .and_then(|response| match response {
+                    Response::ReadHoldingRegisters(words) | Response::ReadInputRegisters(words) => {
+                        Ok(Answer::Words(words))
+                    }
+                    Response::ReadCoils(bits) | Response::ReadDiscreteInputs(bits) => {
+                        Ok(Answer::Bits(bits))
+                    }
+                    other => Err(unexpected(&other)),
+                });
             self.in_flight = false;
             let result = result.map_err(|(failure, message)| {
                 if self.eof.load(Ordering::Relaxed) {
@@ -357,12 +364,26 @@ impl ModbusLink {
         let timeout = self.map.timeout;
         let ctx = &mut self.ctx;
         // The task runs a write to its end (it is not a select! branch): no in-flight mark.
-        match (data_type, words) {
-            (DataType::Bool, [bit]) => {
-                call(timeout, ctx.write_single_coil(w.address, *bit != 0)).await
-            }
-            (_, [word]) => call(timeout, ctx.write_single_register(w.address, *word)).await,
-            _ => call(timeout, ctx.write_multiple_registers(w.address, words)).await,
+        // `Client::call` and our own check of the echo: the `Writer` helpers `debug_assert` it.
+        let (request, echo) = match (data_type, words) {
+            (DataType::Bool, [bit]) => (
+                Request::WriteSingleCoil(w.address, *bit != 0),
+                Response::WriteSingleCoil(w.address, *bit != 0),
+            ),
+            (_, [word]) => (
+                Request::WriteSingleRegister(w.address, *word),
+                Response::WriteSingleRegister(w.address, *word),
+            ),
+            _ => (
+                Request::WriteMultipleRegisters(w.address, Cow::Borrowed(words)),
+                Response::WriteMultipleRegisters(w.address, words.len() as u16),
+            ),
+        };
+        let response = call(timeout, ctx.call(request)).await?;
+        if response == echo {
+            Ok(())
+        } else {
+            Err(unexpected(&response))
         }
     }
 }
@@ -394,6 +415,13 @@ impl AsyncWrite for Closed {
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+}
+
+fn unexpected(response: &Response) -> (ModbusFailure, String) {
+    (
+        ModbusFailure::Invalid,
+        format!("unexpected answer {response:?}"),
+    )
 }
 
 /// A block's answer.

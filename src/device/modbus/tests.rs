@@ -397,3 +397,124 @@ async fn writes_reach_writable_registers_only() {
         FailureCounts::default()
     );
 }
+
+/// Answers every request on the far end of a duplex stream with fixed bytes, then closes.
+struct GarbageLink {
+    answer: Vec<u8>,
+}
+
+impl Connector for GarbageLink {
+    type Io = DuplexStream;
+
+    async fn connect(&mut self) -> std::io::Result<DuplexStream> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (gateway, mut device) = tokio::io::duplex(4096);
+        let answer = self.answer.clone();
+        tokio::spawn(async move {
+            let mut request = [0u8; 256];
+            if device.read(&mut request).await.is_ok() {
+                let _ = device.write_all(&answer).await;
+            }
+            // Dropped: the gateway sees the end of the stream after the answer.
+        });
+        Ok(gateway)
+    }
+}
+
+/// Polls a map of every width once against a device that answers `answer`: the outcome must be
+/// samples or a failure, never a panic. This runs tokio-modbus's own response parser (RTU: CRC
+/// check, resynchronisation, PDU decoding; TCP: MBAP header, PDU decoding), then our block
+/// decoder on whatever it accepted.
+fn poll_against(rtu: bool, answer: Vec<u8>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("a test runtime");
+    runtime.block_on(async move {
+        use super::link::{ModbusLink, ModbusMap};
+        let kind = if rtu {
+            DeviceKind::ModbusRtu
+        } else {
+            DeviceKind::ModbusTcp
+        };
+        let registers = vec![
+            reg("a", Table::Holding, 0, DataType::Int16, ByteOrder::Abcd),
+            reg("b", Table::Holding, 1, DataType::Float64, ByteOrder::Dcba),
+            reg("c", Table::Holding, 5, DataType::Uint32, ByteOrder::Cdab),
+        ];
+        let mut settings = device(kind, registers);
+        settings.retries = Some(1);
+        let map = ModbusMap::for_device(&settings).expect("a Modbus device");
+        let mut link = GarbageLink { answer };
+        let io = link.connect().await.expect("duplex");
+        let mut modbus = ModbusLink::attach(io, map);
+        if let Ok(samples) = modbus.poll(&mut link).await {
+            assert_eq!(samples.len(), 3);
+        }
+    });
+}
+
+fn with_crc(body: &[u8]) -> Vec<u8> {
+    let mut frame = body.to_vec();
+    frame.extend_from_slice(&super::sim::crc16(body).to_le_bytes());
+    frame
+}
+
+mod garbage {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn rtu_garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+            poll_against(true, bytes);
+        }
+
+        /// Frames that pass the CRC, so the PDU parser itself sees the garbage: any function
+        /// code, any byte count, truncated or too long.
+        #[test]
+        fn rtu_garbage_with_a_valid_crc_never_panics(
+            function in prop::sample::select(vec![3u8, 0x83, 4, 1, 6, 16, 0x2B, 0]),
+            body in prop::collection::vec(any::<u8>(), 0..260),
+        ) {
+            let mut frame = vec![1, function];
+            frame.extend_from_slice(&body);
+            poll_against(true, with_crc(&frame));
+        }
+
+        #[test]
+        fn tcp_garbage_never_panics(
+            header in prop::collection::vec(any::<u8>(), 0..8),
+            body in prop::collection::vec(any::<u8>(), 0..260),
+        ) {
+            let mut answer = header;
+            answer.extend_from_slice(&body);
+            poll_against(false, answer);
+        }
+
+        /// Well-formed MBAP headers (transaction 1, the first request's) around garbage PDUs.
+        #[test]
+        fn tcp_garbage_pdus_never_panic(
+            function in prop::sample::select(vec![3u8, 0x83, 4, 6, 0]),
+            body in prop::collection::vec(any::<u8>(), 0..254),
+        ) {
+            let len = (body.len() + 2) as u16;
+            let mut answer = vec![0, 1, 0, 0];
+            answer.extend_from_slice(&len.to_be_bytes());
+            answer.extend_from_slice(&[1, function]);
+            answer.extend_from_slice(&body);
+            poll_against(false, answer);
+        }
+    }
+
+    #[test]
+    fn a_short_answer_is_a_failure_not_a_panic() {
+        // A valid read answer with fewer registers than asked for: tokio-modbus hands it over
+        // (its debug_assert aside), and our decoder must refuse it.
+        poll_against(true, with_crc(&[1, 3, 2, 0, 1]));
+    }
+}
