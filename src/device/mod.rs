@@ -1,7 +1,8 @@
 //! Devices: one async task per device reads frames from its link and pushes samples.
 //!
 //! A [`DeviceTask`] owns a [`Connector`] (how to open the link: the embedded simulator's duplex
-//! stream, later a tty), decodes the link's bytes with [`codec::FrameCodec`], stamps each sample
+//! stream, a tty, a TCP connection), decodes the link's bytes with [`codec::FrameCodec`] (or,
+//! for a Modbus device, polls its register map over it, see [`modbus`]), stamps each sample
 //! with its receive time, detects sequence gaps and pushes samples into the ring buffer in
 //! batches. It runs the [`state`] machine: operator commands arrive over a channel from
 //! [`DeviceHandle`]s (the API's only way in), link failures drive the circuit breaker, and every
