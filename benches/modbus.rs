@@ -236,6 +236,11 @@ fn main() {
     if args.iter().any(|a| a == "--serve-sim") {
         return serve_child();
     }
+    // `cargo bench` passes --bench. Test runners (`cargo test --all-targets`, nextest) run
+    // bench targets too, asking for a `--list` of tests first: this program has none.
+    if !args.iter().any(|a| a == "--bench") {
+        return;
+    }
     let runs: usize = std::env::var("MODBUS_BENCH_RUNS")
         .ok()
         .and_then(|r| r.parse().ok())

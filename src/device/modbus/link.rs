@@ -340,7 +340,12 @@ impl ModbusLink {
         self.ctx = context(Closed, &self.map, &self.eof);
         self.eof = Arc::new(AtomicBool::new(false));
         match tokio::time::timeout(self.map.timeout, connector.connect()).await {
-            Ok(Ok(io)) => {
+            Ok(Ok(mut io)) => {
+                if self.map.rtu {
+                    // RTU has no transaction ids: a late answer to the failed request, still on
+                    // the line, would be taken for the retry's. Wait for the line to go quiet.
+                    drain_until_quiet(&mut io, self.map.timeout).await;
+                }
                 self.ctx = context(io, &self.map, &self.eof);
                 Ok(())
             }
@@ -415,6 +420,24 @@ impl AsyncWrite for Closed {
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+}
+
+/// How long an RTU line must stay silent before a retry: well past a late answer's bytes.
+const RTU_QUIET: Duration = Duration::from_millis(20);
+
+/// Reads and discards until the line has been silent for [`RTU_QUIET`], at most `limit`.
+async fn drain_until_quiet<Io: AsyncRead + Unpin>(io: &mut Io, limit: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut scratch = [0u8; 256];
+    let drain = async {
+        while let Ok(Ok(n)) = tokio::time::timeout(RTU_QUIET, io.read(&mut scratch)).await {
+            if n == 0 {
+                break;
+            }
+            debug!(bytes = n, "Discarded a late answer before retrying.");
+        }
+    };
+    let _ = tokio::time::timeout(limit, drain).await;
 }
 
 fn unexpected(response: &Response) -> (ModbusFailure, String) {
