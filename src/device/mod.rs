@@ -391,11 +391,18 @@ impl DeviceHandle {
             words,
             reply,
         };
-        self.requests
-            .send(request)
-            .await
-            .map_err(|_| unavailable())?;
-        response.await.map_err(|_| unavailable())?
+        // Bounded by the command timeout: the task finishes a running poll before it takes
+        // the write. A write the task has taken still happens if the caller gives up.
+        let deadline = Instant::now() + self.command_timeout;
+        let timeout = || WriteError::Timeout(format!("no reply within {:?}", self.command_timeout));
+        match tokio::time::timeout_at(deadline, self.requests.send(request)).await {
+            Ok(sent) => sent.map_err(|_| unavailable())?,
+            Err(_) => return Err(timeout()),
+        }
+        match tokio::time::timeout_at(deadline, response).await {
+            Ok(answer) => answer.map_err(|_| unavailable())?,
+            Err(_) => Err(timeout()),
+        }
     }
 
     /// The device's id.
