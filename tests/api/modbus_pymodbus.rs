@@ -1,6 +1,6 @@
 //! The cross-implementation test: the gateway polls a Modbus TCP server that this project did
 //! not write (pymodbus, from PyPI; `scripts/test.sh` installs it), started once on a free
-//! loopback port with a register map of typed values that the Python script encodes itself.
+//! loopback port (it binds port 0 and reports it) with a register map of typed values that the Python script encodes itself.
 //! The gateway's decoded values must equal what the server was given, and ten contiguous
 //! channels must cost one request.
 
@@ -17,13 +17,6 @@ use crate::helpers::{DEADLINE, spawn_app, wait_until};
 
 /// How long the Python server may live, whatever happens to the test.
 const SERVER_LIFETIME_S: u32 = 60;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("an ephemeral loopback port")
-}
 
 #[tokio::test]
 async fn the_gateway_decodes_what_a_pymodbus_server_was_given() {
@@ -65,13 +58,12 @@ async fn the_gateway_decodes_what_a_pymodbus_server_was_given() {
         })
         .collect();
 
-    let port = free_port();
     let mut server = Command::new("python3")
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/modbus/pymodbus_server.py"
         ))
-        .args(["--port", &port.to_string()])
+        .args(["--port", "0"])
         .args(["--lifetime", &SERVER_LIFETIME_S.to_string()])
         .args(["--map", &serde_json::to_string(&server_map).unwrap()])
         .stdin(Stdio::piped())
@@ -79,25 +71,27 @@ async fn the_gateway_decodes_what_a_pymodbus_server_was_given() {
         .kill_on_drop(true)
         .spawn()
         .expect("python3 runs (scripts/test.sh installs pymodbus)");
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut stdout = BufReader::new(server.stdout.take().unwrap()).lines();
+    // The script binds a port the kernel picks, and says which once it listens.
+    let port: u16 = tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(line)) = stdout.next_line().await {
+            if let Some(port) = line.strip_prefix("LISTENING ") {
+                return port.parse().ok();
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .expect("pymodbus starts and prints its port (is pymodbus installed? scripts/test.sh)");
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let seen = lines.clone();
     tokio::spawn(async move {
         while let Ok(Some(line)) = stdout.next_line().await {
             seen.lock().unwrap().push(line);
         }
     });
-    wait_until(DEADLINE, "pymodbus listens", async || {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-    })
-    .await;
-    assert!(
-        lines.lock().unwrap().iter().any(|l| l == "LISTENING"),
-        "pymodbus did not start: {:?}",
-        lines.lock().unwrap()
-    );
 
     let registers = map
         .iter()

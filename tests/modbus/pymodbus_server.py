@@ -6,9 +6,10 @@ The test passes a register map of typed values; this script encodes each value i
 Python's struct module and the byte order's definition, so the gateway's decoder is checked
 against an encoder it does not share. It serves on 127.0.0.1:PORT, prints one line per request
 PDU it receives ("REQ <function> <address> <count>"), and exits after --lifetime seconds or when
-its stdin closes, whichever comes first.
+its stdin closes, whichever comes first. With --port 0 (the default) it binds a free port and
+prints "LISTENING <port>" once bound.
 
-    pymodbus_server.py --port 15020 --map '[{"table": "input", "address": 0, "type": "int16",
+    pymodbus_server.py --map '[{"table": "input", "address": 0, "type": "int16",
                                             "order": "ABCD", "value": -153}, ...]'
 """
 
@@ -52,7 +53,7 @@ def trace(sending, pdu):
 
 async def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--map", required=True)
     parser.add_argument("--lifetime", type=float, default=60.0)
     args = parser.parse_args()
@@ -72,10 +73,11 @@ async def main():
 
     loop = asyncio.get_running_loop()
     stdin_closed = loop.run_in_executor(None, sys.stdin.read)
-    serving = asyncio.ensure_future(server.serve_forever())
-    print("LISTENING", flush=True)
-    await asyncio.wait([serving, stdin_closed], timeout=args.lifetime,
-                       return_when=asyncio.FIRST_COMPLETED)
+    # Returns once bound (port 0: the kernel picks a free one, so tests never race for it).
+    await server.serve_forever(background=True)
+    port = server.transport.sockets[0].getsockname()[1]
+    print(f"LISTENING {port}", flush=True)
+    await asyncio.wait([stdin_closed], timeout=args.lifetime)
     await server.shutdown()
     # The executor thread reading stdin cannot be interrupted: leave without waiting for it.
     sys.stdout.flush()
