@@ -379,3 +379,120 @@ async fn the_gateway_polls_the_simulator_over_rtu_on_a_pty_pair() {
     server.abort();
     app.shut_down().await;
 }
+
+/// The binary with no inherited config overrides.
+fn binary(args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_telemetryhub"));
+    command.args(args).stdin(std::process::Stdio::null());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TELEMETRYHUB") {
+            command.env_remove(key);
+        }
+    }
+    command.kill_on_drop(true);
+    command
+}
+
+#[tokio::test]
+async fn validate_accepts_the_example_and_refuses_modbus_mistakes_with_exit_2() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/modbus-example.toml");
+    let output = binary(&["validate", "--config", example])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let base = "[[devices]]\nid = \"p\"\nkind = \"modbus_tcp\"\naddress = \"127.0.0.1:502\"\n";
+    let reg = "[[devices.registers]]\nchannel = \"t\"\ntable = \"input\"\naddress = 0\n";
+    for (text, key) in [
+        (
+            format!("{base}unit_id = 300\n{reg}data_type = \"int16\"\n"),
+            "devices[0].unit_id",
+        ),
+        (
+            format!("{base}{reg}data_type = \"bool\"\n"),
+            "devices[0].registers[0].data_type",
+        ),
+        (
+            format!("{base}{reg}data_type = \"int16\"\nbyte_order = \"XYZW\"\n"),
+            "devices[0].registers[0].byte_order",
+        ),
+        (
+            format!("{base}{reg}data_type = \"int16\"\n{reg}data_type = \"int16\"\n"),
+            "devices[0].registers[1].channel",
+        ),
+    ] {
+        let path = temp_path("modbus-bad.toml");
+        std::fs::write(&path, &text).unwrap();
+        let output = binary(&["validate", "--config", &path.to_string_lossy()])
+            .output()
+            .await
+            .unwrap();
+        let _ = std::fs::remove_file(&path);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{text}: {stderr}");
+        assert!(stderr.contains(key), "{text}: must name {key}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn the_simulate_command_serves_the_example_map_with_moving_values() {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = binary(&[
+        "simulate",
+        "--modbus-tcp",
+        "127.0.0.1:0",
+        "--interval-ms",
+        "10",
+    ])
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("the binary runs");
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            if let Some(rest) = line.strip_prefix("Serving Modbus TCP on ") {
+                return rest.trim_end_matches('.').parse::<SocketAddr>().ok();
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .expect("the simulator says where it listens");
+
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/modbus-example.toml"
+    ))
+    .unwrap();
+    let mut settings = telemetryhub::config::Settings::from_toml(&text).unwrap();
+    let mut plc = settings.devices.remove(0);
+    plc.address = Some(addr.to_string());
+    plc.poll_interval_ms = Some(20);
+    let app = spawn_app(move |s| s.devices = vec![plc]).await;
+    let first = {
+        let mut got = None;
+        wait_until(DEADLINE, "a temperature from the simulator", async || {
+            got = latest(&app, "plc1", "temperature").await;
+            got.is_some()
+        })
+        .await;
+        got.unwrap()
+    };
+    assert_eq!(first.1, "degC");
+    assert!((0.0..=50.0).contains(&first.0), "{first:?}");
+    wait_until(DEADLINE, "the temperature moves", async || {
+        latest(&app, "plc1", "temperature")
+            .await
+            .is_some_and(|(v, _)| v != first.0)
+    })
+    .await;
+    app.shut_down().await;
+    let _ = child.kill().await;
+}
