@@ -351,9 +351,13 @@ async fn the_gateway_polls_the_simulator_over_rtu_on_a_pty_pair() {
     wait_values(&app, "rtu", &EXPECTED).await;
     assert_eq!(app.device("rtu").await["kind"], "modbus_rtu");
 
-    // A corrupted CRC: tokio-modbus resynchronises past it and the answer never completes, so
-    // it counts as a timeout; an exception is an exception.
+    // A corrupted CRC: tokio-modbus skips the frame and waits on; the bytes that came count
+    // it as an invalid answer, not a timeout.
     sim.inject(Fault::Corrupt, 1);
+    wait_failures(&app, "rtu", "invalid", 1).await;
+    assert_eq!(failures(&app, "rtu", "timeout").await, 0);
+    wait_state(&app, "rtu", "Measuring").await;
+    sim.inject(Fault::Silence, 1);
     wait_failures(&app, "rtu", "timeout", 1).await;
     wait_state(&app, "rtu", "Measuring").await;
     sim.inject(Fault::Exception(6), 1);

@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -78,12 +78,13 @@ impl ModbusMap {
 /// Why a Modbus request failed, for the breaker and the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModbusFailure {
-    /// No answer within `timeout_ms` (a corrupted RTU answer usually ends here too:
-    /// tokio-modbus drops bytes to resynchronise and waits for the rest).
+    /// No answer within `timeout_ms`.
     Timeout,
     /// The device answered with a Modbus exception.
     Exception(ExceptionCode),
-    /// An answer that does not decode (CRC, garbage, a mismatched header or function).
+    /// An answer that does not decode (CRC, garbage, a mismatched header or function). On
+    /// RTU, tokio-modbus skips a frame whose CRC fails and waits on: a request that times out
+    /// after answer bytes arrived counts here, not as a timeout.
     Invalid,
     /// The other end closed the connection.
     Closed,
@@ -147,12 +148,23 @@ impl ModbusMap {
     }
 }
 
-/// Gives a byte stream the `Debug` that tokio-modbus's TCP client asks for, and notes when
-/// the other end closed it: tokio-modbus's TCP client reports a closed connection as
-/// `io::Error::last_os_error()`, whose kind says nothing.
+/// What the transport saw of the current request, to tell failures apart where tokio-modbus
+/// cannot: its TCP client reports a closed connection as `io::Error::last_os_error()`, whose
+/// kind says nothing, and its RTU client skips a frame that fails its CRC and waits on, so a
+/// corrupted answer ends as a timeout.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The other end closed the stream.
+    eof: AtomicBool,
+    /// Bytes read since the last request was written.
+    answer_bytes: AtomicUsize,
+}
+
+/// Gives a byte stream the `Debug` that tokio-modbus's TCP client asks for, and notes what
+/// it [`Seen`].
 struct Transport<Io> {
     io: Io,
-    eof: Arc<AtomicBool>,
+    seen: Arc<Seen>,
 }
 
 impl<Io> std::fmt::Debug for Transport<Io> {
@@ -169,11 +181,12 @@ impl<Io: AsyncRead + Unpin> AsyncRead for Transport<Io> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.io).poll_read(cx, buf);
-        if matches!(poll, Poll::Ready(Ok(())))
-            && buf.filled().len() == before
-            && buf.remaining() > 0
-        {
-            self.eof.store(true, Ordering::Relaxed);
+        if matches!(poll, Poll::Ready(Ok(()))) {
+            let read = buf.filled().len() - before;
+            if read == 0 && buf.remaining() > 0 {
+                self.seen.eof.store(true, Ordering::Relaxed);
+            }
+            self.seen.answer_bytes.fetch_add(read, Ordering::Relaxed);
         }
         poll
     }
@@ -185,6 +198,7 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Transport<Io> {
         cx: &mut TaskContext<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        self.seen.answer_bytes.store(0, Ordering::Relaxed);
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
@@ -201,8 +215,8 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Transport<Io> {
 /// An open Modbus link.
 pub struct ModbusLink {
     ctx: Context,
-    /// Whether the current connection reached its end.
-    eof: Arc<AtomicBool>,
+    /// What the current connection's transport saw.
+    seen: Arc<Seen>,
     map: Arc<ModbusMap>,
     next_poll: Instant,
     /// Round trips made, for the benchmark's round trips per poll.
@@ -221,10 +235,10 @@ impl ModbusLink {
     where
         Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let eof = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Seen::default());
         Self {
-            ctx: context(io, &map, &eof),
-            eof,
+            ctx: context(io, &map, &seen),
+            seen,
             map,
             next_poll: Instant::now(),
             requests: 0,
@@ -302,11 +316,15 @@ impl ModbusLink {
                 });
             self.in_flight = false;
             let result = result.map_err(|(failure, message)| {
-                if self.eof.load(Ordering::Relaxed) {
-                    (
-                        ModbusFailure::Closed,
-                        "connection closed by the device".to_owned(),
-                    )
+                let answered = self.seen.answer_bytes.load(Ordering::Relaxed);
+                if self.seen.eof.load(Ordering::Relaxed) {
+                    let message = "connection closed by the device".to_owned();
+                    (ModbusFailure::Closed, message)
+                } else if failure == ModbusFailure::Timeout && answered > 0 {
+                    let message = format!(
+                        "{answered} bytes of answer that never decoded (a CRC error, or garbage)"
+                    );
+                    (ModbusFailure::Invalid, message)
                 } else {
                     (failure, message)
                 }
@@ -337,8 +355,8 @@ impl ModbusLink {
     /// A fresh connection and context, after a failed request.
     async fn rebuild<C: Connector>(&mut self, connector: &mut C) -> Outcome<()> {
         // Drop the old connection first: a serial port may be opened only once.
-        self.ctx = context(Closed, &self.map, &self.eof);
-        self.eof = Arc::new(AtomicBool::new(false));
+        self.ctx = context(Closed, &self.map, &self.seen);
+        self.seen = Arc::new(Seen::default());
         match tokio::time::timeout(self.map.timeout, connector.connect()).await {
             Ok(Ok(mut io)) => {
                 if self.map.rtu {
@@ -346,7 +364,7 @@ impl ModbusLink {
                     // the line, would be taken for the retry's. Wait for the line to go quiet.
                     drain_until_quiet(&mut io, self.map.timeout).await;
                 }
-                self.ctx = context(io, &self.map, &self.eof);
+                self.ctx = context(io, &self.map, &self.seen);
                 Ok(())
             }
             Ok(Err(err)) => Err((ModbusFailure::Io, format!("reconnecting: {err}"))),
@@ -453,14 +471,14 @@ enum Answer {
     Bits(Vec<bool>),
 }
 
-fn context<Io>(io: Io, map: &ModbusMap, eof: &Arc<AtomicBool>) -> Context
+fn context<Io>(io: Io, map: &ModbusMap, seen: &Arc<Seen>) -> Context
 where
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let slave = Slave(map.unit_id);
     let io = Transport {
         io,
-        eof: eof.clone(),
+        seen: seen.clone(),
     };
     if map.rtu {
         tokio_modbus::client::rtu::attach_slave(io, slave)
