@@ -359,6 +359,9 @@ pub async fn serve_tcp_connection<Io: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         let len = usize::from(u16::from_be_bytes([buf[4], buf[5]]));
+        if len < 2 {
+            return Ok(()); // No unit id and function code: not Modbus.
+        }
         let adu = buf.split_to(6 + len);
         let (header, pdu) = (&adu[..7], &adu[7..]);
         let fault = sim.next_fault();
@@ -547,6 +550,54 @@ mod tests {
         assert_eq!(sim.process(&[6, 0, 12, 0, 1]), [0x86, 4]);
         assert_eq!(sim.process(&[16, 0, 11, 0, 2, 4, 0, 1, 0, 2]), [0x90, 4]);
         assert_eq!(sim.process(&[3, 0, 12, 0, 1]), [3, 2, 0, 0]);
+    }
+
+    /// Feeds `bytes` to a server, then closes the stream; returns what the server wrote.
+    fn serve_garbage(rtu: bool, bytes: Vec<u8>) -> Vec<u8> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async move {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            let sim = SimHandle::default();
+            let serving = tokio::spawn(async move {
+                if rtu {
+                    serve_rtu(server, sim, 1, None).await
+                } else {
+                    serve_tcp_connection(server, sim).await
+                }
+            });
+            let _ = client.write_all(&bytes).await;
+            client.shutdown().await.ok();
+            let mut out = Vec::new();
+            let _ = client.read_to_end(&mut out).await;
+            // Its I/O result does not matter here; a panic would be a JoinError.
+            let _ = serving.await.expect("the server does not panic");
+            out
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn garbage_never_panics_the_servers(
+            rtu in proptest::bool::ANY,
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+        ) {
+            serve_garbage(rtu, bytes);
+        }
+    }
+
+    #[test]
+    fn an_empty_mbap_frame_is_hung_up_on() {
+        assert!(serve_garbage(false, vec![0, 1, 0, 0, 0, 0, 1, 3, 0, 0]).is_empty());
+        let read = vec![0, 1, 0, 0, 0, 6, 1, 3, 0, 0, 0, 1];
+        assert_eq!(
+            serve_garbage(false, read),
+            [0, 1, 0, 0, 0, 5, 1, 3, 2, 0, 0]
+        );
     }
 
     #[test]
