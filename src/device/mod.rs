@@ -410,7 +410,7 @@ impl DeviceHandle {
         &self.id
     }
 
-    /// The kind of link, `simulated` or `serial`.
+    /// The kind of link: `simulated`, `serial`, `modbus_tcp` or `modbus_rtu`.
     pub fn kind(&self) -> &'static str {
         self.kind
     }
