@@ -284,6 +284,15 @@ impl DeviceSettings {
         check_range(&key("timeout_ms"), timeout, 1..=MAX_TIMEOUT_MS)?;
         let retries = self.retries.unwrap_or(default_retries());
         check_range(&key("retries"), retries, 0..=MAX_RETRIES)?;
+        if self.command_timeout_ms <= timeout {
+            return Err(ConfigError::invalid(
+                key("command_timeout_ms"),
+                format!(
+                    "must be above timeout_ms ({timeout}): a write would be given up before the \
+                     device's answer is due; raise it, or lower timeout_ms"
+                ),
+            ));
+        }
         self.validate_registers(at)
     }
 

@@ -55,6 +55,10 @@ fn every_mistake_is_refused_naming_its_key() {
             format!("{p}.timeout_ms"),
         ),
         (format!("{TCP}retries = 11\n{REG}"), format!("{p}.retries")),
+        (
+            format!("{TCP}timeout_ms = 2000\n{REG}"),
+            format!("{p}.command_timeout_ms"),
+        ),
         (TCP.to_owned(), format!("{p}.registers")),
         (
             format!("[[devices]]\nid = \"x\"\nkind = \"modbus_tcp\"\n{REG}"),
