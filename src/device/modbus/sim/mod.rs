@@ -179,7 +179,7 @@ impl SimHandle {
             4,
             DataType::Uint32,
             ByteOrder::Cdab,
-            Raw::Uint(100_000 + step * 7),
+            Raw::Uint((100_000 + step.wrapping_mul(7)) % (1 << 32)), // A meter that rolls over.,
         );
     }
 
