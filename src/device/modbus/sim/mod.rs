@@ -179,7 +179,8 @@ impl SimHandle {
             4,
             DataType::Uint32,
             ByteOrder::Cdab,
-            Raw::Uint((100_000 + step.wrapping_mul(7)) % (1 << 32)), // A meter that rolls over.,
+            // A meter that rolls over at 2^32.
+            Raw::Uint(step.wrapping_mul(7).wrapping_add(100_000) % (1 << 32)),
         );
     }
 
