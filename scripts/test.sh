@@ -39,6 +39,17 @@ if [ ${#python_tools[@]} -gt 0 ]; then
   python3 -m pip install --quiet "${python_tools[@]}"
 fi
 
+# pymodbus (PyPI, pinned): the Modbus server of the cross-implementation test
+# (tests/modbus/pymodbus_server.py, started by tests/api/modbus_pymodbus.rs).
+PYMODBUS_VERSION=3.11.4
+if ! python3 -c 'import pymodbus' >/dev/null 2>&1; then
+  echo "test.sh: installing pymodbus==$PYMODBUS_VERSION" >&2
+  need_cmd python3 || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-pip; }
+  python3 -m pip install -q "pymodbus==$PYMODBUS_VERSION" \
+    || python3 -m pip install -q --break-system-packages "pymodbus==$PYMODBUS_VERSION"
+  python3 -c 'import pymodbus'
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "test.sh: installing cargo-nextest" >&2
   cargo install cargo-nextest --locked

@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::SimulatorSettings;
@@ -54,6 +54,90 @@ pub async fn simulate(path: &Path, interval: Duration, baud: u32) -> std::io::Re
         ..Default::default()
     };
     Simulator::new(settings, interval).run(port).await
+}
+
+/// What `simulate --modbus-tcp/--modbus-rtu` serves.
+#[derive(Debug, Clone, Default)]
+pub struct ModbusSim {
+    /// Serve Modbus TCP on this address.
+    pub tcp: Option<String>,
+    /// Serve Modbus RTU on this tty.
+    pub rtu: Option<PathBuf>,
+    /// Probability per request of a fault, spread evenly over the four kinds.
+    pub fault_rate: f64,
+}
+
+impl ModbusSim {
+    /// Whether a Modbus simulator was asked for.
+    pub fn is_some(&self) -> bool {
+        self.tcp.is_some() || self.rtu.is_some()
+    }
+}
+
+/// Serves the example register map over Modbus TCP or RTU until the listener or tty fails,
+/// moving its values every `interval`; `baud` paces RTU like a UART (8N1) when not 0.
+pub async fn simulate_modbus(
+    sim: &ModbusSim,
+    interval: Duration,
+    baud: u32,
+) -> std::io::Result<()> {
+    use crate::device::modbus::sim::{FaultRates, Line, SimHandle, serve_rtu, serve_tcp};
+    if !(0.0..=1.0).contains(&sim.fault_rate) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "--fault-rate must be between 0 and 1",
+        ));
+    }
+    let each = sim.fault_rate / 4.0;
+    let handle = SimHandle::new(
+        FaultRates {
+            exception: each,
+            silence: each,
+            drop: each,
+            corrupt: each,
+        },
+        0,
+    );
+    let ticker = {
+        let handle = handle.clone();
+        let period = interval.max(Duration::from_millis(10));
+        async move {
+            let mut tick = tokio::time::interval(period);
+            for step in 0.. {
+                tick.tick().await;
+                handle.tick(step);
+            }
+        }
+    };
+    let serve = async {
+        if let Some(address) = &sim.tcp {
+            let listener = tokio::net::TcpListener::bind(address).await?;
+            eprintln!("Serving Modbus TCP on {}.", listener.local_addr()?);
+            serve_tcp(
+                listener,
+                handle.clone(),
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .await;
+            Ok(())
+        } else {
+            let path = sim.rtu.clone().unwrap_or_default();
+            let port = tokio_serial::SerialStream::open(&tokio_serial::new(
+                path.to_string_lossy(),
+                if baud == 0 { 115_200 } else { baud },
+            ))?;
+            let line = (baud != 0).then_some(Line {
+                baud,
+                bits_per_char: 10,
+            });
+            eprintln!("Serving Modbus RTU, unit 1, on {}.", path.display());
+            serve_rtu(port, handle.clone(), 1, line).await
+        }
+    };
+    tokio::select! {
+        result = serve => result,
+        () = ticker => Ok(()),
+    }
 }
 
 #[cfg(test)]

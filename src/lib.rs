@@ -21,7 +21,8 @@
 //! - [`pipeline`]: the data path without HTTP (devices → buffer → dispatcher → workers); also
 //!   what `telemetryhub bench` drives.
 //! - [`device`]: the device task and its state machine ([`device::state`]), the frame codec
-//!   ([`device::codec`]) and the simulator ([`device::sim`]).
+//!   ([`device::codec`]) and the simulator ([`device::sim`]); Modbus devices
+//!   ([`device::modbus`]: register codec, read planner, link, simulator).
 //! - [`buffer`]: the ring buffer; [`ledger`]: the sample accounting it keeps.
 //! - [`dispatch`]: buffer → semaphore permit → worker batch.
 //! - [`worker`]: pure processing functions and the worker's shared statistics.

@@ -82,11 +82,22 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
-    /// Play a simulated device on a tty (e.g. one end of a socat pty pair) until Ctrl-C.
+    /// Play a simulated device on a tty (e.g. one end of a socat pty pair) until Ctrl-C; or a
+    /// Modbus device serving the example register map (config/modbus-example.toml).
     Simulate {
         /// The tty to write frames to and read commands from.
-        #[arg(long)]
-        path: PathBuf,
+        #[arg(long, required_unless_present_any = ["modbus_tcp", "modbus_rtu"])]
+        path: Option<PathBuf>,
+        /// Serve Modbus TCP on this address (e.g. 127.0.0.1:1502) instead.
+        #[arg(long, conflicts_with_all = ["path", "modbus_rtu"])]
+        modbus_tcp: Option<String>,
+        /// Serve Modbus RTU (unit id 1) on this tty instead; --baud paces it.
+        #[arg(long, conflicts_with = "path")]
+        modbus_rtu: Option<PathBuf>,
+        /// Modbus: probability per request of a fault (exception, no answer, dropped
+        /// connection, corrupted answer), 0 to 1.
+        #[arg(long, default_value_t = 0.0)]
+        fault_rate: f64,
         /// Milliseconds between frames; 0 sends as fast as the tty takes them.
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
@@ -178,17 +189,29 @@ fn main() -> ExitCode {
         }
         Some(Cmd::Simulate {
             path,
+            modbus_tcp,
+            modbus_rtu,
+            fault_rate,
             interval_ms,
             baud,
         }) => block_on(async move {
+            let interval = Duration::from_millis(interval_ms);
+            let modbus = cli::ModbusSim {
+                tcp: modbus_tcp.clone(),
+                rtu: modbus_rtu.clone(),
+                fault_rate,
+            };
+            let path = path.or(modbus_rtu).unwrap_or_default();
             let result = tokio::select! {
-                result = cli::simulate(&path, Duration::from_millis(interval_ms), baud) => result,
+                result = cli::simulate_modbus(&modbus, interval, baud), if modbus.is_some() => result,
+                result = cli::simulate(&path, interval, baud), if !modbus.is_some() => result,
                 _ = tokio::signal::ctrl_c() => Ok(()),
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("telemetryhub: {}: {err}", path.display());
+                    let target = modbus_tcp.unwrap_or_else(|| path.display().to_string());
+                    eprintln!("telemetryhub: {target}: {err}");
                     ExitCode::FAILURE
                 }
             }

@@ -220,7 +220,7 @@ fn describe() {
     describe_counter!(
         DEVICE_LINK_FAILURES,
         Unit::Count,
-        "Device link failures, per device and kind."
+        "Device link failures, per device and kind (connect, io, timeout, closed; exception and invalid for Modbus)."
     );
     describe_gauge!(
         DEVICE_STATE,

@@ -18,6 +18,7 @@ use tracing::{error, warn};
 
 use crate::buffer::RingBuffer;
 use crate::config::{DeviceKind, DeviceSettings, Settings};
+use crate::device::modbus::TcpConnector;
 use crate::device::serial::SerialConnector;
 use crate::device::sim::SimConnector;
 use crate::device::state::Command;
@@ -259,9 +260,14 @@ impl DeviceSet {
     /// turns into a link: a new kind is a new arm here.
     fn spawn_configured(&self, device: &DeviceSettings) -> RunningDevice {
         let cancel = self.cancel.child_token();
-        match (device.kind, &device.serial) {
-            (DeviceKind::Serial, Some(serial)) => {
+        match (device.kind, &device.serial, &device.address) {
+            // A Modbus RTU device is on a tty too: the protocol is the task's business.
+            (DeviceKind::Serial | DeviceKind::ModbusRtu, Some(serial), _) => {
                 let connector = SerialConnector::new(serial.clone());
+                self.spawn(device, connector, cancel)
+            }
+            (DeviceKind::ModbusTcp, _, Some(address)) => {
+                let connector = TcpConnector::new(address.as_str());
                 self.spawn(device, connector, cancel)
             }
             _ => {

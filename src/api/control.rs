@@ -7,14 +7,17 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use smol_str::SmolStr;
 use utoipa::ToSchema;
 
 use super::error::{ConflictBody, ErrorBody};
 use super::{ApiError, AppState};
+use crate::config::Table;
+use crate::device::modbus::link::WriteRequest;
 use crate::device::state::{Command, DeviceState};
-use crate::device::{CommandError, CountersSnapshot, DeviceHandle, SendError};
+use crate::device::{CommandError, CountersSnapshot, DeviceHandle, SendError, WriteError};
 use crate::worker::DeviceStats;
 
 /// One device as the API shows it.
@@ -23,7 +26,7 @@ pub struct DeviceView {
     /// The device's id.
     #[schema(value_type = String)]
     id: SmolStr,
-    /// Its link: `simulated` or `serial`.
+    /// Its link: `simulated`, `serial`, `modbus_tcp` or `modbus_rtu`.
     #[schema(value_type = String)]
     kind: &'static str,
     /// The channel of samples that name none.
@@ -296,28 +299,140 @@ async fn run(
     Ok(next)
 }
 
-/// Body of `POST /devices/{id}/command`.
-#[derive(Debug, Deserialize, ToSchema)]
+/// Body of `POST /devices/{id}/command`: exactly one of a command line for a frame device, or
+/// a register write for a Modbus device. Read as one struct, so that a body with neither or
+/// both gets an error saying so; the document shows the two forms ([`CommandRequest`]).
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CommandBody {
-    /// One line for the device: 1 to 64 printable ASCII characters, e.g. `STATUS`.
+    #[serde(default)]
+    command: Option<String>,
+    #[serde(default)]
+    write: Option<WriteBody>,
+}
+
+/// Body of `POST /devices/{id}/command`, as the document shows it: one of two forms.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // Only its schema is used: requests are read as a `CommandBody`.
+pub(super) enum CommandRequest {
+    /// A command line for a frame device.
+    Line(CommandLine),
+    /// A register write for a Modbus device.
+    Write(WriteCommand),
+}
+
+/// `{"command": "STATUS"}`.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // Only its schema is used.
+pub(super) struct CommandLine {
+    /// One line for a frame device: 1 to 64 printable ASCII characters, e.g. `STATUS`. A
+    /// Modbus device takes no command lines (403).
     #[schema(pattern = r"^[\x20-\x7e]{1,64}$", min_length = 1, max_length = 64)]
     command: String,
+}
+
+/// `{"write": {"table": "holding", "address": 10, "value": 42}}`.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // Only its schema is used.
+pub(super) struct WriteCommand {
+    /// A register write for a Modbus device: refused with 403, without reaching the device,
+    /// unless the register map marks the address `writable` (a frame device has no registers).
+    write: WriteBody,
+}
+
+/// `{"table": "holding", "address": 10, "value": 42}`: function 6 (or 16 for a register
+/// wider than 16 bits) on a holding register, 5 on a coil.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WriteBody {
+    /// The table: `holding` or `coil` (the others are read-only).
+    table: Table,
+    /// The register's address, as in the register map (`7.0` is `7`, as in JSON Schema).
+    #[serde(deserialize_with = "integral_u16")]
+    #[schema(minimum = 0, maximum = 65535)]
+    address: u16,
+    /// The value in the register's units, before its scale and offset are undone.
+    value: f64,
+}
+
+/// The answer to `POST /devices/{id}/command`.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub(super) enum CommandOutcome {
+    /// A frame device's reply line.
+    Reply(CommandReply),
+    /// A Modbus device acknowledged the write.
+    Written(WriteReply),
+}
+
+/// A Modbus device's acknowledgement of a write.
+#[derive(Serialize, ToSchema)]
+pub(super) struct WriteReply {
+    /// Always true: a refused write is an error.
+    ok: bool,
+    /// The device.
+    #[schema(value_type = String)]
+    id: SmolStr,
+    /// The write, as requested.
+    write: WriteBody,
+}
+
+/// A u16 written as any JSON number with an integral value: JSON Schema's `integer` (what the
+/// document promises) includes `7.0`.
+fn integral_u16<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
+    let value = f64::deserialize(deserializer)?;
+    if value.fract() == 0.0 && (0.0..=f64::from(u16::MAX)).contains(&value) {
+        Ok(value as u16)
+    } else {
+        Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Float(value),
+            &"an integer from 0 to 65535",
+        ))
+    }
+}
+
+async fn write_register(device: &DeviceHandle, body: WriteBody) -> Result<WriteReply, ApiError> {
+    let request = WriteRequest {
+        table: body.table,
+        address: body.address,
+        value: body.value,
+    };
+    device.write(request).await.map_err(|err| match err {
+        // A frame device has no register map, so no address of it is writable.
+        WriteError::NotModbus(_) => ApiError::Rejected(StatusCode::FORBIDDEN, err.to_string()),
+        WriteError::Refused(_) => ApiError::Rejected(StatusCode::FORBIDDEN, err.to_string()),
+        WriteError::NotConnected { state, .. } => ApiError::Conflict {
+            error: err.to_string(),
+            state,
+        },
+        WriteError::Timeout(_) => ApiError::Timeout(err.to_string()),
+        WriteError::Exception { .. } | WriteError::Link(_) => ApiError::BadGateway(err.to_string()),
+        WriteError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
+    })?;
+    Ok(WriteReply {
+        ok: true,
+        id: device.id().clone(),
+        write: body,
+    })
 }
 
 /// `POST /devices/{id}/command`.
 #[utoipa::path(post, path = "/devices/{id}/command", tag = "control",
     params(("id" = String, Path, description = "The device's id")),
-    request_body = CommandBody,
+    request_body = CommandRequest,
     responses(
-        (status = 200, description = "The device's reply", body = CommandReply),
-        (status = 400, description = "Malformed JSON, or a command the link cannot carry", body = ErrorBody),
+        (status = 200, description = "The device's reply line, or a Modbus device's acknowledged write", body = CommandOutcome),
+        (status = 400, description = "Malformed JSON, neither or both of `command` and `write`, or a command line that is not 1 to 64 printable characters", body = ErrorBody),
+        (status = 403, description = "Refused without asking the device: a write the register map does not allow (not `writable`, a value the register cannot hold, or a device that is not Modbus), or a command line to a Modbus device", body = ErrorBody),
         (status = 404, description = "No such device", body = ErrorBody),
         (status = 409, description = "The device is not connected", body = ConflictBody),
         (status = 413, description = "The body is larger than `http.body_limit_bytes`", body = ErrorBody),
         (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
         (status = 422, description = "JSON, but not a `CommandBody`", body = ErrorBody),
-        (status = 502, description = "The link failed while waiting for the reply", body = ErrorBody),
+        (status = 502, description = "The link failed while waiting for the reply, or the Modbus device answered the write with an exception (named in the error)", body = ErrorBody),
         (status = 503, description = "Another command is in progress, or shutting down", body = ErrorBody),
         (status = 504, description = "The device did not answer in time", body = ErrorBody),
 ))]
@@ -325,12 +440,27 @@ pub(super) async fn send_command(
     State(state): State<Arc<AppState>>,
     id: Result<Path<String>, PathRejection>,
     body: Result<Json<CommandBody>, JsonRejection>,
-) -> Result<Json<CommandReply>, ApiError> {
+) -> Result<Json<CommandOutcome>, ApiError> {
     let Path(id) = id?;
     let device = state.device(&id)?;
     let Json(body) = body?;
-    let reply = device.send(&body.command).await.map_err(|err| match err {
+    let command = match (body.command, body.write) {
+        (Some(command), None) => command,
+        (None, Some(write)) => {
+            let written = write_register(&device, write).await?;
+            return Ok(Json(CommandOutcome::Written(written)));
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "send exactly one of {\"command\": \"...\"} or {\"write\": {\"table\", \"address\", \"value\"}}"
+                    .to_owned(),
+            ));
+        }
+    };
+    let reply = device.send(&command).await.map_err(|err| match err {
         SendError::Invalid => ApiError::BadRequest(err.to_string()),
+        // The request is understood; this device's link carries no command lines.
+        SendError::Unsupported(_) => ApiError::Rejected(StatusCode::FORBIDDEN, err.to_string()),
         SendError::NotConnected { .. } => ApiError::Conflict {
             error: err.to_string(),
             state: device.state(),
@@ -340,10 +470,10 @@ pub(super) async fn send_command(
         SendError::Busy(_) | SendError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
     })?;
     let ok = !reply.starts_with("ERROR:");
-    Ok(Json(CommandReply {
+    Ok(Json(CommandOutcome::Reply(CommandReply {
         ok,
         id: device.id().clone(),
-        command: body.command,
+        command,
         reply,
-    }))
+    })))
 }

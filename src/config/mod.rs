@@ -25,8 +25,8 @@ mod uplink;
 use self::de::{EnvMarks, Layered};
 use self::device::default_devices;
 pub use self::device::{
-    DeviceKind, DeviceSettings, Parity, SerialSettings, SimulatorSettings, read_timeout_for,
-    stale_after_for,
+    ByteOrder, DataType, DeviceKind, DeviceSettings, Parity, RegisterSettings, SerialSettings,
+    SimulatorSettings, Table, parse_host_port, read_timeout_for, stale_after_for,
 };
 pub use self::http::{HttpSettings, Secret};
 use self::layers::{apply_env_overrides, merge, parse_table};

@@ -1,13 +1,15 @@
 //! Devices: one async task per device reads frames from its link and pushes samples.
 //!
 //! A [`DeviceTask`] owns a [`Connector`] (how to open the link: the embedded simulator's duplex
-//! stream, later a tty), decodes the link's bytes with [`codec::FrameCodec`], stamps each sample
+//! stream, a tty, a TCP connection), decodes the link's bytes with [`codec::FrameCodec`] (or,
+//! for a Modbus device, polls its register map over it, see [`modbus`]), stamps each sample
 //! with its receive time, detects sequence gaps and pushes samples into the ring buffer in
 //! batches. It runs the [`state`] machine: operator commands arrive over a channel from
 //! [`DeviceHandle`]s (the API's only way in), link failures drive the circuit breaker, and every
 //! change is published on a `watch` channel so status reads never wait for the task.
 
 pub mod codec;
+pub mod modbus;
 mod rate;
 pub mod serial;
 pub mod sim;
@@ -28,7 +30,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use self::codec::InvalidReason;
+use self::modbus::link::{ModbusFailure, ModbusMap, WriteRefused, WriteRequest};
 use self::state::{Command, DeviceState, IllegalTransition};
+use crate::config::DataType;
 
 /// Opens a device's link. Called again after every failure, so a link that went away (a
 /// simulator that disconnected, a USB adapter that was unplugged) is reopened with backoff.
@@ -51,11 +55,34 @@ pub enum LinkFailure {
     Timeout,
     /// The other end closed the link.
     Closed,
+    /// A Modbus device answered with an exception (illegal address, busy, ...).
+    Exception,
+    /// A Modbus answer that does not decode (CRC, garbage, mismatched header or function).
+    Invalid,
+}
+
+impl From<ModbusFailure> for LinkFailure {
+    fn from(failure: ModbusFailure) -> Self {
+        match failure {
+            ModbusFailure::Timeout => Self::Timeout,
+            ModbusFailure::Exception(_) => Self::Exception,
+            ModbusFailure::Invalid => Self::Invalid,
+            ModbusFailure::Closed => Self::Closed,
+            ModbusFailure::Io => Self::Io,
+        }
+    }
 }
 
 impl LinkFailure {
     /// Every failure, for metrics.
-    pub const ALL: [LinkFailure; 4] = [Self::Connect, Self::Io, Self::Timeout, Self::Closed];
+    pub const ALL: [LinkFailure; 6] = [
+        Self::Connect,
+        Self::Io,
+        Self::Timeout,
+        Self::Closed,
+        Self::Exception,
+        Self::Invalid,
+    ];
 
     /// The label used in metrics and JSON.
     pub fn as_str(self) -> &'static str {
@@ -64,6 +91,8 @@ impl LinkFailure {
             Self::Io => "io",
             Self::Timeout => "timeout",
             Self::Closed => "closed",
+            Self::Exception => "exception",
+            Self::Invalid => "invalid",
         }
     }
 }
@@ -74,7 +103,7 @@ pub struct DeviceCounters {
     samples_read: AtomicU64,
     frames_invalid: [AtomicU64; 3],
     seq_gaps: AtomicU64,
-    link_failures: [AtomicU64; 4],
+    link_failures: [AtomicU64; 6],
     /// When the last valid frame arrived (or the link opened), in nanoseconds after `base`.
     last_good_nanos: AtomicU64,
     base: Instant,
@@ -149,6 +178,10 @@ pub struct FailureCounts {
     pub timeout: u64,
     /// Link closed by the other end.
     pub closed: u64,
+    /// Modbus exception answers.
+    pub exception: u64,
+    /// Modbus answers that did not decode.
+    pub invalid: u64,
 }
 
 impl FailureCounts {
@@ -159,6 +192,8 @@ impl FailureCounts {
             LinkFailure::Io => self.io,
             LinkFailure::Timeout => self.timeout,
             LinkFailure::Closed => self.closed,
+            LinkFailure::Exception => self.exception,
+            LinkFailure::Invalid => self.invalid,
         }
     }
 }
@@ -188,7 +223,7 @@ impl DeviceCounters {
     pub fn snapshot(&self) -> CountersSnapshot {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let [checksum, syntax, too_long] = &self.frames_invalid;
-        let [connect, io, timeout, closed] = &self.link_failures;
+        let [connect, io, timeout, closed, exception, invalid] = &self.link_failures;
         CountersSnapshot {
             samples_read: get(&self.samples_read),
             frames_invalid: InvalidCounts {
@@ -202,6 +237,8 @@ impl DeviceCounters {
                 io: get(io),
                 timeout: get(timeout),
                 closed: get(closed),
+                exception: get(exception),
+                invalid: get(invalid),
             },
         }
     }
@@ -222,6 +259,12 @@ enum Request {
     Control {
         command: Command,
         reply: oneshot::Sender<Result<DeviceState, IllegalTransition>>,
+    },
+    Write {
+        write: WriteRequest,
+        data_type: DataType,
+        words: Vec<u16>,
+        reply: oneshot::Sender<Result<(), WriteError>>,
     },
     Send {
         line: String,
@@ -263,6 +306,47 @@ pub enum SendError {
     /// The device task has stopped (the gateway is shutting down).
     #[error("device {0} is shutting down")]
     Unavailable(SmolStr),
+    /// A Modbus device takes writes, not command lines.
+    #[error(
+        "device {0} is a Modbus device: send {{\"write\": {{\"table\": ..., \"address\": ..., \"value\": ...}}}}"
+    )]
+    Unsupported(SmolStr),
+}
+
+/// Why a Modbus write did not happen, or what the device said instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The device does not speak Modbus.
+    #[error("device {0} is not a Modbus device: send {{\"command\": \"...\"}}")]
+    NotModbus(SmolStr),
+    /// Refused by the register map, without reaching the device.
+    #[error(transparent)]
+    Refused(#[from] WriteRefused),
+    /// The device has no open link (it is not measuring).
+    #[error("device {id} has no open link (state {state})")]
+    NotConnected {
+        /// The device.
+        id: SmolStr,
+        /// Its state.
+        state: DeviceState,
+    },
+    /// The device answered with a Modbus exception.
+    #[error("the device answered with Modbus exception {code} ({name})")]
+    Exception {
+        /// The exception code.
+        code: u8,
+        /// What it means.
+        name: String,
+    },
+    /// No answer within the device's `timeout_ms`.
+    #[error("no answer from the device: {0}")]
+    Timeout(String),
+    /// The link failed (closed, invalid answer, I/O error).
+    #[error("the link failed: {0}")]
+    Link(String),
+    /// The device task has stopped (the gateway is shutting down).
+    #[error("device {0} is shutting down")]
+    Unavailable(SmolStr),
 }
 
 /// Why a command did not take effect.
@@ -286,9 +370,42 @@ pub struct DeviceHandle {
     status: watch::Receiver<DeviceStatus>,
     counters: Arc<DeviceCounters>,
     command_timeout: Duration,
+    /// A Modbus device's register map, to refuse writes without reaching the task.
+    modbus: Option<Arc<ModbusMap>>,
 }
 
 impl DeviceHandle {
+    /// Writes a value to a Modbus device's register that its map marks writable (function 6
+    /// or 16, or 5 for a coil), and waits for the device's answer. A write the map does not
+    /// allow, or whose value does not fit the register's type, is refused here and never
+    /// reaches the device.
+    pub async fn write(&self, write: WriteRequest) -> Result<(), WriteError> {
+        let Some(map) = &self.modbus else {
+            return Err(WriteError::NotModbus(self.id.clone()));
+        };
+        let (data_type, words) = map.check_write(&write)?;
+        let (reply, response) = oneshot::channel();
+        let unavailable = || WriteError::Unavailable(self.id.clone());
+        let request = Request::Write {
+            write,
+            data_type,
+            words,
+            reply,
+        };
+        // Bounded by the command timeout: the task finishes a running poll before it takes
+        // the write. A write the task has taken still happens if the caller gives up.
+        let deadline = Instant::now() + self.command_timeout;
+        let timeout = || WriteError::Timeout(format!("no reply within {:?}", self.command_timeout));
+        match tokio::time::timeout_at(deadline, self.requests.send(request)).await {
+            Ok(sent) => sent.map_err(|_| unavailable())?,
+            Err(_) => return Err(timeout()),
+        }
+        match tokio::time::timeout_at(deadline, response).await {
+            Ok(answer) => answer.map_err(|_| unavailable())?,
+            Err(_) => Err(timeout()),
+        }
+    }
+
     /// The device's id.
     pub fn id(&self) -> &SmolStr {
         &self.id
@@ -300,7 +417,7 @@ impl DeviceHandle {
         &self.channel
     }
 
-    /// The kind of link, `simulated` or `serial`.
+    /// The kind of link: `simulated`, `serial`, `modbus_tcp` or `modbus_rtu`.
     pub fn kind(&self) -> &'static str {
         self.kind
     }

@@ -25,13 +25,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::codec::{Frame, FrameCodec};
+use super::modbus::link::{ModbusFailure, ModbusLink, ModbusMap, Outcome, WriteRequest};
 use super::rate::{limits_for, requested_rate};
 use super::state::{self, Breaker, Command, DeviceState, IllegalTransition};
 use super::{
     Connector, DeviceCounters, DeviceHandle, DeviceStatus, LinkFailure, Request, SendError,
+    WriteError as ModbusWriteError,
 };
 use crate::buffer::RingBuffer;
-use crate::config::DeviceSettings;
+use crate::config::{DataType, DeviceSettings};
 use crate::ledger::{DropReason, Source};
 use crate::sample::Sample;
 
@@ -60,11 +62,23 @@ enum LinkEvent<Io> {
     Connected(Io),
     ConnectFailed(std::io::Error),
     Frames(Vec<std::io::Result<Frame>>),
+    /// A Modbus poll is due. The task runs it to its end outside the `select!`: a request
+    /// abandoned halfway would leave its answer on the line for the next one.
+    PollDue,
     Ended,
     TimedOut,
 }
 
-/// An open link: decoded frames in, command lines out, and who waits for which reply.
+/// An open link, by the protocol the device speaks on it: the codec is per kind, the task
+/// and its state machine are shared.
+enum Open<Io: AsyncRead> {
+    /// `$TH` frames in, command lines out.
+    Frames(Link<Io>),
+    /// Modbus requests out, register blocks in.
+    Modbus(ModbusLink),
+}
+
+/// An open frame link: decoded frames in, command lines out, and who waits for which reply.
 struct Link<Io: AsyncRead> {
     frames: ReadyChunks<FramedRead<ReadHalf<Io>, FrameCodec>>,
     writer: WriteHalf<Io>,
@@ -140,7 +154,9 @@ pub struct DeviceTask<C: Connector> {
     state: DeviceState,
     breaker: Breaker,
     last_error: Option<String>,
-    link: Option<Link<C::Io>>,
+    link: Option<Open<C::Io>>,
+    /// The register map, for a Modbus device: its link speaks Modbus instead of frames.
+    modbus: Option<Arc<ModbusMap>>,
     retry_at: Instant,
     last_good: Instant,
     /// The last sequence number read, kept across reconnects; forgotten on stop and reset.
@@ -180,6 +196,7 @@ impl<C: Connector> DeviceTask<C> {
             status: status_rx,
             counters: counters.clone(),
             command_timeout: Duration::from_millis(settings.command_timeout_ms),
+            modbus: ModbusMap::for_device(settings),
         };
         let task = Self {
             id,
@@ -205,6 +222,7 @@ impl<C: Connector> DeviceTask<C> {
             breaker: Breaker::new(settings.failure_threshold),
             last_error: None,
             link: None,
+            modbus: handle.modbus.clone(),
             retry_at: Instant::now(),
             last_good: Instant::now(),
             last_seq: None,
@@ -250,6 +268,9 @@ impl<C: Connector> DeviceTask<C> {
                 Request::Send { reply, .. } => {
                     let _ = reply.send(Err(SendError::Unavailable(self.id.clone())));
                 }
+                Request::Write { reply, .. } => {
+                    let _ = reply.send(Err(ModbusWriteError::Unavailable(self.id.clone())));
+                }
                 // Dropped unanswered, which the handle reports as unavailable.
                 Request::Control { .. } => {}
             }
@@ -258,7 +279,7 @@ impl<C: Connector> DeviceTask<C> {
 
     /// Closes the link, if open, answering every command waiting for a reply with `error`.
     fn close_link(&mut self, error: SendError) {
-        if let Some(link) = self.link.take() {
+        if let Some(Open::Frames(link)) = self.link.take() {
             for reply in link.waiting.into_iter().filter_map(|p| p.reply) {
                 let _ = reply.send(Err(error.clone()));
             }
@@ -275,6 +296,49 @@ impl<C: Connector> DeviceTask<C> {
                 deadline,
                 reply,
             } => self.send(line, deadline, reply).await,
+            Request::Write {
+                write,
+                data_type,
+                words,
+                reply,
+            } => {
+                let result = self.write(&write, data_type, &words).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Carries out a checked Modbus write on the open link. The device's exception is its
+    /// answer, and the link stays; a timeout or a broken link is a link failure as in a poll.
+    async fn write(
+        &mut self,
+        write: &WriteRequest,
+        data_type: DataType,
+        words: &[u16],
+    ) -> Result<(), ModbusWriteError> {
+        let Some(Open::Modbus(link)) = self.link.as_mut() else {
+            return Err(ModbusWriteError::NotConnected {
+                id: self.id.clone(),
+                state: self.state,
+            });
+        };
+        let outcome = link
+            .write(&mut self.connector, write, data_type, words)
+            .await;
+        info!(device = %self.id, table = write.table.as_str(), address = write.address, ok = outcome.is_ok(), "Modbus write.");
+        match outcome {
+            Ok(()) => Ok(()),
+            Err((ModbusFailure::Exception(code), _)) => Err(ModbusWriteError::Exception {
+                code: u8::from(code),
+                name: code.to_string(),
+            }),
+            Err((failure, message)) => {
+                self.fail(LinkFailure::from(failure), &message);
+                Err(match failure {
+                    ModbusFailure::Timeout => ModbusWriteError::Timeout(message),
+                    _ => ModbusWriteError::Link(message),
+                })
+            }
         }
     }
 
@@ -299,14 +363,21 @@ impl<C: Connector> DeviceTask<C> {
 
     async fn on_event(&mut self, event: LinkEvent<C::Io>) {
         match event {
+            LinkEvent::Connected(io) if self.modbus.is_some() => {
+                let map = self.modbus.clone().expect("checked by the guard");
+                self.link = Some(Open::Modbus(ModbusLink::attach(io, map)));
+                self.last_good = Instant::now();
+                self.counters.mark_good(self.last_good);
+                info!(device = %self.id, "Device link opened.");
+            }
             LinkEvent::Connected(io) => {
                 let (reader, writer) = tokio::io::split(io);
                 let codec = FrameCodec::new(self.timing.max_frame_len);
-                self.link = Some(Link {
+                self.link = Some(Open::Frames(Link {
                     frames: FramedRead::new(reader, codec).ready_chunks(CHUNK_MAX),
                     writer,
                     waiting: VecDeque::new(),
-                });
+                }));
                 self.last_good = Instant::now();
                 self.counters.mark_good(self.last_good);
                 // `last_seq` stays: a reconnect is the same device, and samples it sent while
@@ -318,11 +389,37 @@ impl<C: Connector> DeviceTask<C> {
             }
             LinkEvent::ConnectFailed(err) => self.fail(LinkFailure::Connect, &err.to_string()),
             LinkEvent::Frames(frames) => self.on_frames(frames).await,
+            LinkEvent::PollDue => match self.poll().await {
+                Some(Ok(samples)) => {
+                    self.last_good = Instant::now();
+                    self.counters.mark_good(self.last_good);
+                    let next = self.breaker.on_success(self.state);
+                    self.set_state(next);
+                    self.push(samples.into()).await;
+                }
+                Some(Err((failure, message))) => {
+                    self.fail(LinkFailure::from(failure), &message);
+                }
+                None => {}
+            },
             LinkEvent::Ended => self.fail(LinkFailure::Closed, "link closed by the device"),
             LinkEvent::TimedOut => self.fail(
                 LinkFailure::Timeout,
                 &format!("no valid frame for {:?}", self.timing.read_timeout),
             ),
+        }
+    }
+
+    /// Polls the Modbus link once, to its end (commands wait in their channel meanwhile; a
+    /// poll is bounded by its requests' timeouts); `None` when cancelled.
+    async fn poll(&mut self) -> Option<Outcome<Vec<Sample>>> {
+        let Some(Open::Modbus(link)) = self.link.as_mut() else {
+            return None;
+        };
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => None,
+            outcome = link.poll(&mut self.connector) => Some(outcome),
         }
     }
 
@@ -380,7 +477,7 @@ impl<C: Connector> DeviceTask<C> {
 
     fn deliver_reply(&mut self, text: String) {
         let now = Instant::now();
-        let waiter = self.link.as_mut().and_then(|link| link.take_waiting(now));
+        let waiter = frames_of(&mut self.link).and_then(|link| link.take_waiting(now));
         let Some(waiter) = waiter else {
             debug!(device = %self.id, reply = %text, "Unsolicited reply from the device.");
             return;
@@ -436,7 +533,7 @@ impl<C: Connector> DeviceTask<C> {
 
     /// Sends the rate the device acknowledged before, on a link just opened.
     async fn restore_rate(&mut self, rate: Duration) {
-        let Some(link) = self.link.as_mut() else {
+        let Some(link) = frames_of(&mut self.link) else {
             return;
         };
         let line = format!("SET_RATE={}", rate.as_millis());
@@ -464,7 +561,11 @@ impl<C: Connector> DeviceTask<C> {
         reply: oneshot::Sender<Result<String, SendError>>,
     ) {
         let timeout = SendError::Timeout(self.timing.command_timeout);
-        let Some(link) = self.link.as_mut() else {
+        if self.modbus.is_some() {
+            let _ = reply.send(Err(SendError::Unsupported(self.id.clone())));
+            return;
+        }
+        let Some(link) = frames_of(&mut self.link) else {
             let _ = reply.send(Err(SendError::NotConnected {
                 id: self.id.clone(),
                 state: self.state,
@@ -585,10 +686,18 @@ impl<C: Connector> DeviceTask<C> {
     }
 }
 
+/// The open frame link, if any.
+fn frames_of<Io: AsyncRead>(link: &mut Option<Open<Io>>) -> Option<&mut Link<Io>> {
+    match link.as_mut() {
+        Some(Open::Frames(link)) => Some(link),
+        _ => None,
+    }
+}
+
 /// Waits for the next thing to happen on the link: (re)connection when it is closed, else the
 /// next chunk of frames, bounded by the deadline for a valid frame.
 async fn next_event<C: Connector>(
-    link: &mut Option<Link<C::Io>>,
+    link: &mut Option<Open<C::Io>>,
     connector: &mut C,
     retry_at: Instant,
     deadline: Instant,
@@ -601,11 +710,21 @@ async fn next_event<C: Connector>(
                 Err(err) => LinkEvent::ConnectFailed(err),
             }
         }
-        Some(link) => match tokio::time::timeout_at(deadline, link.frames.next()).await {
-            Ok(Some(frames)) => LinkEvent::Frames(frames),
-            Ok(None) => LinkEvent::Ended,
-            Err(_) => LinkEvent::TimedOut,
-        },
+        Some(Open::Frames(link)) => {
+            match tokio::time::timeout_at(deadline, link.frames.next()).await {
+                Ok(Some(frames)) => LinkEvent::Frames(frames),
+                Ok(None) => LinkEvent::Ended,
+                Err(_) => LinkEvent::TimedOut,
+            }
+        }
+        Some(Open::Modbus(link)) => {
+            match tokio::time::timeout_at(deadline, tokio::time::sleep_until(link.next_poll()))
+                .await
+            {
+                Ok(()) => LinkEvent::PollDue,
+                Err(_) => LinkEvent::TimedOut,
+            }
+        }
     }
 }
 

@@ -21,6 +21,8 @@ mod http_layers;
 mod ingest;
 mod lifecycle;
 mod metrics;
+mod modbus;
+mod modbus_pymodbus;
 mod openapi;
 mod reload;
 mod resilience;

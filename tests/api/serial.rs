@@ -20,14 +20,14 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::{DEADLINE, TestApp, spawn_app, temp_path, u64_at, wait_until};
 
 /// A `socat` pty pair: the gateway opens `gateway`, the test writes to `device`.
-struct PtyPair {
+pub(crate) struct PtyPair {
     child: Child,
-    gateway: PathBuf,
-    device: PathBuf,
+    pub(crate) gateway: PathBuf,
+    pub(crate) device: PathBuf,
 }
 
 impl PtyPair {
-    async fn spawn(dir: &Path) -> Self {
+    pub(crate) async fn spawn(dir: &Path) -> Self {
         let gateway = dir.join("ttyGW");
         let device = dir.join("ttyDEV");
         let child = Command::new("socat")
@@ -52,7 +52,7 @@ impl PtyPair {
     }
 
     /// Kills socat: both ptys disappear, as when a USB adapter is unplugged.
-    fn unplug(&mut self) {
+    pub(crate) fn unplug(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

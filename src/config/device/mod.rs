@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod modbus;
 mod serial;
 mod simulator;
 mod validate;
 
+pub use self::modbus::{ByteOrder, DataType, RegisterSettings, Table, parse_host_port};
 #[cfg(test)]
 pub(super) use self::serial::SHORTEST_FRAME;
 pub use self::serial::{Parity, SerialSettings};
@@ -24,6 +26,11 @@ pub enum DeviceKind {
     Simulated,
     /// A real serial port (tty), opened with the `[devices.serial]` settings.
     Serial,
+    /// A Modbus TCP server at `address`, polled for its `[[devices.registers]]`.
+    ModbusTcp,
+    /// A Modbus RTU slave on the `[devices.serial]` line, polled for its
+    /// `[[devices.registers]]`.
+    ModbusRtu,
 }
 
 impl DeviceKind {
@@ -32,6 +39,8 @@ impl DeviceKind {
         match self {
             Self::Simulated => "simulated",
             Self::Serial => "serial",
+            Self::ModbusTcp => "modbus_tcp",
+            Self::ModbusRtu => "modbus_rtu",
         }
     }
 }
@@ -101,9 +110,30 @@ pub struct DeviceSettings {
     /// differs from the defaults, since it would ignore it.
     #[serde(default)]
     pub simulator: SimulatorSettings,
-    /// The serial port, for `kind = "serial"`.
+    /// The serial port, for `kind = "serial"` and `"modbus_rtu"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialSettings>,
+    /// Modbus TCP: the server's `host:port`, e.g. `"192.168.1.20:502"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Modbus: the unit (slave) id, 0 to 247; unset means 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_id: Option<u32>,
+    /// Modbus: time between two polls of the register map, 1 to 3 600 000 ms; unset means
+    /// 1000. The read timeout and staleness limit derive from it as from `sample_interval_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval_ms: Option<u64>,
+    /// Modbus: longest wait for one answer, 1 to 60 000 ms; unset means 500. tokio-modbus has
+    /// no request timeout of its own, so every request is wrapped in this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Modbus: attempts after the first before a request counts as a failure, 0 to 10; unset
+    /// means 1. The connection is rebuilt before each retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// Modbus: the register map, one named channel per register.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub registers: Vec<RegisterSettings>,
 }
 
 impl DeviceSettings {
@@ -126,7 +156,39 @@ impl DeviceSettings {
             offset: 0.0,
             simulator: SimulatorSettings::default(),
             serial: None,
+            address: None,
+            unit_id: None,
+            poll_interval_ms: None,
+            timeout_ms: None,
+            retries: None,
+            registers: Vec::new(),
         }
+    }
+
+    /// A Modbus TCP device at `address` reading `registers`, every other setting at its
+    /// default.
+    pub fn modbus_tcp(id: &str, address: &str, registers: Vec<RegisterSettings>) -> Self {
+        Self {
+            kind: DeviceKind::ModbusTcp,
+            address: Some(address.to_owned()),
+            registers,
+            ..Self::simulated(id)
+        }
+    }
+
+    /// The Modbus unit id (validated to 0..=247).
+    pub fn modbus_unit_id(&self) -> u8 {
+        u8::try_from(self.unit_id.unwrap_or(modbus::default_unit_id())).unwrap_or(u8::MAX)
+    }
+
+    /// The Modbus request timeout.
+    pub fn modbus_timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.unwrap_or(modbus::default_timeout_ms()))
+    }
+
+    /// Attempts after the first of a Modbus request.
+    pub fn modbus_retries(&self) -> u32 {
+        self.retries.unwrap_or(modbus::default_retries())
     }
 
     /// A serial device on `path` with every other setting at its default.
@@ -153,8 +215,14 @@ impl DeviceSettings {
         )
     }
 
-    /// The configured sample interval.
+    /// The configured sample interval; for a Modbus device, its poll interval.
     pub fn interval(&self) -> Duration {
+        if self.is_modbus() {
+            let ms = self
+                .poll_interval_ms
+                .unwrap_or(modbus::default_poll_interval_ms());
+            return Duration::from_millis(ms);
+        }
         Duration::from_millis(self.sample_interval_ms)
     }
 }

@@ -35,6 +35,10 @@ impl DeviceSettings {
         }
         self.check_ranges(at)?;
         self.check_timeouts(at)?;
+        if self.is_modbus() {
+            return self.validate_modbus(at);
+        }
+        self.refuse_modbus_keys(at)?;
         match (self.kind, &self.serial) {
             (DeviceKind::Serial, None) => Err(ConfigError::invalid(
                 format!("{at}.serial"),
@@ -55,11 +59,11 @@ impl DeviceSettings {
                 let bits = serial.frame_bits();
                 self.check_line(at, "serial.baud", serial.baud, bytes, bits)
             }
-            (DeviceKind::Simulated, Some(_)) => Err(ConfigError::invalid(
+            (_, Some(_)) => Err(ConfigError::invalid(
                 format!("{at}.serial"),
                 "only devices of kind \"serial\" take serial settings",
             )),
-            (DeviceKind::Simulated, None) => {
+            (_, None) => {
                 self.simulator.validate(&format!("{at}.simulator"))?;
                 self.check_simulated_frames(at)
             }
@@ -104,7 +108,7 @@ impl DeviceSettings {
 
     /// Explicit timeouts that a device sending every `sample_interval_ms` can never satisfy.
     fn check_timeouts(&self, at: &str) -> Result<(), ConfigError> {
-        let interval = self.sample_interval_ms;
+        let interval = self.interval().as_millis() as u64;
         if interval == 0 {
             return Ok(()); // As fast as the link goes: any timeout can be met.
         }

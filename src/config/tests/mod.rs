@@ -8,6 +8,7 @@ use crate::buffer::OverflowPolicy;
 mod display;
 mod env;
 mod ignored;
+mod modbus;
 mod pairs;
 mod ranges;
 mod warnings;
