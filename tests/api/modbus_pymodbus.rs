@@ -129,6 +129,30 @@ async fn the_gateway_decodes_what_a_pymodbus_server_was_given() {
     for ((channel, .., expected), value) in map.iter().zip(&got) {
         assert_eq!(value.unwrap(), *expected, "channel {channel}");
     }
+    // The named channels reach every view: one statistics series and one
+    // `telemetryhub_channel_value` series per register, holding what pymodbus was given (the
+    // server's values do not move).
+    let scrape = app.scrape().await;
+    let (_, device) = app.get_json("/devices/py").await;
+    for (channel, .., expected) in &map {
+        let labels = [("device", "py"), ("channel", *channel), ("unit", "u")];
+        assert_eq!(
+            scrape.value("telemetryhub_channel_value", &labels),
+            *expected,
+            "gauge of {channel}"
+        );
+        let series = device["series"]
+            .as_array()
+            .and_then(|all| all.iter().find(|s| s["channel"] == *channel))
+            .unwrap_or_else(|| panic!("a series for {channel}: {device}"));
+        assert_eq!(series["last"].as_f64(), Some(*expected), "series {channel}");
+    }
+    assert_eq!(
+        scrape
+            .find("telemetryhub_channel_value", &[("device", "py")])
+            .len(),
+        map.len()
+    );
 
     // Every poll is four requests: one per table, the ten input channels in one of them.
     let requests = lines.lock().unwrap().clone();
