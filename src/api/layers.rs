@@ -13,7 +13,7 @@
 //!
 //! Compression is negotiated from `Accept-Encoding` (gzip or zstd) and applied only where it
 //! pays: on `/metrics`, `GET /samples` and `/openapi.json` (see [`compression`]), and there
-//! only above [`MIN_COMPRESSED_BYTES`]. Every other route, `/status` among them, never meets
+//! only above [`MIN_COMPRESSED_BYTES`] and on successes. Every other route, `/status` among them, never meets
 //! the compression layer, and `/events` (a never-ending event stream that must reach the
 //! browser event by event) is not among them.
 
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::Request;
-use axum::http::{HeaderName, HeaderValue, header};
+use axum::http::{Extensions, HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
 use tower_http::compression::CompressionLayer;
 use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
 use tower_http::request_id::{MakeRequestId, RequestId};
@@ -127,10 +127,18 @@ pub fn log_request(request: &Request) {
 }
 
 /// The compression layer of the large responses: gzip or zstd as the client accepts, above
-/// [`MIN_COMPRESSED_BYTES`], never for event streams (tower-http's default predicate).
+/// [`MIN_COMPRESSED_BYTES`], never for event streams (tower-http's default predicate), and
+/// only for successes: an error body is small in practice, and the guard writes it again
+/// with the request id after this layer has run (see [`super::error`]), which would leave a
+/// plain body under a `Content-Encoding` header.
 pub fn compression() -> CompressionLayer<impl Predicate> {
-    CompressionLayer::new()
-        .compress_when(DefaultPredicate::new().and(SizeAbove::new(MIN_COMPRESSED_BYTES)))
+    let success =
+        |status: StatusCode, _: Version, _: &HeaderMap, _: &Extensions| status.is_success();
+    CompressionLayer::new().compress_when(
+        DefaultPredicate::new()
+            .and(SizeAbove::new(MIN_COMPRESSED_BYTES))
+            .and(success),
+    )
 }
 
 #[cfg(test)]
