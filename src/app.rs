@@ -213,6 +213,7 @@ impl App {
         let workers = pipeline.workers;
         let state = AppState {
             devices: pipeline.devices.clone(),
+            devices_settled: pipeline.devices_settled(),
             buffer: pipeline.buffer.clone(),
             worker: pipeline.worker.clone(),
             pool: pipeline.pool.clone(),

@@ -93,6 +93,24 @@ pub struct DeviceControl {
     set: Arc<tokio::sync::Mutex<DeviceSet>>,
 }
 
+/// Waits out a change of the running devices in progress: [`Pipeline::devices_settled`].
+///
+/// For the API's commands: a live reload may end a device's task between a request loading
+/// the device list and commanding the device; once the reload is done, the request finds the
+/// device gone or under a new task in the published list.
+#[derive(Clone)]
+pub struct DevicesSettled {
+    set: Arc<tokio::sync::Mutex<DeviceSet>>,
+}
+
+impl DevicesSettled {
+    /// Returns once no reload is changing the devices (at once when none is). A reload stops
+    /// each device it ends within `STOP_WAIT`, so this wait is bounded.
+    pub async fn wait(&self) {
+        drop(self.set.lock().await);
+    }
+}
+
 impl Pipeline {
     /// Starts every stage on `tracker`; devices stop when `cancel` is cancelled or on
     /// [`Self::drain`]. Each device's link is its configured kind: a tty, or the embedded
@@ -128,6 +146,13 @@ impl Pipeline {
     /// The handle a live reload changes the devices with.
     pub fn device_control(&self) -> DeviceControl {
         DeviceControl {
+            set: self.device_set.clone(),
+        }
+    }
+
+    /// The handle the API waits out a reload's device changes with.
+    pub fn devices_settled(&self) -> DevicesSettled {
+        DevicesSettled {
             set: self.device_set.clone(),
         }
     }

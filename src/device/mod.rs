@@ -305,6 +305,12 @@ impl DeviceHandle {
         self.kind
     }
 
+    /// Whether `other` is a handle on the same task (a live reload that restarts a device
+    /// gives it a new task, and so a new handle, under the same id).
+    pub fn same_task(&self, other: &DeviceHandle) -> bool {
+        self.requests.same_channel(&other.requests)
+    }
+
     /// The latest published status.
     pub fn status(&self) -> DeviceStatus {
         self.status.borrow().clone()

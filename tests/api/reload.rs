@@ -745,3 +745,52 @@ async fn the_forwarder_reconnects_to_a_new_broker_and_no_spooled_sample_is_lost(
     assert_eq!(summary.ledger.unspooled, 0, "{summary:?}");
     let _ = std::fs::remove_file(path);
 }
+
+/// `POST /stop` racing reloads that remove, re-add and restart a device always succeeds, as
+/// the README promises: a device whose task the reload just ended is skipped if it is gone and
+/// commanded again through its new task if it was restarted, never a 503 "shutting down" with
+/// the devices after it left uncommanded (review finding 2).
+#[tokio::test]
+async fn stop_racing_reloads_always_succeeds() {
+    let with_b = [Dev("keep", 5, 1.0), Dev("b", 5, 1.0), Dev("z", 5, 1.0)];
+    let b_restarted = [Dev("keep", 5, 1.0), Dev("b", 7, 1.0), Dev("z", 5, 1.0)];
+    let without_b = [Dev("keep", 5, 1.0), Dev("z", 5, 1.0)];
+    let versions = [
+        config(&without_b, ""),
+        config(&with_b, ""),
+        config(&b_restarted, ""),
+    ];
+    let (app, path) = spawn_from_file(&config(&with_b, "")).await;
+    app.wait_processed_above(10).await;
+    let app = Arc::new(app);
+    let done = Arc::new(AtomicBool::new(false));
+    let stoppers: Vec<_> = (0..3)
+        .map(|_| {
+            let (app, done) = (app.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut answers = Vec::new();
+                while !done.load(Ordering::Relaxed) {
+                    let (code, body) = app.post_json("/stop").await;
+                    answers.push((code, body));
+                }
+                answers
+            })
+        })
+        .collect();
+    for i in 0..150 {
+        let (code, body) = reload(&app, &path, &versions[i % versions.len()]).await;
+        assert_eq!(code, StatusCode::OK, "reload {i}: {body}");
+    }
+    done.store(true, Ordering::Relaxed);
+    let mut stops = 0;
+    for stopper in stoppers {
+        for (code, body) in stopper.await.expect("the stopper does not panic") {
+            assert_eq!(code, StatusCode::OK, "POST /stop during a reload: {body}");
+            stops += 1;
+        }
+    }
+    assert!(stops > 100, "only {stops} stops raced the reloads");
+    let app = Arc::into_inner(app).expect("the stoppers are done");
+    assert!(app.shut_down().await.balanced);
+    let _ = std::fs::remove_file(path);
+}
