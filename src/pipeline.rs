@@ -20,7 +20,6 @@ use crate::buffer::RingBuffer;
 use crate::config::{DeviceKind, DeviceSettings, Settings};
 use crate::device::serial::SerialConnector;
 use crate::device::sim::SimConnector;
-use crate::device::state::Command;
 use crate::device::{Connector, DeviceHandle, DeviceTask};
 use crate::dispatch::{Dispatcher, PoolGauges, ProcessFn};
 use crate::ledger::Ledger;
@@ -334,17 +333,20 @@ fn same_but_calibration(a: &DeviceSettings, b: &DeviceSettings) -> bool {
     *a == b
 }
 
-/// How long a device being removed may take to acknowledge its stop.
+/// How long a device being removed may take to push what it has read.
 const STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// How long past [`STOP_WAIT`] a retired task may take to end before it is cancelled.
+const RETIRE_MARGIN: Duration = Duration::from_millis(500);
 
 impl DeviceControl {
     /// Makes the running devices those of `devices`, in that order; reports what changed.
     ///
     /// Devices whose settings are equal keep their task (and so their link, counters, state
-    /// and statistics). Devices removed or changed are stopped first, as an operator's stop
-    /// would (a sample waiting for room in a full `block` buffer is counted as `stopped`; what
-    /// was pushed stays in the buffer and is processed), and their tasks awaited; then the
-    /// new tasks start. The caller (the reload) applies calibrations to the workers.
+    /// and statistics). Devices removed or changed are retired first: they read no more,
+    /// finish pushing what they read (waiting for room in a full `block` buffer up to
+    /// `STOP_WAIT`), and their tasks are awaited; what was pushed stays in the buffer and is
+    /// processed. Then the new tasks start. The caller (the reload) applies calibrations to the workers.
     pub async fn apply(&self, devices: &[DeviceSettings]) -> DeviceChanges {
         let mut set = self.set.lock().await;
         let mut old: Vec<Option<RunningDevice>> = std::mem::take(&mut set.running)
@@ -396,15 +398,30 @@ impl DeviceControl {
     }
 }
 
-/// Stops devices as an operator would, then ends their tasks and waits for them.
+/// Retires devices a reload removes or replaces, and waits for their tasks to end.
+///
+/// Not an operator's stop: a stopped device drops the samples it waits to push into a full
+/// `block` buffer, and a reload must lose none. A retired device reads no more and finishes
+/// its push within [`STOP_WAIT`]; only a buffer full for that long makes it count the rest as
+/// `stopped`. A task that has not ended a little after that is cancelled.
 async fn stop_all(devices: Vec<RunningDevice>) {
-    let stops = devices.iter().map(|r| async {
-        // Refused when already stopped; either way the task ends below.
-        let _ = tokio::time::timeout(STOP_WAIT, r.handle.command(Command::Stop)).await;
-        r.cancel.cancel();
+    let deadline = tokio::time::Instant::now() + STOP_WAIT;
+    let ends = devices.into_iter().map(|r| async move {
+        let RunningDevice {
+            handle,
+            cancel,
+            mut task,
+            ..
+        } = r;
+        // `false` when the task has ended already; either way it is awaited below.
+        let _ = tokio::time::timeout_at(deadline, handle.retire(deadline)).await;
+        if tokio::time::timeout_at(deadline + RETIRE_MARGIN, &mut task)
+            .await
+            .is_err()
+        {
+            cancel.cancel();
+            let _ = task.await;
+        }
     });
-    futures_util::future::join_all(stops).await;
-    for running in devices {
-        let _ = running.task.await;
-    }
+    futures_util::future::join_all(ends).await;
 }

@@ -229,6 +229,9 @@ enum Request {
         deadline: Instant,
         reply: oneshot::Sender<Result<String, SendError>>,
     },
+    /// A live reload removes or replaces the device: read no more, finish handing what was
+    /// read to the buffer by `deadline` (then count the rest as stopped), and end the task.
+    Retire { deadline: Instant },
 }
 
 /// Longest command line sent to a device.
@@ -335,6 +338,17 @@ impl DeviceHandle {
             .await
             .map_err(|_| unavailable())?;
         Ok(response.await.map_err(|_| unavailable())??)
+    }
+
+    /// Asks the task to end for a live reload: it reads nothing more, finishes the push in
+    /// progress (waiting for room in a `block` buffer) by `deadline`, counts what is still not
+    /// pushed then as stopped, and ends. Await the task to know it has. `false` when the task
+    /// has ended already.
+    pub async fn retire(&self, deadline: Instant) -> bool {
+        self.requests
+            .send(Request::Retire { deadline })
+            .await
+            .is_ok()
     }
 
     /// Sends a command line (`GET_STATUS`, `SET_RATE=50`, ...) down the link and waits for the

@@ -148,6 +148,9 @@ pub struct DeviceTask<C: Connector> {
     /// The interval the device last acknowledged with `SET_RATE`, if it ever did; sent again
     /// after every reconnect.
     rate: Option<Duration>,
+    /// Set by [`Request::Retire`]: the task ends once the push in progress is done, or at
+    /// this instant.
+    retiring: Option<Instant>,
 }
 
 impl<C: Connector> DeviceTask<C> {
@@ -209,6 +212,7 @@ impl<C: Connector> DeviceTask<C> {
             last_good: Instant::now(),
             last_seq: None,
             rate: None,
+            retiring: None,
         };
         if initial.overridden {
             task.warn_overridden(settings.interval());
@@ -222,7 +226,7 @@ impl<C: Connector> DeviceTask<C> {
         if self.autostart {
             self.apply(Command::Start).ok();
         }
-        loop {
+        while self.retiring.is_none() {
             let active = self.state.is_active();
             tokio::select! {
                 biased;
@@ -251,7 +255,7 @@ impl<C: Connector> DeviceTask<C> {
                     let _ = reply.send(Err(SendError::Unavailable(self.id.clone())));
                 }
                 // Dropped unanswered, which the handle reports as unavailable.
-                Request::Control { .. } => {}
+                Request::Control { .. } | Request::Retire { .. } => {}
             }
         }
     }
@@ -275,6 +279,7 @@ impl<C: Connector> DeviceTask<C> {
                 deadline,
                 reply,
             } => self.send(line, deadline, reply).await,
+            Request::Retire { deadline } => self.retiring = Some(deadline),
         }
     }
 
@@ -501,6 +506,8 @@ impl<C: Connector> DeviceTask<C> {
 
     /// Hands samples to the buffer. With `Block` this may wait for room; commands are still
     /// served meanwhile, and a stop (or shutdown) drops what is left, counted with a reason.
+    /// A retirement (a live reload) lets the push finish, up to its deadline: a reload loses
+    /// nothing unless the buffer stays full that long.
     async fn push(&mut self, mut samples: VecDeque<Sample>) {
         // Counted as read before the push, so the device never shows fewer than the ledger.
         self.counters
@@ -529,6 +536,10 @@ impl<C: Connector> DeviceTask<C> {
                             abandoned = Some(DropReason::Stopped);
                             break;
                         }
+                    }
+                    () = until(self.retiring) => {
+                        abandoned = Some(DropReason::Stopped);
+                        break;
                     }
                 }
             }
@@ -606,6 +617,14 @@ async fn next_event<C: Connector>(
             Ok(None) => LinkEvent::Ended,
             Err(_) => LinkEvent::TimedOut,
         },
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -794,3 +794,43 @@ async fn stop_racing_reloads_always_succeeds() {
     assert!(app.shut_down().await.balanced);
     let _ = std::fs::remove_file(path);
 }
+
+/// Under `overflow = "block"` a full buffer makes device tasks wait in their push; a reload that
+/// removes or restarts such a device lets it finish the push before its task ends, so nothing
+/// is dropped, as `block` promises (review finding 1: 40 reloads of this kind dropped about
+/// 1 400 samples as `stopped`).
+#[tokio::test]
+async fn reloads_under_block_with_a_tiny_buffer_drop_nothing() {
+    const EXTRA: &str = "[buffer]\ncapacity = 1\noverflow = \"block\"\n";
+    let with_b = [Dev("a", 0, 1.0), Dev("b", 0, 1.0), Dev("c", 0, 1.0)];
+    let b_restarted = [Dev("a", 0, 1.0), Dev("b", 1, 1.0), Dev("c", 0, 1.0)];
+    let without_b = [Dev("a", 0, 1.0), Dev("c", 0, 1.0)];
+    let versions = [
+        config(&without_b, EXTRA),
+        config(&with_b, EXTRA),
+        config(&b_restarted, EXTRA),
+    ];
+    let (app, path) = spawn_from_file(&config(&with_b, EXTRA)).await;
+    app.wait_processed_above(100).await;
+    for i in 0..40 {
+        let (code, body) = reload(&app, &path, &versions[i % versions.len()]).await;
+        assert_eq!(code, StatusCode::OK, "reload {i}: {body}");
+        let processed = app.processed().await;
+        app.wait_processed_above(processed).await;
+    }
+    let summary = app.shut_down().await;
+    eprintln!("{summary:?}");
+    assert!(summary.balanced, "{summary:?}");
+    let ledger = &summary.ledger;
+    assert!(ledger.read > 1000, "the devices were reading: {summary:?}");
+    // Shutdown itself may drop what waits for room (`shutdown`); the reloads drop nothing.
+    assert_eq!(
+        ledger.dropped.total()
+            - ledger
+                .dropped
+                .get(telemetryhub::ledger::DropReason::Shutdown),
+        0,
+        "no sample dropped by a reload: {summary:?}"
+    );
+    let _ = std::fs::remove_file(path);
+}
