@@ -834,3 +834,52 @@ async fn reloads_under_block_with_a_tiny_buffer_drop_nothing() {
     );
     let _ = std::fs::remove_file(path);
 }
+
+/// New uplink settings take effect at once, even while the forwarder sits out a long reconnect
+/// backoff after failing to reach the old broker (review finding 4: it connected to the new
+/// broker only when the 20 s backoff ran out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_uplink_settings_cut_the_reconnect_backoff_short() {
+    let dead = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("a free port");
+    let dead_url = format!(
+        "mqtt://127.0.0.1:{}",
+        dead.local_addr().expect("bound").port()
+    );
+    drop(dead);
+    let broker = Broker::start().await;
+    let spool = tempfile::tempdir().expect("a temp dir");
+    // The first retry comes 30 to 60 s after a failure (jitter of up to half).
+    let uplink = |url: &str| {
+        format!(
+            "[uplink]\nurl = \"{url}\"\ngateway_id = \"gw\"\n\
+             reconnect_initial_ms = 60000\nreconnect_max_ms = 60000\n\
+             [spool]\npath = \"{}\"\n",
+            spool.path().display()
+        )
+    };
+    let devices = [Dev("dev", 10, 1.0)];
+    let (app, path) = spawn_from_file(&config(&devices, &uplink(&dead_url))).await;
+    wait_until(
+        DEADLINE,
+        "the dead broker refused a connection",
+        async || {
+            let (_, u) = app.get_json("/uplink").await;
+            !u["last_error"].is_null()
+        },
+    )
+    .await;
+    let (code, report) = reload(&app, &path, &config(&devices, &uplink(&broker.url()))).await;
+    assert_eq!(code, StatusCode::OK, "{report}");
+    // Well within the 30 s the backoff has left at least.
+    wait_until(
+        Duration::from_secs(10),
+        "connected to the new broker",
+        async || {
+            let (_, u) = app.get_json("/uplink").await;
+            u["broker"] == broker.url() && u["connected"] == true
+        },
+    )
+    .await;
+    assert!(app.shut_down().await.balanced);
+    let _ = std::fs::remove_file(path);
+}
