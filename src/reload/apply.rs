@@ -84,11 +84,20 @@ impl Reloader {
     /// Reloads: loads and checks the configuration, then applies all of it that can change
     /// live, or nothing at all. Logs and counts the outcome.
     pub async fn reload(&mut self, trigger: Trigger) -> Result<ReloadReport, ReloadError> {
+        // Checked before telling systemd anything: once shutdown has begun, STOPPING=1 may have
+        // gone out, and a RELOADING=1/READY=1 after it would tell systemd the service is up.
+        if self.shutdown.is_cancelled() {
+            return Err(ReloadError::ShuttingDown);
+        }
         // systemd wants READY=1 after RELOADING=1 whatever the outcome: a refused file leaves
         // the gateway running, and ready, on the old configuration.
         self.parts.notifier.reloading();
         let outcome = self.try_reload().await;
-        self.parts.notifier.ready();
+        // Unless shutdown began meanwhile: then STOPPING=1 follows (or went out), and a READY=1
+        // would contradict it.
+        if !self.shutdown.is_cancelled() {
+            self.parts.notifier.ready();
+        }
         match &outcome {
             Ok(report) => {
                 crate::metrics::config_loaded(true);
@@ -123,9 +132,6 @@ impl Reloader {
     }
 
     async fn try_reload(&mut self) -> Result<ReloadReport, ReloadError> {
-        if self.shutdown.is_cancelled() {
-            return Err(ReloadError::ShuttingDown);
-        }
         let loaded = self.source.load()?;
         let (next, restart_required) = keep_restart_only(&self.running, loaded);
         // Checked again: the restart-only values kept from the running configuration must
@@ -272,8 +278,80 @@ fn keep_restart_only(running: &Settings, mut loaded: Settings) -> (Settings, Vec
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::net::UnixDatagram;
+
+    use tokio_util::task::TaskTracker;
+
     use super::*;
     use crate::config::UplinkSettings;
+    use crate::pipeline::Pipeline;
+
+    /// A reloader of a pipeline started from `settings`, re-reading `file`, notifying `socket`.
+    fn reloader(
+        settings: &Settings,
+        file: std::path::PathBuf,
+        socket: &std::path::Path,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> (Reloader, Pipeline) {
+        let pipeline = Pipeline::start(settings, tracker, &shutdown, None, None);
+        let parts = LiveParts {
+            guard: Arc::new(Swap::new(Arc::new(Guard::new(&settings.http)))),
+            ingest: Arc::new(Swap::new(Arc::new(IngestLimits::new(settings)))),
+            header_read_timeout: watch::channel(settings.http.header_read_timeout()).0,
+            worker: pipeline.worker.clone(),
+            devices: pipeline.device_control(),
+            log: None,
+            uplink: None,
+            notifier: Notifier::to_socket(socket, None),
+        };
+        let source = ConfigSource::new(Some(file), std::iter::empty());
+        let reloader = Reloader::new(source, settings.clone(), parts, shutdown);
+        (reloader, pipeline)
+    }
+
+    /// Every datagram waiting on `socket`.
+    fn received(socket: &UnixDatagram) -> Vec<String> {
+        let mut messages = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        messages
+    }
+
+    #[tokio::test]
+    async fn a_reload_after_shutdown_began_tells_systemd_nothing() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let file = dir.path().join("telemetryhub.toml");
+        std::fs::write(&file, "").expect("the temp dir is writable");
+        let socket_path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&socket_path).expect("a datagram socket");
+        socket.set_nonblocking(true).expect("non-blocking");
+        let settings = Settings::default();
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let (mut reloader, pipeline) =
+            reloader(&settings, file, &socket_path, shutdown.clone(), &tracker);
+
+        // While running: RELOADING=1, then READY=1.
+        reloader.reload(Trigger::Http).await.expect("applied");
+        let messages = received(&socket);
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(messages[0].contains("RELOADING=1"), "{messages:?}");
+        assert!(messages[1].contains("READY=1"), "{messages:?}");
+
+        // Once STOPPING=1 may have gone out, a reload must not say RELOADING=1 or READY=1.
+        shutdown.cancel();
+        let outcome = reloader.reload(Trigger::Signal).await;
+        assert!(
+            matches!(outcome, Err(ReloadError::ShuttingDown)),
+            "{outcome:?}"
+        );
+        assert_eq!(received(&socket), Vec::<String>::new());
+        pipeline
+            .drain(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
+    }
 
     #[test]
     fn restart_only_settings_keep_their_running_values_and_are_named() {
