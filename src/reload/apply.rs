@@ -208,15 +208,15 @@ impl Reloader {
             applied("devices");
             report.devices = self.parts.devices.apply(&next.devices).await;
             // A device that is new here, or whose task was replaced, starts with empty
-            // statistics; a removed one's are forgotten.
+            // statistics (a replaced task's samples still queued count in the new ones: same
+            // device, same series). A removed one's are forgotten, and its samples still
+            // queued make none again.
             let fresh = report.devices.added.iter();
-            let gone = report
-                .devices
-                .removed
-                .iter()
-                .chain(&report.devices.restarted);
-            for id in fresh.chain(gone) {
+            for id in fresh.chain(&report.devices.restarted) {
                 self.parts.worker.reset_stats(id);
+            }
+            for id in &report.devices.removed {
+                self.parts.worker.remove_stats(id);
             }
         } else {
             report.devices.unchanged = next.devices.iter().map(|d| d.id.clone()).collect();
@@ -348,6 +348,58 @@ mod tests {
             "{outcome:?}"
         );
         assert_eq!(received(&socket), Vec::<String>::new());
+        pipeline
+            .drain(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
+    }
+
+    /// A sample of `device`, as if it had waited in the buffer.
+    fn queued(device: &'static str) -> crate::sample::Sample {
+        crate::sample::Sample {
+            device: smol_str::SmolStr::new_static(device),
+            ..crate::sample::Sample::test(1, 2.0)
+        }
+    }
+
+    #[tokio::test]
+    async fn samples_of_a_removed_device_processed_after_the_reload_leave_no_statistics() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let file = dir.path().join("telemetryhub.toml");
+        let devices = |ids: &[&str]| {
+            ids.iter()
+                .map(|id| format!("[[devices]]\nid = \"{id}\"\nsample_interval_ms = 1000\n"))
+                .collect::<String>()
+        };
+        std::fs::write(&file, devices(&["stays", "gone"])).expect("writable");
+        let source = ConfigSource::new(Some(file.clone()), std::iter::empty());
+        let settings = source.load().expect("a valid config");
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let socket = dir.path().join("no-listener.sock");
+        let (mut reloader, pipeline) =
+            reloader(&settings, file.clone(), &socket, shutdown.clone(), &tracker);
+        let worker = pipeline.worker.clone();
+        worker.process(vec![queued("gone")]);
+        assert!(worker.stats("gone").stats.is_some());
+
+        std::fs::write(&file, devices(&["stays"])).expect("writable");
+        let report = reloader.reload(Trigger::Http).await.expect("applied");
+        assert_eq!(report.devices.removed, ["gone"]);
+        // What `gone` read before its task ended is still processed, after the reload.
+        let outcome = worker.process(vec![queued("gone")]);
+        assert_eq!(outcome.processed, 1, "its samples are processed, not lost");
+        assert_eq!(
+            worker.stats("gone"),
+            crate::worker::DeviceStats::default(),
+            "no statistics are kept for a device nobody can see"
+        );
+
+        // Added again, it starts afresh and is counted.
+        std::fs::write(&file, devices(&["stays", "gone"])).expect("writable");
+        let report = reloader.reload(Trigger::Http).await.expect("applied");
+        assert_eq!(report.devices.added, ["gone"]);
+        worker.process(vec![queued("gone")]);
+        assert_eq!(worker.stats("gone").stats.map(|s| s.count), Some(1));
+        shutdown.cancel();
         pipeline
             .drain(tokio::time::Instant::now() + Duration::from_secs(5))
             .await;
