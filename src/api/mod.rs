@@ -188,6 +188,7 @@ pub fn router(state: AppState, guard: Arc<Swap<Guard>>) -> Router {
                 .layer(SetSensitiveRequestHeadersLayer::new(
                     layers::SENSITIVE_HEADERS,
                 ))
+                .layer(layers::CheckRequestIdLayer)
                 .layer(SetRequestIdLayer::new(
                     layers::REQUEST_ID,
                     layers::RequestIds::new(),

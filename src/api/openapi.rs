@@ -156,7 +156,8 @@ fn add_guard_responses(guard: &Guard, method: &Method, path: &str, operation: &m
                 HeaderBuilder::new()
                     .schema(utoipa::openapi::Object::with_type(Type::String))
                     .description(Some(
-                        "The request's id: the client's `x-request-id`, or one the gateway made",
+                        "The request's id: the client's `x-request-id` (if 1 to 128 visible ASCII \
+                         characters), or one the gateway made",
                     ))
                     .build(),
             );

@@ -248,3 +248,41 @@ async fn large_error_bodies_on_compressed_routes_are_plain_json_with_the_request
     }
     app.shut_down().await;
 }
+
+/// A client's `x-request-id` is kept only if it is 1 to 128 visible ASCII characters; any
+/// other gets replaced by one the gateway makes, so it never reaches the logs or the bodies
+/// (review finding 9).
+#[tokio::test]
+async fn a_clients_request_id_is_kept_only_if_short_and_visible_ascii() {
+    let app = spawn_app(|_| {}).await;
+    let send = async |id: &str| {
+        let response = app
+            .client
+            .get(app.url("/nowhere"))
+            .header("x-request-id", id)
+            .send()
+            .await
+            .expect("GET /nowhere");
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let header = request_id(&response);
+        let body: Value = response.json().await.expect("a JSON error body");
+        assert_eq!(body["request_id"], header.as_str(), "{body}");
+        header
+    };
+    let longest = "r".repeat(128);
+    assert_eq!(send(&longest).await, longest);
+    assert_eq!(send("a-b_c.d:e/f").await, "a-b_c.d:e/f");
+    for refused in [
+        "r".repeat(129),
+        "r".repeat(4000),
+        "has space".to_owned(),
+        "tab\there".to_owned(),
+    ] {
+        let made = send(&refused).await;
+        assert_ne!(made, refused);
+        let (prefix, n) = made.split_once('-').expect("one the gateway made");
+        assert_eq!(prefix.len(), 16, "{made}");
+        assert!(n.bytes().all(|c| c.is_ascii_digit()), "{made}");
+    }
+    app.shut_down().await;
+}
