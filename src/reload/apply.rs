@@ -182,14 +182,14 @@ impl Reloader {
         }
         let mut notes = Vec::new();
         if next.log.level != running.log.level {
-            applied("log.level");
+            // Listed as applied only when it is: otherwise a note says why not.
             match self
                 .parts
                 .log
                 .as_ref()
                 .map(|log| log.set_level(&next.log.level))
             {
-                Some(Ok(true)) => {}
+                Some(Ok(true)) => applied("log.level"),
                 Some(Ok(false)) => notes.push("RUST_LOG is set and wins over log.level".to_owned()),
                 Some(Err(err)) => notes.push(format!("log.level not applied: {err}")),
                 None => notes.push("log.level not applied: no log subscriber of ours".to_owned()),

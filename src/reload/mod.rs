@@ -69,7 +69,9 @@ impl Trigger {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ReloadReport {
     /// Settings that changed and were applied, as keys or sections (`http`, `log.level`,
-    /// `processing.units`, `devices`, `uplink`, ...); empty when the file changed nothing.
+    /// `processing.units`, `devices`, `uplink`, ...); empty when the file changed nothing. A
+    /// changed setting that could not apply is not here but in `notes` (`log.level` while
+    /// `RUST_LOG` is set).
     pub applied: Vec<String>,
     /// Settings that changed but need a restart; they keep their running values until then.
     pub restart_required: Vec<String>,
