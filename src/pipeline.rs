@@ -53,6 +53,9 @@ pub struct Pipeline {
 /// The running devices: one task each, in configuration order.
 struct DeviceSet {
     running: Vec<RunningDevice>,
+    /// Tasks a reload retired that may still be finishing a push into a full `block` buffer;
+    /// the drain waits for them too.
+    retired: Vec<JoinHandle<()>>,
     /// What the API reads; stored again after every change.
     live: Arc<Swap<[DeviceHandle]>>,
     buffer: Arc<RingBuffer>,
@@ -103,8 +106,8 @@ pub struct DevicesSettled {
 }
 
 impl DevicesSettled {
-    /// Returns once no reload is changing the devices (at once when none is). A reload stops
-    /// each device it ends within `STOP_WAIT`, so this wait is bounded.
+    /// Returns once no reload is changing the devices (at once when none is). A reload waits
+    /// at most `STOP_WAIT` for the devices it retires, so this wait is bounded.
     pub async fn wait(&self) {
         drop(self.set.lock().await);
     }
@@ -226,6 +229,7 @@ impl Pipeline {
         let devices: Arc<Swap<[DeviceHandle]>> = Arc::new(Swap::new(Arc::from(Vec::new())));
         let device_set = DeviceSet {
             running: Vec::new(),
+            retired: Vec::new(),
             live: devices.clone(),
             buffer: buffer.clone(),
             tracker: tracker.clone(),
@@ -252,9 +256,19 @@ impl Pipeline {
         self.devices_cancel.cancel();
         // A reload in progress holds the set; its devices end at once, since their tokens are
         // children of the one just cancelled.
-        let running = std::mem::take(&mut self.device_set.lock().await.running);
+        let (running, retired) = {
+            let mut set = self.device_set.lock().await;
+            (
+                std::mem::take(&mut set.running),
+                std::mem::take(&mut set.retired),
+            )
+        };
         for device in running {
             let _ = device.task.await;
+        }
+        // Retired tasks still pushing end too (their tokens are children of the same one).
+        for task in retired {
+            let _ = task.await;
         }
         self.buffer.close();
         let mut dispatcher = self.dispatcher;
@@ -333,20 +347,17 @@ fn same_but_calibration(a: &DeviceSettings, b: &DeviceSettings) -> bool {
     *a == b
 }
 
-/// How long a device being removed may take to push what it has read.
+/// How long a device being removed or replaced may take to close its link.
 const STOP_WAIT: Duration = Duration::from_secs(2);
-
-/// How long past [`STOP_WAIT`] a retired task may take to end before it is cancelled.
-const RETIRE_MARGIN: Duration = Duration::from_millis(500);
 
 impl DeviceControl {
     /// Makes the running devices those of `devices`, in that order; reports what changed.
     ///
     /// Devices whose settings are equal keep their task (and so their link, counters, state
-    /// and statistics). Devices removed or changed are retired first: they read no more,
-    /// finish pushing what they read (waiting for room in a full `block` buffer up to
-    /// `STOP_WAIT`), and their tasks are awaited; what was pushed stays in the buffer and is
-    /// processed. Then the new tasks start. The caller (the reload) applies calibrations to the workers.
+    /// and statistics). Devices removed or changed are retired first: they close their links
+    /// and read no more; each task ends once it has pushed what it read (waiting for room in a
+    /// full `block` buffer as long as it takes), and what was pushed is processed. Then the new
+    /// tasks start. The caller (the reload) applies calibrations to the workers.
     pub async fn apply(&self, devices: &[DeviceSettings]) -> DeviceChanges {
         let mut set = self.set.lock().await;
         let mut old: Vec<Option<RunningDevice>> = std::mem::take(&mut set.running)
@@ -388,7 +399,9 @@ impl DeviceControl {
             changes.removed.push(running.settings.id.clone());
             to_stop.push(running);
         }
-        stop_all(to_stop).await;
+        let retired = retire_all(to_stop).await;
+        set.retired.retain(|task| !task.is_finished());
+        set.retired.extend(retired);
         set.running = next
             .into_iter()
             .map(|slot| slot.unwrap_or_else(|device| set.spawn_configured(device)))
@@ -398,30 +411,35 @@ impl DeviceControl {
     }
 }
 
-/// Retires devices a reload removes or replaces, and waits for their tasks to end.
+/// Retires devices a reload removes or replaces: returns once each has closed its link, with
+/// the tasks that may still be finishing a push.
 ///
 /// Not an operator's stop: a stopped device drops the samples it waits to push into a full
-/// `block` buffer, and a reload must lose none. A retired device reads no more and finishes
-/// its push within [`STOP_WAIT`]; only a buffer full for that long makes it count the rest as
-/// `stopped`. A task that has not ended a little after that is cancelled.
-async fn stop_all(devices: Vec<RunningDevice>) {
-    let deadline = tokio::time::Instant::now() + STOP_WAIT;
-    let ends = devices.into_iter().map(|r| async move {
+/// `block` buffer, and a reload must lose none. A retired device closes its link at once (so a
+/// new task may open the same port), reads no more, answers no command, and ends once its push
+/// is done, however long a full buffer makes that take; the reload does not wait for that. A
+/// task that does not close its link within [`STOP_WAIT`] is cancelled and awaited.
+async fn retire_all(devices: Vec<RunningDevice>) -> Vec<JoinHandle<()>> {
+    let retire = devices.into_iter().map(|r| async move {
         let RunningDevice {
             handle,
             cancel,
             mut task,
             ..
         } = r;
-        // `false` when the task has ended already; either way it is awaited below.
-        let _ = tokio::time::timeout_at(deadline, handle.retire(deadline)).await;
-        if tokio::time::timeout_at(deadline + RETIRE_MARGIN, &mut task)
-            .await
-            .is_err()
-        {
-            cancel.cancel();
-            let _ = task.await;
+        match tokio::time::timeout(STOP_WAIT, handle.retire()).await {
+            Ok(true) => Some(task),
+            // Ended already, or stuck: either way it ends here.
+            Ok(false) | Err(_) => {
+                cancel.cancel();
+                let _ = (&mut task).await;
+                None
+            }
         }
     });
-    futures_util::future::join_all(ends).await;
+    futures_util::future::join_all(retire)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }

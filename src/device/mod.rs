@@ -229,9 +229,9 @@ enum Request {
         deadline: Instant,
         reply: oneshot::Sender<Result<String, SendError>>,
     },
-    /// A live reload removes or replaces the device: read no more, finish handing what was
-    /// read to the buffer by `deadline` (then count the rest as stopped), and end the task.
-    Retire { deadline: Instant },
+    /// A live reload removes or replaces the device: close the link (answering `closed` once
+    /// it is), read no more, finish handing what was read to the buffer, and end the task.
+    Retire { closed: oneshot::Sender<()> },
 }
 
 /// Longest command line sent to a device.
@@ -340,15 +340,22 @@ impl DeviceHandle {
         Ok(response.await.map_err(|_| unavailable())??)
     }
 
-    /// Asks the task to end for a live reload: it reads nothing more, finishes the push in
-    /// progress (waiting for room in a `block` buffer) by `deadline`, counts what is still not
-    /// pushed then as stopped, and ends. Await the task to know it has. `false` when the task
-    /// has ended already.
-    pub async fn retire(&self, deadline: Instant) -> bool {
-        self.requests
-            .send(Request::Retire { deadline })
+    /// Asks the task to end for a live reload, and returns once its link is closed (so a new
+    /// task may open the same port): `false` if the task had ended already. The task then
+    /// finishes the push in progress, however long a full `block` buffer makes it wait (only
+    /// cancellation, at shutdown, cuts it short), and ends; await the task to know it has.
+    /// From now on it answers no command: the handle reports it unavailable.
+    pub async fn retire(&self) -> bool {
+        let (closed, done) = oneshot::channel();
+        if self
+            .requests
+            .send(Request::Retire { closed })
             .await
-            .is_ok()
+            .is_err()
+        {
+            return false;
+        }
+        done.await.is_ok()
     }
 
     /// Sends a command line (`GET_STATUS`, `SET_RATE=50`, ...) down the link and waits for the

@@ -148,9 +148,9 @@ pub struct DeviceTask<C: Connector> {
     /// The interval the device last acknowledged with `SET_RATE`, if it ever did; sent again
     /// after every reconnect.
     rate: Option<Duration>,
-    /// Set by [`Request::Retire`]: the task ends once the push in progress is done, or at
-    /// this instant.
-    retiring: Option<Instant>,
+    /// Set by [`Request::Retire`]: the link is closed, commands are refused, and the task ends
+    /// once the push in progress is done.
+    retiring: bool,
 }
 
 impl<C: Connector> DeviceTask<C> {
@@ -212,7 +212,7 @@ impl<C: Connector> DeviceTask<C> {
             last_good: Instant::now(),
             last_seq: None,
             rate: None,
-            retiring: None,
+            retiring: false,
         };
         if initial.overridden {
             task.warn_overridden(settings.interval());
@@ -226,7 +226,7 @@ impl<C: Connector> DeviceTask<C> {
         if self.autostart {
             self.apply(Command::Start).ok();
         }
-        while self.retiring.is_none() {
+        while !self.retiring {
             let active = self.state.is_active();
             tokio::select! {
                 biased;
@@ -271,6 +271,12 @@ impl<C: Connector> DeviceTask<C> {
 
     async fn handle(&mut self, request: Request) {
         match request {
+            // Dropped unanswered: the handle reports the task as gone, and the API goes on to
+            // the device's new task, if the reload started one.
+            Request::Control { .. } if self.retiring => {}
+            Request::Send { reply, .. } if self.retiring => {
+                let _ = reply.send(Err(SendError::Unavailable(self.id.clone())));
+            }
             Request::Control { command, reply } => {
                 let _ = reply.send(self.apply(command));
             }
@@ -279,7 +285,11 @@ impl<C: Connector> DeviceTask<C> {
                 deadline,
                 reply,
             } => self.send(line, deadline, reply).await,
-            Request::Retire { deadline } => self.retiring = Some(deadline),
+            Request::Retire { closed } => {
+                self.retiring = true;
+                self.close_link(SendError::LinkClosed);
+                let _ = closed.send(());
+            }
         }
     }
 
@@ -506,8 +516,7 @@ impl<C: Connector> DeviceTask<C> {
 
     /// Hands samples to the buffer. With `Block` this may wait for room; commands are still
     /// served meanwhile, and a stop (or shutdown) drops what is left, counted with a reason.
-    /// A retirement (a live reload) lets the push finish, up to its deadline: a reload loses
-    /// nothing unless the buffer stays full that long.
+    /// A retirement (a live reload) lets the push finish: a reload loses nothing.
     async fn push(&mut self, mut samples: VecDeque<Sample>) {
         // Counted as read before the push, so the device never shows fewer than the ledger.
         self.counters
@@ -536,10 +545,6 @@ impl<C: Connector> DeviceTask<C> {
                             abandoned = Some(DropReason::Stopped);
                             break;
                         }
-                    }
-                    () = until(self.retiring) => {
-                        abandoned = Some(DropReason::Stopped);
-                        break;
                     }
                 }
             }
@@ -617,14 +622,6 @@ async fn next_event<C: Connector>(
             Ok(None) => LinkEvent::Ended,
             Err(_) => LinkEvent::TimedOut,
         },
-    }
-}
-
-/// Sleeps until `at`, or forever without one.
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
