@@ -420,6 +420,13 @@ mod tests {
             changed,
             ["http.listen", "buffer.capacity", "pipeline", "uplink"]
         );
+        // The report names them as the documented list does.
+        for key in &changed {
+            assert!(
+                super::super::RESTART_REQUIRED.contains(&key.as_str()),
+                "{key}"
+            );
+        }
         assert_eq!(next.http.listen, running.http.listen);
         assert_eq!(next.buffer.capacity, running.buffer.capacity);
         assert_eq!(next.pipeline, running.pipeline);

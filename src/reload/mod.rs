@@ -36,7 +36,9 @@ pub const RESTART_REQUIRED: [&str; 11] = [
     "buffer.overflow",
     "pipeline",
     "spool",
-    "uplink (added or removed)",
+    // The whole section, when the file adds or removes it (its keys are live otherwise, but
+    // for the four below).
+    "uplink",
     "uplink.format",
     "uplink.topic",
     "uplink.gateway_id",
