@@ -244,6 +244,7 @@ impl App {
                 log,
                 uplink: pipeline.uplink_control(),
                 notifier: notifier.clone(),
+                tracker: tracker.clone(),
             };
             let reloader = Reloader::new(source, settings.clone(), parts, cancel.clone());
             tracker.spawn(reloader.run(requests, cancel.clone()));

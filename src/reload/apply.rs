@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::{ReloadError, ReloadReport, ReloadRequests, Trigger};
@@ -37,6 +38,8 @@ pub struct LiveParts {
     pub uplink: Option<UplinkControl>,
     /// Tells systemd a reload is under way (RELOADING=1) and over (READY=1).
     pub notifier: Notifier,
+    /// The gateway's tasks: the file reads run on it (`spawn_blocking`).
+    pub tracker: TaskTracker,
 }
 
 /// Reloads the configuration of a running gateway.
@@ -132,18 +135,7 @@ impl Reloader {
     }
 
     async fn try_reload(&mut self) -> Result<ReloadReport, ReloadError> {
-        let loaded = self.source.load()?;
-        let (next, restart_required) = keep_restart_only(&self.running, loaded);
-        // Checked again: the restart-only values kept from the running configuration must
-        // still make a valid whole with the new ones.
-        next.validate()?;
-        // Everything that can fail is prepared before anything changes.
-        let forwarder = match (&self.parts.uplink, &next.uplink) {
-            (Some(_), Some(uplink)) if self.running.uplink.as_ref() != Some(uplink) => {
-                Some(ForwarderOptions::new(uplink)?)
-            }
-            _ => None,
-        };
+        let (next, restart_required, forwarder) = self.prepare().await?;
         let mut report = ReloadReport {
             restart_required,
             ..ReloadReport::default()
@@ -154,6 +146,40 @@ impl Reloader {
         }
         self.running = next;
         Ok(report)
+    }
+
+    /// Loads and checks the configuration and prepares everything that can fail (the uplink's
+    /// CA file), before anything changes: the new settings, the restart-only keys that differ,
+    /// and the forwarder's new options if the uplink changed.
+    ///
+    /// On a blocking thread: it reads files, which may stall (a slow SD card, a network mount)
+    /// and must not stall the runtime. Reloads are serialised, so at most one runs.
+    async fn prepare(
+        &self,
+    ) -> Result<(Settings, Vec<String>, Option<ForwarderOptions>), ReloadError> {
+        let source = self.source.clone();
+        let running = self.running.clone();
+        let has_uplink = self.parts.uplink.is_some();
+        let prepare = move || -> Result<_, ReloadError> {
+            let loaded = source.load()?;
+            let (next, restart_required) = keep_restart_only(&running, loaded);
+            // Checked again: the restart-only values kept from the running configuration must
+            // still make a valid whole with the new ones.
+            next.validate()?;
+            let forwarder = match &next.uplink {
+                Some(uplink) if has_uplink && running.uplink.as_ref() != Some(uplink) => {
+                    Some(ForwarderOptions::new(uplink)?)
+                }
+                _ => None,
+            };
+            Ok((next, restart_required, forwarder))
+        };
+        match self.parts.tracker.spawn_blocking(prepare).await {
+            Ok(prepared) => prepared,
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            // Only when the runtime itself is going away.
+            Err(_) => Err(ReloadError::ShuttingDown),
+        }
     }
 
     /// Applies `next`, which differs from the running configuration only in what can change
@@ -280,8 +306,6 @@ fn keep_restart_only(running: &Settings, mut loaded: Settings) -> (Settings, Vec
 mod tests {
     use std::os::unix::net::UnixDatagram;
 
-    use tokio_util::task::TaskTracker;
-
     use super::*;
     use crate::config::UplinkSettings;
     use crate::pipeline::Pipeline;
@@ -304,6 +328,7 @@ mod tests {
             log: None,
             uplink: None,
             notifier: Notifier::to_socket(socket, None),
+            tracker: tracker.clone(),
         };
         let source = ConfigSource::new(Some(file), std::iter::empty());
         let reloader = Reloader::new(source, settings.clone(), parts, shutdown);
@@ -399,6 +424,62 @@ mod tests {
         assert_eq!(report.devices.added, ["gone"]);
         worker.process(vec![queued("gone")]);
         assert_eq!(worker.stats("gone").stats.map(|s| s.count), Some(1));
+        shutdown.cancel();
+        pipeline
+            .drain(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
+    }
+
+    /// The configuration file is read off the runtime's threads: a read that blocks (here a
+    /// FIFO no one writes yet; in the field a slow SD card or network mount) leaves the other
+    /// tasks running, even on a single-threaded runtime.
+    #[tokio::test]
+    async fn reading_the_file_does_not_block_the_runtime() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let file = dir.path().join("telemetryhub.toml");
+        let socket = dir.path().join("no-listener.sock");
+        let settings = Settings::default();
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let (mut reloader, pipeline) =
+            reloader(&settings, file.clone(), &socket, shutdown.clone(), &tracker);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&file)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success());
+
+        let progressed = Arc::new(AtomicBool::new(false));
+        // The writer opens the FIFO (releasing the reader) once another task has run, or after
+        // 3 s, whichever comes first, and says whether that task ran while the read waited.
+        let writer = {
+            let (progressed, file) = (progressed.clone(), file.clone());
+            std::thread::spawn(move || {
+                let until = std::time::Instant::now() + Duration::from_secs(3);
+                while !progressed.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let ran = progressed.load(Ordering::SeqCst);
+                std::fs::write(&file, "").expect("the FIFO opens for writing");
+                ran
+            })
+        };
+        let other = {
+            let progressed = progressed.clone();
+            tokio::spawn(async move {
+                // After the reload has started reading (it runs first, below).
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                progressed.store(true, Ordering::SeqCst);
+            })
+        };
+        let outcome = reloader.reload(Trigger::Http).await;
+        assert!(outcome.is_ok(), "{outcome:?}");
+        other.await.expect("the other task ends");
+        assert!(
+            writer.join().expect("the writer ends"),
+            "another task ran while the reload waited for the file"
+        );
         shutdown.cancel();
         pipeline
             .drain(tokio::time::Instant::now() + Duration::from_secs(5))
