@@ -399,7 +399,7 @@ impl DeviceControl {
             changes.removed.push(running.settings.id.clone());
             to_stop.push(running);
         }
-        let retired = retire_all(to_stop).await;
+        let retired = retire_all(to_stop, &set.tracker).await;
         set.retired.retain(|task| !task.is_finished());
         set.retired.extend(retired);
         set.running = next
@@ -419,7 +419,7 @@ impl DeviceControl {
 /// new task may open the same port), reads no more, answers no command, and ends once its push
 /// is done, however long a full buffer makes that take; the reload does not wait for that. A
 /// task that does not close its link within [`STOP_WAIT`] is cancelled and awaited.
-async fn retire_all(devices: Vec<RunningDevice>) -> Vec<JoinHandle<()>> {
+async fn retire_all(devices: Vec<RunningDevice>, tracker: &TaskTracker) -> Vec<JoinHandle<()>> {
     let retire = devices.into_iter().map(|r| async move {
         let RunningDevice {
             handle,
@@ -428,7 +428,11 @@ async fn retire_all(devices: Vec<RunningDevice>) -> Vec<JoinHandle<()>> {
             ..
         } = r;
         match tokio::time::timeout(STOP_WAIT, handle.retire()).await {
-            Ok(true) => Some(task),
+            // Once the task has ended, whatever it started with its token ends too.
+            Ok(true) => Some(tracker.spawn(async move {
+                let _ = task.await;
+                cancel.cancel();
+            })),
             // Ended already, or stuck: either way it ends here.
             Ok(false) | Err(_) => {
                 cancel.cancel();
