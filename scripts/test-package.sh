@@ -5,7 +5,8 @@
 # the container) installs it with `dpkg -i` and checks that:
 #   - `telemetryhub --version` prints the version and commit of the build it came from, and
 #     `telemetryhub validate` accepts the installed /etc/telemetryhub/telemetryhub.toml;
-#   - that file is a conffile (dpkg-query), and a local change to it survives a reinstall;
+#   - that file is a conffile (dpkg-query), 0640 root:telemetryhub (it may hold secrets), and
+#     a local change to it survives a reinstall, which keeps those permissions;
 #   - the unit file, man page and bash/zsh/fish completions are where systemd, man and the
 #     shells look (the bash one passes `bash -n`, the man page renders);
 #   - the postinst made the system user telemetryhub, in group dialout, with no login shell;
@@ -47,6 +48,8 @@ telemetryhub validate --config "$conf"
 step "the conffile"
 dpkg-query -W -f="\${Conffiles}\n" telemetryhub | grep -E "^ $conf [0-9a-f]{32}$"
 grep -qx "path = \"/var/lib/telemetryhub/spool\"" "$conf"
+[ "$(stat -c "%a %U %G" "$conf")" = "640 root telemetryhub" ] ||
+  { echo "conffile permissions: $(stat -c "%a %U %G" "$conf")"; exit 1; }
 
 step "the unit, man page and completions"
 for f in /usr/lib/systemd/system/telemetryhub.service /usr/share/man/man1/telemetryhub.1.gz \
@@ -97,6 +100,8 @@ step "a local change to the conffile survives a reinstall"
 echo "# local change" >>"$conf"
 dpkg -i --force-confold /tmp/telemetryhub.deb >/tmp/dpkg.log 2>&1 || { cat /tmp/dpkg.log; exit 1; }
 grep -qx "# local change" "$conf"
+[ "$(stat -c "%a %U %G" "$conf")" = "640 root telemetryhub" ] ||
+  { echo "conffile permissions after reinstall: $(stat -c "%a %U %G" "$conf")"; exit 1; }
 
 step "dpkg --purge"
 dpkg --purge telemetryhub >/tmp/dpkg.log 2>&1 || { cat /tmp/dpkg.log; exit 1; }

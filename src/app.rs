@@ -213,6 +213,7 @@ impl App {
         let workers = pipeline.workers;
         let state = AppState {
             devices: pipeline.devices.clone(),
+            devices_settled: pipeline.devices_settled(),
             buffer: pipeline.buffer.clone(),
             worker: pipeline.worker.clone(),
             pool: pipeline.pool.clone(),
@@ -243,6 +244,7 @@ impl App {
                 log,
                 uplink: pipeline.uplink_control(),
                 notifier: notifier.clone(),
+                tracker: tracker.clone(),
             };
             let reloader = Reloader::new(source, settings.clone(), parts, cancel.clone());
             tracker.spawn(reloader.run(requests, cancel.clone()));

@@ -76,7 +76,13 @@ impl Notifier {
     ///
     /// A live reload (SIGHUP, `POST /-/reload`) calls this before it re-reads the configuration
     /// and [`Self::ready`] once the outcome is known — applied or refused, either way the
-    /// gateway is running again — so that `systemctl reload` waits for the reload to finish.
+    /// gateway is running again — but neither once shutdown has begun. With
+    /// `Type=notify-reload` (systemd 253 and later) that is what makes `systemctl reload` wait
+    /// for the reload to finish. The packaged unit is `Type=notify` with
+    /// `ExecReload=/bin/kill -HUP $MAINPID` (Debian 12 ships systemd 252): there `systemctl
+    /// reload` returns as soon as `kill` has sent the signal, before the reload is applied,
+    /// and says nothing of its outcome; the journal and
+    /// `telemetryhub_config_last_reload_successful` do, and `POST /-/reload` answers with it.
     pub fn reloading(&self) {
         if !self.is_enabled() {
             return;

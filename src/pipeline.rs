@@ -21,7 +21,6 @@ use crate::config::{DeviceKind, DeviceSettings, Settings};
 use crate::device::modbus::TcpConnector;
 use crate::device::serial::SerialConnector;
 use crate::device::sim::SimConnector;
-use crate::device::state::Command;
 use crate::device::{Connector, DeviceHandle, DeviceTask};
 use crate::dispatch::{Dispatcher, PoolGauges, ProcessFn};
 use crate::ledger::Ledger;
@@ -55,6 +54,9 @@ pub struct Pipeline {
 /// The running devices: one task each, in configuration order.
 struct DeviceSet {
     running: Vec<RunningDevice>,
+    /// Tasks a reload retired that may still be finishing a push into a full `block` buffer;
+    /// the drain waits for them too.
+    retired: Vec<JoinHandle<()>>,
     /// What the API reads; stored again after every change.
     live: Arc<Swap<[DeviceHandle]>>,
     buffer: Arc<RingBuffer>,
@@ -94,6 +96,24 @@ pub struct DeviceControl {
     set: Arc<tokio::sync::Mutex<DeviceSet>>,
 }
 
+/// Waits out a change of the running devices in progress: [`Pipeline::devices_settled`].
+///
+/// For the API's commands: a live reload may end a device's task between a request loading
+/// the device list and commanding the device; once the reload is done, the request finds the
+/// device gone or under a new task in the published list.
+#[derive(Clone)]
+pub struct DevicesSettled {
+    set: Arc<tokio::sync::Mutex<DeviceSet>>,
+}
+
+impl DevicesSettled {
+    /// Returns once no reload is changing the devices (at once when none is). A reload waits
+    /// at most `STOP_WAIT` for the devices it retires, so this wait is bounded.
+    pub async fn wait(&self) {
+        drop(self.set.lock().await);
+    }
+}
+
 impl Pipeline {
     /// Starts every stage on `tracker`; devices stop when `cancel` is cancelled or on
     /// [`Self::drain`]. Each device's link is its configured kind: a tty, or the embedded
@@ -129,6 +149,13 @@ impl Pipeline {
     /// The handle a live reload changes the devices with.
     pub fn device_control(&self) -> DeviceControl {
         DeviceControl {
+            set: self.device_set.clone(),
+        }
+    }
+
+    /// The handle the API waits out a reload's device changes with.
+    pub fn devices_settled(&self) -> DevicesSettled {
+        DevicesSettled {
             set: self.device_set.clone(),
         }
     }
@@ -203,6 +230,7 @@ impl Pipeline {
         let devices: Arc<Swap<[DeviceHandle]>> = Arc::new(Swap::new(Arc::from(Vec::new())));
         let device_set = DeviceSet {
             running: Vec::new(),
+            retired: Vec::new(),
             live: devices.clone(),
             buffer: buffer.clone(),
             tracker: tracker.clone(),
@@ -229,9 +257,19 @@ impl Pipeline {
         self.devices_cancel.cancel();
         // A reload in progress holds the set; its devices end at once, since their tokens are
         // children of the one just cancelled.
-        let running = std::mem::take(&mut self.device_set.lock().await.running);
+        let (running, retired) = {
+            let mut set = self.device_set.lock().await;
+            (
+                std::mem::take(&mut set.running),
+                std::mem::take(&mut set.retired),
+            )
+        };
         for device in running {
             let _ = device.task.await;
+        }
+        // Retired tasks still pushing end too (their tokens are children of the same one).
+        for task in retired {
+            let _ = task.await;
         }
         self.buffer.close();
         let mut dispatcher = self.dispatcher;
@@ -315,17 +353,17 @@ fn same_but_calibration(a: &DeviceSettings, b: &DeviceSettings) -> bool {
     *a == b
 }
 
-/// How long a device being removed may take to acknowledge its stop.
+/// How long a device being removed or replaced may take to close its link.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
 impl DeviceControl {
     /// Makes the running devices those of `devices`, in that order; reports what changed.
     ///
     /// Devices whose settings are equal keep their task (and so their link, counters, state
-    /// and statistics). Devices removed or changed are stopped first, as an operator's stop
-    /// would (a sample waiting for room in a full `block` buffer is counted as `stopped`; what
-    /// was pushed stays in the buffer and is processed), and their tasks awaited; then the
-    /// new tasks start. The caller (the reload) applies calibrations to the workers.
+    /// and statistics). Devices removed or changed are retired first: they close their links
+    /// and read no more; each task ends once it has pushed what it read (waiting for room in a
+    /// full `block` buffer as long as it takes), and what was pushed is processed. Then the new
+    /// tasks start. The caller (the reload) applies calibrations to the workers.
     pub async fn apply(&self, devices: &[DeviceSettings]) -> DeviceChanges {
         let mut set = self.set.lock().await;
         let mut old: Vec<Option<RunningDevice>> = std::mem::take(&mut set.running)
@@ -367,7 +405,9 @@ impl DeviceControl {
             changes.removed.push(running.settings.id.clone());
             to_stop.push(running);
         }
-        stop_all(to_stop).await;
+        let retired = retire_all(to_stop, &set.tracker).await;
+        set.retired.retain(|task| !task.is_finished());
+        set.retired.extend(retired);
         set.running = next
             .into_iter()
             .map(|slot| slot.unwrap_or_else(|device| set.spawn_configured(device)))
@@ -377,15 +417,39 @@ impl DeviceControl {
     }
 }
 
-/// Stops devices as an operator would, then ends their tasks and waits for them.
-async fn stop_all(devices: Vec<RunningDevice>) {
-    let stops = devices.iter().map(|r| async {
-        // Refused when already stopped; either way the task ends below.
-        let _ = tokio::time::timeout(STOP_WAIT, r.handle.command(Command::Stop)).await;
-        r.cancel.cancel();
+/// Retires devices a reload removes or replaces: returns once each has closed its link, with
+/// the tasks that may still be finishing a push.
+///
+/// Not an operator's stop: a stopped device drops the samples it waits to push into a full
+/// `block` buffer, and a reload must lose none. A retired device closes its link at once (so a
+/// new task may open the same port), reads no more, answers no command, and ends once its push
+/// is done, however long a full buffer makes that take; the reload does not wait for that. A
+/// task that does not close its link within [`STOP_WAIT`] is cancelled and awaited.
+async fn retire_all(devices: Vec<RunningDevice>, tracker: &TaskTracker) -> Vec<JoinHandle<()>> {
+    let retire = devices.into_iter().map(|r| async move {
+        let RunningDevice {
+            handle,
+            cancel,
+            mut task,
+            ..
+        } = r;
+        match tokio::time::timeout(STOP_WAIT, handle.retire()).await {
+            // Once the task has ended, whatever it started with its token ends too.
+            Ok(true) => Some(tracker.spawn(async move {
+                let _ = task.await;
+                cancel.cancel();
+            })),
+            // Ended already, or stuck: either way it ends here.
+            Ok(false) | Err(_) => {
+                cancel.cancel();
+                let _ = (&mut task).await;
+                None
+            }
+        }
     });
-    futures_util::future::join_all(stops).await;
-    for running in devices {
-        let _ = running.task.await;
-    }
+    futures_util::future::join_all(retire)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }

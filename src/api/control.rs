@@ -237,21 +237,25 @@ pub(super) async fn get_device(
 
 /// Applies `command` to every device. All are tried; if any refuses, the answer is 409 naming
 /// the devices that refused (the others did change).
+///
+/// A live reload may end a device's task between loading the list and commanding it: a
+/// device it removed is skipped (it is no longer there to command), and one it restarted is
+/// commanded through its new task (see [`command_current`]).
 async fn command_all(state: &AppState, command: Command) -> Result<Json<AllCommanded>, ApiError> {
     let mut refusals = Vec::new();
     let devices = state.devices.load();
     for device in devices.iter() {
-        match run(state, device, command).await {
-            Ok(_) => {}
-            Err(CommandError::Illegal(err)) => {
+        match command_current(state, device, command).await {
+            Ok(_) | Err(Retired::Removed) => {}
+            Err(Retired::Failed(CommandError::Illegal(err))) => {
                 refusals.push(format!("device {}: {err}", device.id()))
             }
-            Err(err @ CommandError::Unavailable(_)) => {
+            Err(Retired::Failed(err @ CommandError::Unavailable(_))) => {
                 return Err(ApiError::Unavailable(err.to_string()));
             }
         }
     }
-    let combined = combined_state(&devices);
+    let combined = combined_state(&state.devices.load());
     if refusals.is_empty() {
         Ok(Json(AllCommanded {
             ok: true,
@@ -265,20 +269,70 @@ async fn command_all(state: &AppState, command: Command) -> Result<Json<AllComma
     }
 }
 
+/// Why [`command_current`] did not apply a command.
+enum Retired {
+    /// A live reload removed the device meanwhile.
+    Removed,
+    /// The device refused, or its task is gone and no reload replaced it (shutdown).
+    Failed(CommandError),
+}
+
+/// How many times a command follows a device to the new task a reload gave it. Reloads are
+/// serialised and each one waits for the tasks it ends, so more than a couple in a row while
+/// one command is in flight means they come faster than a command can follow.
+const FOLLOW_RELOADS: usize = 3;
+
+/// Applies `command` to `device`; if its task is gone, to the task a live reload started for
+/// the same id instead (once the reload is done). Returns the device it was applied to, with its state afterwards.
+async fn command_current(
+    state: &AppState,
+    device: &DeviceHandle,
+    command: Command,
+) -> Result<(DeviceHandle, DeviceState), Retired> {
+    let mut device = device.clone();
+    for _ in 0..FOLLOW_RELOADS {
+        match run(state, &device, command).await {
+            Ok(next) => return Ok((device, next)),
+            Err(CommandError::Unavailable(id)) => {
+                if state.shutdown.is_cancelled() {
+                    return Err(Retired::Failed(CommandError::Unavailable(id)));
+                }
+                // A reload ended the task: let it finish and publish the devices it leaves.
+                state.devices_settled.wait().await;
+                let current = state.devices.load().iter().find(|d| d.id() == &id).cloned();
+                match current {
+                    None => return Err(Retired::Removed),
+                    Some(current) if current.same_task(&device) => {
+                        return Err(Retired::Failed(CommandError::Unavailable(id)));
+                    }
+                    Some(current) => device = current,
+                }
+            }
+            Err(err) => return Err(Retired::Failed(err)),
+        }
+    }
+    Err(Retired::Failed(CommandError::Unavailable(
+        device.id().clone(),
+    )))
+}
+
 async fn command_one(
     state: &AppState,
     id: &str,
     command: Command,
 ) -> Result<Json<DeviceCommanded>, ApiError> {
     let device = state.device(id)?;
-    run(state, &device, command)
+    let (device, _) = command_current(state, &device, command)
         .await
         .map_err(|err| match err {
-            CommandError::Illegal(err) => ApiError::Conflict {
+            Retired::Removed => ApiError::NotFound(format!("unknown device `{id}`")),
+            Retired::Failed(CommandError::Illegal(err)) => ApiError::Conflict {
                 error: err.to_string(),
                 state: device.state(),
             },
-            CommandError::Unavailable(_) => ApiError::Unavailable(err.to_string()),
+            Retired::Failed(err @ CommandError::Unavailable(_)) => {
+                ApiError::Unavailable(err.to_string())
+            }
         })?;
     Ok(Json(DeviceCommanded {
         ok: true,

@@ -160,11 +160,16 @@ fn error_response(status: StatusCode, body: PendingBody) -> Response {
 }
 
 /// Writes an error response's body again with `request_id` in it; other responses are left
-/// as they are.
+/// as they are, and so is an error a layer has already encoded (compression never encodes an
+/// error, see `layers::compression`, but a plain body under `Content-Encoding` would be
+/// unreadable, so this does not rely on it).
 pub(super) fn stamp_request_id(response: &mut Response, request_id: &HeaderValue) {
     let Some(body) = response.extensions_mut().remove::<PendingBody>() else {
         return;
     };
+    if response.headers().contains_key(header::CONTENT_ENCODING) {
+        return;
+    }
     let id = String::from_utf8_lossy(request_id.as_bytes()).into_owned();
     *response.body_mut() = Body::from(body.into_json(Some(id)));
     // The length changed; hyper sets it again from the new body.
@@ -184,4 +189,34 @@ pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Respons
         request_id: None,
     });
     error_response(StatusCode::INTERNAL_SERVER_ERROR, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body_of(response: Response) -> Vec<u8> {
+        axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("an in-memory body")
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn the_request_id_is_stamped_on_plain_errors_and_never_on_encoded_ones() {
+        let id = HeaderValue::from_static("req-1");
+        let mut plain = ApiError::BadRequest("bad".to_owned()).into_response();
+        stamp_request_id(&mut plain, &id);
+        let body: serde_json::Value = serde_json::from_slice(&body_of(plain).await).expect("JSON");
+        assert_eq!(body["request_id"], "req-1");
+
+        // A layer encoded the body: writing plain JSON under its header would corrupt it.
+        let mut encoded = ApiError::BadRequest("bad".to_owned()).into_response();
+        encoded
+            .headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        *encoded.body_mut() = Body::from(&b"\x1f\x8b compressed"[..]);
+        stamp_request_id(&mut encoded, &id);
+        assert_eq!(body_of(encoded).await, b"\x1f\x8b compressed");
+    }
 }

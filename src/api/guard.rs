@@ -14,7 +14,8 @@
 //!   URL), and never logged: that header is marked sensitive in [`super::layers`].
 //! - **The CSRF and DNS-rebinding check** (403) on state-changing requests sent by a browser
 //!   for a page of another origin or under a foreign host name; tower-http has none.
-//! - An early 413 for a declared body over the limit, the request timeout (408) and a
+//! - An early 413 for a declared body over the limit, the request timeout (408; never for
+//!   `POST /-/reload`, whose outcome it would leave unknown) and a
 //!   handler panic turned into a 500, each as the API's JSON error body with the request id
 //!   (tower-http's `RequestBodyLimit`, `Timeout` and `CatchPanic` answer in plain text or
 //!   empty bodies, and box the body or the future on every request), and the request
@@ -246,6 +247,24 @@ pub(super) fn is_read(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD)
 }
 
+/// Whether `route` has the request timeout. Not `POST /-/reload`: a reload queued or applying
+/// runs to its end whatever happens to the request (it is not cancelled with it), so a 408
+/// would say "failed" of a reload that may yet apply. Its length is bounded anyway: a reload
+/// waits at most a few seconds for the devices it retires, and reloads are serialised.
+pub(super) fn has_timeout(route: &str) -> bool {
+    route != "/-/reload"
+}
+
+/// The request timeout of `route`: `timeout`, or none (see [`has_timeout`]).
+fn timeout_of(route: &str, timeout: Duration) -> Duration {
+    if has_timeout(route) {
+        timeout
+    } else {
+        // `tokio::time::timeout` sets no timer for a deadline past the end of time.
+        Duration::MAX
+    }
+}
+
 /// Orchestrators probe these; they are never shed or token-protected.
 pub(super) fn is_probe(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz")
@@ -404,7 +423,7 @@ where
                 // that panics while running in `GuardFuture::poll`.
                 match panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request))) {
                     Ok(future) => Stage::Running {
-                        future: tokio::time::timeout(guard.timeout, future),
+                        future: tokio::time::timeout(timeout_of(route, guard.timeout), future),
                         timeout: guard.timeout,
                         _permit: permit,
                     },
@@ -735,5 +754,28 @@ mod tests {
         assert!(body.contains("took longer than"), "{body}");
         // The one slot was released with the timed-out request.
         assert_eq!(get_status(&router, "/status").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_is_never_cut_short_by_the_request_timeout() {
+        let http = HttpSettings {
+            request_timeout_ms: 50,
+            ..HttpSettings::default()
+        };
+        // A reload slower than the timeout (it waits for devices to push what they read).
+        let router = guarded(
+            vec![(
+                "/-/reload",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    "applied"
+                }),
+            )],
+            &http,
+        );
+        assert_eq!(
+            get_status(&router, "/-/reload").await,
+            (StatusCode::OK, "applied".to_owned())
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! The tower-http layers around the routes (request ids, the `Authorization` header hidden from
 //! every log, response compression for the large bodies) and the request's tracing span.
 //!
-//! Every request gets an `x-request-id`: the client's own, or one made here. The response
+//! Every request gets an `x-request-id`: the client's own if it is 1 to 128 visible ASCII
+//! characters ([`CheckRequestIdLayer`]), or one made here. The response
 //! carries it back (errors from the guard included), the request's span records it (so every
 //! log line written while serving the request names it, in the JSON logs under `span`), and
 //! error bodies repeat it (see [`super::error`]).
@@ -13,7 +14,7 @@
 //!
 //! Compression is negotiated from `Accept-Encoding` (gzip or zstd) and applied only where it
 //! pays: on `/metrics`, `GET /samples` and `/openapi.json` (see [`compression`]), and there
-//! only above [`MIN_COMPRESSED_BYTES`]. Every other route, `/status` among them, never meets
+//! only above [`MIN_COMPRESSED_BYTES`] and on successes. Every other route, `/status` among them, never meets
 //! the compression layer, and `/events` (a never-ending event stream that must reach the
 //! browser event by event) is not among them.
 
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::Request;
-use axum::http::{HeaderName, HeaderValue, header};
+use axum::http::{Extensions, HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
 use tower_http::compression::CompressionLayer;
 use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
 use tower_http::request_id::{MakeRequestId, RequestId};
@@ -38,6 +39,68 @@ pub const SENSITIVE_HEADERS: [HeaderName; 2] = [header::AUTHORIZATION, header::C
 /// Bodies smaller than this are sent as they are: compressing a few hundred bytes saves less
 /// than the encoder costs, and a `/samples?limit=1` stays plain.
 pub const MIN_COMPRESSED_BYTES: u16 = 1024;
+
+/// Longest client `x-request-id` kept; a longer one is replaced (it goes into every log line of
+/// the request and into error bodies).
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Whether a client's request id is kept: 1 to [`MAX_REQUEST_ID_LEN`] visible ASCII
+/// characters (no spaces or controls, nothing a log reader could mistake for structure).
+fn acceptable_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    (1..=MAX_REQUEST_ID_LEN).contains(&bytes.len()) && bytes.iter().all(u8::is_ascii_graphic)
+}
+
+/// Removes a client's `x-request-id` that is not [acceptable](acceptable_request_id), so that
+/// tower-http's `SetRequestIdLayer`, just inside it, makes a new one. No allocation, no boxing:
+/// the inner service's future is returned as it is.
+#[derive(Clone, Copy, Default)]
+pub struct CheckRequestIdLayer;
+
+impl<S> tower::Layer<S> for CheckRequestIdLayer {
+    type Service = CheckRequestId<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CheckRequestId { inner }
+    }
+}
+
+/// The service of [`CheckRequestIdLayer`].
+#[derive(Clone)]
+pub struct CheckRequestId<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<Request<B>> for CheckRequestId<S>
+where
+    S: tower::Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let headers = request.headers_mut();
+        let mut ids = headers.get_all(REQUEST_ID).iter();
+        let keep = match (ids.next(), ids.next()) {
+            (Some(id), None) => acceptable_request_id(id),
+            (None, _) => true,
+            // Several: which one would the logs show?
+            (Some(_), Some(_)) => false,
+        };
+        if !keep {
+            headers.remove(REQUEST_ID);
+        }
+        self.inner.call(request)
+    }
+}
 
 /// Makes request ids for requests that come without one: a prefix random per process (so ids
 /// from two runs do not collide in one log store), then a counter. Cheaper than a random UUID
@@ -127,15 +190,37 @@ pub fn log_request(request: &Request) {
 }
 
 /// The compression layer of the large responses: gzip or zstd as the client accepts, above
-/// [`MIN_COMPRESSED_BYTES`], never for event streams (tower-http's default predicate).
+/// [`MIN_COMPRESSED_BYTES`], never for event streams (tower-http's default predicate), and
+/// only for successes: an error body is small in practice, and the guard writes it again
+/// with the request id after this layer has run (see [`super::error`]), which would leave a
+/// plain body under a `Content-Encoding` header.
 pub fn compression() -> CompressionLayer<impl Predicate> {
-    CompressionLayer::new()
-        .compress_when(DefaultPredicate::new().and(SizeAbove::new(MIN_COMPRESSED_BYTES)))
+    let success =
+        |status: StatusCode, _: Version, _: &HeaderMap, _: &Extensions| status.is_success();
+    CompressionLayer::new().compress_when(
+        DefaultPredicate::new()
+            .and(SizeAbove::new(MIN_COMPRESSED_BYTES))
+            .and(success),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_short_visible_ascii_request_ids_are_acceptable() {
+        let ok = |s: &str| acceptable_request_id(&HeaderValue::from_str(s).expect("a value"));
+        assert!(ok("a"));
+        assert!(ok(&"x".repeat(MAX_REQUEST_ID_LEN)));
+        assert!(ok("7f3c-01:req/9"));
+        assert!(!ok(""));
+        assert!(!ok(&"x".repeat(MAX_REQUEST_ID_LEN + 1)));
+        assert!(!ok("with space"));
+        assert!(!ok("tab\there"));
+        let high = HeaderValue::from_bytes(b"caf\xc3\xa9").expect("obs-text is allowed");
+        assert!(!acceptable_request_id(&high));
+    }
 
     #[test]
     fn made_request_ids_are_distinct_and_share_the_process_prefix() {

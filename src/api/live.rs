@@ -182,6 +182,7 @@ mod tests {
     fn app_state(settings: &Settings, pipeline: &Pipeline, cancel: &CancellationToken) -> AppState {
         AppState {
             devices: pipeline.devices.clone(),
+            devices_settled: pipeline.devices_settled(),
             buffer: pipeline.buffer.clone(),
             worker: pipeline.worker.clone(),
             pool: pipeline.pool.clone(),

@@ -43,6 +43,7 @@ pub use self::server::{serve, serve_live};
 use crate::buffer::RingBuffer;
 use crate::device::DeviceHandle;
 use crate::dispatch::PoolGauges;
+use crate::pipeline::DevicesSettled;
 use crate::reload::ReloadHandle;
 use crate::swap::Swap;
 use crate::worker::Worker;
@@ -51,6 +52,9 @@ use crate::worker::Worker;
 pub struct AppState {
     /// The devices, in configuration order; a live reload replaces the list.
     pub devices: Arc<Swap<[DeviceHandle]>>,
+    /// Waits out a live reload changing the devices (a command that met a task the reload
+    /// ended then finds the device's new task, or that it is gone).
+    pub devices_settled: DevicesSettled,
     /// The ring buffer (for its accounting and depth).
     pub buffer: Arc<RingBuffer>,
     /// The worker stage (statistics, history, latency).
@@ -184,6 +188,7 @@ pub fn router(state: AppState, guard: Arc<Swap<Guard>>) -> Router {
                 .layer(SetSensitiveRequestHeadersLayer::new(
                     layers::SENSITIVE_HEADERS,
                 ))
+                .layer(layers::CheckRequestIdLayer)
                 .layer(SetRequestIdLayer::new(
                     layers::REQUEST_ID,
                     layers::RequestIds::new(),

@@ -6,7 +6,7 @@
 //! guard and the layers add to every route is added here, from the same rules the guard
 //! applies ([`Guard::needs_token`], [`super::guard::is_read`], [`super::guard::is_probe`]):
 //! the 401 and the bearer security requirement exactly where this gateway's configuration
-//! asks for the token, 403 on state-changing routes, 408, 413, 500, 503 (not on the probes),
+//! asks for the token, 403 on state-changing routes, 408 (not on `/-/reload`), 413, 500, 503 (not on the probes),
 //! and the `x-request-id` header on every response. So the document describes the running
 //! configuration: it is built from the guard in force (again after a live reload replaced the
 //! guard), and on every request the
@@ -30,7 +30,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder, Type};
 
 use super::error::{ConflictBody, ErrorBody};
-use super::guard::{Guard, is_probe, is_read};
+use super::guard::{Guard, has_timeout, is_probe, is_read};
 use super::ingest::SampleLimit;
 use super::{AppState, control, health, ingest, live, reload, status};
 use crate::swap::Swap;
@@ -131,10 +131,12 @@ fn add_guard_responses(guard: &Guard, method: &Method, path: &str, operation: &m
              `http.allowed_hosts`",
         );
     }
-    add(
-        "408",
-        "The request took longer than `http.request_timeout_ms`",
-    );
+    if has_timeout(path) {
+        add(
+            "408",
+            "The request took longer than `http.request_timeout_ms`",
+        );
+    }
     add(
         "413",
         "The declared body is larger than `http.body_limit_bytes`",
@@ -154,7 +156,8 @@ fn add_guard_responses(guard: &Guard, method: &Method, path: &str, operation: &m
                 HeaderBuilder::new()
                     .schema(utoipa::openapi::Object::with_type(Type::String))
                     .description(Some(
-                        "The request's id: the client's `x-request-id`, or one the gateway made",
+                        "The request's id: the client's `x-request-id` (if 1 to 128 visible ASCII \
+                         characters), or one the gateway made",
                     ))
                     .build(),
             );

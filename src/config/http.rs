@@ -27,7 +27,8 @@ pub struct HttpSettings {
     /// Most samples in one `POST /samples`, 1 to 1 000 000; more get 413.
     #[serde(default = "default_ingest_max_samples")]
     pub ingest_max_samples: usize,
-    /// A request that takes longer than this gets 408; 1 to 3 600 000 ms (one hour).
+    /// A request that takes longer than this gets 408 (`POST /-/reload` excepted: it always
+    /// answers with its outcome); 1 to 3 600 000 ms (one hour).
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
     /// A client must send a request's headers within this time, or the connection is closed;

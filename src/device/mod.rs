@@ -272,6 +272,9 @@ enum Request {
         deadline: Instant,
         reply: oneshot::Sender<Result<String, SendError>>,
     },
+    /// A live reload removes or replaces the device: close the link (answering `closed` once
+    /// it is), read no more, finish handing what was read to the buffer, and end the task.
+    Retire { closed: oneshot::Sender<()> },
 }
 
 /// Longest command line sent to a device.
@@ -422,6 +425,12 @@ impl DeviceHandle {
         self.kind
     }
 
+    /// Whether `other` is a handle on the same task (a live reload that restarts a device
+    /// gives it a new task, and so a new handle, under the same id).
+    pub fn same_task(&self, other: &DeviceHandle) -> bool {
+        self.requests.same_channel(&other.requests)
+    }
+
     /// The latest published status.
     pub fn status(&self) -> DeviceStatus {
         self.status.borrow().clone()
@@ -446,6 +455,24 @@ impl DeviceHandle {
             .await
             .map_err(|_| unavailable())?;
         Ok(response.await.map_err(|_| unavailable())??)
+    }
+
+    /// Asks the task to end for a live reload, and returns once its link is closed (so a new
+    /// task may open the same port): `false` if the task had ended already. The task then
+    /// finishes the push in progress, however long a full `block` buffer makes it wait (only
+    /// cancellation, at shutdown, cuts it short), and ends; await the task to know it has.
+    /// From now on it answers no command: the handle reports it unavailable.
+    pub async fn retire(&self) -> bool {
+        let (closed, done) = oneshot::channel();
+        if self
+            .requests
+            .send(Request::Retire { closed })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        done.await.is_ok()
     }
 
     /// Sends a command line (`GET_STATUS`, `SET_RATE=50`, ...) down the link and waits for the

@@ -164,6 +164,9 @@ pub struct DeviceTask<C: Connector> {
     /// The interval the device last acknowledged with `SET_RATE`, if it ever did; sent again
     /// after every reconnect.
     rate: Option<Duration>,
+    /// Set by [`Request::Retire`]: the link is closed, commands are refused, and the task ends
+    /// once the push in progress is done.
+    retiring: bool,
 }
 
 impl<C: Connector> DeviceTask<C> {
@@ -227,6 +230,7 @@ impl<C: Connector> DeviceTask<C> {
             last_good: Instant::now(),
             last_seq: None,
             rate: None,
+            retiring: false,
         };
         if initial.overridden {
             task.warn_overridden(settings.interval());
@@ -240,7 +244,7 @@ impl<C: Connector> DeviceTask<C> {
         if self.autostart {
             self.apply(Command::Start).ok();
         }
-        loop {
+        while !self.retiring {
             let active = self.state.is_active();
             tokio::select! {
                 biased;
@@ -272,7 +276,7 @@ impl<C: Connector> DeviceTask<C> {
                     let _ = reply.send(Err(ModbusWriteError::Unavailable(self.id.clone())));
                 }
                 // Dropped unanswered, which the handle reports as unavailable.
-                Request::Control { .. } => {}
+                Request::Control { .. } | Request::Retire { .. } => {}
             }
         }
     }
@@ -288,6 +292,12 @@ impl<C: Connector> DeviceTask<C> {
 
     async fn handle(&mut self, request: Request) {
         match request {
+            // Dropped unanswered: the handle reports the task as gone, and the API goes on to
+            // the device's new task, if the reload started one.
+            Request::Control { .. } if self.retiring => {}
+            Request::Send { reply, .. } if self.retiring => {
+                let _ = reply.send(Err(SendError::Unavailable(self.id.clone())));
+            }
             Request::Control { command, reply } => {
                 let _ = reply.send(self.apply(command));
             }
@@ -304,6 +314,11 @@ impl<C: Connector> DeviceTask<C> {
             } => {
                 let result = self.write(&write, data_type, &words).await;
                 let _ = reply.send(result);
+            }
+            Request::Retire { closed } => {
+                self.retiring = true;
+                self.close_link(SendError::LinkClosed);
+                let _ = closed.send(());
             }
         }
     }
@@ -602,6 +617,7 @@ impl<C: Connector> DeviceTask<C> {
 
     /// Hands samples to the buffer. With `Block` this may wait for room; commands are still
     /// served meanwhile, and a stop (or shutdown) drops what is left, counted with a reason.
+    /// A retirement (a live reload) lets the push finish: a reload loses nothing.
     async fn push(&mut self, mut samples: VecDeque<Sample>) {
         // Counted as read before the push, so the device never shows fewer than the ledger.
         self.counters

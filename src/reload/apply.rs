@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::{ReloadError, ReloadReport, ReloadRequests, Trigger};
@@ -37,6 +38,8 @@ pub struct LiveParts {
     pub uplink: Option<UplinkControl>,
     /// Tells systemd a reload is under way (RELOADING=1) and over (READY=1).
     pub notifier: Notifier,
+    /// The gateway's tasks: the file reads run on it (`spawn_blocking`).
+    pub tracker: TaskTracker,
 }
 
 /// Reloads the configuration of a running gateway.
@@ -84,11 +87,20 @@ impl Reloader {
     /// Reloads: loads and checks the configuration, then applies all of it that can change
     /// live, or nothing at all. Logs and counts the outcome.
     pub async fn reload(&mut self, trigger: Trigger) -> Result<ReloadReport, ReloadError> {
+        // Checked before telling systemd anything: once shutdown has begun, STOPPING=1 may have
+        // gone out, and a RELOADING=1/READY=1 after it would tell systemd the service is up.
+        if self.shutdown.is_cancelled() {
+            return Err(ReloadError::ShuttingDown);
+        }
         // systemd wants READY=1 after RELOADING=1 whatever the outcome: a refused file leaves
         // the gateway running, and ready, on the old configuration.
         self.parts.notifier.reloading();
         let outcome = self.try_reload().await;
-        self.parts.notifier.ready();
+        // Unless shutdown began meanwhile: then STOPPING=1 follows (or went out), and a READY=1
+        // would contradict it.
+        if !self.shutdown.is_cancelled() {
+            self.parts.notifier.ready();
+        }
         match &outcome {
             Ok(report) => {
                 crate::metrics::config_loaded(true);
@@ -123,21 +135,7 @@ impl Reloader {
     }
 
     async fn try_reload(&mut self) -> Result<ReloadReport, ReloadError> {
-        if self.shutdown.is_cancelled() {
-            return Err(ReloadError::ShuttingDown);
-        }
-        let loaded = self.source.load()?;
-        let (next, restart_required) = keep_restart_only(&self.running, loaded);
-        // Checked again: the restart-only values kept from the running configuration must
-        // still make a valid whole with the new ones.
-        next.validate()?;
-        // Everything that can fail is prepared before anything changes.
-        let forwarder = match (&self.parts.uplink, &next.uplink) {
-            (Some(_), Some(uplink)) if self.running.uplink.as_ref() != Some(uplink) => {
-                Some(ForwarderOptions::new(uplink)?)
-            }
-            _ => None,
-        };
+        let (next, restart_required, forwarder) = self.prepare().await?;
         let mut report = ReloadReport {
             restart_required,
             ..ReloadReport::default()
@@ -148,6 +146,40 @@ impl Reloader {
         }
         self.running = next;
         Ok(report)
+    }
+
+    /// Loads and checks the configuration and prepares everything that can fail (the uplink's
+    /// CA file), before anything changes: the new settings, the restart-only keys that differ,
+    /// and the forwarder's new options if the uplink changed.
+    ///
+    /// On a blocking thread: it reads files, which may stall (a slow SD card, a network mount)
+    /// and must not stall the runtime. Reloads are serialised, so at most one runs.
+    async fn prepare(
+        &self,
+    ) -> Result<(Settings, Vec<String>, Option<ForwarderOptions>), ReloadError> {
+        let source = self.source.clone();
+        let running = self.running.clone();
+        let has_uplink = self.parts.uplink.is_some();
+        let prepare = move || -> Result<_, ReloadError> {
+            let loaded = source.load()?;
+            let (next, restart_required) = keep_restart_only(&running, loaded);
+            // Checked again: the restart-only values kept from the running configuration must
+            // still make a valid whole with the new ones.
+            next.validate()?;
+            let forwarder = match &next.uplink {
+                Some(uplink) if has_uplink && running.uplink.as_ref() != Some(uplink) => {
+                    Some(ForwarderOptions::new(uplink)?)
+                }
+                _ => None,
+            };
+            Ok((next, restart_required, forwarder))
+        };
+        match self.parts.tracker.spawn_blocking(prepare).await {
+            Ok(prepared) => prepared,
+            Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+            // Only when the runtime itself is going away.
+            Err(_) => Err(ReloadError::ShuttingDown),
+        }
     }
 
     /// Applies `next`, which differs from the running configuration only in what can change
@@ -176,14 +208,14 @@ impl Reloader {
         }
         let mut notes = Vec::new();
         if next.log.level != running.log.level {
-            applied("log.level");
+            // Listed as applied only when it is: otherwise a note says why not.
             match self
                 .parts
                 .log
                 .as_ref()
                 .map(|log| log.set_level(&next.log.level))
             {
-                Some(Ok(true)) => {}
+                Some(Ok(true)) => applied("log.level"),
                 Some(Ok(false)) => notes.push("RUST_LOG is set and wins over log.level".to_owned()),
                 Some(Err(err)) => notes.push(format!("log.level not applied: {err}")),
                 None => notes.push("log.level not applied: no log subscriber of ours".to_owned()),
@@ -202,15 +234,15 @@ impl Reloader {
             applied("devices");
             report.devices = self.parts.devices.apply(&next.devices).await;
             // A device that is new here, or whose task was replaced, starts with empty
-            // statistics; a removed one's are forgotten.
+            // statistics (a replaced task's samples still queued count in the new ones: same
+            // device, same series). A removed one's are forgotten, and its samples still
+            // queued make none again.
             let fresh = report.devices.added.iter();
-            let gone = report
-                .devices
-                .removed
-                .iter()
-                .chain(&report.devices.restarted);
-            for id in fresh.chain(gone) {
+            for id in fresh.chain(&report.devices.restarted) {
                 self.parts.worker.reset_stats(id);
+            }
+            for id in &report.devices.removed {
+                self.parts.worker.remove_stats(id);
             }
         } else {
             report.devices.unchanged = next.devices.iter().map(|d| d.id.clone()).collect();
@@ -272,8 +304,187 @@ fn keep_restart_only(running: &Settings, mut loaded: Settings) -> (Settings, Vec
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::net::UnixDatagram;
+
     use super::*;
     use crate::config::UplinkSettings;
+    use crate::pipeline::Pipeline;
+
+    /// A reloader of a pipeline started from `settings`, re-reading `file`, notifying `socket`.
+    fn reloader(
+        settings: &Settings,
+        file: std::path::PathBuf,
+        socket: &std::path::Path,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> (Reloader, Pipeline) {
+        let pipeline = Pipeline::start(settings, tracker, &shutdown, None, None);
+        let parts = LiveParts {
+            guard: Arc::new(Swap::new(Arc::new(Guard::new(&settings.http)))),
+            ingest: Arc::new(Swap::new(Arc::new(IngestLimits::new(settings)))),
+            header_read_timeout: watch::channel(settings.http.header_read_timeout()).0,
+            worker: pipeline.worker.clone(),
+            devices: pipeline.device_control(),
+            log: None,
+            uplink: None,
+            notifier: Notifier::to_socket(socket, None),
+            tracker: tracker.clone(),
+        };
+        let source = ConfigSource::new(Some(file), std::iter::empty());
+        let reloader = Reloader::new(source, settings.clone(), parts, shutdown);
+        (reloader, pipeline)
+    }
+
+    /// Every datagram waiting on `socket`.
+    fn received(socket: &UnixDatagram) -> Vec<String> {
+        let mut messages = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = socket.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        messages
+    }
+
+    #[tokio::test]
+    async fn a_reload_after_shutdown_began_tells_systemd_nothing() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let file = dir.path().join("telemetryhub.toml");
+        std::fs::write(&file, "").expect("the temp dir is writable");
+        let socket_path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&socket_path).expect("a datagram socket");
+        socket.set_nonblocking(true).expect("non-blocking");
+        let settings = Settings::default();
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let (mut reloader, pipeline) =
+            reloader(&settings, file, &socket_path, shutdown.clone(), &tracker);
+
+        // While running: RELOADING=1, then READY=1.
+        reloader.reload(Trigger::Http).await.expect("applied");
+        let messages = received(&socket);
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(messages[0].contains("RELOADING=1"), "{messages:?}");
+        assert!(messages[1].contains("READY=1"), "{messages:?}");
+
+        // Once STOPPING=1 may have gone out, a reload must not say RELOADING=1 or READY=1.
+        shutdown.cancel();
+        let outcome = reloader.reload(Trigger::Signal).await;
+        assert!(
+            matches!(outcome, Err(ReloadError::ShuttingDown)),
+            "{outcome:?}"
+        );
+        assert_eq!(received(&socket), Vec::<String>::new());
+        pipeline
+            .drain(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
+    }
+
+    /// A sample of `device`, as if it had waited in the buffer.
+    fn queued(device: &'static str) -> crate::sample::Sample {
+        crate::sample::Sample {
+            device: smol_str::SmolStr::new_static(device),
+            ..crate::sample::Sample::test(1, 2.0)
+        }
+    }
+
+    #[tokio::test]
+    async fn samples_of_a_removed_device_processed_after_the_reload_leave_no_statistics() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let file = dir.path().join("telemetryhub.toml");
+        let devices = |ids: &[&str]| {
+            ids.iter()
+                .map(|id| format!("[[devices]]\nid = \"{id}\"\nsample_interval_ms = 1000\n"))
+                .collect::<String>()
+        };
+        std::fs::write(&file, devices(&["stays", "gone"])).expect("writable");
+        let source = ConfigSource::new(Some(file.clone()), std::iter::empty());
+        let settings = source.load().expect("a valid config");
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let socket = dir.path().join("no-listener.sock");
+        let (mut reloader, pipeline) =
+            reloader(&settings, file.clone(), &socket, shutdown.clone(), &tracker);
+        let worker = pipeline.worker.clone();
+        worker.process(vec![queued("gone")]);
+        assert!(worker.stats("gone").stats.is_some());
+
+        std::fs::write(&file, devices(&["stays"])).expect("writable");
+        let report = reloader.reload(Trigger::Http).await.expect("applied");
+        assert_eq!(report.devices.removed, ["gone"]);
+        // What `gone` read before its task ended is still processed, after the reload.
+        let outcome = worker.process(vec![queued("gone")]);
+        assert_eq!(outcome.processed, 1, "its samples are processed, not lost");
+        assert_eq!(
+            worker.stats("gone"),
+            crate::worker::DeviceStats::default(),
+            "no statistics are kept for a device nobody can see"
+        );
+
+        // Added again, it starts afresh and is counted.
+        std::fs::write(&file, devices(&["stays", "gone"])).expect("writable");
+        let report = reloader.reload(Trigger::Http).await.expect("applied");
+        assert_eq!(report.devices.added, ["gone"]);
+        worker.process(vec![queued("gone")]);
+        assert_eq!(worker.stats("gone").stats.map(|s| s.count), Some(1));
+        shutdown.cancel();
+        pipeline
+            .drain(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
+    }
+
+    /// The configuration file is read off the runtime's threads: a read that blocks (here a
+    /// FIFO no one writes yet; in the field a slow SD card or network mount) leaves the other
+    /// tasks running, even on a single-threaded runtime.
+    #[tokio::test]
+    async fn reading_the_file_does_not_block_the_runtime() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let file = dir.path().join("telemetryhub.toml");
+        let socket = dir.path().join("no-listener.sock");
+        let settings = Settings::default();
+        let (shutdown, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let (mut reloader, pipeline) =
+            reloader(&settings, file.clone(), &socket, shutdown.clone(), &tracker);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&file)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success());
+
+        let progressed = Arc::new(AtomicBool::new(false));
+        // The writer opens the FIFO (releasing the reader) once another task has run, or after
+        // 3 s, whichever comes first, and says whether that task ran while the read waited.
+        let writer = {
+            let (progressed, file) = (progressed.clone(), file.clone());
+            std::thread::spawn(move || {
+                let until = std::time::Instant::now() + Duration::from_secs(3);
+                while !progressed.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let ran = progressed.load(Ordering::SeqCst);
+                std::fs::write(&file, "").expect("the FIFO opens for writing");
+                ran
+            })
+        };
+        let other = {
+            let progressed = progressed.clone();
+            tokio::spawn(async move {
+                // After the reload has started reading (it runs first, below).
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                progressed.store(true, Ordering::SeqCst);
+            })
+        };
+        let outcome = reloader.reload(Trigger::Http).await;
+        assert!(outcome.is_ok(), "{outcome:?}");
+        other.await.expect("the other task ends");
+        assert!(
+            writer.join().expect("the writer ends"),
+            "another task ran while the reload waited for the file"
+        );
+        shutdown.cancel();
+        pipeline
+            .drain(tokio::time::Instant::now() + Duration::from_secs(5))
+            .await;
+    }
 
     #[test]
     fn restart_only_settings_keep_their_running_values_and_are_named() {
@@ -290,6 +501,13 @@ mod tests {
             changed,
             ["http.listen", "buffer.capacity", "pipeline", "uplink"]
         );
+        // The report names them as the documented list does.
+        for key in &changed {
+            assert!(
+                super::super::RESTART_REQUIRED.contains(&key.as_str()),
+                "{key}"
+            );
+        }
         assert_eq!(next.http.listen, running.http.listen);
         assert_eq!(next.buffer.capacity, running.buffer.capacity);
         assert_eq!(next.pipeline, running.pipeline);

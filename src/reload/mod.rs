@@ -36,7 +36,9 @@ pub const RESTART_REQUIRED: [&str; 11] = [
     "buffer.overflow",
     "pipeline",
     "spool",
-    "uplink (added or removed)",
+    // The whole section, when the file adds or removes it (its keys are live otherwise, but
+    // for the four below).
+    "uplink",
     "uplink.format",
     "uplink.topic",
     "uplink.gateway_id",
@@ -69,7 +71,9 @@ impl Trigger {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ReloadReport {
     /// Settings that changed and were applied, as keys or sections (`http`, `log.level`,
-    /// `processing.units`, `devices`, `uplink`, ...); empty when the file changed nothing.
+    /// `processing.units`, `devices`, `uplink`, ...); empty when the file changed nothing. A
+    /// changed setting that could not apply is not here but in `notes` (`log.level` while
+    /// `RUST_LOG` is set).
     pub applied: Vec<String>,
     /// Settings that changed but need a restart; they keep their running values until then.
     pub restart_required: Vec<String>,

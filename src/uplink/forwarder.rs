@@ -315,12 +315,8 @@ impl Forwarder {
             match self.session().await {
                 Session::Cancelled => break,
                 Session::Reconfigured => {
-                    if let Some(updates) = &mut self.updates {
-                        self.options = updates.borrow_and_update().clone();
-                    }
-                    self.status.connected.store(false, Ordering::Relaxed);
+                    self.take_update();
                     attempt = 0;
-                    info!(broker = %self.options.broker, "Uplink settings changed; reconnecting.");
                 }
                 Session::Failed {
                     error,
@@ -347,14 +343,29 @@ impl Forwarder {
                         "Uplink connection failed."
                     );
                     self.status.set_error(error);
+                    // New settings (a reload, likely to fix this very failure) end the wait:
+                    // the next attempt uses them at once, from the first backoff step.
                     tokio::select! {
                         _ = self.cancel.cancelled() => break,
                         _ = tokio::time::sleep(delay) => {}
+                        _ = Self::updated(&mut self.updates) => {
+                            self.take_update();
+                            attempt = 0;
+                        }
                     }
                 }
             }
         }
         self.status.connected.store(false, Ordering::Relaxed);
+    }
+
+    /// Switches to the settings a reload sent; the next connection uses them.
+    fn take_update(&mut self) {
+        if let Some(updates) = &mut self.updates {
+            self.options = updates.borrow_and_update().clone();
+        }
+        self.status.connected.store(false, Ordering::Relaxed);
+        info!(broker = %self.options.broker, "Uplink settings changed; reconnecting.");
     }
 
     async fn session(&mut self) -> Session {

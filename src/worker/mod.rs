@@ -331,9 +331,17 @@ impl Worker {
         self.lock().stats.device(device)
     }
 
-    /// Forgets a device's statistics (on reset).
+    /// Forgets a device's statistics (on reset, or for a device a reload adds or restarts).
     pub fn reset_stats(&self, device: &str) {
         self.lock().stats.reset(device);
+    }
+
+    /// Forgets the statistics of a device a reload removed. Its samples still queued are
+    /// processed (history, uplink, ledger) but make no statistics: an entry for a device that
+    /// is not shown would never be freed. [`Self::reset_stats`] undoes it when the device is
+    /// added again.
+    pub fn remove_stats(&self, device: &str) {
+        self.lock().stats.remove(device);
     }
 
     /// Read-to-processed latency quantile.

@@ -4,7 +4,7 @@
 //! A worker folds its batch into [`BatchStats`] without a lock, then merges it into the shared
 //! [`StatsStore`] once per batch; the API reads one device's [`DeviceStats`] from it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 use smol_str::SmolStr;
@@ -175,6 +175,9 @@ impl BatchStats {
 #[derive(Default)]
 pub(super) struct StatsStore {
     devices: HashMap<SmolStr, DeviceSeries>,
+    /// Devices a reload removed: samples of theirs still queued are processed, but make no
+    /// statistics again (nobody could see or free them).
+    removed: HashSet<SmolStr>,
 }
 
 #[derive(Default)]
@@ -199,6 +202,9 @@ impl StatsStore {
     pub(super) fn merge(&mut self, batch: BatchStats) -> Vec<LastValue> {
         let mut kept = Vec::with_capacity(batch.entries.len());
         for (id, series, stats) in batch.entries {
+            if !self.removed.is_empty() && self.removed.contains(&id) {
+                continue;
+            }
             let device = self.devices.entry(id.clone()).or_default();
             if let Some(known) = device.series.get_mut(&series) {
                 known.merge(&stats);
@@ -244,9 +250,17 @@ impl StatsStore {
         }
     }
 
-    /// Forgets one device's statistics.
+    /// Forgets one device's statistics; its next samples count from zero.
     pub(super) fn reset(&mut self, id: &str) {
         self.devices.remove(id);
+        self.removed.remove(id);
+    }
+
+    /// Forgets a removed device's statistics and keeps none for its samples still queued,
+    /// until [`Self::reset`] (the device is added again).
+    pub(super) fn remove(&mut self, id: &str) {
+        self.devices.remove(id);
+        self.removed.insert(SmolStr::new(id));
     }
 }
 
