@@ -232,6 +232,11 @@ impl FrameCodec {
 
 /// Parses one line without its line ending: `$TH,<seq>,<value>,<unit>*<CC>` or
 /// `$TH,<seq>,<value>,<unit>,<channel>*<CC>`.
+///
+/// Works on the bytes: the fields are found with one scan each, `<seq>` is read digit by digit,
+/// and `<value>` by [`parse_value`]. It accepts exactly the lines the `str::split(',')` and
+/// `str::parse` version it replaces accepted (a property test in this file checks the two
+/// against each other); every field is ASCII-checked on the way, so no UTF-8 pass is needed.
 pub fn parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
     let body = line.strip_prefix(b"$").ok_or(InvalidReason::Syntax)?;
     let star = body.len().checked_sub(3).ok_or(InvalidReason::Syntax)?;
@@ -243,34 +248,111 @@ pub fn parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
     if checksum(payload) != sent {
         return Err(InvalidReason::Checksum);
     }
-    let payload = std::str::from_utf8(payload).map_err(|_| InvalidReason::Syntax)?;
-    let mut fields = payload.split(',');
-    let (Some("TH"), Some(seq), Some(value), Some(unit), channel, None) = (
-        fields.next(),
-        fields.next(),
-        fields.next(),
-        fields.next(),
-        fields.next(),
-        fields.next(),
-    ) else {
-        return Err(InvalidReason::Syntax);
+    parse_payload(payload).ok_or(InvalidReason::Syntax)
+}
+
+/// The fields of a checksummed payload: `TH,<seq>,<value>,<unit>[,<channel>]`.
+fn parse_payload(payload: &[u8]) -> Option<RawSample> {
+    let rest = payload.strip_prefix(b"TH,")?;
+    let (seq, rest) = split_comma(rest)?;
+    let (value, rest) = split_comma(rest)?;
+    let (unit, channel) = match split_comma(rest) {
+        Some((unit, channel)) => (unit, Some(channel)),
+        None => (rest, None),
     };
-    let seq = seq.parse().map_err(|_| InvalidReason::Syntax)?;
-    let value = value.parse().map_err(|_| InvalidReason::Syntax)?;
-    if !valid_unit(unit.as_bytes()) {
-        return Err(InvalidReason::Syntax);
+    let seq = parse_u32(seq)?;
+    let value = parse_value(value)?;
+    if !valid_unit(unit) {
+        return None;
     }
     let channel = match channel {
         None => None,
-        Some(channel) if valid_channel(channel.as_bytes()) => Some(SmolStr::new(channel)),
-        Some(_) => return Err(InvalidReason::Syntax),
+        // A sixth field, or an empty or badly spelled channel.
+        Some(channel) if valid_channel(channel) => Some(SmolStr::new(ascii(channel)?)),
+        Some(_) => return None,
     };
-    Ok(RawSample {
+    Some(RawSample {
         seq,
         value,
-        unit: SmolStr::new(unit),
+        unit: SmolStr::new(ascii(unit)?),
         channel,
     })
+}
+
+/// `field` and what follows its comma, or `None` without a comma.
+fn split_comma(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let comma = bytes.iter().position(|&b| b == b',')?;
+    Some((&bytes[..comma], &bytes[comma + 1..]))
+}
+
+/// An already validated ASCII field as text (cannot fail for the charsets checked above).
+fn ascii(field: &[u8]) -> Option<&str> {
+    std::str::from_utf8(field).ok()
+}
+
+/// What `u32::from_str` accepts: an optional `+`, then 1 or more ASCII digits, no overflow.
+fn parse_u32(field: &[u8]) -> Option<u32> {
+    let digits = field.strip_prefix(b"+").unwrap_or(field);
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u32, |n, &b| {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u32::from(digit))
+    })
+}
+
+/// Exact powers of ten: every one up to 10^22 is a double without rounding.
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// A frame's value: what `f64::from_str` reads, correctly rounded, and nothing else.
+///
+/// The common form `[+-]<digits>.<digits>` with at most 2^53 as its digits read as an integer
+/// and at most 22 decimals is computed as that integer divided by a power of ten: both are exact
+/// doubles, so the one division rounds correctly (Clinger's fast path, the same one fast float
+/// parsers take first). Anything else (exponents, `inf`, `NaN`, more digits, `5.` or `.5`)
+/// goes to `f64::from_str`, so what is accepted and what it is worth do not change.
+pub fn parse_value(field: &[u8]) -> Option<f64> {
+    fast_value(field).or_else(|| std::str::from_utf8(field).ok()?.parse().ok())
+}
+
+/// The fast path of [`parse_value`]; `None` means "not in the fast form", not "invalid".
+fn fast_value(field: &[u8]) -> Option<f64> {
+    let (negative, digits) = match field {
+        [b'-', rest @ ..] => (true, rest),
+        [b'+', rest @ ..] => (false, rest),
+        _ => (false, field),
+    };
+    let (int, frac) = match digits.iter().position(|&b| b == b'.') {
+        Some(dot) => (&digits[..dot], &digits[dot + 1..]),
+        None => (digits, &digits[..0]),
+    };
+    // Both parts non-empty when there is a dot; at most 19 digits, so the u64 cannot overflow.
+    if int.is_empty() || (frac.is_empty() && int.len() != digits.len()) {
+        return None;
+    }
+    if int.len() + frac.len() > 19 || frac.len() >= POW10.len() {
+        return None;
+    }
+    let mut mantissa = 0u64;
+    for &b in int.iter().chain(frac) {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        mantissa = mantissa * 10 + u64::from(digit);
+    }
+    if mantissa > 1 << 53 {
+        return None;
+    }
+    let magnitude = mantissa as f64 / POW10[frac.len()];
+    Some(if negative { -magnitude } else { magnitude })
 }
 
 /// The longest channel name.
@@ -294,7 +376,13 @@ pub fn valid_unit(unit: &[u8]) -> bool {
 
 /// XOR of every byte: the NMEA checksum of the bytes between `$` and `*`.
 pub fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0, |acc, &b| acc ^ b)
+    // Eight bytes per step (XOR commutes), then the bytes of that word and the tail.
+    let mut words = bytes.chunks_exact(8);
+    let wide = words.by_ref().fold(0u64, |acc, word| {
+        acc ^ u64::from_le_bytes(word.try_into().expect("chunks_exact(8) yields 8 bytes"))
+    });
+    let folded = wide.to_le_bytes().iter().fold(0, |acc, &b| acc ^ b);
+    words.remainder().iter().fold(folded, |acc, &b| acc ^ b)
 }
 
 fn hex_byte(cc: &[u8]) -> Option<u8> {
@@ -374,6 +462,15 @@ mod tests {
             &frame(42, 42.9148, "arb.units")[..],
             b"$TH,42,42.914800,arb.units*30\r\n"
         );
+    }
+
+    #[test]
+    fn checksum_is_the_xor_of_every_byte_at_any_length() {
+        let bytes: Vec<u8> = (0..40u8).map(|b| b.wrapping_mul(37)).collect();
+        for len in 0..bytes.len() {
+            let slow = bytes[..len].iter().fold(0, |acc, &b| acc ^ b);
+            assert_eq!(checksum(&bytes[..len]), slow, "{len}");
+        }
     }
 
     #[test]
@@ -813,6 +910,69 @@ mod tests {
             frames
         }
 
+        /// The `str::split(',')` parser `parse_line` replaced, kept as the oracle it must
+        /// agree with on every line.
+        fn reference_parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
+            let body = line.strip_prefix(b"$").ok_or(InvalidReason::Syntax)?;
+            let star = body.len().checked_sub(3).ok_or(InvalidReason::Syntax)?;
+            if body[star] != b'*' {
+                return Err(InvalidReason::Syntax);
+            }
+            let (payload, cc) = (&body[..star], &body[star + 1..]);
+            let sent = hex_byte(cc).ok_or(InvalidReason::Syntax)?;
+            if checksum(payload) != sent {
+                return Err(InvalidReason::Checksum);
+            }
+            let payload = std::str::from_utf8(payload).map_err(|_| InvalidReason::Syntax)?;
+            let mut fields = payload.split(',');
+            let (Some("TH"), Some(seq), Some(value), Some(unit), channel, None) = (
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+            ) else {
+                return Err(InvalidReason::Syntax);
+            };
+            let seq = seq.parse().map_err(|_| InvalidReason::Syntax)?;
+            let value = value.parse().map_err(|_| InvalidReason::Syntax)?;
+            if !valid_unit(unit.as_bytes()) {
+                return Err(InvalidReason::Syntax);
+            }
+            let channel = match channel {
+                None => None,
+                Some(channel) if valid_channel(channel.as_bytes()) => Some(SmolStr::new(channel)),
+                Some(_) => return Err(InvalidReason::Syntax),
+            };
+            Ok(RawSample {
+                seq,
+                value,
+                unit: SmolStr::new(unit),
+                channel,
+            })
+        }
+
+        /// Field-like tokens: numbers in every spelling `str::parse` knows, and near misses.
+        fn token() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[+-]?[0-9]{0,21}(\\.[0-9]{0,24})?",
+                "[+-]?[0-9]{0,4}(\\.[0-9]{0,4})?([eE][+-]?[0-9]{1,3})?",
+                any::<f64>().prop_map(|v| format!("{v:.6}")),
+                any::<f64>().prop_map(|v| format!("{v}")),
+                any::<u32>().prop_map(|v| v.to_string()),
+                "(inf|-inf|NaN|infinity|Infinity|nan|\\.|-|\\+|)",
+                "[A-Za-z0-9._/%-]{0,34}",
+                "[ -~]{0,6}",
+                "[\\x00-\\xff]{0,4}",
+            ]
+        }
+
+        /// What any f64 looks like after `{:.6}`, as a parse result.
+        fn sent(value: f64) -> f64 {
+            format!("{value:.6}").parse().unwrap()
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(2000))]
 
@@ -880,6 +1040,61 @@ mod tests {
                     })
                     .collect();
                 prop_assert_eq!(decoded, expected);
+            }
+
+            #[test]
+            fn parse_line_agrees_with_the_split_parser_it_replaced(
+                head in prop_oneof![Just("TH".to_string()), "[A-Z]{0,3}"],
+                fields in proptest::collection::vec(token(), 0..7),
+                good_checksum in proptest::bool::weighted(0.9),
+            ) {
+                let mut payload = head.into_bytes();
+                for field in &fields {
+                    payload.push(b',');
+                    payload.extend_from_slice(field.as_bytes());
+                }
+                let sum = checksum(&payload) ^ u8::from(!good_checksum);
+                let mut line = vec![b'$'];
+                line.extend_from_slice(&payload);
+                line.extend_from_slice(format!("*{sum:02X}").as_bytes());
+                let (new, old) = (parse_line(&line), reference_parse_line(&line));
+                // Bit for bit, so NaN compares and -0.0 differs from 0.0.
+                let bits = |r: &Result<RawSample, InvalidReason>| r.clone().map(|s| (s.seq, s.value.to_bits(), s.unit, s.channel));
+                prop_assert_eq!(bits(&new), bits(&old), "{:?}", String::from_utf8_lossy(&line));
+            }
+
+            #[test]
+            fn parse_value_reads_what_str_parse_reads(field in token()) {
+                let std = field.parse::<f64>().ok().map(f64::to_bits);
+                prop_assert_eq!(parse_value(field.as_bytes()).map(f64::to_bits), std, "{:?}", field);
+            }
+
+            #[test]
+            fn frames_round_trip_through_encode_and_decode(
+                seq in any::<u32>(),
+                value in prop_oneof![any::<f64>(), -1e9..1e9f64],
+                channel in proptest::option::of("[A-Za-z0-9_.-]{1,32}"),
+            ) {
+                let mut buf = BytesMut::new();
+                match &channel {
+                    None => encode_frame(seq, value, "V", &mut buf),
+                    Some(c) => encode_channel_frame(seq, value, "V", c, &mut buf),
+                }
+                let payload = &buf[1..buf.len() - 5];
+                let mut expected = format!("TH,{seq},{value:.6},V");
+                if let Some(c) = &channel {
+                    expected = format!("{expected},{c}");
+                }
+                prop_assert_eq!(std::str::from_utf8(payload).unwrap(), expected);
+                let mut codec = FrameCodec::new(buf.len());
+                match codec.decode(&mut buf).unwrap() {
+                    Some(Frame::Sample(s)) => {
+                        prop_assert_eq!(s.seq, seq);
+                        prop_assert_eq!(s.value.to_bits(), sent(value).to_bits());
+                        prop_assert_eq!(s.channel.map(|c| c.to_string()), channel);
+                    }
+                    other => prop_assert!(false, "{:?} -> {:?}", value, other),
+                }
             }
         }
     }
