@@ -410,8 +410,12 @@ impl Encoder<&RawSample> for FrameCodec {
 /// Appends one frame of the first form (no channel), checksum and `\r\n` included, to `dst`.
 pub fn encode_frame(seq: u32, value: f64, unit: &str, dst: &mut BytesMut) {
     let start = dst.len();
-    // Writing into a BytesMut cannot fail: it grows as needed.
-    let _ = write!(dst, "$TH,{seq},{value:.6},{unit}");
+    dst.extend_from_slice(b"$TH,");
+    push_u64(u64::from(seq), dst);
+    dst.extend_from_slice(b",");
+    push_value(value, dst);
+    dst.extend_from_slice(b",");
+    dst.extend_from_slice(unit.as_bytes());
     finish_frame(start, dst);
 }
 
@@ -419,14 +423,101 @@ pub fn encode_frame(seq: u32, value: f64, unit: &str, dst: &mut BytesMut) {
 /// `dst`.
 pub fn encode_channel_frame(seq: u32, value: f64, unit: &str, channel: &str, dst: &mut BytesMut) {
     let start = dst.len();
-    let _ = write!(dst, "$TH,{seq},{value:.6},{unit},{channel}");
+    dst.extend_from_slice(b"$TH,");
+    push_u64(u64::from(seq), dst);
+    dst.extend_from_slice(b",");
+    push_value(value, dst);
+    dst.extend_from_slice(b",");
+    dst.extend_from_slice(unit.as_bytes());
+    dst.extend_from_slice(b",");
+    dst.extend_from_slice(channel.as_bytes());
     finish_frame(start, dst);
 }
 
 /// Appends the checksum of the frame that starts at `start` (its `$`) and the line end.
 fn finish_frame(start: usize, dst: &mut BytesMut) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let sum = checksum(&dst[start + 1..]);
-    let _ = write!(dst, "*{sum:02X}\r\n");
+    dst.extend_from_slice(&[
+        b'*',
+        HEX[usize::from(sum >> 4)],
+        HEX[usize::from(sum & 0xf)],
+        b'\r',
+        b'\n',
+    ]);
+}
+
+/// Appends `n` in decimal.
+fn push_u64(mut n: u64, dst: &mut BytesMut) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    dst.extend_from_slice(&digits[at..]);
+}
+
+/// Appends `value` with 6 decimals, byte for byte what `format!("{value:.6}")` writes (a unit
+/// test and a property test check it), without `core::fmt`'s general float formatting.
+fn push_value(value: f64, dst: &mut BytesMut) {
+    match fixed6(value) {
+        Some((negative, micros)) => {
+            if negative {
+                dst.extend_from_slice(b"-");
+            }
+            push_u64(micros / 1_000_000, dst);
+            let mut frac = [b'.', 0, 0, 0, 0, 0, 0];
+            let mut rest = micros % 1_000_000;
+            for digit in frac[1..].iter_mut().rev() {
+                *digit = b'0' + (rest % 10) as u8;
+                rest /= 10;
+            }
+            dst.extend_from_slice(&frac);
+        }
+        None => {
+            // Writing into a BytesMut cannot fail: it grows as needed.
+            let _ = write!(dst, "{value:.6}");
+        }
+    }
+}
+
+/// `|value|` in millionths, rounded as `{:.6}` rounds (exactly, ties to even), and its sign;
+/// `None` for values the fast path leaves to `core::fmt` (not finite, or `|value| >= 10^12`).
+fn fixed6(value: f64) -> Option<(bool, u64)> {
+    if !value.is_finite() || value.abs() >= 1e12 {
+        return None;
+    }
+    let bits = value.to_bits();
+    let negative = bits >> 63 != 0;
+    let biased = ((bits >> 52) & 0x7ff) as i32;
+    let fraction = bits & ((1 << 52) - 1);
+    // |value| = mantissa * 2^-shift, and shift > 0 because |value| < 10^12 < 2^52.
+    let (mantissa, shift) = if biased == 0 {
+        (fraction, 1074)
+    } else {
+        (fraction | 1 << 52, 1075 - biased)
+    };
+    let shift = u32::try_from(shift).ok().filter(|&s| s > 0)?;
+    // At most 2^53 * 10^6 < 2^73: the exact product of the value and 10^6, shifted by `shift`.
+    let scaled = u128::from(mantissa) * 1_000_000;
+    if shift >= 100 {
+        // Below 2^-47: far under half a millionth.
+        return Some((negative, 0));
+    }
+    let whole = scaled >> shift;
+    let rest = scaled & ((1 << shift) - 1);
+    let half = 1u128 << (shift - 1);
+    let rounded = if rest > half || (rest == half && whole & 1 == 1) {
+        whole + 1
+    } else {
+        whole
+    };
+    Some((negative, u64::try_from(rounded).ok()?))
 }
 
 #[cfg(test)]
@@ -462,6 +553,41 @@ mod tests {
             &frame(42, 42.9148, "arb.units")[..],
             b"$TH,42,42.914800,arb.units*30\r\n"
         );
+    }
+
+    #[test]
+    fn values_are_written_exactly_as_format_writes_them() {
+        for value in [
+            0.0,
+            -0.0,
+            0.5,
+            2.5,
+            42.9148,
+            -42.9148,
+            0.007_812_5,  // a tie: rounds to even, 0.007812
+            0.023_437_5,  // a tie: rounds to even, 0.023438
+            -0.000_000_5, // rounds to -0.000000
+            0.000_001_5,
+            999_999.999_999_5,
+            1e-300,
+            -5e-324,
+            999_999_999_999.999_9,
+            1e12,
+            -1.5e300,
+            f64::MAX,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            let mut buf = BytesMut::new();
+            push_value(value, &mut buf);
+            assert_eq!(std::str::from_utf8(&buf).unwrap(), format!("{value:.6}"));
+        }
+        for seq in [0, 9, 10, 4_294_967_295] {
+            let mut buf = BytesMut::new();
+            push_u64(seq, &mut buf);
+            assert_eq!(std::str::from_utf8(&buf).unwrap(), seq.to_string());
+        }
     }
 
     #[test]
@@ -1067,6 +1193,19 @@ mod tests {
             fn parse_value_reads_what_str_parse_reads(field in token()) {
                 let std = field.parse::<f64>().ok().map(f64::to_bits);
                 prop_assert_eq!(parse_value(field.as_bytes()).map(f64::to_bits), std, "{:?}", field);
+            }
+
+            #[test]
+            fn the_value_is_written_as_format_writes_it(
+                value in prop_oneof![
+                    any::<f64>(),
+                    -1e6..1e6f64,
+                    (-2_000_000_000i64..2_000_000_000, 0u32..12).prop_map(|(n, k)| n as f64 / f64::from(1u32 << k) / 1e3),
+                ],
+            ) {
+                let mut buf = BytesMut::new();
+                push_value(value, &mut buf);
+                prop_assert_eq!(std::str::from_utf8(&buf).unwrap(), format!("{value:.6}"));
             }
 
             #[test]
