@@ -90,6 +90,47 @@ pub struct FrameCodec {
     max_len: usize,
     /// Inside an over-long frame or a run of garbage: skip until `$` or a line end.
     skipping: bool,
+    /// The last unit and channel decoded: a device repeats them in every frame.
+    names: Names,
+}
+
+/// The last unit and channel a codec decoded, reused (a copy, or a reference count for a long
+/// channel) when the next frame spells the same bytes, instead of checked and built again.
+#[derive(Debug, Clone, Default)]
+struct Names {
+    unit: Option<SmolStr>,
+    channel: Option<SmolStr>,
+}
+
+impl Names {
+    /// `bytes` as a unit (1 to 16 bytes of its charset), from `cached` when it repeats.
+    fn unit(&mut self, bytes: &[u8]) -> Option<SmolStr> {
+        Self::name(&mut self.unit, bytes, valid_unit)
+    }
+
+    /// `bytes` as a channel name, from `cached` when it repeats.
+    fn channel(&mut self, bytes: &[u8]) -> Option<SmolStr> {
+        Self::name(&mut self.channel, bytes, valid_channel)
+    }
+
+    fn name(
+        cached: &mut Option<SmolStr>,
+        bytes: &[u8],
+        valid: fn(&[u8]) -> bool,
+    ) -> Option<SmolStr> {
+        if let Some(name) = cached
+            && name.as_bytes() == bytes
+        {
+            return Some(name.clone());
+        }
+        if !valid(bytes) {
+            return None;
+        }
+        // Valid names are ASCII, so this cannot fail.
+        let name = SmolStr::new(std::str::from_utf8(bytes).ok()?);
+        *cached = Some(name.clone());
+        Some(name)
+    }
 }
 
 impl FrameCodec {
@@ -99,6 +140,7 @@ impl FrameCodec {
         Self {
             max_len,
             skipping: false,
+            names: Names::default(),
         }
     }
 
@@ -175,11 +217,7 @@ impl FrameCodec {
     fn decode_frame(&mut self, src: &mut BytesMut) -> Option<Frame> {
         let window = &src[..src.len().min(self.max_len)];
         // A second `$` before the line end means this frame lost its end: resync there.
-        let Some(end) = window[1..]
-            .iter()
-            .position(|&b| is_line_end(b) || b == b'$')
-            .map(|p| p + 1)
-        else {
+        let Some(end) = memchr::memchr3(b'\r', b'\n', b'$', &window[1..]).map(|p| p + 1) else {
             if src.len() >= self.max_len {
                 src.advance(self.max_len);
                 self.skipping = true;
@@ -191,12 +229,15 @@ impl FrameCodec {
             src.advance(end);
             return Some(Frame::Invalid(InvalidReason::Syntax));
         }
-        // The line and its first line-end byte; a `\n` after a `\r` is left as an empty line.
-        let line = src.split_to(end + 1);
-        Some(match parse_line(&line[..end]) {
+        let frame = match parse_line_with(&src[..end], &mut self.names) {
             Ok(sample) => Frame::Sample(sample),
             Err(reason) => Frame::Invalid(reason),
-        })
+        };
+        // The line and its first line-end byte, and the `\n` of a `\r\n` when it is already
+        // here (otherwise it is an empty line, skipped when it comes).
+        let crlf = src[end] == b'\r' && src.get(end + 1) == Some(&b'\n');
+        src.advance(end + 1 + usize::from(crlf));
+        Some(frame)
     }
 }
 
@@ -238,6 +279,11 @@ impl FrameCodec {
 /// `str::parse` version it replaces accepted (a property test in this file checks the two
 /// against each other); every field is ASCII-checked on the way, so no UTF-8 pass is needed.
 pub fn parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
+    parse_line_with(line, &mut Names::default())
+}
+
+/// [`parse_line`], reusing the unit and channel of the codec's last frame when they repeat.
+fn parse_line_with(line: &[u8], names: &mut Names) -> Result<RawSample, InvalidReason> {
     let body = line.strip_prefix(b"$").ok_or(InvalidReason::Syntax)?;
     let star = body.len().checked_sub(3).ok_or(InvalidReason::Syntax)?;
     if body[star] != b'*' {
@@ -245,49 +291,94 @@ pub fn parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
     }
     let (payload, cc) = (&body[..star], &body[star + 1..]);
     let sent = hex_byte(cc).ok_or(InvalidReason::Syntax)?;
-    if checksum(payload) != sent {
+    let scan = Scan::of(payload);
+    if scan.checksum != sent {
         return Err(InvalidReason::Checksum);
     }
-    parse_payload(payload).ok_or(InvalidReason::Syntax)
+    parse_payload(payload, &scan, names).ok_or(InvalidReason::Syntax)
+}
+
+/// One pass over a payload: its checksum and where its commas are.
+struct Scan {
+    checksum: u8,
+    /// The first commas' positions; `commas` counts all of them.
+    at: [usize; 5],
+    commas: usize,
+}
+
+impl Scan {
+    /// Eight bytes per step: XOR for the checksum, and a comma test on every byte at once.
+    fn of(payload: &[u8]) -> Self {
+        const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+        const COMMAS: u64 = u64::from_le_bytes([b','; 8]);
+        let mut scan = Scan {
+            checksum: 0,
+            at: [0; 5],
+            commas: 0,
+        };
+        let mut wide = 0u64;
+        let mut words = payload.chunks_exact(8);
+        for (i, word) in words.by_ref().enumerate() {
+            let word = u64::from_le_bytes(word.try_into().expect("chunks_exact(8) yields 8 bytes"));
+            wide ^= word;
+            // 0x80 in exactly the bytes that are commas (no carry crosses a byte).
+            let x = word ^ COMMAS;
+            let mut hits = !(((x & LOW7) + LOW7) | x | LOW7);
+            while hits != 0 {
+                scan.comma(i * 8 + (hits.trailing_zeros() / 8) as usize);
+                hits &= hits - 1;
+            }
+        }
+        scan.checksum = wide.to_le_bytes().iter().fold(0, |acc, &b| acc ^ b);
+        let tail = payload.len() - words.remainder().len();
+        for (i, &b) in words.remainder().iter().enumerate() {
+            scan.checksum ^= b;
+            if b == b',' {
+                scan.comma(tail + i);
+            }
+        }
+        scan
+    }
+
+    fn comma(&mut self, at: usize) {
+        if let Some(slot) = self.at.get_mut(self.commas) {
+            *slot = at;
+        }
+        self.commas += 1;
+    }
 }
 
 /// The fields of a checksummed payload: `TH,<seq>,<value>,<unit>[,<channel>]`.
-fn parse_payload(payload: &[u8]) -> Option<RawSample> {
-    let rest = payload.strip_prefix(b"TH,")?;
-    let (seq, rest) = split_comma(rest)?;
-    let (value, rest) = split_comma(rest)?;
-    let (unit, channel) = match split_comma(rest) {
-        Some((unit, channel)) => (unit, Some(channel)),
-        None => (rest, None),
+fn parse_payload(payload: &[u8], scan: &Scan, names: &mut Names) -> Option<RawSample> {
+    let [first, seq_end, value_end, unit_end, _] = scan.at;
+    // Four fields, or five with a channel; a sixth is an error.
+    let (unit, channel) = match scan.commas {
+        3 => (&payload[value_end + 1..], None),
+        4 => (
+            &payload[value_end + 1..unit_end],
+            Some(&payload[unit_end + 1..]),
+        ),
+        _ => return None,
     };
-    let seq = parse_u32(seq)?;
-    let value = parse_value(value)?;
-    if !valid_unit(unit) {
+    if &payload[..first] != b"TH" {
         return None;
     }
+    let seq = &payload[first + 1..seq_end];
+    let value = &payload[seq_end + 1..value_end];
+    let seq = parse_u32(seq)?;
+    let value = parse_value(value)?;
+    let unit = names.unit(unit)?;
     let channel = match channel {
         None => None,
-        // A sixth field, or an empty or badly spelled channel.
-        Some(channel) if valid_channel(channel) => Some(SmolStr::new(ascii(channel)?)),
-        Some(_) => return None,
+        // A sixth field (its comma fails the charset), or an empty or badly spelled channel.
+        Some(channel) => Some(names.channel(channel)?),
     };
     Some(RawSample {
         seq,
         value,
-        unit: SmolStr::new(ascii(unit)?),
+        unit,
         channel,
     })
-}
-
-/// `field` and what follows its comma, or `None` without a comma.
-fn split_comma(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let comma = bytes.iter().position(|&b| b == b',')?;
-    Some((&bytes[..comma], &bytes[comma + 1..]))
-}
-
-/// An already validated ASCII field as text (cannot fail for the charsets checked above).
-fn ascii(field: &[u8]) -> Option<&str> {
-    std::str::from_utf8(field).ok()
 }
 
 /// What `u32::from_str` accepts: an optional `+`, then 1 or more ASCII digits, no overflow.
@@ -329,29 +420,35 @@ fn fast_value(field: &[u8]) -> Option<f64> {
         [b'+', rest @ ..] => (false, rest),
         _ => (false, field),
     };
-    let (int, frac) = match digits.iter().position(|&b| b == b'.') {
-        Some(dot) => (&digits[..dot], &digits[dot + 1..]),
-        None => (digits, &digits[..0]),
-    };
-    // Both parts non-empty when there is a dot; at most 19 digits, so the u64 cannot overflow.
-    if int.is_empty() || (frac.is_empty() && int.len() != digits.len()) {
-        return None;
-    }
-    if int.len() + frac.len() > 19 || frac.len() >= POW10.len() {
+    // At most 19 digits and a dot, so the u64 cannot overflow.
+    if digits.len() > 20 {
         return None;
     }
     let mut mantissa = 0u64;
-    for &b in int.iter().chain(frac) {
+    // Where the dot is, counted from the end: the number of decimals.
+    let mut dot = None;
+    for (i, &b) in digits.iter().enumerate() {
         let digit = b.wrapping_sub(b'0');
-        if digit > 9 {
+        if digit <= 9 {
+            // Wraps only for 20 digits without a dot, refused below.
+            mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(digit));
+        } else if b == b'.' && dot.is_none() {
+            dot = Some(i);
+        } else {
             return None;
         }
-        mantissa = mantissa * 10 + u64::from(digit);
     }
+    let decimals = match dot {
+        // Digits on both sides of the dot (`5.` and `.5` are left to `f64::from_str`).
+        Some(at) if at > 0 && at + 1 < digits.len() => digits.len() - at - 1,
+        Some(_) => return None,
+        None if !digits.is_empty() && digits.len() <= 19 => 0,
+        None => return None,
+    };
     if mantissa > 1 << 53 {
         return None;
     }
-    let magnitude = mantissa as f64 / POW10[frac.len()];
+    let magnitude = mantissa as f64 / POW10[decimals];
     Some(if negative { -magnitude } else { magnitude })
 }
 
@@ -587,6 +684,56 @@ mod tests {
             let mut buf = BytesMut::new();
             push_u64(seq, &mut buf);
             assert_eq!(std::str::from_utf8(&buf).unwrap(), seq.to_string());
+        }
+    }
+
+    #[test]
+    fn a_repeated_unit_or_channel_is_reused_and_a_new_one_checked() {
+        let mut buf = BytesMut::new();
+        encode_channel_frame(1, 1.0, "V", "rail_5v", &mut buf);
+        encode_channel_frame(2, 2.0, "V", "rail_5v", &mut buf);
+        encode_channel_frame(3, 3.0, "mV", "rail_3v3", &mut buf);
+        encode_channel_frame(4, 4.0, "m V", "rail_3v3", &mut buf);
+        encode_channel_frame(5, 5.0, "mV", "rail 3v3", &mut buf);
+        encode_frame(6, 6.0, "mV", &mut buf);
+        let frames = decode_all(&mut FrameCodec::default(), &mut buf);
+        let named = |seq, unit: &str, channel: Option<&str>| {
+            Frame::Sample(RawSample {
+                seq,
+                value: f64::from(seq),
+                unit: unit.into(),
+                channel: channel.map(Into::into),
+            })
+        };
+        assert_eq!(
+            frames,
+            vec![
+                named(1, "V", Some("rail_5v")),
+                named(2, "V", Some("rail_5v")),
+                named(3, "mV", Some("rail_3v3")),
+                Frame::Invalid(InvalidReason::Syntax),
+                Frame::Invalid(InvalidReason::Syntax),
+                named(6, "mV", None),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_scan_finds_exactly_the_commas_and_the_checksum() {
+        // Bytes next to ',' (0x2c) in value, and with its high bit set, around word edges.
+        let alphabet = [b',', 0x2b, 0x2d, 0xac, 0x00, 0xff, b'a'];
+        for len in 0..40usize {
+            for shift in 0..alphabet.len() {
+                let payload: Vec<u8> = (0..len)
+                    .map(|i| alphabet[(i * 5 + shift + i / 3) % alphabet.len()])
+                    .collect();
+                let scan = Scan::of(&payload);
+                let commas: Vec<usize> = (0..len).filter(|&i| payload[i] == b',').collect();
+                assert_eq!(scan.commas, commas.len(), "{payload:?}");
+                let n = commas.len().min(5);
+                assert_eq!(&scan.at[..n], &commas[..n], "{payload:?}");
+                assert_eq!(scan.checksum, checksum(&payload), "{payload:?}");
+            }
         }
     }
 
