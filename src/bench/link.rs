@@ -148,15 +148,17 @@ impl AsyncWrite for Gate {
             ready!(this.wake.as_mut().poll(cx));
         };
         // Up to the end of the last frame that may go now; all of `buf` if it ends sooner.
+        // Unpaced, `allowed` is never below the newlines `buf` can hold: no scan needed.
         let allowed = (due - sent) as usize;
-        let len = buf
-            .iter()
-            .enumerate()
-            .filter(|(_, byte)| **byte == b'\n')
-            .nth(allowed - 1)
-            .map_or(buf.len(), |(at, _)| at + 1);
+        let len = if allowed >= buf.len() {
+            buf.len()
+        } else {
+            memchr::memchr_iter(b'\n', buf)
+                .nth(allowed - 1)
+                .map_or(buf.len(), |at| at + 1)
+        };
         let written = ready!(Pin::new(&mut this.link).poll_write(cx, &buf[..len]))?;
-        let frames = buf[..written].iter().filter(|byte| **byte == b'\n').count();
+        let frames = memchr::memchr_iter(b'\n', &buf[..written]).count();
         this.sent.fetch_add(frames as u64, Ordering::Relaxed);
         Poll::Ready(Ok(written))
     }

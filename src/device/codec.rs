@@ -90,6 +90,47 @@ pub struct FrameCodec {
     max_len: usize,
     /// Inside an over-long frame or a run of garbage: skip until `$` or a line end.
     skipping: bool,
+    /// The last unit and channel decoded: a device repeats them in every frame.
+    names: Names,
+}
+
+/// The last unit and channel a codec decoded, reused (a copy, or a reference count for a long
+/// channel) when the next frame spells the same bytes, instead of checked and built again.
+#[derive(Debug, Clone, Default)]
+struct Names {
+    unit: Option<SmolStr>,
+    channel: Option<SmolStr>,
+}
+
+impl Names {
+    /// `bytes` as a unit (1 to 16 bytes of its charset), from `cached` when it repeats.
+    fn unit(&mut self, bytes: &[u8]) -> Option<SmolStr> {
+        Self::name(&mut self.unit, bytes, valid_unit)
+    }
+
+    /// `bytes` as a channel name, from `cached` when it repeats.
+    fn channel(&mut self, bytes: &[u8]) -> Option<SmolStr> {
+        Self::name(&mut self.channel, bytes, valid_channel)
+    }
+
+    fn name(
+        cached: &mut Option<SmolStr>,
+        bytes: &[u8],
+        valid: fn(&[u8]) -> bool,
+    ) -> Option<SmolStr> {
+        if let Some(name) = cached
+            && name.as_bytes() == bytes
+        {
+            return Some(name.clone());
+        }
+        if !valid(bytes) {
+            return None;
+        }
+        // Valid names are ASCII, so this cannot fail.
+        let name = SmolStr::new(std::str::from_utf8(bytes).ok()?);
+        *cached = Some(name.clone());
+        Some(name)
+    }
 }
 
 impl FrameCodec {
@@ -99,6 +140,7 @@ impl FrameCodec {
         Self {
             max_len,
             skipping: false,
+            names: Names::default(),
         }
     }
 
@@ -175,11 +217,7 @@ impl FrameCodec {
     fn decode_frame(&mut self, src: &mut BytesMut) -> Option<Frame> {
         let window = &src[..src.len().min(self.max_len)];
         // A second `$` before the line end means this frame lost its end: resync there.
-        let Some(end) = window[1..]
-            .iter()
-            .position(|&b| is_line_end(b) || b == b'$')
-            .map(|p| p + 1)
-        else {
+        let Some(end) = memchr::memchr3(b'\r', b'\n', b'$', &window[1..]).map(|p| p + 1) else {
             if src.len() >= self.max_len {
                 src.advance(self.max_len);
                 self.skipping = true;
@@ -191,12 +229,15 @@ impl FrameCodec {
             src.advance(end);
             return Some(Frame::Invalid(InvalidReason::Syntax));
         }
-        // The line and its first line-end byte; a `\n` after a `\r` is left as an empty line.
-        let line = src.split_to(end + 1);
-        Some(match parse_line(&line[..end]) {
+        let frame = match parse_line_with(&src[..end], &mut self.names) {
             Ok(sample) => Frame::Sample(sample),
             Err(reason) => Frame::Invalid(reason),
-        })
+        };
+        // The line and its first line-end byte, and the `\n` of a `\r\n` when it is already
+        // here (otherwise it is an empty line, skipped when it comes).
+        let crlf = src[end] == b'\r' && src.get(end + 1) == Some(&b'\n');
+        src.advance(end + 1 + usize::from(crlf));
+        Some(frame)
     }
 }
 
@@ -232,7 +273,17 @@ impl FrameCodec {
 
 /// Parses one line without its line ending: `$TH,<seq>,<value>,<unit>*<CC>` or
 /// `$TH,<seq>,<value>,<unit>,<channel>*<CC>`.
+///
+/// Works on the bytes: the fields are found with one scan each, `<seq>` is read digit by digit,
+/// and `<value>` by [`parse_value`]. It accepts exactly the lines the `str::split(',')` and
+/// `str::parse` version it replaces accepted (a property test in this file checks the two
+/// against each other); every field is ASCII-checked on the way, so no UTF-8 pass is needed.
 pub fn parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
+    parse_line_with(line, &mut Names::default())
+}
+
+/// [`parse_line`], reusing the unit and channel of the codec's last frame when they repeat.
+fn parse_line_with(line: &[u8], names: &mut Names) -> Result<RawSample, InvalidReason> {
     let body = line.strip_prefix(b"$").ok_or(InvalidReason::Syntax)?;
     let star = body.len().checked_sub(3).ok_or(InvalidReason::Syntax)?;
     if body[star] != b'*' {
@@ -240,37 +291,165 @@ pub fn parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
     }
     let (payload, cc) = (&body[..star], &body[star + 1..]);
     let sent = hex_byte(cc).ok_or(InvalidReason::Syntax)?;
-    if checksum(payload) != sent {
+    let scan = Scan::of(payload);
+    if scan.checksum != sent {
         return Err(InvalidReason::Checksum);
     }
-    let payload = std::str::from_utf8(payload).map_err(|_| InvalidReason::Syntax)?;
-    let mut fields = payload.split(',');
-    let (Some("TH"), Some(seq), Some(value), Some(unit), channel, None) = (
-        fields.next(),
-        fields.next(),
-        fields.next(),
-        fields.next(),
-        fields.next(),
-        fields.next(),
-    ) else {
-        return Err(InvalidReason::Syntax);
-    };
-    let seq = seq.parse().map_err(|_| InvalidReason::Syntax)?;
-    let value = value.parse().map_err(|_| InvalidReason::Syntax)?;
-    if !valid_unit(unit.as_bytes()) {
-        return Err(InvalidReason::Syntax);
+    parse_payload(payload, &scan, names).ok_or(InvalidReason::Syntax)
+}
+
+/// One pass over a payload: its checksum and where its commas are.
+struct Scan {
+    checksum: u8,
+    /// The first commas' positions; `commas` counts all of them.
+    at: [usize; 5],
+    commas: usize,
+}
+
+impl Scan {
+    /// Eight bytes per step: XOR for the checksum, and a comma test on every byte at once.
+    fn of(payload: &[u8]) -> Self {
+        const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+        const COMMAS: u64 = u64::from_le_bytes([b','; 8]);
+        let mut scan = Scan {
+            checksum: 0,
+            at: [0; 5],
+            commas: 0,
+        };
+        let mut wide = 0u64;
+        let mut words = payload.chunks_exact(8);
+        for (i, word) in words.by_ref().enumerate() {
+            let word = u64::from_le_bytes(word.try_into().expect("chunks_exact(8) yields 8 bytes"));
+            wide ^= word;
+            // 0x80 in exactly the bytes that are commas (no carry crosses a byte).
+            let x = word ^ COMMAS;
+            let mut hits = !(((x & LOW7) + LOW7) | x | LOW7);
+            while hits != 0 {
+                scan.comma(i * 8 + (hits.trailing_zeros() / 8) as usize);
+                hits &= hits - 1;
+            }
+        }
+        scan.checksum = wide.to_le_bytes().iter().fold(0, |acc, &b| acc ^ b);
+        let tail = payload.len() - words.remainder().len();
+        for (i, &b) in words.remainder().iter().enumerate() {
+            scan.checksum ^= b;
+            if b == b',' {
+                scan.comma(tail + i);
+            }
+        }
+        scan
     }
+
+    fn comma(&mut self, at: usize) {
+        if let Some(slot) = self.at.get_mut(self.commas) {
+            *slot = at;
+        }
+        self.commas += 1;
+    }
+}
+
+/// The fields of a checksummed payload: `TH,<seq>,<value>,<unit>[,<channel>]`.
+fn parse_payload(payload: &[u8], scan: &Scan, names: &mut Names) -> Option<RawSample> {
+    let [first, seq_end, value_end, unit_end, _] = scan.at;
+    // Four fields, or five with a channel; a sixth is an error.
+    let (unit, channel) = match scan.commas {
+        3 => (&payload[value_end + 1..], None),
+        4 => (
+            &payload[value_end + 1..unit_end],
+            Some(&payload[unit_end + 1..]),
+        ),
+        _ => return None,
+    };
+    if &payload[..first] != b"TH" {
+        return None;
+    }
+    let seq = &payload[first + 1..seq_end];
+    let value = &payload[seq_end + 1..value_end];
+    let seq = parse_u32(seq)?;
+    let value = parse_value(value)?;
+    let unit = names.unit(unit)?;
     let channel = match channel {
         None => None,
-        Some(channel) if valid_channel(channel.as_bytes()) => Some(SmolStr::new(channel)),
-        Some(_) => return Err(InvalidReason::Syntax),
+        // A sixth field (its comma fails the charset), or an empty or badly spelled channel.
+        Some(channel) => Some(names.channel(channel)?),
     };
-    Ok(RawSample {
+    Some(RawSample {
         seq,
         value,
-        unit: SmolStr::new(unit),
+        unit,
         channel,
     })
+}
+
+/// What `u32::from_str` accepts: an optional `+`, then 1 or more ASCII digits, no overflow.
+fn parse_u32(field: &[u8]) -> Option<u32> {
+    let digits = field.strip_prefix(b"+").unwrap_or(field);
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u32, |n, &b| {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u32::from(digit))
+    })
+}
+
+/// Exact powers of ten: every one up to 10^22 is a double without rounding.
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// A frame's value: what `f64::from_str` reads, correctly rounded, and nothing else.
+///
+/// The common form `[+-]<digits>.<digits>` with at most 2^53 as its digits read as an integer
+/// and at most 22 decimals is computed as that integer divided by a power of ten: both are exact
+/// doubles, so the one division rounds correctly (Clinger's fast path, the same one fast float
+/// parsers take first). Anything else (exponents, `inf`, `NaN`, more digits, `5.` or `.5`)
+/// goes to `f64::from_str`, so what is accepted and what it is worth do not change.
+pub fn parse_value(field: &[u8]) -> Option<f64> {
+    fast_value(field).or_else(|| std::str::from_utf8(field).ok()?.parse().ok())
+}
+
+/// The fast path of [`parse_value`]; `None` means "not in the fast form", not "invalid".
+fn fast_value(field: &[u8]) -> Option<f64> {
+    let (negative, digits) = match field {
+        [b'-', rest @ ..] => (true, rest),
+        [b'+', rest @ ..] => (false, rest),
+        _ => (false, field),
+    };
+    // At most 19 digits and a dot, so the u64 cannot overflow.
+    if digits.len() > 20 {
+        return None;
+    }
+    let mut mantissa = 0u64;
+    // Where the dot is, counted from the end: the number of decimals.
+    let mut dot = None;
+    for (i, &b) in digits.iter().enumerate() {
+        let digit = b.wrapping_sub(b'0');
+        if digit <= 9 {
+            // Wraps only for 20 digits without a dot, refused below.
+            mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(digit));
+        } else if b == b'.' && dot.is_none() {
+            dot = Some(i);
+        } else {
+            return None;
+        }
+    }
+    let decimals = match dot {
+        // Digits on both sides of the dot (`5.` and `.5` are left to `f64::from_str`).
+        Some(at) if at > 0 && at + 1 < digits.len() => digits.len() - at - 1,
+        Some(_) => return None,
+        None if !digits.is_empty() && digits.len() <= 19 => 0,
+        None => return None,
+    };
+    if mantissa > 1 << 53 {
+        return None;
+    }
+    let magnitude = mantissa as f64 / POW10[decimals];
+    Some(if negative { -magnitude } else { magnitude })
 }
 
 /// The longest channel name.
@@ -294,7 +473,13 @@ pub fn valid_unit(unit: &[u8]) -> bool {
 
 /// XOR of every byte: the NMEA checksum of the bytes between `$` and `*`.
 pub fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0, |acc, &b| acc ^ b)
+    // Eight bytes per step (XOR commutes), then the bytes of that word and the tail.
+    let mut words = bytes.chunks_exact(8);
+    let wide = words.by_ref().fold(0u64, |acc, word| {
+        acc ^ u64::from_le_bytes(word.try_into().expect("chunks_exact(8) yields 8 bytes"))
+    });
+    let folded = wide.to_le_bytes().iter().fold(0, |acc, &b| acc ^ b);
+    words.remainder().iter().fold(folded, |acc, &b| acc ^ b)
 }
 
 fn hex_byte(cc: &[u8]) -> Option<u8> {
@@ -322,8 +507,12 @@ impl Encoder<&RawSample> for FrameCodec {
 /// Appends one frame of the first form (no channel), checksum and `\r\n` included, to `dst`.
 pub fn encode_frame(seq: u32, value: f64, unit: &str, dst: &mut BytesMut) {
     let start = dst.len();
-    // Writing into a BytesMut cannot fail: it grows as needed.
-    let _ = write!(dst, "$TH,{seq},{value:.6},{unit}");
+    dst.extend_from_slice(b"$TH,");
+    push_u64(u64::from(seq), dst);
+    dst.extend_from_slice(b",");
+    push_value(value, dst);
+    dst.extend_from_slice(b",");
+    dst.extend_from_slice(unit.as_bytes());
     finish_frame(start, dst);
 }
 
@@ -331,14 +520,101 @@ pub fn encode_frame(seq: u32, value: f64, unit: &str, dst: &mut BytesMut) {
 /// `dst`.
 pub fn encode_channel_frame(seq: u32, value: f64, unit: &str, channel: &str, dst: &mut BytesMut) {
     let start = dst.len();
-    let _ = write!(dst, "$TH,{seq},{value:.6},{unit},{channel}");
+    dst.extend_from_slice(b"$TH,");
+    push_u64(u64::from(seq), dst);
+    dst.extend_from_slice(b",");
+    push_value(value, dst);
+    dst.extend_from_slice(b",");
+    dst.extend_from_slice(unit.as_bytes());
+    dst.extend_from_slice(b",");
+    dst.extend_from_slice(channel.as_bytes());
     finish_frame(start, dst);
 }
 
 /// Appends the checksum of the frame that starts at `start` (its `$`) and the line end.
 fn finish_frame(start: usize, dst: &mut BytesMut) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let sum = checksum(&dst[start + 1..]);
-    let _ = write!(dst, "*{sum:02X}\r\n");
+    dst.extend_from_slice(&[
+        b'*',
+        HEX[usize::from(sum >> 4)],
+        HEX[usize::from(sum & 0xf)],
+        b'\r',
+        b'\n',
+    ]);
+}
+
+/// Appends `n` in decimal.
+fn push_u64(mut n: u64, dst: &mut BytesMut) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    dst.extend_from_slice(&digits[at..]);
+}
+
+/// Appends `value` with 6 decimals, byte for byte what `format!("{value:.6}")` writes (a unit
+/// test and a property test check it), without `core::fmt`'s general float formatting.
+fn push_value(value: f64, dst: &mut BytesMut) {
+    match fixed6(value) {
+        Some((negative, micros)) => {
+            if negative {
+                dst.extend_from_slice(b"-");
+            }
+            push_u64(micros / 1_000_000, dst);
+            let mut frac = [b'.', 0, 0, 0, 0, 0, 0];
+            let mut rest = micros % 1_000_000;
+            for digit in frac[1..].iter_mut().rev() {
+                *digit = b'0' + (rest % 10) as u8;
+                rest /= 10;
+            }
+            dst.extend_from_slice(&frac);
+        }
+        None => {
+            // Writing into a BytesMut cannot fail: it grows as needed.
+            let _ = write!(dst, "{value:.6}");
+        }
+    }
+}
+
+/// `|value|` in millionths, rounded as `{:.6}` rounds (exactly, ties to even), and its sign;
+/// `None` for values the fast path leaves to `core::fmt` (not finite, or `|value| >= 10^12`).
+fn fixed6(value: f64) -> Option<(bool, u64)> {
+    if !value.is_finite() || value.abs() >= 1e12 {
+        return None;
+    }
+    let bits = value.to_bits();
+    let negative = bits >> 63 != 0;
+    let biased = ((bits >> 52) & 0x7ff) as i32;
+    let fraction = bits & ((1 << 52) - 1);
+    // |value| = mantissa * 2^-shift, and shift > 0 because |value| < 10^12 < 2^52.
+    let (mantissa, shift) = if biased == 0 {
+        (fraction, 1074)
+    } else {
+        (fraction | 1 << 52, 1075 - biased)
+    };
+    let shift = u32::try_from(shift).ok().filter(|&s| s > 0)?;
+    // At most 2^53 * 10^6 < 2^73: the exact product of the value and 10^6, shifted by `shift`.
+    let scaled = u128::from(mantissa) * 1_000_000;
+    if shift >= 100 {
+        // Below 2^-47: far under half a millionth.
+        return Some((negative, 0));
+    }
+    let whole = scaled >> shift;
+    let rest = scaled & ((1 << shift) - 1);
+    let half = 1u128 << (shift - 1);
+    let rounded = if rest > half || (rest == half && whole & 1 == 1) {
+        whole + 1
+    } else {
+        whole
+    };
+    Some((negative, u64::try_from(rounded).ok()?))
 }
 
 #[cfg(test)]
@@ -374,6 +650,100 @@ mod tests {
             &frame(42, 42.9148, "arb.units")[..],
             b"$TH,42,42.914800,arb.units*30\r\n"
         );
+    }
+
+    #[test]
+    fn values_are_written_exactly_as_format_writes_them() {
+        for value in [
+            0.0,
+            -0.0,
+            0.5,
+            2.5,
+            42.9148,
+            -42.9148,
+            0.007_812_5,  // a tie: rounds to even, 0.007812
+            0.023_437_5,  // a tie: rounds to even, 0.023438
+            -0.000_000_5, // rounds to -0.000000
+            0.000_001_5,
+            999_999.999_999_5,
+            1e-300,
+            -5e-324,
+            999_999_999_999.999_9,
+            1e12,
+            -1.5e300,
+            f64::MAX,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            let mut buf = BytesMut::new();
+            push_value(value, &mut buf);
+            assert_eq!(std::str::from_utf8(&buf).unwrap(), format!("{value:.6}"));
+        }
+        for seq in [0, 9, 10, 4_294_967_295] {
+            let mut buf = BytesMut::new();
+            push_u64(seq, &mut buf);
+            assert_eq!(std::str::from_utf8(&buf).unwrap(), seq.to_string());
+        }
+    }
+
+    #[test]
+    fn a_repeated_unit_or_channel_is_reused_and_a_new_one_checked() {
+        let mut buf = BytesMut::new();
+        encode_channel_frame(1, 1.0, "V", "rail_5v", &mut buf);
+        encode_channel_frame(2, 2.0, "V", "rail_5v", &mut buf);
+        encode_channel_frame(3, 3.0, "mV", "rail_3v3", &mut buf);
+        encode_channel_frame(4, 4.0, "m V", "rail_3v3", &mut buf);
+        encode_channel_frame(5, 5.0, "mV", "rail 3v3", &mut buf);
+        encode_frame(6, 6.0, "mV", &mut buf);
+        let frames = decode_all(&mut FrameCodec::default(), &mut buf);
+        let named = |seq, unit: &str, channel: Option<&str>| {
+            Frame::Sample(RawSample {
+                seq,
+                value: f64::from(seq),
+                unit: unit.into(),
+                channel: channel.map(Into::into),
+            })
+        };
+        assert_eq!(
+            frames,
+            vec![
+                named(1, "V", Some("rail_5v")),
+                named(2, "V", Some("rail_5v")),
+                named(3, "mV", Some("rail_3v3")),
+                Frame::Invalid(InvalidReason::Syntax),
+                Frame::Invalid(InvalidReason::Syntax),
+                named(6, "mV", None),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_scan_finds_exactly_the_commas_and_the_checksum() {
+        // Bytes next to ',' (0x2c) in value, and with its high bit set, around word edges.
+        let alphabet = [b',', 0x2b, 0x2d, 0xac, 0x00, 0xff, b'a'];
+        for len in 0..40usize {
+            for shift in 0..alphabet.len() {
+                let payload: Vec<u8> = (0..len)
+                    .map(|i| alphabet[(i * 5 + shift + i / 3) % alphabet.len()])
+                    .collect();
+                let scan = Scan::of(&payload);
+                let commas: Vec<usize> = (0..len).filter(|&i| payload[i] == b',').collect();
+                assert_eq!(scan.commas, commas.len(), "{payload:?}");
+                let n = commas.len().min(5);
+                assert_eq!(&scan.at[..n], &commas[..n], "{payload:?}");
+                assert_eq!(scan.checksum, checksum(&payload), "{payload:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn checksum_is_the_xor_of_every_byte_at_any_length() {
+        let bytes: Vec<u8> = (0..40u8).map(|b| b.wrapping_mul(37)).collect();
+        for len in 0..bytes.len() {
+            let slow = bytes[..len].iter().fold(0, |acc, &b| acc ^ b);
+            assert_eq!(checksum(&bytes[..len]), slow, "{len}");
+        }
     }
 
     #[test]
@@ -813,6 +1183,69 @@ mod tests {
             frames
         }
 
+        /// The `str::split(',')` parser `parse_line` replaced, kept as the oracle it must
+        /// agree with on every line.
+        fn reference_parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
+            let body = line.strip_prefix(b"$").ok_or(InvalidReason::Syntax)?;
+            let star = body.len().checked_sub(3).ok_or(InvalidReason::Syntax)?;
+            if body[star] != b'*' {
+                return Err(InvalidReason::Syntax);
+            }
+            let (payload, cc) = (&body[..star], &body[star + 1..]);
+            let sent = hex_byte(cc).ok_or(InvalidReason::Syntax)?;
+            if checksum(payload) != sent {
+                return Err(InvalidReason::Checksum);
+            }
+            let payload = std::str::from_utf8(payload).map_err(|_| InvalidReason::Syntax)?;
+            let mut fields = payload.split(',');
+            let (Some("TH"), Some(seq), Some(value), Some(unit), channel, None) = (
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+            ) else {
+                return Err(InvalidReason::Syntax);
+            };
+            let seq = seq.parse().map_err(|_| InvalidReason::Syntax)?;
+            let value = value.parse().map_err(|_| InvalidReason::Syntax)?;
+            if !valid_unit(unit.as_bytes()) {
+                return Err(InvalidReason::Syntax);
+            }
+            let channel = match channel {
+                None => None,
+                Some(channel) if valid_channel(channel.as_bytes()) => Some(SmolStr::new(channel)),
+                Some(_) => return Err(InvalidReason::Syntax),
+            };
+            Ok(RawSample {
+                seq,
+                value,
+                unit: SmolStr::new(unit),
+                channel,
+            })
+        }
+
+        /// Field-like tokens: numbers in every spelling `str::parse` knows, and near misses.
+        fn token() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[+-]?[0-9]{0,21}(\\.[0-9]{0,24})?",
+                "[+-]?[0-9]{0,4}(\\.[0-9]{0,4})?([eE][+-]?[0-9]{1,3})?",
+                any::<f64>().prop_map(|v| format!("{v:.6}")),
+                any::<f64>().prop_map(|v| format!("{v}")),
+                any::<u32>().prop_map(|v| v.to_string()),
+                "(inf|-inf|NaN|infinity|Infinity|nan|\\.|-|\\+|)",
+                "[A-Za-z0-9._/%-]{0,34}",
+                "[ -~]{0,6}",
+                "[\\x00-\\xff]{0,4}",
+            ]
+        }
+
+        /// What any f64 looks like after `{:.6}`, as a parse result.
+        fn sent(value: f64) -> f64 {
+            format!("{value:.6}").parse().unwrap()
+        }
+
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(2000))]
 
@@ -880,6 +1313,74 @@ mod tests {
                     })
                     .collect();
                 prop_assert_eq!(decoded, expected);
+            }
+
+            #[test]
+            fn parse_line_agrees_with_the_split_parser_it_replaced(
+                head in prop_oneof![Just("TH".to_string()), "[A-Z]{0,3}"],
+                fields in proptest::collection::vec(token(), 0..7),
+                good_checksum in proptest::bool::weighted(0.9),
+            ) {
+                let mut payload = head.into_bytes();
+                for field in &fields {
+                    payload.push(b',');
+                    payload.extend_from_slice(field.as_bytes());
+                }
+                let sum = checksum(&payload) ^ u8::from(!good_checksum);
+                let mut line = vec![b'$'];
+                line.extend_from_slice(&payload);
+                line.extend_from_slice(format!("*{sum:02X}").as_bytes());
+                let (new, old) = (parse_line(&line), reference_parse_line(&line));
+                // Bit for bit, so NaN compares and -0.0 differs from 0.0.
+                let bits = |r: &Result<RawSample, InvalidReason>| r.clone().map(|s| (s.seq, s.value.to_bits(), s.unit, s.channel));
+                prop_assert_eq!(bits(&new), bits(&old), "{:?}", String::from_utf8_lossy(&line));
+            }
+
+            #[test]
+            fn parse_value_reads_what_str_parse_reads(field in token()) {
+                let std = field.parse::<f64>().ok().map(f64::to_bits);
+                prop_assert_eq!(parse_value(field.as_bytes()).map(f64::to_bits), std, "{:?}", field);
+            }
+
+            #[test]
+            fn the_value_is_written_as_format_writes_it(
+                value in prop_oneof![
+                    any::<f64>(),
+                    -1e6..1e6f64,
+                    (-2_000_000_000i64..2_000_000_000, 0u32..12).prop_map(|(n, k)| n as f64 / f64::from(1u32 << k) / 1e3),
+                ],
+            ) {
+                let mut buf = BytesMut::new();
+                push_value(value, &mut buf);
+                prop_assert_eq!(std::str::from_utf8(&buf).unwrap(), format!("{value:.6}"));
+            }
+
+            #[test]
+            fn frames_round_trip_through_encode_and_decode(
+                seq in any::<u32>(),
+                value in prop_oneof![any::<f64>(), -1e9..1e9f64],
+                channel in proptest::option::of("[A-Za-z0-9_.-]{1,32}"),
+            ) {
+                let mut buf = BytesMut::new();
+                match &channel {
+                    None => encode_frame(seq, value, "V", &mut buf),
+                    Some(c) => encode_channel_frame(seq, value, "V", c, &mut buf),
+                }
+                let payload = &buf[1..buf.len() - 5];
+                let mut expected = format!("TH,{seq},{value:.6},V");
+                if let Some(c) = &channel {
+                    expected = format!("{expected},{c}");
+                }
+                prop_assert_eq!(std::str::from_utf8(payload).unwrap(), expected);
+                let mut codec = FrameCodec::new(buf.len());
+                match codec.decode(&mut buf).unwrap() {
+                    Some(Frame::Sample(s)) => {
+                        prop_assert_eq!(s.seq, seq);
+                        prop_assert_eq!(s.value.to_bits(), sent(value).to_bits());
+                        prop_assert_eq!(s.channel.map(|c| c.to_string()), channel);
+                    }
+                    other => prop_assert!(false, "{:?} -> {:?}", value, other),
+                }
             }
         }
     }

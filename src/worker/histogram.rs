@@ -82,10 +82,15 @@ pub struct LocalHistogram {
 impl LocalHistogram {
     /// Counts one latency.
     pub fn record(&mut self, latency: Duration) {
+        self.record_n(latency, 1);
+    }
+
+    /// Counts `n` samples of the same latency (samples read together and processed together).
+    pub fn record_n(&mut self, latency: Duration, n: u64) {
         let bucket = bucket_of(latency.as_nanos().min(u128::from(u64::MAX)) as u64);
         match self.counts.iter_mut().find(|(b, _)| *b == bucket) {
-            Some((_, n)) => *n += 1,
-            None => self.counts.push((bucket, 1)),
+            Some((_, count)) => *count += n,
+            None => self.counts.push((bucket, n)),
         }
     }
 }

@@ -244,6 +244,9 @@ impl Worker {
         let mut ranges = LastLookup::default();
         let mut calibrations = LastLookup::default();
         let tables = self.tables.load();
+        // Samples of one read (or one request) share their `received` instant: count them per
+        // run and read the clock once, when the batch's samples are all processed.
+        let mut arrivals: Vec<(Instant, u64)> = Vec::new();
         for (i, sample) in batch.into_iter().enumerate() {
             let range = ranges.get(&sample.unit, |unit| tables.ranges.get(unit).copied());
             if let Err(reason) = check(sample.value, range.as_ref()) {
@@ -265,7 +268,10 @@ impl Worker {
                 }
             };
             stats.add(&sample, value);
-            latency.record(sample.received.elapsed());
+            match arrivals.last_mut() {
+                Some((received, n)) if *received == sample.received => *n += 1,
+                _ => arrivals.push((sample.received, 1)),
+            }
             outcome.processed += 1;
             let processed = ProcessedSample {
                 seq: sample.seq,
@@ -286,6 +292,12 @@ impl Worker {
                 (None, true) => kept.push(processed),
                 (None, false) => {}
             }
+        }
+        // Read→processed: from the read that brought a sample to the end of its batch's
+        // processing loop (never shorter than the per-sample reading it replaces).
+        let processed_at = Instant::now();
+        for (received, n) in arrivals {
+            latency.record_n(processed_at.saturating_duration_since(received), n);
         }
         self.latency.merge(&latency);
         let last_values = {
@@ -386,6 +398,29 @@ mod tests {
         assert_eq!(check(-0.1, Some(&range)), Err(RejectReason::OutOfRange));
         assert_eq!(check(10.0, Some(&range)), Ok(()));
         assert_eq!(check(1e300, None), Ok(()));
+    }
+
+    #[test]
+    fn latency_runs_from_each_read_to_the_end_of_the_batch() {
+        let worker = worker(10);
+        let now = Instant::now();
+        let (old, recent) = (
+            now - Duration::from_millis(40),
+            now - Duration::from_millis(2),
+        );
+        // Two reads: 3 samples read 40 ms ago, then 1 read 2 ms ago; a rejected one between.
+        let mut batch: Vec<Sample> = (0..5).map(|i| Sample::test(i, 1.0)).collect();
+        batch[3].value = f64::NAN;
+        for (i, sample) in batch.iter_mut().enumerate() {
+            sample.received = if i < 4 { old } else { recent };
+        }
+        assert_eq!(worker.process(batch).processed, 4);
+        // 3 of 4 processed samples are at least 40 ms old; the fourth at least 2 ms.
+        let median = worker.latency_quantile(0.5).unwrap();
+        let min = worker.latency_quantile(0.0).unwrap();
+        assert!(median >= Duration::from_millis(35), "{median:?}");
+        assert!(min >= Duration::from_micros(1750), "{min:?}");
+        assert!(min < Duration::from_millis(35), "{min:?}");
     }
 
     #[test]
