@@ -119,7 +119,7 @@ impl Names {
         valid: fn(&[u8]) -> bool,
     ) -> Option<SmolStr> {
         if let Some(name) = cached
-            && name.as_bytes() == bytes
+            && same_bytes(name.as_bytes(), bytes)
         {
             return Some(name.clone());
         }
@@ -295,7 +295,118 @@ fn parse_line_with(line: &[u8], names: &mut Names) -> Result<RawSample, InvalidR
     if scan.checksum != sent {
         return Err(InvalidReason::Checksum);
     }
-    parse_payload(payload, &scan, names).ok_or(InvalidReason::Syntax)
+    parse_payload(line, &scan, names).ok_or(InvalidReason::Syntax)
+}
+
+/// `a == b`, without a `memcmp` call for the short names a device repeats: two overlapping
+/// 8-byte (or 4-byte) comparisons cover every length from 4 to 16.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match (load8(a, 0), load8(b, 0)) {
+        (Some(a0), Some(b0)) if n <= 16 => a0 == b0 && load8(a, n - 8) == load8(b, n - 8),
+        _ if (4..8).contains(&n) => a[..4] == b[..4] && a[n - 4..] == b[n - 4..],
+        _ => a == b,
+    }
+}
+
+/// The 8 bytes of `bytes` from `at`, little-endian, if there are 8.
+fn load8(bytes: &[u8], at: usize) -> Option<u64> {
+    let word: [u8; 8] = bytes.get(at..at.checked_add(8)?)?.try_into().ok()?;
+    Some(u64::from_le_bytes(word))
+}
+
+/// Eight ASCII `'0'`.
+const ZEROS: u64 = u64::from_le_bytes([b'0'; 8]);
+
+/// The number spelled by 8 ASCII digits (the first, most significant, in the lowest byte), or
+/// `None` if any byte is not a digit. Three multiplications instead of eight steps (the
+/// well-known SWAR digit parse of fast float parsers).
+#[inline(always)]
+fn eight_digits(word: u64) -> Option<u32> {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // A byte below '0' borrows into its high bit, one above '9' carries into it.
+    if (word.wrapping_add(0x4646_4646_4646_4646) | word.wrapping_sub(ZEROS)) & HIGH != 0 {
+        return None;
+    }
+    let v = word.wrapping_sub(ZEROS);
+    let v = (v.wrapping_mul(10)).wrapping_add(v >> 8) & 0x00ff_00ff_00ff_00ff;
+    let v = (v.wrapping_mul(100)).wrapping_add(v >> 16) & 0x0000_ffff_0000_ffff;
+    let v = (v.wrapping_mul(10_000)).wrapping_add(v >> 32) & 0xffff_ffff;
+    u32::try_from(v).ok()
+}
+
+/// `line[start..end]` as 1 to 8 digits, right-aligned in a word of `'0'`s, or `None` when that
+/// shape (or 8 readable bytes from `start`) is not there.
+fn digits_word(line: &[u8], start: usize, end: usize) -> Option<u64> {
+    let n = end.checked_sub(start)?;
+    let word = load8(line, start)?;
+    match n {
+        8 => Some(word),
+        1..=7 => Some((word << (8 * (8 - n))) | (ZEROS >> (8 * n))),
+        _ => None,
+    }
+}
+
+/// `<seq>` at `line[start..end]`: 1 to 8 plain digits in one step, anything else (a `+`, 9 or
+/// 10 digits, an error) through [`parse_u32`], which decides acceptance as before.
+fn seq_at(line: &[u8], start: usize, end: usize) -> Option<u32> {
+    digits_word(line, start, end)
+        .and_then(eight_digits)
+        .or_else(|| parse_u32(&line[start..end]))
+}
+
+/// `<value>` at `line[start..end]`: `[+-]<1 to 7 digits>.<1 to 8 digits>` as two 8-digit words
+/// (the same integer over the same power of ten as [`fast_value`], so the same double), anything
+/// else through [`parse_value`], which decides acceptance as before.
+fn value_at(line: &[u8], start: usize, end: usize) -> Option<f64> {
+    swar_value(line, start, end).or_else(|| parse_value(&line[start..end]))
+}
+
+/// The two-word fast path of [`value_at`]; `None` means "not in this form", not "invalid".
+fn swar_value(line: &[u8], start: usize, end: usize) -> Option<f64> {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const DOTS: u64 = u64::from_le_bytes([b'.'; 8]);
+    const POW10_INT: [u64; 9] = [
+        1,
+        10,
+        100,
+        1_000,
+        10_000,
+        100_000,
+        1_000_000,
+        10_000_000,
+        100_000_000,
+    ];
+    let (negative, digits) = match line.get(start)? {
+        b'-' => (true, start + 1),
+        b'+' => (false, start + 1),
+        _ => (false, start),
+    };
+    let n = end.checked_sub(digits)?;
+    let word = load8(line, digits)?;
+    // The first '.' of the 8 bytes (8 if none), as in `Scan::of`.
+    let x = word ^ DOTS;
+    let dot = (!(((x & LOW7) + LOW7) | x | LOW7)).trailing_zeros() as usize / 8;
+    if dot == 0 || dot >= 8 || dot >= n {
+        return None;
+    }
+    let decimals = n - dot - 1;
+    if !(1..=8).contains(&decimals) {
+        return None;
+    }
+    let int = (word << (8 * (8 - dot))) | (ZEROS >> (8 * dot));
+    // The decimals end the field: the 8 bytes up to `end`, the ones before them made '0'.
+    let pad = 8 * (8 - decimals);
+    let low = (1u64 << pad) - 1;
+    let frac = (load8(line, end.checked_sub(8)?)? & !low) | (ZEROS & low);
+    let mantissa =
+        u64::from(eight_digits(int)?) * POW10_INT[decimals] + u64::from(eight_digits(frac)?);
+    // Below 10^15 < 2^53: exact, and one correctly rounded division, as in `fast_value`.
+    let magnitude = mantissa as f64 / POW10[decimals];
+    Some(if negative { -magnitude } else { magnitude })
 }
 
 /// One pass over a payload: its checksum and where its commas are.
@@ -348,8 +459,10 @@ impl Scan {
     }
 }
 
-/// The fields of a checksummed payload: `TH,<seq>,<value>,<unit>[,<channel>]`.
-fn parse_payload(payload: &[u8], scan: &Scan, names: &mut Names) -> Option<RawSample> {
+/// The fields of a checksummed line's payload: `TH,<seq>,<value>,<unit>[,<channel>]` (`scan`
+/// counts from the payload's first byte, `line[1]`).
+fn parse_payload(line: &[u8], scan: &Scan, names: &mut Names) -> Option<RawSample> {
+    let payload = &line[1..line.len() - 3];
     let [first, seq_end, value_end, unit_end, _] = scan.at;
     // Four fields, or five with a channel; a sixth is an error.
     let (unit, channel) = match scan.commas {
@@ -363,10 +476,9 @@ fn parse_payload(payload: &[u8], scan: &Scan, names: &mut Names) -> Option<RawSa
     if &payload[..first] != b"TH" {
         return None;
     }
-    let seq = &payload[first + 1..seq_end];
-    let value = &payload[seq_end + 1..value_end];
-    let seq = parse_u32(seq)?;
-    let value = parse_value(value)?;
+    // In `line`, one byte further than in `payload`.
+    let seq = seq_at(line, first + 2, seq_end + 1)?;
+    let value = value_at(line, seq_end + 2, value_end + 1)?;
     let unit = names.unit(unit)?;
     let channel = match channel {
         None => None,
@@ -483,12 +595,34 @@ pub fn checksum(bytes: &[u8]) -> u8 {
 }
 
 fn hex_byte(cc: &[u8]) -> Option<u8> {
-    let digit = |b: u8| (b as char).to_digit(16);
+    let digit = |b: u8| match HEX_VALUE[usize::from(b)] {
+        NOT_HEX => None,
+        v => Some(v),
+    };
     match cc {
-        [hi, lo] => Some((digit(*hi)? * 16 + digit(*lo)?) as u8),
+        [hi, lo] => Some(digit(*hi)? << 4 | digit(*lo)?),
         _ => None,
     }
 }
+
+/// Not a hex digit, in [`HEX_VALUE`].
+const NOT_HEX: u8 = 0xff;
+
+/// Each byte's value as a hex digit (`0-9 a-f A-F`, what `char::to_digit(16)` accepts).
+const HEX_VALUE: [u8; 256] = {
+    let mut table = [NOT_HEX; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = match b as u8 {
+            c @ b'0'..=b'9' => c - b'0',
+            c @ b'a'..=b'f' => c - b'a' + 10,
+            c @ b'A'..=b'F' => c - b'A' + 10,
+            _ => NOT_HEX,
+        };
+        b += 1;
+    }
+    table
+};
 
 impl Encoder<&RawSample> for FrameCodec {
     type Error = std::io::Error;
@@ -733,6 +867,111 @@ mod tests {
                 let n = commas.len().min(5);
                 assert_eq!(&scan.at[..n], &commas[..n], "{payload:?}");
                 assert_eq!(scan.checksum, checksum(&payload), "{payload:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn eight_digits_reads_digits_and_refuses_every_other_byte() {
+        let base = *b"12345678";
+        assert_eq!(eight_digits(u64::from_le_bytes(base)), Some(12_345_678));
+        assert_eq!(
+            eight_digits(u64::from_le_bytes(*b"99999999")),
+            Some(99_999_999)
+        );
+        assert_eq!(eight_digits(u64::from_le_bytes(*b"00000000")), Some(0));
+        for at in 0..8 {
+            for byte in 0..=255u8 {
+                let mut word = base;
+                word[at] = byte;
+                let expected = std::str::from_utf8(&word)
+                    .ok()
+                    .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+                    .map(|s| s.parse::<u32>().unwrap());
+                assert_eq!(eight_digits(u64::from_le_bytes(word)), expected, "{word:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_word_paths_read_what_the_byte_paths_read() {
+        for field in [
+            "42.914800",
+            "-0.5",
+            "+1.25",
+            "0.0",
+            "-0.0",
+            "00.5",
+            "1234567.12345678",
+            "12345678.1",
+            "1.123456789",
+            "9007199254740993",
+            "1.",
+            ".5",
+            "1.2.3",
+            "1e5",
+            "-",
+            "+",
+            "",
+            "1,5",
+            "1.5x",
+            "x1.5",
+            "inf",
+            "4 2.5",
+            "42.91480\u{0}",
+        ] {
+            // As it sits in a line: `$TH,<seq>,` before it, `,u*00` after it.
+            let line = format!("$TH,{field},{field},u*00");
+            let start = 4 + field.len() + 1;
+            let end = start + field.len();
+            assert_eq!(
+                value_at(line.as_bytes(), start, end).map(f64::to_bits),
+                parse_value(field.as_bytes()).map(f64::to_bits),
+                "{field:?}"
+            );
+            assert_eq!(
+                seq_at(line.as_bytes(), 4, 4 + field.len()),
+                parse_u32(field.as_bytes()),
+                "{field:?}"
+            );
+        }
+        for seq in [
+            "0",
+            "7",
+            "12345678",
+            "123456789",
+            "4294967295",
+            "4294967296",
+            "+5",
+        ] {
+            let line = format!("$TH,{seq},1.0,u*00");
+            assert_eq!(
+                seq_at(line.as_bytes(), 4, 4 + seq.len()),
+                parse_u32(seq.as_bytes()),
+                "{seq:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn same_bytes_is_slice_equality() {
+        let names: Vec<Vec<u8>> = (0..=33usize)
+            .flat_map(|n| {
+                let a: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+                let mut first = a.clone();
+                let mut last = a.clone();
+                let mut middle = a.clone();
+                if n > 0 {
+                    first[0] = b'Z';
+                    last[n - 1] = b'Z';
+                    middle[n / 2] = b'Z';
+                }
+                [a, first, last, middle]
+            })
+            .collect();
+        for a in &names {
+            for b in &names {
+                assert_eq!(same_bytes(a, b), a == b, "{a:?} {b:?}");
             }
         }
     }
