@@ -345,6 +345,33 @@ fn count_items(body: &[u8]) -> Option<usize> {
         .map(|items| items.len())
 }
 
+/// How many items the body holds if it is a JSON array: the commas outside strings at depth
+/// one, plus one. For a valid non-empty array exactly [`count_items`] (1 for `[]`); otherwise a
+/// number that means nothing, and only used where an invalid body gets the same answer anyway.
+fn most_items(body: &[u8]) -> usize {
+    let (mut depth, mut commas, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' if depth == 1 => commas += 1,
+            _ => {}
+        }
+    }
+    commas + 1
+}
+
 /// `POST /samples`.
 #[utoipa::path(post, path = "/samples", tag = "samples",
     request_body(content = Vec<IngestSample>, content_type = "application/json",
@@ -438,6 +465,15 @@ fn accept(
     // count its items without building them (most requests under overload end here).
     let depth = state.buffer.len();
     if depth >= high_watermark {
+        // A byte scan bounds the count of a valid array from above; at or under the limit the
+        // answer is 429 whatever the body holds, so the full parse is only for a body that
+        // may be too large.
+        if most_items(&body) <= limit.max {
+            return Err(Refusal::Busy(PushError::AboveWatermark {
+                depth,
+                high_watermark,
+            }));
+        }
         return match count_items(&body) {
             Some(n) if n > limit.max => Err(limit.refuse(n).into()),
             _ => Err(Refusal::Busy(PushError::AboveWatermark {
@@ -678,6 +714,22 @@ mod tests {
         );
         assert_eq!(SampleLimit::effective(500, 1000), SampleLimit::from(500));
         assert_eq!(SampleLimit::effective(1000, 1000), SampleLimit::from(1000));
+    }
+
+    #[test]
+    fn most_items_is_at_least_count_items_for_a_valid_array() {
+        for body in [
+            &br#"[{"a":[1,2]},2,"x"]"#[..],
+            b"[]",
+            br#"[ "a,b", "\",[", {"k":[1,{"x":","}]}, 7 ]"#,
+            br#"[{"device":"sim0","value":1,"unit":"V"},{"device":"s\u0069m0","value":2,"unit":"V"}]"#,
+        ] {
+            let n = count_items(body).expect("a valid array");
+            assert!(most_items(body) >= n, "{}", String::from_utf8_lossy(body));
+            if n > 0 {
+                assert_eq!(most_items(body), n, "{}", String::from_utf8_lossy(body));
+            }
+        }
     }
 
     #[test]
