@@ -489,13 +489,7 @@ async fn timestamps_at_the_edge_of_the_calendar_do_not_break_reads() {
     ] {
         let before = processed().await;
         let body = json!([{"device": "sim0", "value": 1, "unit": "V", "timestamp": timestamp}]);
-        let response = app
-            .client
-            .post(app.url("/samples"))
-            .json(&body)
-            .send()
-            .await
-            .expect("POST /samples answers");
+        let response = app.post_samples(&body).await;
         let (code, answer) = json_of(response).await;
         assert!(
             code == StatusCode::ACCEPTED || code == StatusCode::BAD_REQUEST,
@@ -634,13 +628,7 @@ fn null_numbers(value: &serde_json::Value, path: &str, found: &mut Vec<String>) 
 /// `POST /samples` of `body`, which must be accepted; then waits until `GET /samples` shows
 /// a sample of `last` (the batch's last sample, so the whole batch has been through a worker).
 async fn ingest_and_wait(app: &TestApp, body: serde_json::Value, last: f64) {
-    let response = app
-        .client
-        .post(app.url("/samples"))
-        .json(&body)
-        .send()
-        .await
-        .expect("POST /samples answers");
+    let response = app.post_samples(&body).await;
     let (code, answer) = json_of(response).await;
     assert_eq!(code, StatusCode::ACCEPTED, "{answer}");
     wait_until(DEADLINE, &format!("a sample of {last}"), async || {

@@ -50,13 +50,7 @@ async fn sample_channels(app: &TestApp, device: &str) -> BTreeSet<String> {
 }
 
 async fn post_samples(app: &TestApp, body: &Value) -> (StatusCode, Value) {
-    let response = app
-        .client
-        .post(app.url("/samples"))
-        .json(body)
-        .send()
-        .await
-        .expect("POST /samples answers");
+    let response = app.post_samples(body).await;
     json_of(response).await
 }
 

@@ -123,6 +123,16 @@ impl TestApp {
             .unwrap_or_else(|err| panic!("POST {path} failed: {err}"))
     }
 
+    /// `POST /samples` with `body` as JSON.
+    pub async fn post_samples(&self, body: &impl serde::Serialize) -> reqwest::Response {
+        self.client
+            .post(self.url("/samples"))
+            .json(body)
+            .send()
+            .await
+            .expect("POST /samples answers")
+    }
+
     /// `GET path`, expecting a JSON body.
     pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {
         json_of(self.get(path).await).await

@@ -28,13 +28,7 @@ fn batch(n: usize) -> Value {
 
 /// `POST /samples` with `body`; the status, the `Retry-After` header and the JSON body.
 async fn post_samples(app: &TestApp, body: &Value) -> (StatusCode, Option<String>, Value) {
-    let response = app
-        .client
-        .post(app.url("/samples"))
-        .json(body)
-        .send()
-        .await
-        .expect("POST /samples answers");
+    let response = app.post_samples(body).await;
     let retry_after = response
         .headers()
         .get(reqwest::header::RETRY_AFTER)

@@ -247,13 +247,7 @@ async fn an_invalid_file_changes_nothing_and_answers_400_with_the_validate_messa
     let samples: Vec<Value> = (0..6)
         .map(|i| json!({"device": "keep", "value": f64::from(i), "unit": "arb.units"}))
         .collect();
-    let response = app
-        .client
-        .post(app.url("/samples"))
-        .json(&samples)
-        .send()
-        .await
-        .expect("POST /samples answers");
+    let response = app.post_samples(&samples).await;
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let (code, body) = app.post_json("/stop").await;
     assert_eq!(code, StatusCode::OK, "no token is needed yet: {body}");
@@ -572,13 +566,7 @@ async fn ingest_limit(app: &TestApp, limit: usize) -> StatusCode {
     let body: Vec<Value> = (0..=limit)
         .map(|i| json!({"device": "keep", "value": i as f64, "unit": "arb.units"}))
         .collect();
-    let response = app
-        .client
-        .post(app.url("/samples"))
-        .json(&body)
-        .send()
-        .await
-        .expect("POST /samples answers");
+    let response = app.post_samples(&body).await;
     response.status()
 }
 
@@ -730,13 +718,7 @@ async fn the_forwarder_reconnects_to_a_new_broker_and_no_spooled_sample_is_lost(
         let body: Vec<Value> = seqs
             .map(|seq| json!({"device": "dev", "value": 1.5, "unit": "V", "seq": seq}))
             .collect();
-        let response = app
-            .client
-            .post(app.url("/samples"))
-            .json(&body)
-            .send()
-            .await
-            .expect("POST /samples answers");
+        let response = app.post_samples(&body).await;
         assert_eq!(response.status(), StatusCode::ACCEPTED);
     };
     post(1_000_000..1_000_050).await;
@@ -954,13 +936,7 @@ async fn a_refused_file_leaves_limits_and_unit_ranges_as_they_were() {
         let body: Vec<Value> = (0..n)
             .map(|_| json!({"device": "keep", "value": value, "unit": "test.volts"}))
             .collect();
-        let response = app
-            .client
-            .post(app.url("/samples"))
-            .json(&body)
-            .send()
-            .await
-            .expect("POST /samples answers");
+        let response = app.post_samples(&body).await;
         response.status()
     };
     let rejected = async || u64_at(&app.status().await, "/metrics/samples_rejected");

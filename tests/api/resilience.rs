@@ -213,13 +213,7 @@ async fn ingest(app: &TestApp, values: &[f64]) {
         .iter()
         .map(|v| json!({ "device": "sim0", "value": v, "unit": "V" }))
         .collect();
-    let response = app
-        .client
-        .post(app.url("/samples"))
-        .json(&body)
-        .send()
-        .await
-        .expect("POST /samples answers");
+    let response = app.post_samples(&body).await;
     let (code, answer) = json_of(response).await;
     assert_eq!(code, StatusCode::ACCEPTED, "{answer}");
     assert_eq!(

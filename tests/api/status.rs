@@ -169,13 +169,7 @@ async fn statistics_are_kept_per_unit_and_apart_by_source() {
         {"device": "sim0", "value": -5, "unit": "degC"},
         {"device": "sim0", "value": 3e6, "unit": "V"},
     ]);
-    let response = app
-        .client
-        .post(app.url("/samples"))
-        .json(&body)
-        .send()
-        .await
-        .expect("POST /samples answers");
+    let response = app.post_samples(&body).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     wait_sample(&app, 3e6).await;
 
