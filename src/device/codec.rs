@@ -144,20 +144,110 @@ impl FrameCodec {
         }
     }
 
-    /// Drops bytes up to the next `$` (kept) or line end (dropped). Returns whether it found one.
-    fn skip_to_boundary(&mut self, src: &mut BytesMut) -> bool {
-        match src.iter().position(|&b| b == b'$' || is_line_end(b)) {
-            Some(pos) => {
-                let line_end = is_line_end(src[pos]);
-                src.advance(pos + usize::from(line_end));
-                self.skipping = false;
-                true
-            }
-            None => {
-                src.clear();
-                false
+    /// Decodes the complete items at the front of `src` into `out` until `out` holds `max`,
+    /// and removes their bytes: what [`Decoder::decode`] does once per item, in one call per
+    /// read (the bytes are consumed once per call instead of once per frame, and no item
+    /// travels through a `Result<Option<_>>`). The device task reads its link this way.
+    pub fn decode_into(&mut self, src: &mut BytesMut, out: &mut Vec<Frame>, max: usize) {
+        let mut pos = 0;
+        while out.len() < max {
+            match self.next_item(src, &mut pos) {
+                Some(frame) => out.push(frame),
+                None => break,
             }
         }
+        src.advance(pos);
+    }
+
+    /// [`Self::decode_into`] at the end of the stream, without a limit: what is left after the
+    /// last complete item is a frame cut short, a syntax error ([`Decoder::decode_eof`]).
+    pub fn finish_into(&mut self, src: &mut BytesMut, out: &mut Vec<Frame>) {
+        self.decode_into(src, out, usize::MAX);
+        if !src.is_empty() {
+            src.clear();
+            out.push(Frame::Invalid(InvalidReason::Syntax));
+        }
+    }
+
+    /// The next item of `src[*pos..]`, moving `pos` past the bytes it used (and past skipped
+    /// bytes and empty lines); `None` when the item there is not complete yet.
+    #[inline(always)]
+    fn next_item(&mut self, src: &[u8], pos: &mut usize) -> Option<Frame> {
+        loop {
+            let rest = &src[*pos..];
+            if self.skipping {
+                // Drop bytes up to the next `$` (kept) or line end (dropped).
+                let Some(at) = memchr::memchr3(b'$', b'\r', b'\n', rest) else {
+                    *pos = src.len();
+                    return None;
+                };
+                *pos += at + usize::from(is_line_end(rest[at]));
+                self.skipping = false;
+                continue;
+            }
+            let &first = rest.first()?;
+            match first {
+                b'\r' | b'\n' => *pos += 1,
+                b'$' => return self.frame_at(rest, pos),
+                b'O' | b'E' | b'S' if could_be_reply(rest) => match self.reply_at(rest, pos) {
+                    Some(frame) => return Some(frame),
+                    None if rest.len() < self.max_len => return None,
+                    None => {
+                        self.skipping = true;
+                        return Some(Frame::Invalid(InvalidReason::TooLong));
+                    }
+                },
+                _ => {
+                    // Garbage: one count per run, however it is split across reads.
+                    self.skipping = true;
+                    return Some(Frame::Invalid(InvalidReason::Syntax));
+                }
+            }
+        }
+    }
+
+    /// `src` starts with `$`. Returns a frame and moves `pos` past it, or `None` when the line
+    /// is not complete yet.
+    #[inline(always)]
+    fn frame_at(&mut self, src: &[u8], pos: &mut usize) -> Option<Frame> {
+        let window = &src[..src.len().min(self.max_len)];
+        // A second `$` before the line end means this frame lost its end: resync there.
+        let Some(end) = memchr::memchr3(b'\r', b'\n', b'$', &window[1..]).map(|p| p + 1) else {
+            if src.len() >= self.max_len {
+                *pos += self.max_len;
+                self.skipping = true;
+                return Some(Frame::Invalid(InvalidReason::TooLong));
+            }
+            return None;
+        };
+        if src[end] == b'$' {
+            *pos += end;
+            return Some(Frame::Invalid(InvalidReason::Syntax));
+        }
+        let frame = match parse_line_with(&src[..end], &mut self.names) {
+            Ok(sample) => Frame::Sample(sample),
+            Err(reason) => Frame::Invalid(reason),
+        };
+        // The line and its first line-end byte, and the `\n` of a `\r\n` when it is already
+        // here (otherwise it is an empty line, skipped when it comes).
+        let crlf = src[end] == b'\r' && src.get(end + 1) == Some(&b'\n');
+        *pos += end + 1 + usize::from(crlf);
+        Some(frame)
+    }
+
+    /// `src` starts like a reply. Returns the reply once its line is complete; a `$` before the
+    /// line end means the reply was cut short, and the part before it is garbage.
+    fn reply_at(&mut self, src: &[u8], pos: &mut usize) -> Option<Frame> {
+        let window = &src[..src.len().min(self.max_len)];
+        let end = window.iter().position(|&b| is_line_end(b) || b == b'$')?;
+        let complete = is_line_end(src[end]) && REPLY_PREFIXES.iter().any(|p| src.starts_with(p));
+        if !complete {
+            *pos += end;
+            return Some(Frame::Invalid(InvalidReason::Syntax));
+        }
+        *pos += end + 1;
+        let text = String::from_utf8_lossy(&src[..end]);
+        Some(Frame::Reply(text.into_owned()))
     }
 }
 
@@ -172,31 +262,10 @@ impl Decoder for FrameCodec {
     type Error = std::io::Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, Self::Error> {
-        loop {
-            if self.skipping && !self.skip_to_boundary(src) {
-                return Ok(None);
-            }
-            let Some(&first) = src.first() else {
-                return Ok(None);
-            };
-            match first {
-                b'\r' | b'\n' => src.advance(1),
-                b'$' => return Ok(self.decode_frame(src)),
-                b'O' | b'E' | b'S' if could_be_reply(src) => match self.decode_reply(src) {
-                    Some(frame) => return Ok(Some(frame)),
-                    None if src.len() < self.max_len => return Ok(None),
-                    None => {
-                        self.skipping = true;
-                        return Ok(Some(Frame::Invalid(InvalidReason::TooLong)));
-                    }
-                },
-                _ => {
-                    // Garbage: one count per run, however it is split across reads.
-                    self.skipping = true;
-                    return Ok(Some(Frame::Invalid(InvalidReason::Syntax)));
-                }
-            }
-        }
+        let mut pos = 0;
+        let frame = self.next_item(src, &mut pos);
+        src.advance(pos);
+        Ok(frame)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, Self::Error> {
@@ -212,35 +281,6 @@ impl Decoder for FrameCodec {
     }
 }
 
-impl FrameCodec {
-    /// `src` starts with `$`. Returns a frame, or `None` when the line is not complete yet.
-    fn decode_frame(&mut self, src: &mut BytesMut) -> Option<Frame> {
-        let window = &src[..src.len().min(self.max_len)];
-        // A second `$` before the line end means this frame lost its end: resync there.
-        let Some(end) = memchr::memchr3(b'\r', b'\n', b'$', &window[1..]).map(|p| p + 1) else {
-            if src.len() >= self.max_len {
-                src.advance(self.max_len);
-                self.skipping = true;
-                return Some(Frame::Invalid(InvalidReason::TooLong));
-            }
-            return None;
-        };
-        if src[end] == b'$' {
-            src.advance(end);
-            return Some(Frame::Invalid(InvalidReason::Syntax));
-        }
-        let frame = match parse_line_with(&src[..end], &mut self.names) {
-            Ok(sample) => Frame::Sample(sample),
-            Err(reason) => Frame::Invalid(reason),
-        };
-        // The line and its first line-end byte, and the `\n` of a `\r\n` when it is already
-        // here (otherwise it is an empty line, skipped when it comes).
-        let crlf = src[end] == b'\r' && src.get(end + 1) == Some(&b'\n');
-        src.advance(end + 1 + usize::from(crlf));
-        Some(frame)
-    }
-}
-
 /// Whether `byte` ends a line: `\r` and `\n` both do, so `\r`, `\n` and `\r\n` are all line ends.
 fn is_line_end(byte: u8) -> bool {
     byte == b'\r' || byte == b'\n'
@@ -252,23 +292,6 @@ fn could_be_reply(src: &[u8]) -> bool {
         let n = prefix.len().min(src.len());
         src[..n] == prefix[..n]
     })
-}
-
-impl FrameCodec {
-    /// `src` starts like a reply. Returns the reply once its line is complete; a `$` before the
-    /// line end means the reply was cut short, and the part before it is garbage.
-    fn decode_reply(&mut self, src: &mut BytesMut) -> Option<Frame> {
-        let window = &src[..src.len().min(self.max_len)];
-        let end = window.iter().position(|&b| is_line_end(b) || b == b'$')?;
-        let complete = is_line_end(src[end]) && REPLY_PREFIXES.iter().any(|p| src.starts_with(p));
-        if !complete {
-            src.advance(end);
-            return Some(Frame::Invalid(InvalidReason::Syntax));
-        }
-        let line = src.split_to(end + 1);
-        let text = String::from_utf8_lossy(&line[..end]);
-        Some(Frame::Reply(text.into_owned()))
-    }
 }
 
 /// Parses one line without its line ending: `$TH,<seq>,<value>,<unit>*<CC>` or
@@ -1422,6 +1445,40 @@ mod tests {
             frames
         }
 
+        /// [`decode_in_pieces`] the device task's way: every read decoded in calls of
+        /// [`FrameCodec::decode_into`] taking at most `max` items each, then
+        /// [`FrameCodec::finish_into`].
+        fn decode_batches_in_pieces(stream: &[u8], cuts: &[usize], max: usize) -> Vec<Frame> {
+            let mut codec = FrameCodec::default();
+            let mut buf = BytesMut::new();
+            let mut frames = Vec::new();
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+            cuts.sort_unstable();
+            cuts.push(stream.len());
+            let mut from = 0;
+            for cut in cuts {
+                buf.extend_from_slice(&stream[from..cut]);
+                from = cut;
+                loop {
+                    let mut chunk = Vec::new();
+                    codec.decode_into(&mut buf, &mut chunk, max);
+                    assert!(chunk.len() <= max, "a call takes at most `max` items");
+                    let full = chunk.len() == max;
+                    frames.append(&mut chunk);
+                    if !full {
+                        break;
+                    }
+                }
+                assert!(
+                    buf.len() <= 128,
+                    "the decoder holds at most one frame's bytes"
+                );
+            }
+            codec.finish_into(&mut buf, &mut frames);
+            assert!(buf.is_empty());
+            frames
+        }
+
         /// The `str::split(',')` parser `parse_line` replaced, kept as the oracle it must
         /// agree with on every line.
         fn reference_parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
@@ -1507,6 +1564,40 @@ mod tests {
                     .map(|(seq, _)| Frame::Sample(RawSample { seq: *seq, value: 1.5, unit: "V".into(), channel: None }))
                     .collect();
                 prop_assert_eq!(decoded, expected);
+            }
+
+            #[test]
+            fn decoding_a_read_at_once_yields_what_decoding_item_by_item_yields(
+                pieces in proptest::collection::vec(
+                    prop_oneof![
+                        4 => piece(),
+                        1 => "(OK|ERROR|STATUS):[ -~]{0,20}(\r\n|\n|\r|\\$)"
+                            .prop_map(|reply| Piece::Garbage(reply.into_bytes())),
+                    ],
+                    0..40,
+                ),
+                cuts in proptest::collection::vec(any::<usize>(), 0..20),
+                max in 1usize..6,
+            ) {
+                let mut stream = Vec::new();
+                for piece in &pieces {
+                    match piece {
+                        Piece::Frame(seq, value, unit, channel, end) => {
+                            let mut buf = BytesMut::new();
+                            match channel {
+                                None => encode_frame(*seq, *value, unit, &mut buf),
+                                Some(c) => encode_channel_frame(*seq, *value, unit, c, &mut buf),
+                            }
+                            buf.truncate(buf.len() - 2);
+                            stream.extend_from_slice(&buf);
+                            stream.extend_from_slice(LINE_ENDS[*end]);
+                        }
+                        Piece::Garbage(bytes) => stream.extend_from_slice(bytes),
+                    }
+                }
+                let one_by_one = decode_in_pieces(&stream, &cuts);
+                prop_assert_eq!(&decode_batches_in_pieces(&stream, &cuts, max), &one_by_one);
+                prop_assert_eq!(&decode_batches_in_pieces(&stream, &cuts, usize::MAX), &one_by_one);
             }
 
             #[test]

@@ -11,6 +11,7 @@
 pub mod codec;
 pub mod modbus;
 mod rate;
+mod reader;
 pub mod serial;
 pub mod sim;
 pub mod state;

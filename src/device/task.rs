@@ -14,19 +14,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use futures_util::StreamExt;
-use futures_util::stream::ReadyChunks;
 use smol_str::SmolStr;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::codec::{Frame, FrameCodec};
 use super::modbus::link::{ModbusFailure, ModbusLink, ModbusMap, Outcome, WriteRequest};
 use super::rate::{limits_for, requested_rate};
+use super::reader::{Chunk, FrameReader};
 use super::state::{self, Breaker, Command, DeviceState, IllegalTransition};
 use super::{
     Connector, DeviceCounters, DeviceHandle, DeviceStatus, LinkFailure, Request, SendError,
@@ -61,7 +59,7 @@ struct Timing {
 enum LinkEvent<Io> {
     Connected(Io),
     ConnectFailed(std::io::Error),
-    Frames(Vec<std::io::Result<Frame>>),
+    Frames(Chunk),
     /// A Modbus poll is due. The task runs it to its end outside the `select!`: a request
     /// abandoned halfway would leave its answer on the line for the next one.
     PollDue,
@@ -80,7 +78,7 @@ enum Open<Io: AsyncRead> {
 
 /// An open frame link: decoded frames in, command lines out, and who waits for which reply.
 struct Link<Io: AsyncRead> {
-    frames: ReadyChunks<FramedRead<ReadHalf<Io>, FrameCodec>>,
+    frames: FrameReader<ReadHalf<Io>>,
     writer: WriteHalf<Io>,
     /// Commands waiting for replies, in the order they were sent. Replies carry no command id,
     /// so the next reply belongs to the oldest command whose deadline has not passed; see
@@ -389,7 +387,7 @@ impl<C: Connector> DeviceTask<C> {
                 let (reader, writer) = tokio::io::split(io);
                 let codec = FrameCodec::new(self.timing.max_frame_len);
                 self.link = Some(Open::Frames(Link {
-                    frames: FramedRead::new(reader, codec).ready_chunks(CHUNK_MAX),
+                    frames: FrameReader::new(reader, codec),
                     writer,
                     waiting: VecDeque::new(),
                 }));
@@ -438,16 +436,15 @@ impl<C: Connector> DeviceTask<C> {
         }
     }
 
-    async fn on_frames(&mut self, frames: Vec<std::io::Result<Frame>>) {
+    async fn on_frames(&mut self, Chunk { frames, end }: Chunk) {
         // Frames of one chunk arrived together: one timestamp serves them all.
         let (timestamp, received) = (SystemTime::now(), std::time::Instant::now());
         let mut samples = VecDeque::with_capacity(frames.len());
         let mut invalid = [0u64; 3];
         let mut gaps = 0u64;
-        let mut error = None;
         for frame in frames {
             match frame {
-                Ok(Frame::Sample(raw)) => {
+                Frame::Sample(raw) => {
                     gaps += seq_gap(self.last_seq, raw.seq);
                     self.last_seq = Some(raw.seq);
                     samples.push_back(Sample {
@@ -462,12 +459,8 @@ impl<C: Connector> DeviceTask<C> {
                         source: Source::Device,
                     });
                 }
-                Ok(Frame::Invalid(reason)) => invalid[reason.index()] += 1,
-                Ok(Frame::Reply(text)) => self.deliver_reply(text),
-                Err(err) => {
-                    error = Some(err);
-                    break;
-                }
+                Frame::Invalid(reason) => invalid[reason.index()] += 1,
+                Frame::Reply(text) => self.deliver_reply(text),
             }
         }
         for (counter, n) in self.counters.frames_invalid.iter().zip(invalid) {
@@ -485,8 +478,10 @@ impl<C: Connector> DeviceTask<C> {
             self.set_state(next);
             self.push(samples).await;
         }
-        if let Some(err) = error {
-            self.fail(LinkFailure::Io, &err.to_string());
+        match end {
+            None => {}
+            Some(None) => self.fail(LinkFailure::Closed, "link closed by the device"),
+            Some(Some(err)) => self.fail(LinkFailure::Io, &err.to_string()),
         }
     }
 
@@ -727,9 +722,12 @@ async fn next_event<C: Connector>(
             }
         }
         Some(Open::Frames(link)) => {
-            match tokio::time::timeout_at(deadline, link.frames.next()).await {
-                Ok(Some(frames)) => LinkEvent::Frames(frames),
-                Ok(None) => LinkEvent::Ended,
+            match tokio::time::timeout_at(deadline, link.frames.next_chunk(CHUNK_MAX)).await {
+                Ok(Chunk {
+                    frames,
+                    end: Some(None),
+                }) if frames.is_empty() => LinkEvent::Ended,
+                Ok(chunk) => LinkEvent::Frames(chunk),
                 Err(_) => LinkEvent::TimedOut,
             }
         }
