@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the serial frame codec (`src/device/codec.rs`): encoding (what the
-//! simulator does per frame) and decoding with checksum verification (what a device task does
-//! per frame), reported both in frames per second and in bytes per second.
+//! simulator does per frame) and decoding with checksum verification (one frame per call, and
+//! as the device task does, a read's frames per call), in frames and in bytes per second.
 //!
 //! ```text
 //! cargo bench --bench codec
@@ -64,6 +64,25 @@ fn decode(mut src: BytesMut) -> u32 {
     n
 }
 
+/// As the device task decodes: every complete frame of a read in one call, 256 at most per
+/// call (its chunk size).
+fn decode_batches(mut src: BytesMut) -> u32 {
+    let mut codec = FrameCodec::default();
+    let mut frames = Vec::with_capacity(256);
+    let mut n = 0;
+    loop {
+        frames.clear();
+        codec.decode_into(&mut src, &mut frames, 256);
+        n += frames
+            .iter()
+            .filter(|f| matches!(f, Frame::Sample(_)))
+            .count() as u32;
+        if frames.len() < 256 {
+            return n;
+        }
+    }
+}
+
 fn bench(c: &mut Criterion, unit: &str, throughput: impl Fn(u64) -> Throughput) {
     let wire = wire();
     let bytes = wire.len() as u64;
@@ -75,6 +94,7 @@ fn bench(c: &mut Criterion, unit: &str, throughput: impl Fn(u64) -> Throughput) 
         wire[..end].to_vec()
     };
     assert_eq!(decode(wire.clone()), FRAMES, "every frame decodes");
+    assert_eq!(decode_batches(wire.clone()), FRAMES, "every frame decodes");
     let named = wire_with_channel();
     assert_eq!(
         decode(named.clone()),
@@ -96,6 +116,9 @@ fn bench(c: &mut Criterion, unit: &str, throughput: impl Fn(u64) -> Throughput) 
     group.bench_function("encode", |b| b.iter(|| encode(&mut out)));
     group.bench_function("decode", |b| {
         b.iter_batched(|| wire.clone(), decode, BatchSize::SmallInput)
+    });
+    group.bench_function("decode_into", |b| {
+        b.iter_batched(|| wire.clone(), decode_batches, BatchSize::SmallInput)
     });
     if unit == "frames" {
         // Per frame only: the frames are longer, so bytes per second would not compare.

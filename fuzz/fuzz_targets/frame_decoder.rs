@@ -3,7 +3,9 @@
 //! Input: two bytes choosing the maximum frame length (16 to 527) and the read sizes, then the
 //! link's bytes. Whatever arrives, the decoder must not panic, must hold at most one frame's
 //! bytes between reads (memory stays bounded), must only yield samples and replies that are
-//! well-formed, and must leave nothing behind at end of stream.
+//! well-formed, and must leave nothing behind at end of stream. The same reads decoded the
+//! device task's way (`decode_into` per read, a few items per call, then `finish_into`) must
+//! yield exactly the same items.
 
 #![no_main]
 
@@ -58,7 +60,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let max_len = 16 + usize::from(len_byte) * 2;
     let mut codec = FrameCodec::new(max_len);
+    let mut batch_codec = FrameCodec::new(max_len);
     let mut buf = BytesMut::new();
+    let mut batch_buf = BytesMut::new();
+    let (mut one_by_one, mut batched) = (Vec::new(), Vec::new());
     // Read sizes vary with a tiny deterministic generator, from 1 byte to 256.
     let mut state = u32::from(step_byte) | 1;
     let mut rest = link;
@@ -66,18 +71,39 @@ fuzz_target!(|data: &[u8]| {
         state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
         let n = (1 + (state >> 16) as usize % 256).min(rest.len());
         buf.extend_from_slice(&rest[..n]);
+        batch_buf.extend_from_slice(&rest[..n]);
         rest = &rest[n..];
         while let Some(frame) = codec.decode(&mut buf).expect("the decoder never fails") {
             check(&frame);
+            one_by_one.push(frame);
         }
         assert!(
             buf.len() <= max_len,
             "holding {} bytes with max_len {max_len}",
             buf.len()
         );
+        let max = 1 + (state >> 8) as usize % 8;
+        loop {
+            let before = batched.len();
+            batch_codec.decode_into(&mut batch_buf, &mut batched, before + max);
+            if batched.len() < before + max {
+                break;
+            }
+        }
+        assert_eq!(batch_buf, buf, "both ways leave the same bytes for the next read");
     }
     while let Some(frame) = codec.decode_eof(&mut buf).expect("the decoder never fails") {
         check(&frame);
+        one_by_one.push(frame);
     }
     assert!(buf.is_empty(), "bytes left at end of stream: {buf:?}");
+    batch_codec.finish_into(&mut batch_buf, &mut batched);
+    assert!(batch_buf.is_empty());
+    // Compared as printed: a NaN value is not equal to itself, and `{:?}` prints every f64
+    // exactly.
+    assert_eq!(
+        format!("{batched:?}"),
+        format!("{one_by_one:?}"),
+        "decode_into yields what decode yields"
+    );
 });

@@ -210,7 +210,13 @@ impl FrameCodec {
     /// is not complete yet.
     #[inline(always)]
     fn frame_at(&mut self, src: &[u8], pos: &mut usize) -> Option<Frame> {
-        let window = &src[..src.len().min(self.max_len)];
+        let limit = src.len().min(self.max_len);
+        // The common case, a whole well-formed line followed by more bytes, in one pass.
+        if let Some((end, scan)) = scan_line(src, limit) {
+            let parsed = parse_scanned(&src[..end], &scan, &mut self.names);
+            return Self::hand_out(src, end, pos, parsed);
+        }
+        let window = &src[..limit];
         // A second `$` before the line end means this frame lost its end: resync there.
         let Some(end) = memchr::memchr3(b'\r', b'\n', b'$', &window[1..]).map(|p| p + 1) else {
             if src.len() >= self.max_len {
@@ -224,7 +230,19 @@ impl FrameCodec {
             *pos += end;
             return Some(Frame::Invalid(InvalidReason::Syntax));
         }
-        let frame = match parse_line_with(&src[..end], &mut self.names) {
+        let parsed = parse_line_with(&src[..end], &mut self.names);
+        Self::hand_out(src, end, pos, parsed)
+    }
+
+    /// Hands out the frame parsed from `src[..end]` and moves `pos` past its line end.
+    #[inline(always)]
+    fn hand_out(
+        src: &[u8],
+        end: usize,
+        pos: &mut usize,
+        parsed: Result<RawSample, InvalidReason>,
+    ) -> Option<Frame> {
+        let frame = match parsed {
             Ok(sample) => Frame::Sample(sample),
             Err(reason) => Frame::Invalid(reason),
         };
@@ -309,16 +327,82 @@ pub fn parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
 fn parse_line_with(line: &[u8], names: &mut Names) -> Result<RawSample, InvalidReason> {
     let body = line.strip_prefix(b"$").ok_or(InvalidReason::Syntax)?;
     let star = body.len().checked_sub(3).ok_or(InvalidReason::Syntax)?;
+    parse_scanned(line, &Scan::of(&body[..star]), names)
+}
+
+/// [`parse_line_with`] given the scan of the line's payload. `scan` may also count commas
+/// after the payload (in `*CC`): such a line fails the `*CC` checks before any comma is used.
+fn parse_scanned(line: &[u8], scan: &Scan, names: &mut Names) -> Result<RawSample, InvalidReason> {
+    let body = line.strip_prefix(b"$").ok_or(InvalidReason::Syntax)?;
+    let star = body.len().checked_sub(3).ok_or(InvalidReason::Syntax)?;
     if body[star] != b'*' {
         return Err(InvalidReason::Syntax);
     }
-    let (payload, cc) = (&body[..star], &body[star + 1..]);
-    let sent = hex_byte(cc).ok_or(InvalidReason::Syntax)?;
-    let scan = Scan::of(payload);
+    let sent = hex_byte(&body[star + 1..]).ok_or(InvalidReason::Syntax)?;
     if scan.checksum != sent {
         return Err(InvalidReason::Checksum);
     }
-    parse_payload(line, &scan, names).ok_or(InvalidReason::Syntax)
+    parse_payload(line, scan, names).ok_or(InvalidReason::Syntax)
+}
+
+/// Finds the end of the line at the front of `src` (which starts with `$`) and scans its
+/// payload in the same pass, 8 bytes per step: the line end, the checksum and the commas of
+/// [`Scan::of`] at once, instead of a `memchr3` for the end and then the scan.
+///
+/// Every byte of a well-formed frame between `$` and its line end is at least `%` (0x25),
+/// while `\r`, `\n` and `$` are below it; so the first byte below `%` ends the line. Returns
+/// the line end's index (below `limit`) and the scan when that byte is `\r` or `\n` and the
+/// line is at least `$*CC` long; `None` for everything else (a `$` or another low byte first,
+/// no line end yet, fewer than 8 bytes left to load), which the two-pass path decides as before.
+#[inline(always)]
+fn scan_line(src: &[u8], limit: usize) -> Option<(usize, Scan)> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const COMMAS: u64 = u64::from_le_bytes([b','; 8]);
+    let mut scan = Scan {
+        checksum: 0,
+        at: [0; 5],
+        commas: 0,
+    };
+    let mut wide = 0u64;
+    // Index in `src` of the word's first byte; payload positions are one less.
+    let mut base = 1;
+    loop {
+        if base >= limit {
+            return None;
+        }
+        let word = load8(src, base)?;
+        // 0x80 in the bytes below `%`: exact for the lowest one, which is all that is used
+        // (a borrow only runs towards higher bytes).
+        let low = word.wrapping_sub(ONES * 0x25) & !word & HIGH;
+        let x = word ^ COMMAS;
+        let mut commas = !(((x & LOW7) + LOW7) | x | LOW7);
+        if low != 0 {
+            // The line ends in this word: only its bytes before the end count.
+            let keep = ((1u64 << low.trailing_zeros()) - 1) >> 7;
+            let mut commas = commas & keep;
+            while commas != 0 {
+                scan.comma(base - 1 + (commas.trailing_zeros() / 8) as usize);
+                commas &= commas - 1;
+            }
+            let end = base + (low.trailing_zeros() / 8) as usize;
+            if end >= limit || end < 4 || !is_line_end(src[end]) {
+                return None;
+            }
+            // The payload's checksum: every byte before the line end but `*CC`.
+            let wide = wide ^ (word & keep);
+            let folded = wide.to_le_bytes().iter().fold(0, |acc, &b| acc ^ b);
+            scan.checksum = folded ^ src[end - 3] ^ src[end - 2] ^ src[end - 1];
+            return Some((end, scan));
+        }
+        wide ^= word;
+        while commas != 0 {
+            scan.comma(base - 1 + (commas.trailing_zeros() / 8) as usize);
+            commas &= commas - 1;
+        }
+        base += 8;
+    }
 }
 
 /// `a == b`, without a `memcmp` call for the short names a device repeats: two overlapping
@@ -1009,6 +1093,21 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_followed_by_more_bytes_is_found_and_scanned_in_one_pass() {
+        let mut src = BytesMut::new();
+        encode_channel_frame(42, 21.5, "degC", "temperature", &mut src);
+        let end = src.len() - 2;
+        encode_frame(43, 42.9148, "arb.units", &mut src);
+        let (found, scan) = scan_line(&src, 128).expect("the one-pass path takes it");
+        assert_eq!(found, end);
+        assert_eq!(scan.checksum, checksum(&src[1..end - 3]));
+        assert_eq!((scan.commas, &scan.at[..4]), (4, &[2, 5, 15, 20][..]));
+        // Within `limit` only, and never the last frame of a read (no 8 bytes to load past it).
+        assert!(scan_line(&src, end).is_none());
+        assert!(scan_line(&src[..end + 2], 128).is_none());
+    }
+
+    #[test]
     fn decodes_one_frame() {
         let mut codec = FrameCodec::default();
         let mut buf = BytesMut::from(&b"$TH,42,42.914800,arb.units*30\r\n"[..]);
@@ -1598,6 +1697,49 @@ mod tests {
                 let one_by_one = decode_in_pieces(&stream, &cuts);
                 prop_assert_eq!(&decode_batches_in_pieces(&stream, &cuts, max), &one_by_one);
                 prop_assert_eq!(&decode_batches_in_pieces(&stream, &cuts, usize::MAX), &one_by_one);
+            }
+
+            #[test]
+            fn the_one_pass_line_scan_agrees_with_the_two_pass_path(
+                frame in prop_oneof![
+                    piece().prop_map(|piece| match piece {
+                        Piece::Frame(seq, value, unit, channel, end) => {
+                            let mut buf = BytesMut::new();
+                            match channel {
+                                None => encode_frame(seq, value, &unit, &mut buf),
+                                Some(c) => encode_channel_frame(seq, value, &unit, &c, &mut buf),
+                            }
+                            buf.truncate(buf.len() - 2);
+                            buf.extend_from_slice(LINE_ENDS[end]);
+                            buf.to_vec()
+                        }
+                        Piece::Garbage(bytes) => bytes,
+                    }),
+                    "[ -~]{0,60}(\r|\n|\\$)".prop_map(String::into_bytes),
+                ],
+                flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..3),
+                after in proptest::collection::vec(any::<u8>(), 0..20),
+                limit in 0usize..140,
+            ) {
+                let mut src = b"$".to_vec();
+                src.extend_from_slice(frame.strip_prefix(b"$").unwrap_or(&frame));
+                for (at, byte) in flips {
+                    let at = 1 + at % src.len().max(1);
+                    if at < src.len() {
+                        src[at] = byte;
+                    }
+                }
+                src.extend_from_slice(&after);
+                let limit = limit.min(src.len());
+                if let Some((end, scan)) = scan_line(&src, limit) {
+                    let two_pass = memchr::memchr3(b'\r', b'\n', b'$', &src[1..limit]).map(|p| p + 1);
+                    prop_assert_eq!(Some(end), two_pass);
+                    let line = &src[..end];
+                    prop_assert_eq!(
+                        parse_scanned(line, &scan, &mut Names::default()),
+                        parse_line_with(line, &mut Names::default())
+                    );
+                }
             }
 
             #[test]
