@@ -23,8 +23,9 @@
 //! - **The request's tracing span**, entered around the handler (see [`super::layers`] for why
 //!   not tower-http's `TraceLayer`).
 //!
-//! What tower-http does well is done by tower-http, outside the guard: request ids, sensitive
-//! headers and compression ([`super::layers`]).
+//! What tower-http does well is done by tower-http, outside the guard: request ids (made or
+//! kept; the guard, which holds the id for the error bodies anyway, writes it on the response),
+//! sensitive headers and compression ([`super::layers`]).
 //!
 //! All of it follows a live reload: both services load the guard from a [`Swap`] per request.
 
@@ -380,7 +381,7 @@ impl<S> Layer<S> for GuardLayer {
 
 /// The service [`GuardLayer`] wraps a route in: refuses what the guard refuses, bounds the
 /// request's time, turns a panicking handler into a 500, writes the request id into error
-/// bodies, and counts every request by method, matched route (never the raw path) and status,
+/// bodies and onto every response, and counts every request by method, matched route (never the raw path) and status,
 /// refusals included.
 ///
 /// axum clones it for every request, so the guard is behind an `Arc` (the token is not copied).
@@ -447,7 +448,8 @@ struct Record {
     started: Instant,
     method: Method,
     route: &'static str,
-    /// Set by the request id layer outside the guard; `None` only in tests without it.
+    /// Set by the request id layer outside the guard; `None` only in tests without it. Taken
+    /// when the response is ready, to stamp error bodies and to go on the response.
     request_id: Option<HeaderValue>,
 }
 
@@ -507,9 +509,18 @@ where
         // Never poll the handler again (after a timeout or a panic it could still answer), and
         // free the request's slot now rather than whenever the future is dropped.
         this.stage.set(Stage::Answer { response: None });
-        let record = &*this.record;
-        if let Some(id) = &record.request_id {
-            super::error::stamp_request_id(&mut response, id);
+        let record = &mut *this.record;
+        if let Some(id) = record.request_id.take() {
+            super::error::stamp_request_id(&mut response, &id);
+            // The id goes back on every response, refusals, timeouts and panics included (a
+            // handler's own `x-request-id` is left alone). Done here rather than by tower-http's
+            // `PropagateRequestIdLayer`, which wraps the future once more and stores a second
+            // copy of the id in the response's extensions (a map allocated for it alone).
+            if let header::Entry::Vacant(entry) =
+                response.headers_mut().entry(super::layers::REQUEST_ID)
+            {
+                entry.insert(id);
+            }
         }
         let elapsed = record.started.elapsed();
         tracing::debug!(

@@ -3,7 +3,8 @@
 //!
 //! Every request gets an `x-request-id`: the client's own if it is 1 to 128 visible ASCII
 //! characters ([`CheckRequestIdLayer`]), or one made here. The response
-//! carries it back (errors from the guard included), the request's span records it (so every
+//! carries it back (the guard writes it there, on its own refusals too, see
+//! `super::guard::GuardFuture`), the request's span records it (so every
 //! log line written while serving the request names it, in the JSON logs under `span`), and
 //! error bodies repeat it (see [`super::error`]).
 //!

@@ -8,8 +8,8 @@
 //! clients keep working. Every error is a JSON `{"error": ..., "request_id": ...}` body.
 //!
 //! Around the routes, from the outside in: `Authorization` marked sensitive, the request id
-//! set (or kept) and copied to the response ([`layers`]), then the hand-written [`Guard`],
-//! which enters the request's tracing span. `GET /openapi.json` describes all of it ([`openapi`]).
+//! set (or kept) ([`layers`]), then the hand-written [`Guard`], which enters the request's
+//! tracing span and puts the request id back on the response. `GET /openapi.json` describes all of it ([`openapi`]).
 
 mod control;
 mod error;
@@ -33,7 +33,7 @@ use axum::routing::{MethodRouter, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
-use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::SetRequestIdLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 pub use self::error::ApiError;
@@ -193,7 +193,6 @@ pub fn router(state: AppState, guard: Arc<Swap<Guard>>) -> Router {
                     layers::REQUEST_ID,
                     layers::RequestIds::new(),
                 ))
-                .layer(PropagateRequestIdLayer::new(layers::REQUEST_ID))
                 .layer(guard::GuardLayer::new(guard))
                 .layer(DefaultBodyLimit::disable()),
         )
