@@ -38,7 +38,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, HttpBody};
-use axum::extract::Request;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::Either;
@@ -160,12 +160,18 @@ impl Guard {
     /// that with 413. Done here rather than with axum's `DefaultBodyLimit`, whose limit is fixed
     /// when the router is built, so a live reload can change it. Requests without a body (every
     /// read) are left alone and allocate nothing.
+    ///
+    /// axum's own default limit (2 MiB) is disabled here too, on the requests that have a body
+    /// only: a `DefaultBodyLimit::disable()` layer around the router would store its setting in
+    /// the extensions of every request, reads included.
     fn limit_body(&self, request: Request) -> Request {
         if request.body().is_end_stream() {
             return request;
         }
         let limit = usize::try_from(self.body_limit).unwrap_or(usize::MAX);
-        request.map(|body| Body::new(http_body_util::Limited::new(body, limit)))
+        let mut request = request.map(|body| Body::new(http_body_util::Limited::new(body, limit)));
+        DefaultBodyLimit::disable().apply(&mut request);
+        request
     }
 
     /// Whether a request that a route and method matched may reach its handler: not sent for
@@ -708,6 +714,35 @@ mod tests {
             post_with(&http, &behind_a_proxy).await,
             StatusCode::FORBIDDEN
         );
+    }
+
+    #[tokio::test]
+    async fn a_body_over_axums_default_limit_is_read_up_to_the_guards_own() {
+        let http = HttpSettings {
+            body_limit_bytes: 4 << 20,
+            ..HttpSettings::default()
+        };
+        let router = guarded(
+            vec![(
+                "/upload",
+                axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+            )],
+            &http,
+        );
+        let upload = |len: usize| {
+            let request = Request::post("/upload")
+                .body(Body::from(vec![b'x'; len]))
+                .unwrap();
+            router.clone().oneshot(request)
+        };
+        // Over axum's 2 MiB default, within the guard's limit.
+        let response = upload(3 << 20).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = to_bytes(response.into_body(), 64).await.unwrap();
+        assert_eq!(&body[..], (3usize << 20).to_string().as_bytes());
+        // Over the guard's limit (no length declared: refused while reading).
+        let response = upload(5 << 20).await.unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 
     #[tokio::test]

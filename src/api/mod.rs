@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{MatchedPath, Request};
 use axum::http::{Method, Uri};
 use axum::routing::{MethodRouter, get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -129,7 +129,8 @@ fn route_label(request: &Request) -> &'static str {
 /// documented operation without the token. Compression is a layer of the three routes with
 /// large bodies only, so the others (the hot `/status` above all) never pass through it.
 ///
-/// The body limit is the guard's (see [`Guard`]), so axum's own default limit is disabled.
+/// The body limit is the guard's (see [`Guard`]), which also disables axum's own default limit
+/// on the requests that have a body.
 pub fn router(state: AppState, guard: Arc<Swap<Guard>>) -> Router {
     let status_cache = Arc::new(status::StatusCache::default());
     let document = Arc::new(openapi::Document::new(guard.clone()));
@@ -193,8 +194,7 @@ pub fn router(state: AppState, guard: Arc<Swap<Guard>>) -> Router {
                     layers::REQUEST_ID,
                     layers::RequestIds::new(),
                 ))
-                .layer(guard::GuardLayer::new(guard))
-                .layer(DefaultBodyLimit::disable()),
+                .layer(guard::GuardLayer::new(guard)),
         )
         .with_state(Arc::new(state))
 }
