@@ -725,7 +725,9 @@ mod tests {
         let router = guarded(
             vec![(
                 "/upload",
-                axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+                axum::routing::post(
+                    |body: axum::body::Bytes| async move { body.len().to_string() },
+                ),
             )],
             &http,
         );
