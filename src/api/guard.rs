@@ -1,6 +1,6 @@
-//! The request guard: what tower-http does not do as well, in two services that allocate
+//! The request guard: what tower-http does not do as well, in two parts that allocate
 //! nothing of their own per request: [`GuardService`] around every route (404s and 405s
-//! included) and [`AccessService`] (CSRF, token, declared size) on each route's handlers.
+//! included) and [`Access`] (CSRF, token, declared size) around each route's handlers.
 //!
 //! - **Load shedding with probes exempt**: a bound on requests in progress, refusing the
 //!   excess at once with 503 and `Retry-After`, but never `/healthz` or `/readyz`, which an
@@ -27,7 +27,7 @@
 //! kept; the guard, which holds the id for the error bodies anyway, writes it on the response),
 //! sensitive headers and compression ([`super::layers`]).
 //!
-//! All of it follows a live reload: both services load the guard from a [`Swap`] per request.
+//! All of it follows a live reload: both parts load the guard from a [`Swap`] per request.
 
 use std::convert::Infallible;
 use std::future::{Future, Ready};
@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, HttpBody};
 use axum::extract::{DefaultBodyLimit, Request};
+use axum::handler::Handler;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::Either;
@@ -293,59 +294,54 @@ fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
         .then_some(credentials)
 }
 
-/// The access check (CSRF and host, bearer token, declared body size), applied to each
-/// route's handlers with `MethodRouter::route_layer`, so that a method the route does not
-/// have is a 405 with or without the token, never a 401. (`Router::route_layer` would not
+/// The access check (CSRF and host, bearer token, declared body size), put on each route's
+/// handlers with [`Access::check`], inside the method routing, so that a method the route does
+/// not have is a 405 with or without the token, never a 401. (`Router::route_layer` would not
 /// do: in axum 0.8 it wraps the 405 fallback too.) It refuses, or passes the request on
 /// untouched; its refusals come back out through [`GuardService`], which counts them and
 /// writes the request id into them.
+///
+/// A wrapper of the handler rather than a `MethodRouter::route_layer`: axum boxes a layered
+/// route and clones the box, the layer and the route inside it on every request (callgrind,
+/// docs/PERFORMANCE.md), where a wrapped handler is the route's one boxed service.
 #[derive(Clone)]
-pub struct AccessLayer {
+pub struct Access {
     guard: Arc<Swap<Guard>>,
 }
 
-impl AccessLayer {
+impl Access {
     /// The access check of whichever guard `guard` holds when a request arrives.
     pub fn new(guard: Arc<Swap<Guard>>) -> Self {
         Self { guard }
     }
-}
 
-impl<S> Layer<S> for AccessLayer {
-    type Service = AccessService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AccessService {
+    /// `handler`, called only for requests the access check lets through.
+    pub fn check<H>(&self, handler: H) -> Checked<H> {
+        Checked {
             guard: self.guard.clone(),
-            inner,
+            handler,
         }
     }
 }
 
-/// The service of [`AccessLayer`].
+/// A handler behind the access check (see [`Access`]).
 #[derive(Clone)]
-pub struct AccessService<S> {
+pub struct Checked<H> {
     guard: Arc<Swap<Guard>>,
-    inner: S,
+    handler: H,
 }
 
-impl<S> Service<Request> for AccessService<S>
+impl<H, T, S> Handler<T, S> for Checked<H>
 where
-    S: Service<Request, Response = Response, Error = Infallible>,
+    H: Handler<T, S>,
 {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+    type Future = Either<Ready<Response>, H::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(self, request: Request, state: S) -> Self::Future {
         let guard = self.guard.load();
         match guard.check_access(&request) {
-            Ok(()) => Either::Right(self.inner.call(guard.limit_body(request))),
-            Err(refusal) => Either::Left(std::future::ready(Ok(refusal.into_response()))),
+            Ok(()) => Either::Right(self.handler.call(guard.limit_body(request), state)),
+            Err(refusal) => Either::Left(std::future::ready(refusal.into_response())),
         }
     }
 }
@@ -572,38 +568,43 @@ mod tests {
         assert_eq!(bearer_credentials(b"Bearer"), None);
     }
 
-    /// `routes` behind the guard of `http`, as the API's router puts it.
-    fn guarded(routes: Vec<(&'static str, MethodRouter)>, http: &HttpSettings) -> Router {
+    /// The routes `routes` makes, their handlers behind the access check it is given, behind
+    /// the guard of `http`, as the API's router puts them.
+    fn guarded(
+        routes: impl FnOnce(&Access) -> Vec<(&'static str, MethodRouter)>,
+        http: &HttpSettings,
+    ) -> Router {
         let guard = live(Guard::new(http));
-        let access = AccessLayer::new(guard.clone());
-        routes
+        routes(&Access::new(guard.clone()))
             .into_iter()
             .fold(Router::new(), |router, (path, handlers)| {
-                router.route(path, handlers.route_layer(access.clone()))
+                router.route(path, handlers)
             })
             .layer(GuardLayer::new(guard))
     }
 
     fn router(http: &HttpSettings) -> Router {
-        let routes = vec![
-            ("/status", get(|| async { "fine" })),
-            (
-                "/panics",
-                get(|| async {
-                    if true {
-                        panic!("a handler bug");
-                    }
-                    "unreachable"
-                }),
-            ),
-            (
-                "/slow",
-                get(|| async {
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                    "late"
-                }),
-            ),
-        ];
+        let routes = |access: &Access| {
+            vec![
+                ("/status", get(access.check(|| async { "fine" }))),
+                (
+                    "/panics",
+                    get(access.check(|| async {
+                        if true {
+                            panic!("a handler bug");
+                        }
+                        "unreachable"
+                    })),
+                ),
+                (
+                    "/slow",
+                    get(access.check(|| async {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        "late"
+                    })),
+                ),
+            ]
+        };
         guarded(routes, http)
     }
 
@@ -620,7 +621,12 @@ mod tests {
     /// The status of `POST /start` with these headers, through the guard.
     async fn post_with(http: &HttpSettings, headers: &[(&str, &str)]) -> StatusCode {
         let router = guarded(
-            vec![("/start", axum::routing::post(|| async { "started" }))],
+            |access| {
+                vec![(
+                    "/start",
+                    axum::routing::post(access.check(|| async { "started" })),
+                )]
+            },
             http,
         );
         let mut request = Request::post("/start");
@@ -723,12 +729,15 @@ mod tests {
             ..HttpSettings::default()
         };
         let router = guarded(
-            vec![(
-                "/upload",
-                axum::routing::post(
-                    |body: axum::body::Bytes| async move { body.len().to_string() },
-                ),
-            )],
+            |access| {
+                vec![(
+                    "/upload",
+                    axum::routing::post(
+                        access
+                            .check(|body: axum::body::Bytes| async move { body.len().to_string() }),
+                    ),
+                )]
+            },
             &http,
         );
         let upload = |len: usize| {
@@ -812,13 +821,15 @@ mod tests {
         };
         // A reload slower than the timeout (it waits for devices to push what they read).
         let router = guarded(
-            vec![(
-                "/-/reload",
-                get(|| async {
-                    tokio::time::sleep(Duration::from_secs(3)).await;
-                    "applied"
-                }),
-            )],
+            |access| {
+                vec![(
+                    "/-/reload",
+                    get(access.check(|| async {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        "applied"
+                    })),
+                )]
+            },
             &http,
         );
         assert_eq!(
