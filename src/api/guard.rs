@@ -49,6 +49,7 @@ use tokio::time::Timeout;
 use tower::{Layer, Service};
 
 use super::ApiError;
+use super::layers::RequestIds;
 use crate::config::{HttpSettings, Secret};
 use crate::swap::Swap;
 
@@ -361,12 +362,17 @@ where
 #[derive(Clone)]
 pub struct GuardLayer {
     guard: Arc<Swap<Guard>>,
+    ids: RequestIds,
 }
 
 impl GuardLayer {
-    /// A layer enforcing whichever guard `guard` holds when a request arrives.
+    /// A layer enforcing whichever guard `guard` holds when a request arrives, and giving
+    /// requests ids from one sequence of its own (which a live reload does not restart).
     pub fn new(guard: Arc<Swap<Guard>>) -> Self {
-        Self { guard }
+        Self {
+            guard,
+            ids: RequestIds::new(),
+        }
     }
 }
 
@@ -376,20 +382,23 @@ impl<S> Layer<S> for GuardLayer {
     fn layer(&self, inner: S) -> Self::Service {
         GuardService {
             guard: self.guard.clone(),
+            ids: self.ids.clone(),
             inner,
         }
     }
 }
 
-/// The service [`GuardLayer`] wraps a route in: refuses what the guard refuses, bounds the
+/// The service [`GuardLayer`] wraps a route in: gives the request its id (see
+/// [`request_id`](super::layers::request_id)), refuses what the guard refuses, bounds the
 /// request's time, turns a panicking handler into a 500, writes the request id into error
-/// bodies and onto every response, and counts every request by method, matched route (never the raw path) and status,
-/// refusals included.
+/// bodies and onto every response, and counts every request by method, matched route (never
+/// the raw path) and status, refusals included.
 ///
 /// axum clones it for every request, so the guard is behind an `Arc` (the token is not copied).
 #[derive(Clone)]
 pub struct GuardService<S> {
     guard: Arc<Swap<Guard>>,
+    ids: RequestIds,
     inner: S,
 }
 
@@ -405,16 +414,17 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let request_id = super::layers::request_id(request.headers_mut(), &self.ids);
         let route = super::route_label(&request);
-        let span = super::layers::request_span(&request, route);
+        let span = super::layers::request_span(&request, route, &request_id);
         let _entered = span.enter();
         super::layers::log_request(&request);
         let record = Record {
             started: Instant::now(),
             method: request.method().clone(),
             route,
-            request_id: request.headers().get(super::layers::REQUEST_ID).cloned(),
+            request_id: Some(request_id),
         };
         let guard = self.guard.load();
         let state = match guard.admit(&request) {
@@ -450,8 +460,7 @@ struct Record {
     started: Instant,
     method: Method,
     route: &'static str,
-    /// Set by the request id layer outside the guard; `None` only in tests without it. Taken
-    /// when the response is ready, to stamp error bodies and to go on the response.
+    /// Taken when the response is ready, to stamp error bodies and to go on the response.
     request_id: Option<HeaderValue>,
 }
 
@@ -775,7 +784,9 @@ mod tests {
         let router = router(&HttpSettings::default());
         let (status, body) = get_status(&router, "/panics").await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-        assert_eq!(body, r#"{"error":"internal error"}"#);
+        let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
+        assert_eq!(body["error"], "internal error", "{body}");
+        assert!(body["request_id"].is_string(), "{body}");
         assert_eq!(get_status(&router, "/status").await.0, StatusCode::OK);
     }
 

@@ -7,9 +7,10 @@
 //! the API never reaches into `app`. Routes and JSON field names follow the C++ original so its
 //! clients keep working. Every error is a JSON `{"error": ..., "request_id": ...}` body.
 //!
-//! Around the routes, from the outside in: `Authorization` marked sensitive, the request id
-//! set (or kept) ([`layers`]), then the hand-written [`Guard`], which enters the request's
-//! tracing span and puts the request id back on the response. `GET /openapi.json` describes all of it ([`openapi`]).
+//! Around the routes, from the outside in: `Authorization` marked sensitive ([`layers`]), then
+//! the hand-written [`Guard`], which gives the request its id (the client's, or one it makes,
+//! see [`layers`]), enters the request's tracing span and puts the id back on the response.
+//! `GET /openapi.json` describes all of it ([`openapi`]).
 
 mod control;
 mod error;
@@ -33,7 +34,6 @@ use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
-use tower_http::request_id::SetRequestIdLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 pub use self::error::ApiError;
@@ -187,11 +187,6 @@ pub fn router(state: AppState, guard: Arc<Swap<Guard>>) -> Router {
             ServiceBuilder::new()
                 .layer(SetSensitiveRequestHeadersLayer::new(
                     layers::SENSITIVE_HEADERS,
-                ))
-                .layer(layers::CheckRequestIdLayer)
-                .layer(SetRequestIdLayer::new(
-                    layers::REQUEST_ID,
-                    layers::RequestIds::new(),
                 ))
                 .layer(guard::GuardLayer::new(guard)),
         )
