@@ -379,9 +379,11 @@ thread_local! {
     /// The HTTP metrics' handles by (method, route, status) label, per thread: a request then
     /// costs one small map lookup, with no lock shared between threads, instead of building a
     /// labelled key and finding it in the recorder's registry. Bounded like the labels are.
-    static HTTP_HANDLES: RefCell<HashMap<HttpLabels, (Counter, Histogram), BuildHasherDefault<LabelHasher>>> =
-        RefCell::new(HashMap::default());
+    static HTTP_HANDLES: RefCell<HttpHandles> = RefCell::new(HashMap::default());
 }
+
+/// The handles of [`HTTP_HANDLES`].
+type HttpHandles = HashMap<HttpLabels, (Counter, Histogram), BuildHasherDefault<LabelHasher>>;
 
 /// Method, route and status labels.
 type HttpLabels = (&'static str, &'static str, &'static str);

@@ -22,10 +22,11 @@
 //!   counted by method, matched route and status, refusals included.
 //! - **The request's tracing span**, entered around the handler (see [`super::layers`] for why
 //!   not tower-http's `TraceLayer`).
+//! - **The request id**, kept or made ([`super::layers::request_id`]) and written on the response:
+//!   tower-http's request-id layers cost more and did less (see [`super::layers`]).
 //!
-//! What tower-http does well is done by tower-http, outside the guard: request ids (made or
-//! kept; the guard, which holds the id for the error bodies anyway, writes it on the response),
-//! sensitive headers and compression ([`super::layers`]).
+//! What tower-http does well is done by tower-http, outside the guard: sensitive headers and
+//! compression ([`super::layers`]).
 //!
 //! All of it follows a live reload: both parts load the guard from a [`Swap`] per request.
 

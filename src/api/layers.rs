@@ -220,8 +220,8 @@ mod tests {
                 headers.append(REQUEST_ID, HeaderValue::from_str(value).expect("a value"));
             }
             let id = request_id(&mut headers, &ids);
-            let on_request: Vec<_> = headers.get_all(REQUEST_ID).iter().cloned().collect();
-            assert_eq!(on_request, [id.clone()], "the request carries its one id");
+            let on_request: Vec<_> = headers.get_all(REQUEST_ID).iter().collect();
+            assert_eq!(on_request, [&id], "the request carries its one id");
             id.to_str().expect("ASCII").to_owned()
         };
         assert_eq!(with(&["client-7"]), "client-7");
