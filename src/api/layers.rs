@@ -30,6 +30,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use axum::body::Bytes;
 use axum::extract::Request;
 use axum::http::{Extensions, HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
 use tower_http::compression::CompressionLayer;
@@ -79,16 +80,20 @@ pub fn request_id(headers: &mut HeaderMap, ids: &RequestIds) -> HeaderValue {
 /// per request (no system call), and as unique within the process.
 #[derive(Clone)]
 pub struct RequestIds {
-    prefix: u64,
+    /// The prefix as 16 hex digits and the dash, written once.
+    prefix_text: [u8; 17],
     next: Arc<AtomicU64>,
 }
 
 impl RequestIds {
     /// A new sequence with a fresh random prefix.
     pub fn new() -> Self {
+        // `RandomState` is seeded from the operating system's randomness once per process.
+        let prefix = RandomState::new().hash_one(std::process::id());
+        let mut prefix_text = [b'-'; 17];
+        write_hex(prefix, &mut prefix_text[..16]);
         Self {
-            // `RandomState` is seeded from the operating system's randomness once per process.
-            prefix: RandomState::new().hash_one(std::process::id()),
+            prefix_text,
             next: Arc::new(AtomicU64::new(1)),
         }
     }
@@ -97,12 +102,28 @@ impl RequestIds {
     pub fn make(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         // Written by hand: `format!` costs more than the rest of the id.
-        let mut id = [0u8; 16 + 1 + 20];
-        write_hex(self.prefix, &mut id[..16]);
-        id[16] = b'-';
-        let len = 17 + write_decimal(n, &mut id[17..]);
-        HeaderValue::from_bytes(&id[..len])
+        let mut id = IdBytes {
+            bytes: [0; 17 + 20],
+            len: 0,
+        };
+        id.bytes[..17].copy_from_slice(&self.prefix_text);
+        id.len = 17 + write_decimal(n, &mut id.bytes[17..]);
+        // One allocation, shared by the copies on the request and the response (bytes from a
+        // slice would be copied into a buffer that the first clone allocates again to share).
+        HeaderValue::from_maybe_shared(Bytes::from_owner(id))
             .expect("hex digits, a dash and decimal digits are valid in a header")
+    }
+}
+
+/// The bytes of a made request id.
+struct IdBytes {
+    bytes: [u8; 17 + 20],
+    len: usize,
+}
+
+impl AsRef<[u8]> for IdBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -205,8 +226,8 @@ mod tests {
         let len = write_decimal(u64::MAX, &mut out);
         assert_eq!(&out[..len], u64::MAX.to_string().as_bytes());
         assert_ne!(
-            RequestIds::new().prefix,
-            RequestIds::new().prefix,
+            RequestIds::new().prefix_text,
+            RequestIds::new().prefix_text,
             "each sequence has its own random prefix"
         );
     }
