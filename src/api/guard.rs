@@ -1,6 +1,6 @@
-//! The request guard: what tower-http does not do as well, in two services that allocate
+//! The request guard: what tower-http does not do as well, in two parts that allocate
 //! nothing of their own per request: [`GuardService`] around every route (404s and 405s
-//! included) and [`AccessService`] (CSRF, token, declared size) on each route's handlers.
+//! included) and [`Access`] (CSRF, token, declared size) around each route's handlers.
 //!
 //! - **Load shedding with probes exempt**: a bound on requests in progress, refusing the
 //!   excess at once with 503 and `Retry-After`, but never `/healthz` or `/readyz`, which an
@@ -22,11 +22,13 @@
 //!   counted by method, matched route and status, refusals included.
 //! - **The request's tracing span**, entered around the handler (see [`super::layers`] for why
 //!   not tower-http's `TraceLayer`).
+//! - **The request id**, kept or made ([`super::layers::request_id`]) and written on the response:
+//!   tower-http's request-id layers cost more and did less (see [`super::layers`]).
 //!
-//! What tower-http does well is done by tower-http, outside the guard: request ids, sensitive
-//! headers and compression ([`super::layers`]).
+//! What tower-http does well is done by tower-http, outside the guard: sensitive headers and
+//! compression ([`super::layers`]).
 //!
-//! All of it follows a live reload: both services load the guard from a [`Swap`] per request.
+//! All of it follows a live reload: both parts load the guard from a [`Swap`] per request.
 
 use std::convert::Infallible;
 use std::future::{Future, Ready};
@@ -37,7 +39,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, HttpBody};
-use axum::extract::Request;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::handler::Handler;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::future::Either;
@@ -47,6 +50,7 @@ use tokio::time::Timeout;
 use tower::{Layer, Service};
 
 use super::ApiError;
+use super::layers::RequestIds;
 use crate::config::{HttpSettings, Secret};
 use crate::swap::Swap;
 
@@ -159,12 +163,18 @@ impl Guard {
     /// that with 413. Done here rather than with axum's `DefaultBodyLimit`, whose limit is fixed
     /// when the router is built, so a live reload can change it. Requests without a body (every
     /// read) are left alone and allocate nothing.
+    ///
+    /// axum's own default limit (2 MiB) is disabled here too, on the requests that have a body
+    /// only: a `DefaultBodyLimit::disable()` layer around the router would store its setting in
+    /// the extensions of every request, reads included.
     fn limit_body(&self, request: Request) -> Request {
         if request.body().is_end_stream() {
             return request;
         }
         let limit = usize::try_from(self.body_limit).unwrap_or(usize::MAX);
-        request.map(|body| Body::new(http_body_util::Limited::new(body, limit)))
+        let mut request = request.map(|body| Body::new(http_body_util::Limited::new(body, limit)));
+        DefaultBodyLimit::disable().apply(&mut request);
+        request
     }
 
     /// Whether a request that a route and method matched may reach its handler: not sent for
@@ -286,59 +296,54 @@ fn bearer_credentials(value: &[u8]) -> Option<&[u8]> {
         .then_some(credentials)
 }
 
-/// The access check (CSRF and host, bearer token, declared body size), applied to each
-/// route's handlers with `MethodRouter::route_layer`, so that a method the route does not
-/// have is a 405 with or without the token, never a 401. (`Router::route_layer` would not
+/// The access check (CSRF and host, bearer token, declared body size), put on each route's
+/// handlers with [`Access::check`], inside the method routing, so that a method the route does
+/// not have is a 405 with or without the token, never a 401. (`Router::route_layer` would not
 /// do: in axum 0.8 it wraps the 405 fallback too.) It refuses, or passes the request on
 /// untouched; its refusals come back out through [`GuardService`], which counts them and
 /// writes the request id into them.
+///
+/// A wrapper of the handler rather than a `MethodRouter::route_layer`: axum boxes a layered
+/// route and clones the box, the layer and the route inside it on every request (callgrind,
+/// docs/PERFORMANCE.md), where a wrapped handler is the route's one boxed service.
 #[derive(Clone)]
-pub struct AccessLayer {
+pub struct Access {
     guard: Arc<Swap<Guard>>,
 }
 
-impl AccessLayer {
+impl Access {
     /// The access check of whichever guard `guard` holds when a request arrives.
     pub fn new(guard: Arc<Swap<Guard>>) -> Self {
         Self { guard }
     }
-}
 
-impl<S> Layer<S> for AccessLayer {
-    type Service = AccessService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AccessService {
+    /// `handler`, called only for requests the access check lets through.
+    pub fn check<H>(&self, handler: H) -> Checked<H> {
+        Checked {
             guard: self.guard.clone(),
-            inner,
+            handler,
         }
     }
 }
 
-/// The service of [`AccessLayer`].
+/// A handler behind the access check (see [`Access`]).
 #[derive(Clone)]
-pub struct AccessService<S> {
+pub struct Checked<H> {
     guard: Arc<Swap<Guard>>,
-    inner: S,
+    handler: H,
 }
 
-impl<S> Service<Request> for AccessService<S>
+impl<H, T, S> Handler<T, S> for Checked<H>
 where
-    S: Service<Request, Response = Response, Error = Infallible>,
+    H: Handler<T, S>,
 {
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
+    type Future = Either<Ready<Response>, H::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(self, request: Request, state: S) -> Self::Future {
         let guard = self.guard.load();
         match guard.check_access(&request) {
-            Ok(()) => Either::Right(self.inner.call(guard.limit_body(request))),
-            Err(refusal) => Either::Left(std::future::ready(Ok(refusal.into_response()))),
+            Ok(()) => Either::Right(self.handler.call(guard.limit_body(request), state)),
+            Err(refusal) => Either::Left(std::future::ready(refusal.into_response())),
         }
     }
 }
@@ -358,12 +363,17 @@ where
 #[derive(Clone)]
 pub struct GuardLayer {
     guard: Arc<Swap<Guard>>,
+    ids: RequestIds,
 }
 
 impl GuardLayer {
-    /// A layer enforcing whichever guard `guard` holds when a request arrives.
+    /// A layer enforcing whichever guard `guard` holds when a request arrives, and giving
+    /// requests ids from one sequence of its own (which a live reload does not restart).
     pub fn new(guard: Arc<Swap<Guard>>) -> Self {
-        Self { guard }
+        Self {
+            guard,
+            ids: RequestIds::new(),
+        }
     }
 }
 
@@ -373,20 +383,23 @@ impl<S> Layer<S> for GuardLayer {
     fn layer(&self, inner: S) -> Self::Service {
         GuardService {
             guard: self.guard.clone(),
+            ids: self.ids.clone(),
             inner,
         }
     }
 }
 
-/// The service [`GuardLayer`] wraps a route in: refuses what the guard refuses, bounds the
+/// The service [`GuardLayer`] wraps a route in: gives the request its id (see
+/// [`request_id`](super::layers::request_id)), refuses what the guard refuses, bounds the
 /// request's time, turns a panicking handler into a 500, writes the request id into error
-/// bodies, and counts every request by method, matched route (never the raw path) and status,
-/// refusals included.
+/// bodies and onto every response, and counts every request by method, matched route (never
+/// the raw path) and status, refusals included.
 ///
 /// axum clones it for every request, so the guard is behind an `Arc` (the token is not copied).
 #[derive(Clone)]
 pub struct GuardService<S> {
     guard: Arc<Swap<Guard>>,
+    ids: RequestIds,
     inner: S,
 }
 
@@ -402,16 +415,17 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let request_id = super::layers::request_id(request.headers_mut(), &self.ids);
         let route = super::route_label(&request);
-        let span = super::layers::request_span(&request, route);
+        let span = super::layers::request_span(&request, route, &request_id);
         let _entered = span.enter();
         super::layers::log_request(&request);
         let record = Record {
             started: Instant::now(),
             method: request.method().clone(),
             route,
-            request_id: request.headers().get(super::layers::REQUEST_ID).cloned(),
+            request_id: Some(request_id),
         };
         let guard = self.guard.load();
         let state = match guard.admit(&request) {
@@ -447,7 +461,7 @@ struct Record {
     started: Instant,
     method: Method,
     route: &'static str,
-    /// Set by the request id layer outside the guard; `None` only in tests without it.
+    /// Taken when the response is ready, to stamp error bodies and to go on the response.
     request_id: Option<HeaderValue>,
 }
 
@@ -507,9 +521,18 @@ where
         // Never poll the handler again (after a timeout or a panic it could still answer), and
         // free the request's slot now rather than whenever the future is dropped.
         this.stage.set(Stage::Answer { response: None });
-        let record = &*this.record;
-        if let Some(id) = &record.request_id {
-            super::error::stamp_request_id(&mut response, id);
+        let record = &mut *this.record;
+        if let Some(id) = record.request_id.take() {
+            super::error::stamp_request_id(&mut response, &id);
+            // The id goes back on every response, refusals, timeouts and panics included (a
+            // handler's own `x-request-id` is left alone). Done here rather than by tower-http's
+            // `PropagateRequestIdLayer`, which wraps the future once more and stores a second
+            // copy of the id in the response's extensions (a map allocated for it alone).
+            if let header::Entry::Vacant(entry) =
+                response.headers_mut().entry(super::layers::REQUEST_ID)
+            {
+                entry.insert(id);
+            }
         }
         let elapsed = record.started.elapsed();
         tracing::debug!(
@@ -555,38 +578,43 @@ mod tests {
         assert_eq!(bearer_credentials(b"Bearer"), None);
     }
 
-    /// `routes` behind the guard of `http`, as the API's router puts it.
-    fn guarded(routes: Vec<(&'static str, MethodRouter)>, http: &HttpSettings) -> Router {
+    /// The routes `routes` makes, their handlers behind the access check it is given, behind
+    /// the guard of `http`, as the API's router puts them.
+    fn guarded(
+        routes: impl FnOnce(&Access) -> Vec<(&'static str, MethodRouter)>,
+        http: &HttpSettings,
+    ) -> Router {
         let guard = live(Guard::new(http));
-        let access = AccessLayer::new(guard.clone());
-        routes
+        routes(&Access::new(guard.clone()))
             .into_iter()
             .fold(Router::new(), |router, (path, handlers)| {
-                router.route(path, handlers.route_layer(access.clone()))
+                router.route(path, handlers)
             })
             .layer(GuardLayer::new(guard))
     }
 
     fn router(http: &HttpSettings) -> Router {
-        let routes = vec![
-            ("/status", get(|| async { "fine" })),
-            (
-                "/panics",
-                get(|| async {
-                    if true {
-                        panic!("a handler bug");
-                    }
-                    "unreachable"
-                }),
-            ),
-            (
-                "/slow",
-                get(|| async {
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                    "late"
-                }),
-            ),
-        ];
+        let routes = |access: &Access| {
+            vec![
+                ("/status", get(access.check(|| async { "fine" }))),
+                (
+                    "/panics",
+                    get(access.check(|| async {
+                        if true {
+                            panic!("a handler bug");
+                        }
+                        "unreachable"
+                    })),
+                ),
+                (
+                    "/slow",
+                    get(access.check(|| async {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        "late"
+                    })),
+                ),
+            ]
+        };
         guarded(routes, http)
     }
 
@@ -603,7 +631,12 @@ mod tests {
     /// The status of `POST /start` with these headers, through the guard.
     async fn post_with(http: &HttpSettings, headers: &[(&str, &str)]) -> StatusCode {
         let router = guarded(
-            vec![("/start", axum::routing::post(|| async { "started" }))],
+            |access| {
+                vec![(
+                    "/start",
+                    axum::routing::post(access.check(|| async { "started" })),
+                )]
+            },
             http,
         );
         let mut request = Request::post("/start");
@@ -700,6 +733,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_over_axums_default_limit_is_read_up_to_the_guards_own() {
+        let http = HttpSettings {
+            body_limit_bytes: 4 << 20,
+            ..HttpSettings::default()
+        };
+        let router = guarded(
+            |access| {
+                vec![(
+                    "/upload",
+                    axum::routing::post(
+                        access
+                            .check(|body: axum::body::Bytes| async move { body.len().to_string() }),
+                    ),
+                )]
+            },
+            &http,
+        );
+        let upload = |len: usize| {
+            let request = Request::post("/upload")
+                .body(Body::from(vec![b'x'; len]))
+                .unwrap();
+            router.clone().oneshot(request)
+        };
+        // Over axum's 2 MiB default, within the guard's limit.
+        let response = upload(3 << 20).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = to_bytes(response.into_body(), 64).await.unwrap();
+        assert_eq!(&body[..], (3usize << 20).to_string().as_bytes());
+        // Over the guard's limit (no length declared: refused while reading).
+        let response = upload(5 << 20).await.unwrap();
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
     async fn a_foreign_page_may_still_read() {
         let router = router(&HttpSettings::default());
         let request = Request::get("/status")
@@ -718,7 +785,9 @@ mod tests {
         let router = router(&HttpSettings::default());
         let (status, body) = get_status(&router, "/panics").await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-        assert_eq!(body, r#"{"error":"internal error"}"#);
+        let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
+        assert_eq!(body["error"], "internal error", "{body}");
+        assert!(body["request_id"].is_string(), "{body}");
         assert_eq!(get_status(&router, "/status").await.0, StatusCode::OK);
     }
 
@@ -764,13 +833,15 @@ mod tests {
         };
         // A reload slower than the timeout (it waits for devices to push what they read).
         let router = guarded(
-            vec![(
-                "/-/reload",
-                get(|| async {
-                    tokio::time::sleep(Duration::from_secs(3)).await;
-                    "applied"
-                }),
-            )],
+            |access| {
+                vec![(
+                    "/-/reload",
+                    get(access.check(|| async {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        "applied"
+                    })),
+                )]
+            },
             &http,
         );
         assert_eq!(

@@ -1,11 +1,19 @@
-//! The tower-http layers around the routes (request ids, the `Authorization` header hidden from
-//! every log, response compression for the large bodies) and the request's tracing span.
+//! The tower-http layers around the routes (the `Authorization` header hidden from every log,
+//! response compression for the large bodies), the request ids and the request's tracing span.
 //!
-//! Every request gets an `x-request-id`: the client's own if it is 1 to 128 visible ASCII
-//! characters ([`CheckRequestIdLayer`]), or one made here. The response
-//! carries it back (errors from the guard included), the request's span records it (so every
+//! Every request gets an `x-request-id`: the client's own if it sent one of 1 to 128 visible
+//! ASCII characters, or one made here ([`request_id`], called by the guard). The response
+//! carries it back (the guard writes it there, on its own refusals too, see
+//! `super::guard::GuardFuture`), the request's span records it (so every
 //! log line written while serving the request names it, in the JSON logs under `span`), and
 //! error bodies repeat it (see [`super::error`]).
+//!
+//! Request ids are not tower-http's `SetRequestIdLayer` and `PropagateRequestIdLayer`: those
+//! keep any client id however long or odd (a layer of our own had to remove the bad ones
+//! first), store a copy of the id in the request's and the response's extensions (a boxed
+//! value and a map grown for it on every request), and wrap the future once more; with the
+//! guard, which needs the id anyway for the error bodies and the span, a `GET /status` cost
+//! about 2,000 instructions more (callgrind, docs/PERFORMANCE.md).
 //!
 //! The span is entered by the guard's service around the handler, not by tower-http's
 //! `TraceLayer`: that layer wraps every response body in a body of its own, which axum then
@@ -22,11 +30,11 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use axum::body::Bytes;
 use axum::extract::Request;
 use axum::http::{Extensions, HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
 use tower_http::compression::CompressionLayer;
 use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
-use tower_http::request_id::{MakeRequestId, RequestId};
 use tracing::Span;
 
 /// The request id header, read from requests and set on every response.
@@ -51,55 +59,20 @@ fn acceptable_request_id(value: &HeaderValue) -> bool {
     (1..=MAX_REQUEST_ID_LEN).contains(&bytes.len()) && bytes.iter().all(u8::is_ascii_graphic)
 }
 
-/// Removes a client's `x-request-id` that is not [acceptable](acceptable_request_id), so that
-/// tower-http's `SetRequestIdLayer`, just inside it, makes a new one. No allocation, no boxing:
-/// the inner service's future is returned as it is.
-#[derive(Clone, Copy, Default)]
-pub struct CheckRequestIdLayer;
-
-impl<S> tower::Layer<S> for CheckRequestIdLayer {
-    type Service = CheckRequestId<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        CheckRequestId { inner }
+/// The request's id: the client's `x-request-id` if it sent exactly one and that one is
+/// [acceptable](acceptable_request_id), else a new one from `ids`, which replaces whatever the
+/// client sent. The request carries its id in its headers from then on.
+pub fn request_id(headers: &mut HeaderMap, ids: &RequestIds) -> HeaderValue {
+    let mut sent = headers.get_all(REQUEST_ID).iter();
+    // Several: which one would the logs show?
+    if let (Some(id), None) = (sent.next(), sent.next())
+        && acceptable_request_id(id)
+    {
+        return id.clone();
     }
-}
-
-/// The service of [`CheckRequestIdLayer`].
-#[derive(Clone)]
-pub struct CheckRequestId<S> {
-    inner: S,
-}
-
-impl<S, B> tower::Service<Request<B>> for CheckRequestId<S>
-where
-    S: tower::Service<Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let headers = request.headers_mut();
-        let mut ids = headers.get_all(REQUEST_ID).iter();
-        let keep = match (ids.next(), ids.next()) {
-            (Some(id), None) => acceptable_request_id(id),
-            (None, _) => true,
-            // Several: which one would the logs show?
-            (Some(_), Some(_)) => false,
-        };
-        if !keep {
-            headers.remove(REQUEST_ID);
-        }
-        self.inner.call(request)
-    }
+    let id = ids.make();
+    headers.insert(REQUEST_ID, id.clone());
+    id
 }
 
 /// Makes request ids for requests that come without one: a prefix random per process (so ids
@@ -107,36 +80,56 @@ where
 /// per request (no system call), and as unique within the process.
 #[derive(Clone)]
 pub struct RequestIds {
-    prefix: u64,
+    /// The prefix as 16 hex digits and the dash, written once.
+    prefix_text: [u8; 17],
     next: Arc<AtomicU64>,
 }
 
 impl RequestIds {
     /// A new sequence with a fresh random prefix.
     pub fn new() -> Self {
+        // `RandomState` is seeded from the operating system's randomness once per process.
+        let prefix = RandomState::new().hash_one(std::process::id());
+        let mut prefix_text = [b'-'; 17];
+        write_hex(prefix, &mut prefix_text[..16]);
         Self {
-            // `RandomState` is seeded from the operating system's randomness once per process.
-            prefix: RandomState::new().hash_one(std::process::id()),
+            prefix_text,
             next: Arc::new(AtomicU64::new(1)),
         }
+    }
+
+    /// The next id: `{prefix:016x}-{n}`.
+    pub fn make(&self) -> HeaderValue {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        // Written by hand: `format!` costs more than the rest of the id.
+        let mut id = IdBytes {
+            bytes: [0; 17 + 20],
+            len: 0,
+        };
+        id.bytes[..17].copy_from_slice(&self.prefix_text);
+        id.len = 17 + write_decimal(n, &mut id.bytes[17..]);
+        // One allocation, shared by the copies on the request and the response (bytes from a
+        // slice would be copied into a buffer that the first clone allocates again to share).
+        HeaderValue::from_maybe_shared(Bytes::from_owner(id))
+            .expect("hex digits, a dash and decimal digits are valid in a header")
+    }
+}
+
+/// The bytes of a made request id.
+struct IdBytes {
+    bytes: [u8; 17 + 20],
+    len: usize,
+}
+
+impl AsRef<[u8]> for IdBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
 impl Default for RequestIds {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-impl MakeRequestId for RequestIds {
-    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        // `{prefix:016x}-{n}`, written by hand: `format!` costs more than the rest of the id.
-        let mut id = [0u8; 16 + 1 + 20];
-        write_hex(self.prefix, &mut id[..16]);
-        id[16] = b'-';
-        let len = 17 + write_decimal(n, &mut id[17..]);
-        HeaderValue::from_bytes(&id[..len]).ok().map(RequestId::new)
     }
 }
 
@@ -170,16 +163,12 @@ fn write_decimal(mut value: u64, out: &mut [u8]) -> usize {
 /// At `info`, so that with the default log level every event logged while serving a request
 /// (a 5xx's "Request failed.", say) carries the request id. Below that level it is disabled
 /// and costs a level check (the fields are only computed for an enabled span).
-pub fn request_span(request: &Request, route: &'static str) -> Span {
+pub fn request_span(request: &Request, route: &'static str, request_id: &HeaderValue) -> Span {
     tracing::info_span!(
         "request",
         method = %request.method(),
         route,
-        request_id = request
-            .headers()
-            .get(REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(""),
+        request_id = request_id.to_str().unwrap_or(""),
     )
 }
 
@@ -224,14 +213,9 @@ mod tests {
 
     #[test]
     fn made_request_ids_are_distinct_and_share_the_process_prefix() {
-        let mut ids = RequestIds::new();
-        let request = Request::new(axum::body::Body::empty());
-        let a = ids.make_request_id(&request).expect("an id");
-        let b = ids.clone().make_request_id(&request).expect("an id");
-        let (a, b) = (
-            a.header_value().to_str().unwrap().to_owned(),
-            b.header_value().to_str().unwrap().to_owned(),
-        );
+        let ids = RequestIds::new();
+        let (a, b) = (ids.make(), ids.clone().make());
+        let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
         assert_ne!(a, b);
         assert_eq!(a.split('-').next(), b.split('-').next(), "{a} {b}");
         let (prefix, n) = a.split_once('-').expect("prefix-counter");
@@ -242,9 +226,30 @@ mod tests {
         let len = write_decimal(u64::MAX, &mut out);
         assert_eq!(&out[..len], u64::MAX.to_string().as_bytes());
         assert_ne!(
-            RequestIds::new().prefix,
-            RequestIds::new().prefix,
+            RequestIds::new().prefix_text,
+            RequestIds::new().prefix_text,
             "each sequence has its own random prefix"
         );
+    }
+
+    #[test]
+    fn one_acceptable_client_id_is_kept_and_anything_else_replaced() {
+        let ids = RequestIds::new();
+        let with = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(REQUEST_ID, HeaderValue::from_str(value).expect("a value"));
+            }
+            let id = request_id(&mut headers, &ids);
+            let on_request: Vec<_> = headers.get_all(REQUEST_ID).iter().collect();
+            assert_eq!(on_request, [&id], "the request carries its one id");
+            id.to_str().expect("ASCII").to_owned()
+        };
+        assert_eq!(with(&["client-7"]), "client-7");
+        for replaced in [&[][..], &["two words"], &["a", "b"], &[&"x".repeat(129)]] {
+            let id = with(replaced);
+            assert!(!replaced.contains(&id.as_str()), "{replaced:?} -> {id}");
+            assert!(id.contains('-') && id.len() > 17, "a made id: {id}");
+        }
     }
 }

@@ -7,9 +7,10 @@
 //! the API never reaches into `app`. Routes and JSON field names follow the C++ original so its
 //! clients keep working. Every error is a JSON `{"error": ..., "request_id": ...}` body.
 //!
-//! Around the routes, from the outside in: `Authorization` marked sensitive, the request id
-//! set (or kept) and copied to the response ([`layers`]), then the hand-written [`Guard`],
-//! which enters the request's tracing span. `GET /openapi.json` describes all of it ([`openapi`]).
+//! Around the routes, from the outside in: `Authorization` marked sensitive ([`layers`]), then
+//! the hand-written [`Guard`], which gives the request its id (the client's, or one it makes,
+//! see [`layers`]), enters the request's tracing span and puts the id back on the response.
+//! `GET /openapi.json` describes all of it ([`openapi`]).
 
 mod control;
 mod error;
@@ -27,13 +28,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{MatchedPath, Request};
 use axum::http::{Method, Uri};
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
-use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 pub use self::error::ApiError;
@@ -124,60 +124,60 @@ fn route_label(request: &Request) -> &'static str {
 
 /// The API's routes, behind the request guard and body limit.
 ///
-/// Each route's handlers go through `guarded`, which puts the guard's access check on them
-/// (see [`guard::AccessLayer`]); a route added without it fails the test that sends every
+/// Each route's handlers go through `access.check`, which puts the guard's access check on them
+/// (see [`guard::Access`]); a route added without it fails the test that sends every
 /// documented operation without the token. Compression is a layer of the three routes with
 /// large bodies only, so the others (the hot `/status` above all) never pass through it.
 ///
-/// The body limit is the guard's (see [`Guard`]), so axum's own default limit is disabled.
+/// The body limit is the guard's (see [`Guard`]), which also disables axum's own default limit
+/// on the requests that have a body.
 pub fn router(state: AppState, guard: Arc<Swap<Guard>>) -> Router {
     let status_cache = Arc::new(status::StatusCache::default());
     let document = Arc::new(openapi::Document::new(guard.clone()));
-    let access = guard::AccessLayer::new(guard.clone());
-    let guarded = |handlers: MethodRouter<Arc<AppState>>| handlers.route_layer(access.clone());
+    let access = guard::Access::new(guard.clone());
     Router::new()
-        .route("/", guarded(get(live::page)))
-        .route("/events", guarded(get(live::events)))
+        .route("/", get(access.check(live::page)))
+        .route("/events", get(access.check(live::events)))
         .route(
             "/status",
-            guarded(get(move |state| {
-                status::status(state, status_cache.clone())
-            })),
+            get(access.check(move |state| status::status(state, status_cache.clone()))),
         )
         .route(
             "/metrics",
-            guarded(get(status::metrics).layer(layers::compression())),
+            get(access.check(status::metrics)).layer(layers::compression()),
         )
-        .route("/uplink", guarded(get(status::uplink)))
+        .route("/uplink", get(access.check(status::uplink)))
         .route(
             "/samples",
-            guarded(
-                get(status::samples)
-                    .layer(layers::compression())
-                    .post(ingest::ingest),
-            ),
+            get(access.check(status::samples))
+                .layer(layers::compression())
+                .post(access.check(ingest::ingest)),
         )
-        .route("/start", guarded(post(control::start_all)))
-        .route("/stop", guarded(post(control::stop_all)))
-        .route("/reset", guarded(post(control::reset_all)))
-        .route("/devices", guarded(get(control::list_devices)))
-        .route("/devices/{id}", guarded(get(control::get_device)))
-        .route("/devices/{id}/start", guarded(post(control::start_one)))
-        .route("/devices/{id}/stop", guarded(post(control::stop_one)))
-        .route("/devices/{id}/reset", guarded(post(control::reset_one)))
+        .route("/start", post(access.check(control::start_all)))
+        .route("/stop", post(access.check(control::stop_all)))
+        .route("/reset", post(access.check(control::reset_all)))
+        .route("/devices", get(access.check(control::list_devices)))
+        .route("/devices/{id}", get(access.check(control::get_device)))
+        .route(
+            "/devices/{id}/start",
+            post(access.check(control::start_one)),
+        )
+        .route("/devices/{id}/stop", post(access.check(control::stop_one)))
+        .route(
+            "/devices/{id}/reset",
+            post(access.check(control::reset_one)),
+        )
         .route(
             "/devices/{id}/command",
-            guarded(post(control::send_command)),
+            post(access.check(control::send_command)),
         )
-        .route("/-/reload", guarded(post(reload::reload)))
-        .route("/healthz", guarded(get(health::healthz)))
-        .route("/readyz", guarded(get(health::readyz)))
+        .route("/-/reload", post(access.check(reload::reload)))
+        .route("/healthz", get(access.check(health::healthz)))
+        .route("/readyz", get(access.check(health::readyz)))
         .route(
             "/openapi.json",
-            guarded(
-                get(move |state| openapi::serve(state, document.clone()))
-                    .layer(layers::compression()),
-            ),
+            get(access.check(move |state| openapi::serve(state, document.clone())))
+                .layer(layers::compression()),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -188,14 +188,7 @@ pub fn router(state: AppState, guard: Arc<Swap<Guard>>) -> Router {
                 .layer(SetSensitiveRequestHeadersLayer::new(
                     layers::SENSITIVE_HEADERS,
                 ))
-                .layer(layers::CheckRequestIdLayer)
-                .layer(SetRequestIdLayer::new(
-                    layers::REQUEST_ID,
-                    layers::RequestIds::new(),
-                ))
-                .layer(PropagateRequestIdLayer::new(layers::REQUEST_ID))
-                .layer(guard::GuardLayer::new(guard))
-                .layer(DefaultBodyLimit::disable()),
+                .layer(guard::GuardLayer::new(guard)),
         )
         .with_state(Arc::new(state))
 }
