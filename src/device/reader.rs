@@ -62,9 +62,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 end: Some(None),
             });
         }
-        // A frame is at least 12 bytes; most are 25 to 40.
-        let mut frames = Vec::with_capacity((self.buf.len() / 24 + 1).min(max));
+        let mut frames = Vec::new();
         loop {
+            // Room for what the bytes read so far can hold (a frame is at least 12 bytes, most
+            // are 25 to 40), so the chunk is not grown step by step as it fills.
+            frames.reserve((self.buf.len() / 24).min(max - frames.len()));
             self.codec.decode_into(&mut self.buf, &mut frames, max);
             if frames.len() >= max {
                 return Poll::Ready(Chunk { frames, end: None });
