@@ -684,6 +684,40 @@ async fn invalid_frames_are_counted_by_reason_and_change_nothing() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn frames_sent_just_before_the_link_closes_are_all_kept_and_a_cut_frame_counted() {
+    let (script, connector) = scripted();
+    let mut peer = script.link();
+    let dev = Device::spawn(&settings(), roomy_buffer(), connector);
+    script.wait_connects(1).await;
+
+    // Many frames, a frame cut short, and the end of the link, all at once: the last read's
+    // frames and the link's end arrive together.
+    let mut bytes = frames(1..=300);
+    bytes.extend_from_slice(b"$TH,301,42.5");
+    send(&mut peer, &bytes).await;
+    drop(peer);
+
+    dev.wait_state(DeviceState::Error).await;
+    assert_eq!(seqs(&dev.samples(300).await), (1..=300).collect::<Vec<_>>());
+    let counters = dev.handle.counters();
+    assert_eq!(counters.samples_read, 300);
+    assert_eq!(
+        counters.frames_invalid,
+        InvalidCounts {
+            syntax: 1,
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        counters.link_failures,
+        FailureCounts {
+            closed: 1,
+            ..Default::default()
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn sequence_gaps_count_missing_samples_but_not_backward_jumps() {
     let (script, connector) = scripted();
     let mut peer = script.link();
