@@ -46,18 +46,8 @@ fn parse_args() -> Result<Options, String> {
 
 /// Appends frame `seq` to `out`: `$TH,<seq>,42.500000,arb.units*CC\r\n`.
 fn push_frame(seq: u64, tail_sum: u8, out: &mut Vec<u8>) {
-    let mut digits = [0u8; 20];
-    let mut n = seq;
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    let digits = &digits[at..];
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(seq).as_bytes();
     let sum = digits
         .iter()
         .fold(b'T' ^ b'H' ^ b',' ^ tail_sum, |a, &b| a ^ b);
