@@ -357,20 +357,23 @@ impl RingBuffer {
                 let mut inner = self.lock();
                 if !inner.queue.is_empty() {
                     let n = max.min(inner.queue.len());
+                    inner.ledger.dequeue(n as u64);
                     // Everything queued: the queue's allocation leaves with it (no copy under
                     // the lock; the next push allocates, as collecting a batch did). Else the
                     // oldest `n`, one by one.
                     let batch = if n == inner.queue.len() {
-                        Err(std::mem::take(&mut inner.queue))
+                        let queue = std::mem::take(&mut inner.queue);
+                        drop(inner);
+                        whole_queue(queue)
                     } else {
-                        Ok(inner.queue.drain(..n).collect::<Vec<Sample>>())
+                        let batch = inner.queue.drain(..n).collect();
+                        drop(inner);
+                        batch
                     };
-                    inner.ledger.dequeue(n as u64);
-                    drop(inner);
                     if self.policy == OverflowPolicy::Block {
                         self.writable.notify_waiters();
                     }
-                    return Some(batch.unwrap_or_else(whole_queue));
+                    return Some(batch);
                 }
                 if inner.closed {
                     return None;

@@ -358,13 +358,7 @@ fn parse_scanned(line: &[u8], scan: &Scan, names: &mut Names) -> Result<RawSampl
 fn scan_line(src: &[u8], limit: usize) -> Option<(usize, Scan)> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
-    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-    const COMMAS: u64 = u64::from_le_bytes([b','; 8]);
-    let mut scan = Scan {
-        checksum: 0,
-        at: [0; 5],
-        commas: 0,
-    };
+    let mut scan = Scan::default();
     let mut wide = 0u64;
     // Index in `src` of the word's first byte; payload positions are one less.
     let mut base = 1;
@@ -376,16 +370,11 @@ fn scan_line(src: &[u8], limit: usize) -> Option<(usize, Scan)> {
         // 0x80 in the bytes below `%`: exact for the lowest one, which is all that is used
         // (a borrow only runs towards higher bytes).
         let low = word.wrapping_sub(ONES * 0x25) & !word & HIGH;
-        let x = word ^ COMMAS;
-        let mut commas = !(((x & LOW7) + LOW7) | x | LOW7);
+        let commas = bytes_equal_to(word, b',');
         if low != 0 {
             // The line ends in this word: only its bytes before the end count.
             let keep = ((1u64 << low.trailing_zeros()) - 1) >> 7;
-            let mut commas = commas & keep;
-            while commas != 0 {
-                scan.comma(base - 1 + (commas.trailing_zeros() / 8) as usize);
-                commas &= commas - 1;
-            }
+            scan.commas_in(commas & keep, base - 1);
             let end = base + (low.trailing_zeros() / 8) as usize;
             if end >= limit || end < 4 || !is_line_end(src[end]) {
                 return None;
@@ -397,10 +386,7 @@ fn scan_line(src: &[u8], limit: usize) -> Option<(usize, Scan)> {
             return Some((end, scan));
         }
         wide ^= word;
-        while commas != 0 {
-            scan.comma(base - 1 + (commas.trailing_zeros() / 8) as usize);
-            commas &= commas - 1;
-        }
+        scan.commas_in(commas, base - 1);
         base += 8;
     }
 }
@@ -445,6 +431,15 @@ fn eight_digits(word: u64) -> Option<u32> {
     u32::try_from(v).ok()
 }
 
+/// 0x80 in exactly the bytes of `word` that are `byte`, 0 elsewhere (no carry crosses a byte,
+/// so every byte is tested exactly, not only the first match).
+#[inline(always)]
+fn bytes_equal_to(word: u64, byte: u8) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    let x = word ^ u64::from_le_bytes([byte; 8]);
+    !(((x & LOW7) + LOW7) | x | LOW7)
+}
+
 /// `line[start..end]` as 1 to 8 digits, right-aligned in a word of `'0'`s, or `None` when that
 /// shape (or 8 readable bytes from `start`) is not there.
 fn digits_word(line: &[u8], start: usize, end: usize) -> Option<u64> {
@@ -474,8 +469,6 @@ fn value_at(line: &[u8], start: usize, end: usize) -> Option<f64> {
 
 /// The two-word fast path of [`value_at`]; `None` means "not in this form", not "invalid".
 fn swar_value(line: &[u8], start: usize, end: usize) -> Option<f64> {
-    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-    const DOTS: u64 = u64::from_le_bytes([b'.'; 8]);
     const POW10_INT: [u64; 9] = [
         1,
         10,
@@ -495,8 +488,7 @@ fn swar_value(line: &[u8], start: usize, end: usize) -> Option<f64> {
     let n = end.checked_sub(digits)?;
     let word = load8(line, digits)?;
     // The first '.' of the 8 bytes (8 if none), as in `Scan::of`.
-    let x = word ^ DOTS;
-    let dot = (!(((x & LOW7) + LOW7) | x | LOW7)).trailing_zeros() as usize / 8;
+    let dot = bytes_equal_to(word, b'.').trailing_zeros() as usize / 8;
     if dot == 0 || dot >= 8 || dot >= n {
         return None;
     }
@@ -517,6 +509,7 @@ fn swar_value(line: &[u8], start: usize, end: usize) -> Option<f64> {
 }
 
 /// One pass over a payload: its checksum and where its commas are.
+#[derive(Default)]
 struct Scan {
     checksum: u8,
     /// The first commas' positions; `commas` counts all of them.
@@ -527,25 +520,13 @@ struct Scan {
 impl Scan {
     /// Eight bytes per step: XOR for the checksum, and a comma test on every byte at once.
     fn of(payload: &[u8]) -> Self {
-        const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-        const COMMAS: u64 = u64::from_le_bytes([b','; 8]);
-        let mut scan = Scan {
-            checksum: 0,
-            at: [0; 5],
-            commas: 0,
-        };
+        let mut scan = Scan::default();
         let mut wide = 0u64;
         let mut words = payload.chunks_exact(8);
         for (i, word) in words.by_ref().enumerate() {
             let word = u64::from_le_bytes(word.try_into().expect("chunks_exact(8) yields 8 bytes"));
             wide ^= word;
-            // 0x80 in exactly the bytes that are commas (no carry crosses a byte).
-            let x = word ^ COMMAS;
-            let mut hits = !(((x & LOW7) + LOW7) | x | LOW7);
-            while hits != 0 {
-                scan.comma(i * 8 + (hits.trailing_zeros() / 8) as usize);
-                hits &= hits - 1;
-            }
+            scan.commas_in(bytes_equal_to(word, b','), i * 8);
         }
         scan.checksum = wide.to_le_bytes().iter().fold(0, |acc, &b| acc ^ b);
         let tail = payload.len() - words.remainder().len();
@@ -556,6 +537,16 @@ impl Scan {
             }
         }
         scan
+    }
+
+    /// Records the commas of an 8-byte word starting at payload position `at`: `hits` has
+    /// 0x80 in each byte that is a comma.
+    #[inline(always)]
+    fn commas_in(&mut self, mut hits: u64, at: usize) {
+        while hits != 0 {
+            self.comma(at + (hits.trailing_zeros() / 8) as usize);
+            hits &= hits - 1;
+        }
     }
 
     fn comma(&mut self, at: usize) {
@@ -786,18 +777,8 @@ fn finish_frame(start: usize, dst: &mut BytesMut) {
 }
 
 /// Appends `n` in decimal.
-fn push_u64(mut n: u64, dst: &mut BytesMut) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    dst.extend_from_slice(&digits[at..]);
+fn push_u64(n: u64, dst: &mut BytesMut) {
+    dst.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 /// Appends `value` with 6 decimals, byte for byte what `format!("{value:.6}")` writes (a unit
@@ -1518,6 +1499,25 @@ mod tests {
             ]
         }
 
+        impl Piece {
+            /// The piece's bytes on the wire.
+            fn bytes(&self) -> Vec<u8> {
+                match self {
+                    Piece::Frame(seq, value, unit, channel, end) => {
+                        let mut buf = BytesMut::new();
+                        match channel {
+                            None => encode_frame(*seq, *value, unit, &mut buf),
+                            Some(c) => encode_channel_frame(*seq, *value, unit, c, &mut buf),
+                        }
+                        buf.truncate(buf.len() - 2);
+                        buf.extend_from_slice(LINE_ENDS[*end]);
+                        buf.to_vec()
+                    }
+                    Piece::Garbage(bytes) => bytes.clone(),
+                }
+            }
+        }
+
         /// Decodes `stream` fed in pieces cut at `cuts`, then at end of stream.
         fn decode_in_pieces(stream: &[u8], cuts: &[usize]) -> Vec<Frame> {
             let mut codec = FrameCodec::default();
@@ -1678,22 +1678,7 @@ mod tests {
                 cuts in proptest::collection::vec(any::<usize>(), 0..20),
                 max in 1usize..6,
             ) {
-                let mut stream = Vec::new();
-                for piece in &pieces {
-                    match piece {
-                        Piece::Frame(seq, value, unit, channel, end) => {
-                            let mut buf = BytesMut::new();
-                            match channel {
-                                None => encode_frame(*seq, *value, unit, &mut buf),
-                                Some(c) => encode_channel_frame(*seq, *value, unit, c, &mut buf),
-                            }
-                            buf.truncate(buf.len() - 2);
-                            stream.extend_from_slice(&buf);
-                            stream.extend_from_slice(LINE_ENDS[*end]);
-                        }
-                        Piece::Garbage(bytes) => stream.extend_from_slice(bytes),
-                    }
-                }
+                let stream: Vec<u8> = pieces.iter().flat_map(Piece::bytes).collect();
                 let one_by_one = decode_in_pieces(&stream, &cuts);
                 prop_assert_eq!(&decode_batches_in_pieces(&stream, &cuts, max), &one_by_one);
                 prop_assert_eq!(&decode_batches_in_pieces(&stream, &cuts, usize::MAX), &one_by_one);
@@ -1702,19 +1687,7 @@ mod tests {
             #[test]
             fn the_one_pass_line_scan_agrees_with_the_two_pass_path(
                 frame in prop_oneof![
-                    piece().prop_map(|piece| match piece {
-                        Piece::Frame(seq, value, unit, channel, end) => {
-                            let mut buf = BytesMut::new();
-                            match channel {
-                                None => encode_frame(seq, value, &unit, &mut buf),
-                                Some(c) => encode_channel_frame(seq, value, &unit, &c, &mut buf),
-                            }
-                            buf.truncate(buf.len() - 2);
-                            buf.extend_from_slice(LINE_ENDS[end]);
-                            buf.to_vec()
-                        }
-                        Piece::Garbage(bytes) => bytes,
-                    }),
+                    piece().prop_map(|piece| piece.bytes()),
                     "[ -~]{0,60}(\r|\n|\\$)".prop_map(String::into_bytes),
                 ],
                 flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..3),
@@ -1758,21 +1731,14 @@ mod tests {
                 let mut stream = Vec::new();
                 let mut expected = Vec::new();
                 for piece in &pieces {
+                    stream.extend_from_slice(&piece.bytes());
                     match piece {
-                        Piece::Frame(seq, value, unit, channel, end) => {
-                            let mut buf = BytesMut::new();
-                            match channel {
-                                None => encode_frame(*seq, *value, unit, &mut buf),
-                                Some(c) => encode_channel_frame(*seq, *value, unit, c, &mut buf),
-                            }
-                            buf.truncate(buf.len() - 2);
-                            stream.extend_from_slice(&buf);
-                            stream.extend_from_slice(LINE_ENDS[*end]);
+                        Piece::Frame(seq, value, unit, channel, _) => {
                             // What was sent, after the %.6f formatting the frame carries.
                             let sent: f64 = format!("{value:.6}").parse().unwrap();
                             expected.push((*seq, sent, unit.clone(), channel.clone()));
                         }
-                        Piece::Garbage(bytes) => stream.extend_from_slice(bytes),
+                        Piece::Garbage(_) => {}
                     }
                 }
                 let decoded: Vec<_> = decode_in_pieces(&stream, &cuts)

@@ -25,8 +25,17 @@ const READ_ROOM: usize = 8 * 1024;
 pub(super) struct Chunk {
     /// In the order they arrived.
     pub frames: Vec<Frame>,
-    /// Set when the link ended after `frames`: closed by the device (`None` inside) or failed.
-    pub end: Option<Option<io::Error>>,
+    /// Set when the link ended after `frames`.
+    pub end: Option<End>,
+}
+
+/// How a link ended.
+#[derive(Debug)]
+pub(super) enum End {
+    /// The device closed it (end of stream).
+    Closed,
+    /// A read failed.
+    Failed(io::Error),
 }
 
 /// Reads `R` and decodes it with a [`FrameCodec`].
@@ -59,7 +68,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if self.done {
             return Poll::Ready(Chunk {
                 frames: Vec::new(),
-                end: Some(None),
+                end: Some(End::Closed),
             });
         }
         let mut frames = Vec::new();
@@ -78,10 +87,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 Poll::Pending => return Poll::Ready(Chunk { frames, end: None }),
                 Poll::Ready(Ok(0)) => {
                     self.codec.finish_into(&mut self.buf, &mut frames);
-                    None
+                    End::Closed
                 }
                 Poll::Ready(Ok(_)) => continue,
-                Poll::Ready(Err(err)) => Some(err),
+                Poll::Ready(Err(err)) => End::Failed(err),
             };
             self.done = true;
             return Poll::Ready(Chunk {

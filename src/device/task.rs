@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use super::codec::{Frame, FrameCodec};
 use super::modbus::link::{ModbusFailure, ModbusLink, ModbusMap, Outcome, WriteRequest};
 use super::rate::{limits_for, requested_rate};
-use super::reader::{Chunk, FrameReader};
+use super::reader::{Chunk, End, FrameReader};
 use super::state::{self, Breaker, Command, DeviceState, IllegalTransition};
 use super::{
     Connector, DeviceCounters, DeviceHandle, DeviceStatus, LinkFailure, Request, SendError,
@@ -37,6 +37,9 @@ use crate::sample::Sample;
 
 /// Most frames decoded into one push to the buffer.
 const CHUNK_MAX: usize = 256;
+
+/// Why a link that the device closed failed.
+const CLOSED_BY_DEVICE: &str = "link closed by the device";
 
 /// Most commands waiting for replies on one link; more are refused as [`SendError::Busy`].
 const MAX_WAITING: usize = 32;
@@ -415,7 +418,7 @@ impl<C: Connector> DeviceTask<C> {
                 }
                 None => {}
             },
-            LinkEvent::Ended => self.fail(LinkFailure::Closed, "link closed by the device"),
+            LinkEvent::Ended => self.fail(LinkFailure::Closed, CLOSED_BY_DEVICE),
             LinkEvent::TimedOut => self.fail(
                 LinkFailure::Timeout,
                 &format!("no valid frame for {:?}", self.timing.read_timeout),
@@ -480,8 +483,8 @@ impl<C: Connector> DeviceTask<C> {
         }
         match end {
             None => {}
-            Some(None) => self.fail(LinkFailure::Closed, "link closed by the device"),
-            Some(Some(err)) => self.fail(LinkFailure::Io, &err.to_string()),
+            Some(End::Closed) => self.fail(LinkFailure::Closed, CLOSED_BY_DEVICE),
+            Some(End::Failed(err)) => self.fail(LinkFailure::Io, &err.to_string()),
         }
     }
 
@@ -725,7 +728,7 @@ async fn next_event<C: Connector>(
             match tokio::time::timeout_at(deadline, link.frames.next_chunk(CHUNK_MAX)).await {
                 Ok(Chunk {
                     frames,
-                    end: Some(None),
+                    end: Some(End::Closed),
                 }) if frames.is_empty() => LinkEvent::Ended,
                 Ok(chunk) => LinkEvent::Frames(chunk),
                 Err(_) => LinkEvent::TimedOut,
