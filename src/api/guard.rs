@@ -1,5 +1,5 @@
 //! The request guard: what tower-http does not do as well, in two parts that allocate
-//! nothing of their own per request: [`GuardService`] around every route (404s and 405s
+//! nothing of their own per request: [`GuardService`] around the whole router (404s and 405s
 //! included) and [`Access`] (CSRF, token, declared size) around each route's handlers.
 //!
 //! - **Load shedding with probes exempt**: a bound on requests in progress, refusing the
@@ -150,9 +150,9 @@ impl Guard {
 
     /// Lets the request in, holding a slot of the concurrency bound (none for a probe when
     /// every slot is taken), or says why not.
-    fn admit(&self, request: &Request) -> Result<Option<OwnedSemaphorePermit>, Refusal> {
+    fn admit(&self, path: &str) -> Result<Option<OwnedSemaphorePermit>, Refusal> {
         let permit = self.in_progress.clone().try_acquire_owned().ok();
-        if permit.is_none() && !is_probe(request.uri().path()) {
+        if permit.is_none() && !is_probe(path) {
             return Err(Refusal::Busy);
         }
         Ok(permit)
@@ -348,7 +348,7 @@ where
     }
 }
 
-/// The guard as a tower layer around every route (404s and 405s included).
+/// The guard as a tower layer around the router (404s and 405s included).
 ///
 /// A hand-written service rather than `axum::middleware::from_fn` plus tower-http's
 /// `CatchPanicLayer`: those clone the inner service into a box, box a future and box the
@@ -403,9 +403,9 @@ pub struct GuardService<S> {
     inner: S,
 }
 
-impl<S> Service<Request> for GuardService<S>
+impl<S, B> Service<axum::http::Request<B>> for GuardService<S>
 where
-    S: Service<Request, Response = Response, Error = Infallible>,
+    S: Service<axum::http::Request<B>, Response = Response, Error = Infallible>,
 {
     type Response = Response;
     type Error = Infallible;
@@ -415,12 +415,12 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request) -> Self::Future {
-        let request_id = super::layers::request_id(request.headers_mut(), &self.ids);
-        let route = super::route_label(&request);
-        let span = super::layers::request_span(&request, route, &request_id);
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let request_id = super::layers::request_id(request.headers(), &self.ids);
+        let route = super::route_label(request.uri().path());
+        let span = super::layers::request_span(request.method(), route, &request_id);
         let _entered = span.enter();
-        super::layers::log_request(&request);
+        super::layers::log_request(request.headers());
         let record = Record {
             started: Instant::now(),
             method: request.method().clone(),
@@ -428,7 +428,7 @@ where
             request_id: Some(request_id),
         };
         let guard = self.guard.load();
-        let state = match guard.admit(&request) {
+        let state = match guard.admit(request.uri().path()) {
             Err(refusal) => Stage::Answer {
                 response: Some(refusal.into_response()),
             },

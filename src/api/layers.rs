@@ -31,8 +31,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::body::Bytes;
-use axum::extract::Request;
-use axum::http::{Extensions, HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
+use axum::http::{
+    Extensions, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header,
+};
 use tower_http::compression::CompressionLayer;
 use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
 use tracing::Span;
@@ -61,8 +62,13 @@ fn acceptable_request_id(value: &HeaderValue) -> bool {
 
 /// The request's id: the client's `x-request-id` if it sent exactly one and that one is
 /// [acceptable](acceptable_request_id), else a new one from `ids`, which replaces whatever the
-/// client sent. The request carries its id in its headers from then on.
-pub fn request_id(headers: &mut HeaderMap, ids: &RequestIds) -> HeaderValue {
+/// client sent everywhere the id goes (span, logs, error bodies, the response).
+///
+/// The request's own headers are left as they came: no handler reads the id from there (the
+/// guard hands it to everything that needs it), and writing it in would cost a header-map
+/// insert per request, a tenth of the difference between `GET /status` and a bare axum
+/// handler (callgrind, docs/PERFORMANCE.md).
+pub fn request_id(headers: &HeaderMap, ids: &RequestIds) -> HeaderValue {
     let mut sent = headers.get_all(REQUEST_ID).iter();
     // Several: which one would the logs show?
     if let (Some(id), None) = (sent.next(), sent.next())
@@ -70,9 +76,7 @@ pub fn request_id(headers: &mut HeaderMap, ids: &RequestIds) -> HeaderValue {
     {
         return id.clone();
     }
-    let id = ids.make();
-    headers.insert(REQUEST_ID, id.clone());
-    id
+    ids.make()
 }
 
 /// Makes request ids for requests that come without one: a prefix random per process (so ids
@@ -149,10 +153,10 @@ fn write_hex(value: u64, out: &mut [u8]) {
 /// At `info`, so that with the default log level every event logged while serving a request
 /// (a 5xx's "Request failed.", say) carries the request id. Below that level it is disabled
 /// and costs a level check (the fields are only computed for an enabled span).
-pub fn request_span(request: &Request, route: &'static str, request_id: &HeaderValue) -> Span {
+pub fn request_span(method: &Method, route: &'static str, request_id: &HeaderValue) -> Span {
     tracing::info_span!(
         "request",
-        method = %request.method(),
+        method = %method,
         route,
         request_id = request_id.to_str().unwrap_or(""),
     )
@@ -160,8 +164,8 @@ pub fn request_span(request: &Request, route: &'static str, request_id: &HeaderV
 
 /// Logs a request's arrival with its headers, at `debug`: `Authorization` shows as
 /// `Sensitive` (see [`SENSITIVE_HEADERS`]).
-pub fn log_request(request: &Request) {
-    tracing::debug!(headers = ?request.headers(), "Request started.");
+pub fn log_request(headers: &HeaderMap) {
+    tracing::debug!(headers = ?headers, "Request started.");
 }
 
 /// The compression layer of the large responses: gzip or zstd as the client accepts, above
@@ -223,9 +227,7 @@ mod tests {
             for value in values {
                 headers.append(REQUEST_ID, HeaderValue::from_str(value).expect("a value"));
             }
-            let id = request_id(&mut headers, &ids);
-            let on_request: Vec<_> = headers.get_all(REQUEST_ID).iter().collect();
-            assert_eq!(on_request, [&id], "the request carries its one id");
+            let id = request_id(&headers, &ids);
             id.to_str().expect("ASCII").to_owned()
         };
         assert_eq!(with(&["client-7"]), "client-7");

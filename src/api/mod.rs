@@ -24,20 +24,19 @@ mod reload;
 mod server;
 mod status;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request};
 use axum::http::{Method, Uri};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
-use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::sensitive_headers::{SetSensitiveRequestHeaders, SetSensitiveRequestHeadersLayer};
 
 pub use self::error::ApiError;
-pub use self::guard::Guard;
+pub use self::guard::{Guard, GuardService};
 pub use self::ingest::IngestLimits;
 pub use self::server::{serve, serve_live};
 use crate::buffer::RingBuffer;
@@ -111,18 +110,41 @@ const ROUTES: [&str; 19] = [
     "/readyz",
 ];
 
-/// The route label for a matched path: a static string, so recording a request allocates
-/// nothing, and an unknown path can never become a label.
-fn route_label(request: &Request) -> &'static str {
-    request
-        .extensions()
-        .get::<MatchedPath>()
-        .and_then(|matched| ROUTES.iter().find(|r| **r == matched.as_str()))
-        .copied()
-        .unwrap_or("unmatched")
+/// The route label of a request path: the route pattern it matches (what axum's router
+/// matches it to, by the same `matchit` rules), else `"unmatched"`. A static string, so
+/// recording a request allocates nothing, and an unknown path can never become a label.
+///
+/// Computed from the path rather than read from axum's `MatchedPath`, because the guard runs
+/// outside the router (see [`router`]).
+fn route_label(path: &str) -> &'static str {
+    static PATTERNS: LazyLock<matchit::Router<&'static str>> = LazyLock::new(|| {
+        let mut patterns = matchit::Router::new();
+        for route in ROUTES {
+            patterns
+                .insert(route, route)
+                .expect("the route patterns are valid and distinct");
+        }
+        patterns
+    });
+    // Most requests are for a route without parameters: a comparison finds those.
+    if let Some(route) = ROUTES.iter().find(|r| **r == path) {
+        return route;
+    }
+    PATTERNS
+        .at(path)
+        .map_or("unmatched", |matched| *matched.value)
 }
 
+/// The API as hyper serves it: the routes behind the guard, behind `Authorization` marked
+/// sensitive.
+pub type Api = SetSensitiveRequestHeaders<GuardService<Router>>;
+
 /// The API's routes, behind the request guard and body limit.
+///
+/// The guard and the sensitive-headers layer wrap the router as a whole, not each route
+/// (`Router::layer`): a layered route is boxed again inside the router and cloned, with its
+/// future boxed, on every request, about 1,300 instructions of a `GET /status` (callgrind,
+/// docs/PERFORMANCE.md). The guard then labels requests from their path ([`route_label`]).
 ///
 /// Each route's handlers go through `access.check`, which puts the guard's access check on them
 /// (see [`guard::Access`]); a route added without it fails the test that sends every
@@ -131,11 +153,11 @@ fn route_label(request: &Request) -> &'static str {
 ///
 /// The body limit is the guard's (see [`Guard`]), which also disables axum's own default limit
 /// on the requests that have a body.
-pub fn router(state: AppState, guard: Arc<Swap<Guard>>) -> Router {
+pub fn router(state: AppState, guard: Arc<Swap<Guard>>) -> Api {
     let status_cache = Arc::new(status::StatusCache::default());
     let document = Arc::new(openapi::Document::new(guard.clone()));
     let access = guard::Access::new(guard.clone());
-    Router::new()
+    let routes = Router::new()
         .route("/", get(access.check(live::page)))
         .route("/events", get(access.check(live::events)))
         .route(
@@ -181,16 +203,13 @@ pub fn router(state: AppState, guard: Arc<Swap<Guard>>) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // One `layer` call for the whole stack: axum boxes the service and its future once
-        // per `layer` call, on every request.
-        .layer(
-            ServiceBuilder::new()
-                .layer(SetSensitiveRequestHeadersLayer::new(
-                    layers::SENSITIVE_HEADERS,
-                ))
-                .layer(guard::GuardLayer::new(guard)),
-        )
-        .with_state(Arc::new(state))
+        .with_state(Arc::new(state));
+    ServiceBuilder::new()
+        .layer(SetSensitiveRequestHeadersLayer::new(
+            layers::SENSITIVE_HEADERS,
+        ))
+        .layer(guard::GuardLayer::new(guard))
+        .service(routes)
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -199,4 +218,71 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
 
 async fn method_not_allowed(method: Method) -> ApiError {
     ApiError::MethodNotAllowed(method.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::{Body, to_bytes};
+    use axum::extract::MatchedPath;
+    use axum::http::Request;
+    use axum::routing::any;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// The guard's label of a path is the pattern axum's router matches it to.
+    #[tokio::test]
+    async fn a_paths_label_is_the_route_axum_matches_it_to() {
+        let matched = ROUTES
+            .iter()
+            .fold(Router::new(), |router, route| {
+                router.route(
+                    route,
+                    any(|path: MatchedPath| async move { path.as_str().to_owned() }),
+                )
+            })
+            .fallback(|| async { "unmatched" });
+        let paths = [
+            "/",
+            "/status",
+            "/metrics",
+            "/samples",
+            "/-/reload",
+            "/openapi.json",
+            "/devices",
+            "/devices/sim0",
+            "/devices/a%20b/start",
+            "/devices/x/stop",
+            "/devices/x/reset",
+            "/devices/x/command",
+            "/devices/",
+            "/devices//start",
+            "/devices/x/y",
+            "/status/",
+            "/Status",
+            "/nope",
+            "/devices/x/start/more",
+            "/healthz",
+            "/readyz",
+            "/events",
+            "/uplink",
+            "/start",
+            "/stop",
+            "/reset",
+        ];
+        for path in paths {
+            let request = Request::get(path).body(Body::empty()).unwrap();
+            let response = matched.clone().oneshot(request).await.unwrap();
+            let body = to_bytes(response.into_body(), 1024).await.unwrap();
+            assert_eq!(
+                route_label(path),
+                std::str::from_utf8(&body).unwrap(),
+                "{path}"
+            );
+        }
+        for route in ROUTES {
+            let concrete = route.replace("{id}", "dev-1");
+            assert_eq!(route_label(&concrete), route, "{concrete}");
+        }
+    }
 }

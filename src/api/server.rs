@@ -12,7 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
+use std::convert::Infallible;
+
+use axum::http::Request;
+use axum::response::Response;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -20,15 +24,36 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::Service;
 use tracing::{debug, warn};
 
 /// How long to wait before accepting again after an accept error (e.g. out of descriptors).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
+/// What the server loop can serve: the API ([`super::Api`]), or a bare `Router` (the
+/// benchmarks' baseline).
+pub trait Serve:
+    Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> Serve for S where
+    S: Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Serves `router` until `cancel`, then waits for the requests in flight to finish.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    router: impl Serve,
     header_read_timeout: Duration,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -41,7 +66,7 @@ pub async fn serve(
 /// `header_read_timeout` holds when it is accepted (a live reload may change it).
 pub async fn serve_live(
     listener: TcpListener,
-    router: Router,
+    router: impl Serve,
     header_read_timeout: watch::Receiver<Duration>,
     tracker: TaskTracker,
     cancel: CancellationToken,
