@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
@@ -114,14 +114,14 @@ pub(super) async fn status(
     State(state): State<Arc<AppState>>,
     cache: Arc<StatusCache>,
 ) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        cache.json(status_body(&state)),
-    )
-        .into_response()
+    // Built directly: `([(CONTENT_TYPE, ..)], bytes).into_response()` inserts a content type
+    // for the bytes and then replaces it, two header-map inserts where one will do.
+    let mut response = Response::new(Body::from(cache.json(status_body(&state))));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// What `GET /status` shows, gathered now.
