@@ -126,7 +126,7 @@ enum Cmd {
         #[arg(long, default_value_t = 65_536, value_parser = at_least_one::<usize>)]
         capacity: usize,
         /// Samples per worker batch.
-        #[arg(long, default_value_t = 1024, value_parser = at_least_one::<usize>)]
+        #[arg(long, default_value_t = 4096, value_parser = at_least_one::<usize>)]
         batch_max: usize,
         /// Worker permits (default: one per CPU).
         #[arg(long, value_parser = at_least_one::<usize>)]

@@ -137,7 +137,7 @@ impl PipelineSettings {
 }
 
 fn default_batch_max() -> usize {
-    256
+    4096
 }
 fn default_history() -> usize {
     1000
