@@ -66,8 +66,7 @@ fn acceptable_request_id(value: &HeaderValue) -> bool {
 ///
 /// The request's own headers are left as they came: no handler reads the id from there (the
 /// guard hands it to everything that needs it), and writing it in would cost a header-map
-/// insert per request, a tenth of the difference between `GET /status` and a bare axum
-/// handler (callgrind, docs/PERFORMANCE.md).
+/// insert per request.
 pub fn request_id(headers: &HeaderMap, ids: &RequestIds) -> HeaderValue {
     let mut sent = headers.get_all(REQUEST_ID).iter();
     // Several: which one would the logs show?
@@ -115,8 +114,9 @@ impl RequestIds {
         let digits = digits.format(n).as_bytes();
         id.bytes[17..17 + digits.len()].copy_from_slice(digits);
         id.len = 17 + digits.len();
-        // One allocation, shared by the copies on the request and the response (bytes from a
-        // slice would be copied into a buffer that the first clone allocates again to share).
+        // One allocation, shared by its copies in the guard's record and on the response
+        // (bytes from a slice would be copied into a buffer that the first clone allocates
+        // again to share).
         HeaderValue::from_maybe_shared(Bytes::from_owner(id))
             .expect("hex digits, a dash and decimal digits are valid in a header")
     }

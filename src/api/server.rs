@@ -8,11 +8,10 @@
 //! connection as busy until its first request is complete, so alone it would wait for a
 //! half-sent request until the header-read timeout.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-
-use std::convert::Infallible;
 
 use axum::http::Request;
 use axum::response::Response;
