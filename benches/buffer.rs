@@ -24,10 +24,9 @@ use criterion::{
     BatchSize, BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main,
 };
 use futures_util::FutureExt;
-use smol_str::SmolStr;
 use telemetryhub::buffer::{OverflowPolicy, RingBuffer};
 use telemetryhub::ledger::Source;
-use telemetryhub::sample::Sample;
+use telemetryhub::sample::{Labels, Sample};
 
 /// Frames the device task pushes at most at once (`CHUNK_MAX` in `src/device/mod.rs`).
 const DEVICE_BATCH: usize = 256;
@@ -44,13 +43,12 @@ const POLICIES: [(OverflowPolicy, &str); 3] = [
 
 fn samples(n: usize) -> Vec<Sample> {
     let (timestamp, received) = (SystemTime::now(), Instant::now());
+    let labels = Labels::new("bench0", "arb.units", "value");
     (0..n)
         .map(|i| Sample {
-            device: SmolStr::new_static("bench0"),
+            labels: labels.clone(),
             seq: Some(i as u32),
             value: 42.0 + i as f64 * 1e-3,
-            unit: SmolStr::new_static("arb.units"),
-            channel: SmolStr::new_static("value"),
             timestamp,
             received,
             order: 0,

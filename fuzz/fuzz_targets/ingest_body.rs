@@ -25,9 +25,9 @@ fuzz_target!(|data: &[u8]| {
         Ok(samples) => {
             assert!(samples.len() <= MAX_SAMPLES);
             for sample in &samples {
-                assert!(known(&sample.device), "{sample:?}");
-                assert!(valid_unit(sample.unit.as_bytes()), "{sample:?}");
-                assert!(valid_channel(sample.channel.as_bytes()), "{sample:?}");
+                assert!(known(&sample.labels.device), "{sample:?}");
+                assert!(valid_unit(sample.labels.unit.as_bytes()), "{sample:?}");
+                assert!(valid_channel(sample.labels.channel.as_bytes()), "{sample:?}");
                 let shown = format_rfc3339(sample.timestamp);
                 assert!(shown.ends_with('Z'), "{shown}");
             }

@@ -28,7 +28,7 @@ use super::{ApiError, AppState};
 use crate::buffer::PushError;
 use crate::device::codec::{valid_channel, valid_unit};
 use crate::ledger::Source;
-use crate::sample::Sample;
+use crate::sample::{LabelCache, Labels, Sample};
 use crate::uplink::stage::SpoolStage;
 
 /// One sample as a client posts it.
@@ -229,13 +229,74 @@ fn parse_items(body: &[u8]) -> Result<Vec<WireSample<'_>>, ApiError> {
     Ok(items.into_iter().map(WireSample::from).collect())
 }
 
-/// The last device and unit seen in a batch with the `SmolStr`s made for them: a batch
-/// usually names one device and few units, so each is looked up, validated and allocated once
-/// per run of equal values instead of once per sample.
+/// The last device and unit seen in a batch with the `SmolStr`s made for them, and the labels
+/// its samples share: a batch usually names one device and few units, so each is looked up,
+/// validated and allocated once per run of equal values instead of once per sample.
 #[derive(Default)]
 struct Interned {
     device: Option<(SmolStr, SmolStr)>,
     unit: Option<SmolStr>,
+    labels: LabelCache,
+    /// The labels of the last sample: its device and unit are the two above.
+    last: Option<Arc<Labels>>,
+}
+
+impl Interned {
+    /// The labels of the last sample, if `item` has the same (so nothing needs checking).
+    fn same_as_last(&self, item: &WireSample<'_>) -> Option<Arc<Labels>> {
+        let last = self.last.as_ref()?;
+        let (_, default) = self.device.as_ref()?;
+        let channel = item.channel.as_deref().unwrap_or(default);
+        (last.device == *item.device && last.unit == *item.unit && last.channel == channel)
+            .then(|| last.clone())
+    }
+
+    /// Checks `item`'s device, unit and channel; its labels, which become the last ones.
+    fn check(
+        &mut self,
+        item: &WireSample<'_>,
+        default_channel: impl Fn(&str) -> Option<SmolStr>,
+        bad: impl Fn(&str, String) -> ApiError,
+    ) -> Result<Arc<Labels>, ApiError> {
+        let (device, default) = match &self.device {
+            Some((id, channel)) if id.as_str() == item.device => (id.clone(), channel.clone()),
+            _ => {
+                let Some(channel) = default_channel(&item.device) else {
+                    return Err(bad("device", format!("unknown device `{}`", item.device)));
+                };
+                let id = SmolStr::new(&item.device);
+                self.device = Some((id.clone(), channel.clone()));
+                (id, channel)
+            }
+        };
+        let unit = match &self.unit {
+            Some(unit) if unit.as_str() == item.unit => unit.clone(),
+            _ => {
+                if !valid_unit(item.unit.as_bytes()) {
+                    return Err(bad(
+                        "unit",
+                        "must be 1-16 characters of A-Z a-z 0-9 . _ / % -".to_owned(),
+                    ));
+                }
+                let unit = SmolStr::new(&item.unit);
+                self.unit = Some(unit.clone());
+                unit
+            }
+        };
+        let channel = match item.channel.as_deref() {
+            None => default.as_str(),
+            Some(channel) if valid_channel(channel.as_bytes()) => channel,
+            Some(_) => {
+                return Err(bad(
+                    "channel",
+                    "must be 1-32 characters of A-Z a-z 0-9 _ . -".to_owned(),
+                ));
+            }
+        };
+        let labels = self.labels.get(&device, &unit, channel);
+        self.last = Some(labels.clone());
+        Ok(labels)
+    }
 }
 
 /// Parses and validates a request body into samples stamped `received`; the error names the
@@ -258,40 +319,9 @@ pub fn parse_body(
     for (i, item) in items.into_iter().enumerate() {
         let bad =
             |field: &str, why: String| ApiError::BadRequest(format!("samples[{i}].{field}: {why}"));
-        let (device, default) = match &seen.device {
-            Some((id, channel)) if id.as_str() == item.device => (id.clone(), channel.clone()),
-            _ => {
-                let Some(channel) = default_channel(&item.device) else {
-                    return Err(bad("device", format!("unknown device `{}`", item.device)));
-                };
-                let id = SmolStr::new(&item.device);
-                seen.device = Some((id.clone(), channel.clone()));
-                (id, channel)
-            }
-        };
-        let unit = match &seen.unit {
-            Some(unit) if unit.as_str() == item.unit => unit.clone(),
-            _ => {
-                if !valid_unit(item.unit.as_bytes()) {
-                    return Err(bad(
-                        "unit",
-                        "must be 1-16 characters of A-Z a-z 0-9 . _ / % -".to_owned(),
-                    ));
-                }
-                let unit = SmolStr::new(&item.unit);
-                seen.unit = Some(unit.clone());
-                unit
-            }
-        };
-        let channel = match item.channel {
-            None => default,
-            Some(channel) if valid_channel(channel.as_bytes()) => SmolStr::new(channel),
-            Some(_) => {
-                return Err(bad(
-                    "channel",
-                    "must be 1-32 characters of A-Z a-z 0-9 _ . -".to_owned(),
-                ));
-            }
+        let labels = match seen.same_as_last(&item) {
+            Some(labels) => labels,
+            None => seen.check(&item, &default_channel, bad)?,
         };
         let timestamp = match &item.timestamp {
             None => received.0,
@@ -299,11 +329,9 @@ pub fn parse_body(
                 .ok_or_else(|| bad("timestamp", "must be an RFC 3339 time".to_owned()))?,
         };
         samples.push(Sample {
-            device,
+            labels,
             seq: item.seq,
             value: item.value,
-            unit,
-            channel,
             timestamp,
             received: received.1,
             order: 0,
@@ -536,7 +564,10 @@ mod tests {
         .unwrap();
         assert_eq!(samples.len(), 2);
         assert_eq!((samples[1].seq, samples[1].value), (Some(7), -2.0));
-        assert_eq!(samples[0].channel, "level", "the device's default channel");
+        assert_eq!(
+            samples[0].labels.channel, "level",
+            "the device's default channel"
+        );
         // JSON has one number type: a whole float is an integer, as JSON Schema says.
         let whole = parse(
             r#"[{"device":"sim0","value":1,"unit":"V","seq":37500.0},
@@ -628,7 +659,7 @@ mod tests {
                 {"device":"sim0","value":2,"unit":"V"}]"#,
         )
         .unwrap();
-        let channels: Vec<_> = samples.iter().map(|s| s.channel.as_str()).collect();
+        let channels: Vec<_> = samples.iter().map(|s| s.labels.channel.as_str()).collect();
         assert_eq!(channels, ["rail_5v.max", "level"]);
         let long = "c".repeat(33);
         let err = parse(&format!(
@@ -657,7 +688,13 @@ mod tests {
         .unwrap();
         let got: Vec<_> = samples
             .iter()
-            .map(|s| (s.device.as_str(), s.unit.as_str(), s.channel.as_str()))
+            .map(|s| {
+                (
+                    s.labels.device.as_str(),
+                    s.labels.unit.as_str(),
+                    s.labels.channel.as_str(),
+                )
+            })
             .collect();
         assert_eq!(
             got,

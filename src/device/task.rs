@@ -33,7 +33,7 @@ use super::{
 use crate::buffer::RingBuffer;
 use crate::config::{DataType, DeviceSettings};
 use crate::ledger::{DropReason, Source};
-use crate::sample::Sample;
+use crate::sample::{LabelCache, Sample};
 
 /// Most frames decoded into one push to the buffer.
 const CHUNK_MAX: usize = 256;
@@ -144,6 +144,8 @@ pub struct DeviceTask<C: Connector> {
     id: SmolStr,
     /// The channel of samples whose frames name none.
     channel: SmolStr,
+    /// The labels its samples share.
+    labels: LabelCache,
     timing: Timing,
     autostart: bool,
     connector: C,
@@ -205,6 +207,7 @@ impl<C: Connector> DeviceTask<C> {
         let task = Self {
             id,
             channel,
+            labels: LabelCache::default(),
             timing: Timing {
                 configured_interval: settings.interval(),
                 explicit_read_timeout,
@@ -450,12 +453,11 @@ impl<C: Connector> DeviceTask<C> {
                 Frame::Sample(raw) => {
                     gaps += seq_gap(self.last_seq, raw.seq);
                     self.last_seq = Some(raw.seq);
+                    let channel = raw.channel.as_deref().unwrap_or(&self.channel);
                     samples.push_back(Sample {
-                        device: self.id.clone(),
+                        labels: self.labels.get(&self.id, &raw.unit, channel),
                         seq: Some(raw.seq),
                         value: raw.value,
-                        unit: raw.unit,
-                        channel: raw.channel.unwrap_or_else(|| self.channel.clone()),
                         timestamp,
                         received,
                         order: 0,

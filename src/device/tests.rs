@@ -349,7 +349,14 @@ async fn start_connects_and_frames_become_samples_in_the_buffer() {
     let samples = dev.samples(3).await;
     let got: Vec<_> = samples
         .iter()
-        .map(|s| (s.device.as_str(), s.seq, s.value, s.unit.as_str()))
+        .map(|s| {
+            (
+                s.labels.device.as_str(),
+                s.seq,
+                s.value,
+                s.labels.unit.as_str(),
+            )
+        })
         .collect();
     assert_eq!(
         got,

@@ -381,7 +381,7 @@ mod tests {
     /// A sample of `device`, as if it had waited in the buffer.
     fn queued(device: &'static str) -> crate::sample::Sample {
         crate::sample::Sample {
-            device: smol_str::SmolStr::new_static(device),
+            labels: crate::sample::Labels::new(device, "arb.units", crate::sample::DEFAULT_CHANNEL),
             ..crate::sample::Sample::test(1, 2.0)
         }
     }

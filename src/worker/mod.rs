@@ -248,12 +248,12 @@ impl Worker {
         // run and read the clock once, when the batch's samples are all processed.
         let mut arrivals: Vec<(Instant, u64)> = Vec::new();
         for (i, sample) in batch.into_iter().enumerate() {
-            let range = ranges.get(&sample.unit, |unit| tables.ranges.get(unit).copied());
+            let range = ranges.get(&sample.labels.unit, |unit| tables.ranges.get(unit).copied());
             if let Err(reason) = check(sample.value, range.as_ref()) {
                 outcome.rejected.add(reason, 1);
                 continue;
             }
-            let cal = calibrations.get(&sample.device, |device| {
+            let cal = calibrations.get(&sample.labels.device, |device| {
                 tables
                     .calibration
                     .get(device)
@@ -273,17 +273,21 @@ impl Worker {
                 _ => arrivals.push((sample.received, 1)),
             }
             outcome.processed += 1;
+            let (keep, all) = (i >= keep_from, all.as_deref_mut());
+            if !keep && all.is_none() {
+                continue;
+            }
             let processed = ProcessedSample {
                 seq: sample.seq,
                 value,
-                unit: sample.unit,
-                device: sample.device,
-                channel: sample.channel,
+                unit: sample.labels.unit.clone(),
+                device: sample.labels.device.clone(),
+                channel: sample.labels.channel.clone(),
                 timestamp: sample.timestamp,
                 order: sample.order,
             };
             // Moved into the one place that keeps it; cloned only when both do.
-            match (all.as_deref_mut(), i >= keep_from) {
+            match (all, keep) {
                 (Some(all), true) => {
                     kept.push(processed.clone());
                     all.push(processed);
@@ -374,6 +378,7 @@ impl Worker {
 mod tests {
     use super::*;
     use crate::config::Settings;
+    use crate::sample::{DEFAULT_CHANNEL, Labels};
 
     fn worker(history: usize) -> Worker {
         let settings = Settings::default();
@@ -527,7 +532,7 @@ mod tests {
         other.scale = 10.0;
         worker.reconfigure(&processing, &[other]);
         let mut from_other = Sample::test(1, 0.5);
-        from_other.device = "other".into();
+        from_other.labels = Labels::new("other", "arb.units", DEFAULT_CHANNEL);
         // "test" is gone from the config but keeps scale 2, offset 1; 5.0 is now out of range.
         let outcome = worker.process(vec![Sample::test(0, 0.5), from_other, Sample::test(2, 5.0)]);
         assert_eq!(outcome.processed, 2, "{outcome:?}");

@@ -5,12 +5,13 @@
 //! [`StatsStore`] once per batch; the API reads one device's [`DeviceStats`] from it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use serde::Serialize;
 use smol_str::SmolStr;
 
 use crate::ledger::Source;
-use crate::sample::Sample;
+use crate::sample::{Labels, Sample};
 
 /// Series kept per device. Units come from HTTP clients, which must not grow the gateway's
 /// memory without bound: samples of further series are processed, but only counted
@@ -97,14 +98,10 @@ pub struct Series {
 impl Series {
     fn of(sample: &Sample) -> Self {
         Self {
-            channel: sample.channel.clone(),
-            unit: sample.unit.clone(),
+            channel: sample.labels.channel.clone(),
+            unit: sample.labels.unit.clone(),
             source: sample.source,
         }
-    }
-
-    fn matches(&self, sample: &Sample) -> bool {
-        self.channel == sample.channel && self.unit == sample.unit && self.source == sample.source
     }
 }
 
@@ -142,32 +139,35 @@ pub(super) struct BatchStats {
     /// channel and unit, so this is only consulted when the run changes, and a batch of many units
     /// (HTTP clients choose them) costs a hash per sample, not a scan of every entry.
     index: HashMap<(SmolStr, Series), usize>,
-    /// The entry of the current run.
-    last: usize,
+    /// The current run: its samples' shared labels and source, and its entry. A sample with
+    /// the same labels (the same `Arc`) needs no comparison of strings.
+    last: Option<(Arc<Labels>, Source, usize)>,
 }
 
 impl BatchStats {
     /// Folds in one processed sample's calibrated `value`.
     pub(super) fn add(&mut self, sample: &Sample, value: f64) {
-        if let Some((device, series, stats)) = self.entries.get_mut(self.last)
-            && *device == sample.device
-            && series.matches(sample)
+        if let Some((labels, source, i)) = &self.last
+            && Arc::ptr_eq(labels, &sample.labels)
+            && *source == sample.source
         {
-            stats.update(value);
+            self.entries[*i].2.update(value);
             return;
         }
-        let key = (sample.device.clone(), Series::of(sample));
-        match self.index.get(&key) {
+        let key = (sample.labels.device.clone(), Series::of(sample));
+        let i = match self.index.get(&key) {
             Some(&i) => {
-                self.last = i;
                 self.entries[i].2.update(value);
+                i
             }
             None => {
-                self.last = self.entries.len();
-                self.index.insert(key.clone(), self.last);
+                let i = self.entries.len();
+                self.index.insert(key.clone(), i);
                 self.entries.push((key.0, key.1, RollingStats::new(value)));
+                i
             }
-        }
+        };
+        self.last = Some((sample.labels.clone(), sample.source, i));
     }
 }
 
@@ -267,11 +267,11 @@ impl StatsStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sample::DEFAULT_CHANNEL;
 
     fn sample(device: &str, unit: &str, source: Source) -> Sample {
         Sample {
-            device: device.into(),
-            unit: unit.into(),
+            labels: Labels::new(device, unit, DEFAULT_CHANNEL),
             source,
             ..Sample::test(0, 0.0)
         }
@@ -279,9 +279,36 @@ mod tests {
 
     fn on_channel(channel: &str, unit: &str) -> Sample {
         Sample {
-            channel: channel.into(),
-            ..sample("a", unit, Source::Device)
+            labels: Labels::new("a", unit, channel),
+            ..Sample::test(0, 0.0)
         }
+    }
+
+    #[test]
+    fn samples_sharing_labels_are_still_kept_apart_by_source() {
+        let mut batch = BatchStats::default();
+        let link = sample("a", "V", Source::Device);
+        let posted = Sample {
+            source: Source::Ingest,
+            ..link.clone()
+        };
+        for (s, v) in [(&link, 1.0), (&posted, 10.0), (&link, 3.0), (&posted, 20.0)] {
+            batch.add(s, v);
+        }
+        batch.add(&sample("a", "V", Source::Device), 5.0);
+        let mut store = StatsStore::default();
+        store.merge(batch);
+        let means: Vec<_> = store
+            .device("a")
+            .series
+            .iter()
+            .map(|s| (s.series.source, s.stats.count, s.stats.mean))
+            .collect();
+        assert_eq!(
+            means,
+            [(Source::Device, 3, 3.0), (Source::Ingest, 2, 15.0)],
+            "equal labels in another Arc join the same series"
+        );
     }
 
     #[test]

@@ -165,7 +165,7 @@ async fn every_channel_decodes(kind: DeviceKind) {
     let samples = dev.take(8).await;
     let got: Vec<(&str, f64, &str)> = samples
         .iter()
-        .map(|s| (s.channel.as_str(), s.value, s.unit.as_str()))
+        .map(|s| (s.labels.channel.as_str(), s.value, s.labels.unit.as_str()))
         .collect();
     assert_eq!(
         got,
@@ -180,7 +180,11 @@ async fn every_channel_decodes(kind: DeviceKind) {
             ("sp", -7.0, "arb.units"),
         ]
     );
-    assert!(samples.iter().all(|s| s.device == "m" && s.seq.is_none()));
+    assert!(
+        samples
+            .iter()
+            .all(|s| s.labels.device == "m" && s.seq.is_none())
+    );
     // The planner: holding 20..22, input 0..14, coil 3: three round trips for eight channels.
     assert_eq!(sim.requests(), 3);
     assert_eq!(dev.handle.state(), DeviceState::Measuring);
@@ -347,7 +351,7 @@ async fn writes_reach_writable_registers_only() {
         samples
             .iter()
             .rev()
-            .find(|s| s.channel == channel)
+            .find(|s| s.labels.channel == channel)
             .unwrap()
             .value
     };

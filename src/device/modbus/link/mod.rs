@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use smol_str::SmolStr;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_modbus::client::{Client, Context};
@@ -26,7 +25,7 @@ use super::plan::{ReadBlock, plan};
 use crate::config::{DataType, DeviceKind, DeviceSettings, RegisterSettings, Table};
 use crate::device::Connector;
 use crate::ledger::Source;
-use crate::sample::Sample;
+use crate::sample::{Labels, Sample};
 
 mod transport;
 
@@ -35,14 +34,14 @@ use self::transport::{Closed, Seen, Transport};
 /// A device's register map and polling, from its settings.
 #[derive(Debug)]
 pub struct ModbusMap {
-    device: SmolStr,
     rtu: bool,
     unit_id: u8,
     /// The registers, in configuration order.
     pub registers: Vec<RegisterSettings>,
     /// The requests one poll makes.
     pub blocks: Vec<ReadBlock>,
-    channels: Vec<(SmolStr, SmolStr)>,
+    /// The labels of each register's samples, in configuration order.
+    channels: Vec<Arc<Labels>>,
     timeout: Duration,
     retries: u32,
     interval: Duration,
@@ -55,14 +54,13 @@ impl ModbusMap {
             return None;
         }
         Some(Arc::new(Self {
-            device: SmolStr::new(&settings.id),
             rtu: settings.kind == DeviceKind::ModbusRtu,
             unit_id: settings.modbus_unit_id(),
             blocks: plan(&settings.registers),
             channels: settings
                 .registers
                 .iter()
-                .map(|r| (SmolStr::new(&r.channel), SmolStr::new(&r.unit)))
+                .map(|r| Labels::new(&settings.id, &r.unit, &r.channel))
                 .collect(),
             registers: settings.registers.clone(),
             timeout: settings.modbus_timeout(),
@@ -207,12 +205,10 @@ impl ModbusLink {
         Ok(values
             .into_iter()
             .zip(&map.channels)
-            .map(|(value, (channel, unit))| Sample {
-                device: map.device.clone(),
+            .map(|(value, labels)| Sample {
+                labels: labels.clone(),
                 seq: None,
                 value,
-                unit: unit.clone(),
-                channel: channel.clone(),
                 timestamp,
                 received,
                 order: 0,
