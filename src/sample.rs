@@ -125,34 +125,61 @@ impl Sample {
     }
 }
 
-/// A processed sample as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+/// A processed sample, as the worker keeps it in the history and hands it to the uplink.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProcessedSample {
     /// The device's sequence number, if any.
     pub seq: Option<u32>,
     /// The calibrated value.
     pub value: f64,
-    /// Unit token.
-    #[schema(value_type = String)]
-    pub unit: SmolStr,
-    /// Device id.
-    #[schema(value_type = String)]
-    pub device: SmolStr,
-    /// The quantity measured.
-    #[schema(value_type = String)]
-    pub channel: SmolStr,
-    /// Receive time, RFC 3339 UTC.
-    #[serde(serialize_with = "rfc3339")]
-    #[schema(value_type = String, format = DateTime)]
+    /// Its device, unit and channel: the sample's own, moved or shared, never copied.
+    pub labels: Arc<Labels>,
+    /// Receive time.
     pub timestamp: SystemTime,
     /// Arrival order in the buffer (not shown).
-    #[serde(skip)]
     pub order: u64,
 }
 
-fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    Rfc3339::new(*t).serialize(s)
+/// A processed sample as the API shows it.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ProcessedSample)]
+struct ProcessedSampleJson<'a> {
+    /// The device's sequence number, if any.
+    seq: Option<u32>,
+    /// The calibrated value.
+    value: f64,
+    /// Unit token.
+    unit: &'a str,
+    /// Device id.
+    device: &'a str,
+    /// The quantity measured.
+    channel: &'a str,
+    /// Receive time, RFC 3339 UTC.
+    #[schema(value_type = String, format = DateTime)]
+    timestamp: Rfc3339,
 }
+
+impl Serialize for ProcessedSample {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        ProcessedSampleJson {
+            seq: self.seq,
+            value: self.value,
+            unit: &self.labels.unit,
+            device: &self.labels.device,
+            channel: &self.labels.channel,
+            timestamp: Rfc3339::new(self.timestamp),
+        }
+        .serialize(s)
+    }
+}
+
+impl utoipa::PartialSchema for ProcessedSample {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        <ProcessedSampleJson as utoipa::PartialSchema>::schema()
+    }
+}
+
+impl utoipa::ToSchema for ProcessedSample {}
 
 /// A wall-clock time as RFC 3339 UTC with milliseconds, e.g. `2026-11-26T23:10:00.123Z`,
 /// formatted into a buffer of its own: serialising one allocates nothing, which matters for

@@ -112,9 +112,9 @@ fn json_batch(gateway: &str, device: &str, samples: &[ProcessedSample], out: &mu
         out.extend_from_slice(b",\"value\":");
         json_value(&sample.value, out);
         out.extend_from_slice(b",\"unit\":");
-        json_str(&sample.unit, out);
+        json_str(&sample.labels.unit, out);
         out.extend_from_slice(b",\"channel\":");
-        json_str(&sample.channel, out);
+        json_str(&sample.labels.channel, out);
         out.extend_from_slice(b",\"timestamp\":\"");
         out.extend_from_slice(timestamp.as_str().as_bytes());
         out.extend_from_slice(b"\"}");
@@ -173,7 +173,7 @@ impl Serialize for ThingsboardBatch<'_> {
                 s.collect_seq(self.0.iter().map(|sample| Item {
                     ts: unix_ms(sample.timestamp),
                     values: Values {
-                        channel: &sample.channel,
+                        channel: &sample.labels.channel,
                         value: sample.value,
                     },
                 }))
@@ -218,6 +218,7 @@ mod tests {
     use serde::ser::SerializeSeq;
 
     use super::*;
+    use crate::sample::Labels;
 
     /// The derived serialisation `json_batch` replaced, kept as the oracle it must match.
     #[derive(Serialize)]
@@ -244,8 +245,8 @@ mod tests {
                 seq.serialize_element(&Item {
                     seq: sample.seq,
                     value: sample.value,
-                    unit: &sample.unit,
-                    channel: &sample.channel,
+                    unit: &sample.labels.unit,
+                    channel: &sample.labels.channel,
                     timestamp: Rfc3339::new(sample.timestamp),
                 })?;
             }
@@ -257,9 +258,7 @@ mod tests {
         ProcessedSample {
             seq: Some(seq),
             value,
-            unit: "degC".into(),
-            device: "probe-1".into(),
-            channel: "value".into(),
+            labels: Labels::new("probe-1", "degC", "value"),
             timestamp: UNIX_EPOCH + Duration::from_millis(1_764_198_600_123 + u64::from(seq)),
             order: u64::from(seq),
         }
@@ -278,7 +277,7 @@ mod tests {
         let e = Encoder::new(UplinkFormat::Json, "gw1", "t/{device}");
         let mut out = Vec::new();
         let humidity = ProcessedSample {
-            channel: "humidity".into(),
+            labels: Labels::new("probe-1", "degC", "humidity"),
             ..sample(2, -3.0)
         };
         e.payload("probe-1", &[sample(1, 21.5), humidity], &mut out);
@@ -346,8 +345,7 @@ mod tests {
                 .map(|(seq, value, unit, channel, t)| ProcessedSample {
                     seq,
                     value,
-                    unit: unit.into(),
-                    channel: channel.into(),
+                    labels: Labels::new("probe-1", unit, channel),
                     timestamp: UNIX_EPOCH + Duration::from_millis(1_764_198_600_000 + t * 61_001),
                     ..sample(0, 0.0)
                 })
@@ -369,7 +367,7 @@ mod tests {
         let e = Encoder::new(UplinkFormat::Thingsboard, "gw1", "v1/gateway/telemetry");
         let mut out = Vec::new();
         let humidity = ProcessedSample {
-            channel: "humidity".into(),
+            labels: Labels::new("probe-1", "degC", "humidity"),
             ..sample(2, 55.0)
         };
         e.payload("probe-1", &[sample(1, 21.5), humidity], &mut out);

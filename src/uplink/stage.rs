@@ -185,10 +185,10 @@ impl SpoolStage {
         // Batches come in runs of one device; each run is one or more messages.
         let mut start = 0;
         while start < processed.len() {
-            let device = &processed[start].device;
+            let device = &processed[start].labels.device;
             let end = processed[start..]
                 .iter()
-                .position(|s| s.device != *device)
+                .position(|s| s.labels.device != *device)
                 .map_or(processed.len(), |i| start + i);
             push(device, &processed[start..end]);
             start = end;

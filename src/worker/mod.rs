@@ -280,9 +280,7 @@ impl Worker {
             let processed = ProcessedSample {
                 seq: sample.seq,
                 value,
-                unit: sample.labels.unit.clone(),
-                device: sample.labels.device.clone(),
-                channel: sample.labels.channel.clone(),
+                labels: sample.labels,
                 timestamp: sample.timestamp,
                 order: sample.order,
             };
@@ -491,9 +489,7 @@ mod tests {
         let sample = |order: u64| ProcessedSample {
             seq: None,
             value: 0.0,
-            unit: "u".into(),
-            device: "d".into(),
-            channel: "value".into(),
+            labels: Labels::new("d", "u", DEFAULT_CHANNEL),
             timestamp: std::time::SystemTime::UNIX_EPOCH,
             order,
         };
