@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::codec::{Frame, FrameCodec};
+use super::codec::{Frame, FrameCodec, RawSample};
 use super::modbus::link::{ModbusFailure, ModbusLink, ModbusMap, Outcome, WriteRequest};
 use super::rate::{limits_for, requested_rate};
 use super::reader::{Chunk, End, FrameReader};
@@ -33,7 +33,7 @@ use super::{
 use crate::buffer::RingBuffer;
 use crate::config::{DataType, DeviceSettings};
 use crate::ledger::{DropReason, Source};
-use crate::sample::{LabelCache, Sample};
+use crate::sample::{LabelCache, Labels, Sample};
 
 /// Most frames decoded into one push to the buffer.
 const CHUNK_MAX: usize = 256;
@@ -146,6 +146,10 @@ pub struct DeviceTask<C: Connector> {
     channel: SmolStr,
     /// The labels its samples share.
     labels: LabelCache,
+    /// The labels of the last frame, and whether it named its channel (if not, they carry the
+    /// default channel): a link sends runs of one unit and channel, so a frame like the last
+    /// costs one or two comparisons instead of the cache's three.
+    last_labels: Option<(Arc<Labels>, bool)>,
     timing: Timing,
     autostart: bool,
     connector: C,
@@ -208,6 +212,7 @@ impl<C: Connector> DeviceTask<C> {
             id,
             channel,
             labels: LabelCache::default(),
+            last_labels: None,
             timing: Timing {
                 configured_interval: settings.interval(),
                 explicit_read_timeout,
@@ -453,9 +458,8 @@ impl<C: Connector> DeviceTask<C> {
                 Frame::Sample(raw) => {
                     gaps += seq_gap(self.last_seq, raw.seq);
                     self.last_seq = Some(raw.seq);
-                    let channel = raw.channel.as_deref().unwrap_or(&self.channel);
                     samples.push_back(Sample {
-                        labels: self.labels.get(&self.id, &raw.unit, channel),
+                        labels: self.labels_of(&raw),
                         seq: Some(raw.seq),
                         value: raw.value,
                         timestamp,
@@ -488,6 +492,23 @@ impl<C: Connector> DeviceTask<C> {
             Some(End::Closed) => self.fail(LinkFailure::Closed, CLOSED_BY_DEVICE),
             Some(End::Failed(err)) => self.fail(LinkFailure::Io, &err.to_string()),
         }
+    }
+
+    /// The shared labels of a frame's samples.
+    fn labels_of(&mut self, raw: &RawSample) -> Arc<Labels> {
+        if let Some((last, named)) = &self.last_labels
+            && last.unit == raw.unit
+            && match &raw.channel {
+                None => !named,
+                Some(channel) => last.channel == *channel,
+            }
+        {
+            return last.clone();
+        }
+        let channel = raw.channel.as_deref().unwrap_or(&self.channel);
+        let labels = self.labels.get(&self.id, &raw.unit, channel);
+        self.last_labels = Some((labels.clone(), raw.channel.is_some()));
+        labels
     }
 
     fn deliver_reply(&mut self, text: String) {

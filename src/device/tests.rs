@@ -14,12 +14,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::codec::encode_frame;
+use super::codec::{encode_channel_frame, encode_frame};
 use super::*;
 use crate::buffer::{OverflowPolicy, RingBuffer};
 use crate::config::DeviceSettings;
 use crate::ledger::Ledger;
-use crate::sample::Sample;
+use crate::sample::{DEFAULT_CHANNEL, Sample};
 
 /// Upper bound on every wait, in virtual time: far beyond any timer a test sets, so reaching it
 /// means the awaited condition never came.
@@ -375,6 +375,54 @@ async fn start_connects_and_frames_become_samples_in_the_buffer() {
     );
     assert_eq!(dev.buffer.ledger().read, 3);
     assert_eq!(dev.handle.status(), measuring());
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_frame_gets_its_own_unit_and_channel_and_equal_ones_share_labels() {
+    let (_script, mut peer, dev) = measuring_device(&settings()).await;
+    // (unit, channel named by the frame): runs, switches, the default channel named
+    // explicitly, and returns to earlier label sets.
+    let sent = [
+        ("degC", None),
+        ("degC", None),
+        ("degC", Some("temp")),
+        ("degC", Some("temp")),
+        ("degC", Some("humidity")),
+        ("degC", None),
+        ("degC", Some(DEFAULT_CHANNEL)),
+        ("degC", None),
+        ("V", None),
+        ("V", Some("temp")),
+        ("degC", Some("temp")),
+    ];
+    let mut bytes = BytesMut::new();
+    for (seq, (unit, channel)) in (2..).zip(sent) {
+        match channel {
+            Some(channel) => encode_channel_frame(seq, 1.0, unit, channel, &mut bytes),
+            None => encode_frame(seq, 1.0, unit, &mut bytes),
+        }
+    }
+    send(&mut peer, &bytes).await;
+    let samples = dev.take(sent.len()).await;
+    let got: Vec<_> = samples
+        .iter()
+        .map(|s| {
+            (
+                s.labels.device.as_str(),
+                s.labels.unit.as_str(),
+                s.labels.channel.as_str(),
+            )
+        })
+        .collect();
+    let want: Vec<_> = sent
+        .iter()
+        .map(|(unit, channel)| ("dev", *unit, channel.unwrap_or(DEFAULT_CHANNEL)))
+        .collect();
+    assert_eq!(got, want);
+    let shared = |a: usize, b: usize| Arc::ptr_eq(&samples[a].labels, &samples[b].labels);
+    assert!(shared(0, 1) && shared(2, 3) && shared(0, 5) && shared(0, 6) && shared(0, 7));
+    assert!(shared(2, 10));
+    assert!(!shared(0, 2) && !shared(3, 4) && !shared(7, 8) && !shared(8, 9) && !shared(9, 10));
 }
 
 #[tokio::test(start_paused = true)]
