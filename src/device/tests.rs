@@ -379,15 +379,22 @@ async fn start_connects_and_frames_become_samples_in_the_buffer() {
 
 #[tokio::test(start_paused = true)]
 async fn each_frame_gets_its_own_unit_and_channel_and_equal_ones_share_labels() {
-    let (_script, mut peer, dev) = measuring_device(&settings()).await;
+    // A default channel of its own, so a frame naming `value` is not a frame naming none.
+    let settings = DeviceSettings {
+        channel: "level".to_owned(),
+        ..settings()
+    };
+    let (_script, mut peer, dev) = measuring_device(&settings).await;
     // (unit, channel named by the frame): runs, switches, the default channel named
-    // explicitly, and returns to earlier label sets.
+    // explicitly, `value` named, and returns to earlier label sets.
     let sent = [
         ("degC", None),
         ("degC", None),
         ("degC", Some("temp")),
         ("degC", Some("temp")),
         ("degC", Some("humidity")),
+        ("degC", None),
+        ("degC", Some("level")),
         ("degC", None),
         ("degC", Some(DEFAULT_CHANNEL)),
         ("degC", None),
@@ -416,13 +423,16 @@ async fn each_frame_gets_its_own_unit_and_channel_and_equal_ones_share_labels() 
         .collect();
     let want: Vec<_> = sent
         .iter()
-        .map(|(unit, channel)| ("dev", *unit, channel.unwrap_or(DEFAULT_CHANNEL)))
+        .map(|(unit, channel)| ("dev", *unit, channel.unwrap_or("level")))
         .collect();
     assert_eq!(got, want);
     let shared = |a: usize, b: usize| Arc::ptr_eq(&samples[a].labels, &samples[b].labels);
-    assert!(shared(0, 1) && shared(2, 3) && shared(0, 5) && shared(0, 6) && shared(0, 7));
-    assert!(shared(2, 10));
-    assert!(!shared(0, 2) && !shared(3, 4) && !shared(7, 8) && !shared(8, 9) && !shared(9, 10));
+    for (a, b) in [(0, 1), (2, 3), (0, 5), (0, 6), (0, 7), (0, 9), (2, 12)] {
+        assert!(shared(a, b), "samples {a} and {b} share their labels");
+    }
+    for (a, b) in [(0, 2), (3, 4), (7, 8), (8, 9), (9, 10), (10, 11), (11, 12)] {
+        assert!(!shared(a, b), "samples {a} and {b} have different labels");
+    }
 }
 
 #[tokio::test(start_paused = true)]

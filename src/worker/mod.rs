@@ -467,6 +467,26 @@ mod tests {
     }
 
     #[test]
+    fn the_uplink_gets_every_processed_sample_and_the_history_only_the_last() {
+        let worker = worker(2);
+        let batch: Vec<_> = [1.0, f64::NAN, 2.0, 3.0, 4.0]
+            .into_iter()
+            .zip(0..)
+            .map(|(value, seq)| Sample::test(seq, value))
+            .collect();
+        let mut all = Vec::new();
+        let outcome = worker.process_into(batch, Some(&mut all));
+        assert_eq!(outcome.processed, 4, "{outcome:?}");
+        let shown = |samples: &[ProcessedSample]| -> Vec<_> {
+            samples.iter().map(|s| (s.seq.unwrap(), s.value)).collect()
+        };
+        // Calibrated (scale 2, offset 1); the rejected NaN in neither.
+        assert_eq!(shown(&all), [(0, 3.0), (2, 5.0), (3, 7.0), (4, 9.0)]);
+        assert_eq!(shown(&worker.recent(10)), [(3, 7.0), (4, 9.0)]);
+        assert!(all.iter().all(|s| s.labels.device == "test"));
+    }
+
+    #[test]
     fn batches_finishing_out_of_order_keep_the_history_in_arrival_order() {
         let worker = worker(6);
         let batch = |range: std::ops::Range<u32>| -> Vec<Sample> {
