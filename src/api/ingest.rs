@@ -229,60 +229,46 @@ fn parse_items(body: &[u8]) -> Result<Vec<WireSample<'_>>, ApiError> {
     Ok(items.into_iter().map(WireSample::from).collect())
 }
 
-/// The last device and unit seen in a batch with the `SmolStr`s made for them, and the labels
-/// its samples share: a batch usually names one device and few units, so each is looked up,
-/// validated and allocated once per run of equal values instead of once per sample.
+/// The labels a batch's samples share, and the last sample's with its device's default
+/// channel: a batch usually names one device and few units, so a sample like the last one is
+/// neither looked up nor validated again, and equal labels are one `Arc`.
 #[derive(Default)]
 struct Interned {
-    device: Option<(SmolStr, SmolStr)>,
-    unit: Option<SmolStr>,
     labels: LabelCache,
-    /// The labels of the last sample: its device and unit are the two above.
-    last: Option<Arc<Labels>>,
+    last: Option<(Arc<Labels>, SmolStr)>,
 }
 
 impl Interned {
-    /// The labels of the last sample, if `item` has the same (so nothing needs checking).
-    fn same_as_last(&self, item: &WireSample<'_>) -> Option<Arc<Labels>> {
-        let last = self.last.as_ref()?;
-        let (_, default) = self.device.as_ref()?;
-        let channel = item.channel.as_deref().unwrap_or(default);
-        (last.device == *item.device && last.unit == *item.unit && last.channel == channel)
-            .then(|| last.clone())
-    }
-
-    /// Checks `item`'s device, unit and channel; its labels, which become the last ones.
+    /// Checks `item`'s device, unit and channel (what equals the last sample's was checked
+    /// then); its labels, which become the last ones.
     fn check(
         &mut self,
         item: &WireSample<'_>,
         default_channel: impl Fn(&str) -> Option<SmolStr>,
         bad: impl Fn(&str, String) -> ApiError,
     ) -> Result<Arc<Labels>, ApiError> {
-        let (device, default) = match &self.device {
-            Some((id, channel)) if id.as_str() == item.device => (id.clone(), channel.clone()),
-            _ => {
-                let Some(channel) = default_channel(&item.device) else {
-                    return Err(bad("device", format!("unknown device `{}`", item.device)));
-                };
-                let id = SmolStr::new(&item.device);
-                self.device = Some((id.clone(), channel.clone()));
-                (id, channel)
-            }
+        let last = self.last.as_ref();
+        if let Some((labels, default)) = last
+            && labels.is(
+                &item.device,
+                &item.unit,
+                item.channel.as_deref().unwrap_or(default),
+            )
+        {
+            return Ok(labels.clone());
+        }
+        let default = match last {
+            Some((labels, default)) if labels.device == *item.device => default.clone(),
+            _ => default_channel(&item.device)
+                .ok_or_else(|| bad("device", format!("unknown device `{}`", item.device)))?,
         };
-        let unit = match &self.unit {
-            Some(unit) if unit.as_str() == item.unit => unit.clone(),
-            _ => {
-                if !valid_unit(item.unit.as_bytes()) {
-                    return Err(bad(
-                        "unit",
-                        "must be 1-16 characters of A-Z a-z 0-9 . _ / % -".to_owned(),
-                    ));
-                }
-                let unit = SmolStr::new(&item.unit);
-                self.unit = Some(unit.clone());
-                unit
-            }
-        };
+        let unit_checked = last.is_some_and(|(labels, _)| labels.unit == *item.unit);
+        if !unit_checked && !valid_unit(item.unit.as_bytes()) {
+            return Err(bad(
+                "unit",
+                "must be 1-16 characters of A-Z a-z 0-9 . _ / % -".to_owned(),
+            ));
+        }
         let channel = match item.channel.as_deref() {
             None => default.as_str(),
             Some(channel) if valid_channel(channel.as_bytes()) => channel,
@@ -293,8 +279,8 @@ impl Interned {
                 ));
             }
         };
-        let labels = self.labels.get(&device, &unit, channel);
-        self.last = Some(labels.clone());
+        let labels = self.labels.get(&item.device, &item.unit, channel);
+        self.last = Some((labels.clone(), default));
         Ok(labels)
     }
 }
@@ -319,10 +305,7 @@ pub fn parse_body(
     for (i, item) in items.into_iter().enumerate() {
         let bad =
             |field: &str, why: String| ApiError::BadRequest(format!("samples[{i}].{field}: {why}"));
-        let labels = match seen.same_as_last(&item) {
-            Some(labels) => labels,
-            None => seen.check(&item, &default_channel, bad)?,
-        };
+        let labels = seen.check(&item, &default_channel, bad)?;
         let timestamp = match &item.timestamp {
             None => received.0,
             Some(text) => parse_timestamp(text)
@@ -686,16 +669,7 @@ mod tests {
             (SystemTime::now(), Instant::now()),
         )
         .unwrap();
-        let got: Vec<_> = samples
-            .iter()
-            .map(|s| {
-                (
-                    s.labels.device.as_str(),
-                    s.labels.unit.as_str(),
-                    s.labels.channel.as_str(),
-                )
-            })
-            .collect();
+        let got: Vec<_> = samples.iter().map(|s| s.labels.names()).collect();
         assert_eq!(
             got,
             [

@@ -411,16 +411,7 @@ async fn each_frame_gets_its_own_unit_and_channel_and_equal_ones_share_labels() 
     }
     send(&mut peer, &bytes).await;
     let samples = dev.take(sent.len()).await;
-    let got: Vec<_> = samples
-        .iter()
-        .map(|s| {
-            (
-                s.labels.device.as_str(),
-                s.labels.unit.as_str(),
-                s.labels.channel.as_str(),
-            )
-        })
-        .collect();
+    let got: Vec<_> = samples.iter().map(|s| s.labels.names()).collect();
     let want: Vec<_> = sent
         .iter()
         .map(|(unit, channel)| ("dev", *unit, channel.unwrap_or("level")))

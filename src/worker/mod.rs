@@ -273,10 +273,12 @@ impl Worker {
                 _ => arrivals.push((sample.received, 1)),
             }
             outcome.processed += 1;
-            let (keep, all) = (i >= keep_from, all.as_deref_mut());
-            if !keep && all.is_none() {
-                continue;
-            }
+            // Built only for a place that keeps it: moved there, cloned only when both do.
+            let keep = i >= keep_from;
+            let all = match all.as_deref_mut() {
+                None if !keep => continue,
+                all => all,
+            };
             let processed = ProcessedSample {
                 seq: sample.seq,
                 value,
@@ -284,15 +286,14 @@ impl Worker {
                 timestamp: sample.timestamp,
                 order: sample.order,
             };
-            // Moved into the one place that keeps it; cloned only when both do.
-            match (all, keep) {
-                (Some(all), true) => {
-                    kept.push(processed.clone());
+            match all {
+                Some(all) => {
+                    if keep {
+                        kept.push(processed.clone());
+                    }
                     all.push(processed);
                 }
-                (Some(all), false) => all.push(processed),
-                (None, true) => kept.push(processed),
-                (None, false) => {}
+                None => kept.push(processed),
             }
         }
         // Read→processed: from the read that brought a sample to the end of its batch's
