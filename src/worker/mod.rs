@@ -17,7 +17,7 @@ use smol_str::SmolStr;
 
 use crate::config::{DeviceSettings, ProcessingSettings, ValueRange};
 use crate::ledger::{BatchOutcome, RejectReason};
-use crate::sample::{ProcessedSample, Sample};
+use crate::sample::{Labels, ProcessedSample, Sample};
 use crate::swap::Swap;
 
 mod histogram;
@@ -240,26 +240,37 @@ impl Worker {
         let mut latency = LocalHistogram::default();
         let keep_from = batch.len().saturating_sub(self.history_len);
         let mut kept = Vec::with_capacity(batch.len() - keep_from);
-        // Batches come in runs of one device and one unit: look each up once per run.
+        // Batches come in runs of one device and one unit: look each up once per run. A run
+        // of samples sharing one `Arc<Labels>` is recognised by pointer, without comparing
+        // names.
         let mut ranges = LastLookup::default();
         let mut calibrations = LastLookup::default();
+        let mut run: Option<(Arc<Labels>, Option<ValueRange>, Calibration)> = None;
         let tables = self.tables.load();
         // Samples of one read (or one request) share their `received` instant: count them per
         // run and read the clock once, when the batch's samples are all processed.
         let mut arrivals: Vec<(Instant, u64)> = Vec::new();
         for (i, sample) in batch.into_iter().enumerate() {
-            let range = ranges.get(&sample.labels.unit, |unit| tables.ranges.get(unit).copied());
+            let (range, cal) = match &run {
+                Some((labels, range, cal)) if Arc::ptr_eq(labels, &sample.labels) => (*range, *cal),
+                _ => {
+                    let labels = &sample.labels;
+                    let range = ranges.get(&labels.unit, |unit| tables.ranges.get(unit).copied());
+                    let cal = calibrations.get(&labels.device, |device| {
+                        tables
+                            .calibration
+                            .get(device)
+                            .copied()
+                            .unwrap_or(Calibration::IDENTITY)
+                    });
+                    run = Some((labels.clone(), range, cal));
+                    (range, cal)
+                }
+            };
             if let Err(reason) = check(sample.value, range.as_ref()) {
                 outcome.rejected.add(reason, 1);
                 continue;
             }
-            let cal = calibrations.get(&sample.labels.device, |device| {
-                tables
-                    .calibration
-                    .get(device)
-                    .copied()
-                    .unwrap_or(Calibration::IDENTITY)
-            });
             let value = match cal.apply(sample.value) {
                 Ok(value) => value,
                 Err(reason) => {
@@ -536,6 +547,36 @@ mod tests {
             assert_eq!(value, key.len(), "{key}");
         }
         assert_eq!(lookups, [a.clone(), bb, a]);
+    }
+
+    #[test]
+    fn runs_of_shared_labels_get_their_own_range_and_calibration() {
+        let worker = worker(10);
+        let mut processing = Settings::default().processing;
+        processing
+            .units
+            .insert("V".to_owned(), ValueRange { min: 0.0, max: 1.0 });
+        let mut other = DeviceSettings::simulated("other");
+        other.scale = 10.0;
+        worker.reconfigure(&processing, &[other]);
+        let volts = Labels::new("test", "V", DEFAULT_CHANNEL);
+        let other_volts = Labels::new("other", "V", DEFAULT_CHANNEL);
+        let free = Labels::new("test", "arb.units", DEFAULT_CHANNEL);
+        let batch: Vec<_> = [(&volts, 0.5), (&volts, 5.0), (&free, 5.0), (&free, 0.5)]
+            .into_iter()
+            .chain([(&other_volts, 0.5), (&volts, 0.5), (&other_volts, 2.0)])
+            .zip(0..)
+            .map(|((labels, value), seq)| Sample {
+                labels: labels.clone(),
+                ..Sample::test(seq, value)
+            })
+            .collect();
+        let mut all = Vec::new();
+        let outcome = worker.process_into(batch, Some(&mut all));
+        assert_eq!(outcome.rejected.out_of_range, 2, "{outcome:?}");
+        let got: Vec<_> = all.iter().map(|s| (s.seq.unwrap(), s.value)).collect();
+        // `test` keeps scale 2, offset 1; `other` has scale 10.
+        assert_eq!(got, [(0, 2.0), (2, 11.0), (3, 2.0), (4, 5.0), (5, 2.0)]);
     }
 
     #[test]
