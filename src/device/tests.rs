@@ -1184,6 +1184,7 @@ fn sim_connector(settings: &DeviceSettings) -> sim::SimConnector {
         settings.simulator.clone(),
         settings.interval(),
         tokio_util::task::TaskTracker::new(),
+        tokio::runtime::Handle::current(),
         CancellationToken::new(),
     )
 }
