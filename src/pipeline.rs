@@ -3,8 +3,9 @@
 //!
 //! [`crate::app`] wraps it with the HTTP API; `telemetryhub bench` drives it alone.
 //!
-//! The device tasks and the dispatcher run on a thread of their own ([`Lane`]), not on the
-//! runtime that started the pipeline; the worker stage runs on that thread's blocking pool.
+//! The device tasks, the simulators they read and the dispatcher run on a thread of their own
+//! ([`Lane`]), not on the runtime that started the pipeline; the worker stage runs on that
+//! thread's blocking pool.
 //!
 //! The devices are a set that a live reload changes while everything runs
 //! ([`DeviceControl::apply`]): an added device gets a task, a removed one's task stops, a
@@ -58,13 +59,15 @@ pub struct Pipeline {
     _lane: LaneThread,
 }
 
-/// The pipeline's own thread: a current-thread runtime that runs every device's task and the
-/// dispatcher, so a link's reads, the pushes into the buffer and the dispatcher's pops hand
-/// over on one thread. On the shared multi-thread runtime each wake-up of a device task (its
-/// link readable) or of the dispatcher also woke the runtime's other thread to look for work:
-/// measured on the pty, this thread takes about a sixth less CPU per frame
-/// (docs/PERFORMANCE.md, "Sixth pass"). It also keeps the links' reads off the threads that
-/// serve HTTP, and HTTP off the thread that reads the links.
+/// The pipeline's own thread: a current-thread runtime that runs every device's task (and the
+/// simulator a simulated device's link connects to) and the dispatcher, so a link's reads, the
+/// pushes into the buffer and the dispatcher's pops hand over on one thread. On the shared
+/// multi-thread runtime each wake-up of a device task (its link readable) or of the dispatcher
+/// also woke the runtime's other thread to look for work: measured on the pty, this thread
+/// takes about a sixth less CPU per frame (docs/PERFORMANCE.md, "Sixth pass"). A simulator on
+/// another thread than its reader would cost a cross-thread wake per 4 KiB of link each way
+/// (measured there too). The lane also keeps the links' reads off the threads that serve HTTP,
+/// and HTTP off the thread that reads the links.
 ///
 /// The thread ends once the [`LaneThread`] is dropped (with the pipeline) and every task on
 /// the lane has ended; until then a task runs on, as it would on the caller's runtime.
@@ -124,11 +127,8 @@ struct DeviceSet {
     live: Arc<Swap<[DeviceHandle]>>,
     buffer: Arc<RingBuffer>,
     tracker: TaskTracker,
-    /// Where the device tasks run.
+    /// Where the device tasks run, and the simulators they connect to.
     lane: Lane,
-    /// Where simulated devices run: the runtime that started the pipeline. A simulator plays
-    /// the hardware, so it does not share the lane with the task reading it.
-    outside: Handle,
     /// The parent of every device's token: cancelled when the pipeline drains.
     cancel: CancellationToken,
 }
@@ -304,7 +304,6 @@ impl Pipeline {
             buffer: buffer.clone(),
             tracker: tracker.clone(),
             lane: lane.lane.clone(),
-            outside: Handle::current(),
             cancel: devices_cancel.clone(),
         };
         Self {
@@ -385,7 +384,6 @@ impl DeviceSet {
                     device.simulator.clone(),
                     Duration::from_millis(device.sample_interval_ms),
                     self.tracker.clone(),
-                    self.outside.clone(),
                     cancel.clone(),
                 );
                 self.spawn(device, connector, cancel)

@@ -70,15 +70,11 @@ pub(super) struct BenchLink {
     /// Frames let through so far, over every session of the link.
     sent: Arc<AtomicU64>,
     tracker: TaskTracker,
-    /// Where the simulators run: the bench's own runtime, not the pipeline's thread that
-    /// reads them (see [`crate::pipeline`]).
-    runtime: tokio::runtime::Handle,
     cancel: CancellationToken,
 }
 
 impl BenchLink {
-    /// Links sending `frames` frames in all, on `schedule`, until `cancel`; the simulators run
-    /// on the runtime this is called on.
+    /// Links sending `frames` frames in all, on `schedule`, until `cancel`.
     pub(super) fn new(
         simulator: SimulatorSettings,
         schedule: Schedule,
@@ -92,7 +88,6 @@ impl BenchLink {
             frames,
             sent: Arc::new(AtomicU64::new(0)),
             tracker: tracker.clone(),
-            runtime: tokio::runtime::Handle::current(),
             cancel: cancel.clone(),
         }
     }
@@ -112,13 +107,12 @@ impl Connector for BenchLink {
         };
         let simulator = Simulator::new(self.simulator.clone(), Duration::ZERO);
         let cancel = self.cancel.clone();
-        let run = async move {
+        self.tracker.spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
                 _ = simulator.run(gate) => {}
             }
-        };
-        self.tracker.spawn_on(run, &self.runtime);
+        });
         Ok(gateway_end)
     }
 }

@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
-use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
@@ -42,20 +41,16 @@ pub struct SimConnector {
     settings: SimulatorSettings,
     interval: Duration,
     tracker: TaskTracker,
-    /// Where the simulator tasks run.
-    runtime: Handle,
     cancel: CancellationToken,
     rng: SplitMix64,
 }
 
 impl SimConnector {
-    /// A connector whose simulators send one frame per `interval` (zero: unpaced), each a task
-    /// on `runtime` tracked by `tracker`.
+    /// A connector whose simulators send one frame per `interval` (zero: unpaced).
     pub fn new(
         settings: SimulatorSettings,
         interval: Duration,
         tracker: TaskTracker,
-        runtime: Handle,
         cancel: CancellationToken,
     ) -> Self {
         let rng = SplitMix64::new(settings.seed);
@@ -63,7 +58,6 @@ impl SimConnector {
             settings,
             interval,
             tracker,
-            runtime,
             cancel,
             rng,
         }
@@ -81,14 +75,13 @@ impl Connector for SimConnector {
             rng: SplitMix64::new(self.rng.next_u64()),
         };
         let cancel = self.cancel.clone();
-        let run = async move {
+        self.tracker.spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => {}
                 // Ends on a write error: the gateway dropped its end of the link.
                 _ = sim.run(device_end) => {}
             }
-        };
-        self.tracker.spawn_on(run, &self.runtime);
+        });
         Ok(gateway_end)
     }
 }

@@ -1184,7 +1184,6 @@ fn sim_connector(settings: &DeviceSettings) -> sim::SimConnector {
         settings.simulator.clone(),
         settings.interval(),
         tokio_util::task::TaskTracker::new(),
-        tokio::runtime::Handle::current(),
         CancellationToken::new(),
     )
 }
