@@ -9,7 +9,8 @@
 //! `Outgoing::Publish(pkid)` once it is sent). So the n-th report names the n-th record, and
 //! the PUBACK with that id acknowledges it. After a disconnect the reader rewinds to the oldest
 //! unacknowledged record: at least once, in order per device, duplicates only around a
-//! reconnect.
+//! reconnect. The event loop is polled by a task of its own ([`Events`]): its `poll` is not
+//! cancel safe.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -19,9 +20,10 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{info, warn};
 
 use super::payload::open_envelope;
@@ -271,6 +273,52 @@ impl InFlight {
     }
 }
 
+/// Events buffered between the event loop's task and the session.
+const EVENTS_BUFFERED: usize = 64;
+
+/// A session's MQTT event loop, polled to completion by a task of its own.
+///
+/// rumqttc's `EventLoop::poll` is not cancel safe: when it takes a publish from the client it
+/// records the packet id as in flight, and only then writes the packet; a `poll` dropped during
+/// that write (the socket's buffer full) loses the packet while rumqttc waits for its PUBACK.
+/// Selected against the session's other work, that happened: in about one drain in three of
+/// `telemetryhub bench --uplink replay` (3 M samples), 1,024 packet ids later the id collided,
+/// rumqttc stopped sending, and the session stalled for `ACK_TIMEOUT` and resent ~70,000
+/// samples. Here `poll` always runs to completion, and the session selects on a channel,
+/// which loses nothing when a select drops its `recv`. Dropping `Events` stops the task.
+struct Events {
+    rx: mpsc::Receiver<Result<Event, ConnectionError>>,
+    _task: AbortOnDropHandle<()>,
+}
+
+impl Events {
+    fn start(mut eventloop: EventLoop) -> Self {
+        let (tx, rx) = mpsc::channel(EVENTS_BUFFERED);
+        let task = tokio::spawn(async move {
+            loop {
+                let event = eventloop.poll().await;
+                // After an error, another `poll` would reconnect: the session ends instead.
+                let failed = event.is_err();
+                if tx.send(event).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Self {
+            rx,
+            _task: AbortOnDropHandle::new(task),
+        }
+    }
+
+    /// The event loop's next event. Cancel safe.
+    async fn next(&mut self) -> Result<Event, ConnectionError> {
+        self.rx
+            .recv()
+            .await
+            .unwrap_or(Err(ConnectionError::RequestsDone))
+    }
+}
+
 impl Forwarder {
     /// A forwarder reading `reader` of `spool`.
     pub fn new(
@@ -369,8 +417,9 @@ impl Forwarder {
     }
 
     async fn session(&mut self) -> Session {
-        let (client, mut eventloop) =
+        let (client, eventloop) =
             AsyncClient::new(self.options.mqtt.clone(), self.options.max_inflight + 16);
+        let mut events = Events::start(eventloop);
         let mut reader = self
             .reader
             .take()
@@ -433,7 +482,7 @@ impl Forwarder {
                 biased;
                 _ = self.cancel.cancelled() => break Session::Cancelled,
                 () = Self::updated(&mut self.updates) => break Session::Reconfigured,
-                event = eventloop.poll() => match event {
+                event = events.next() => match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         connected = true;
                         self.status.connected.store(true, Ordering::Relaxed);
@@ -494,7 +543,7 @@ impl Forwarder {
         }
         if matches!(outcome, Session::Cancelled | Session::Reconfigured) && connected {
             finish(
-                &mut eventloop,
+                &mut events,
                 &client,
                 &mut inflight,
                 &self.spool,
@@ -510,7 +559,7 @@ impl Forwarder {
 /// At shutdown: waits a little for PUBACKs of messages already sent, so they are not sent
 /// again after a restart, then disconnects.
 async fn finish(
-    eventloop: &mut EventLoop,
+    events: &mut Events,
     client: &AsyncClient,
     inflight: &mut InFlight,
     spool: &Spool,
@@ -520,7 +569,7 @@ async fn finish(
     inflight.handed.clear();
     let deadline = tokio::time::Instant::now() + SHUTDOWN_ACK_WAIT;
     while !inflight.by_pkid.is_empty() {
-        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+        match tokio::time::timeout_at(deadline, events.next()).await {
             Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
                 if let Some((offset, count)) = inflight.acked(ack.pkid) {
                     spool.ack(offset, count);
@@ -532,7 +581,7 @@ async fn finish(
         }
     }
     let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), events.next()).await;
 }
 
 fn describe(err: &ConnectionError) -> String {
