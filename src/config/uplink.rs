@@ -42,8 +42,7 @@ pub struct UplinkSettings {
     pub max_batch: u32,
     /// Most messages published and not yet acknowledged (QoS 1) at once. Measured against
     /// Mosquitto 2.0.11 with ~90 KB messages: 64 replays a backlog at several million samples
-    /// a second; at 256 some PUBACKs never came, and the forwarder had to time them out
-    /// (10 s) and resend.
+    /// a second.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
     /// MQTT keep-alive, in seconds.
