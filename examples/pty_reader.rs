@@ -73,7 +73,8 @@ fn main() -> Result<(), String> {
             .block_on(readiness(&options, options.mode == "decode"))?,
         other => return Err(format!("unknown mode {other}")),
     };
-    let (user, system) = cpu_seconds()?;
+    let (user, system) =
+        telemetryhub::metrics::process_cpu_times().ok_or("cannot read /proc/self/stat")?;
     println!(
         "{{\"mode\":\"{}\",\"bytes\":{},\"reads\":{},\"frames\":{},\"seconds\":{},\"user_s\":{user},\"system_s\":{system}}}",
         options.mode,
@@ -134,25 +135,4 @@ fn blocking(options: &Options) -> Result<Count, String> {
         }
     }
     Ok(count)
-}
-
-/// This process's user and system CPU seconds, from `/proc/self/stat`.
-fn cpu_seconds() -> Result<(f64, f64), String> {
-    let stat = std::fs::read_to_string("/proc/self/stat").map_err(|e| e.to_string())?;
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| -> Result<f64, String> {
-        let value: f64 = fields
-            .get(i)
-            .ok_or("short /proc/self/stat")?
-            .parse()
-            .map_err(|e| format!("/proc/self/stat: {e}"))?;
-        // USER_HZ is 100 on Linux.
-        Ok(value / 100.0)
-    };
-    Ok((ticks(11)?, ticks(12)?))
 }

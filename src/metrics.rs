@@ -470,12 +470,12 @@ pub fn render_process(out: &mut String) {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n\n"
         );
     };
-    if let Some(cpu) = proc_cpu_seconds() {
+    if let Some((user, system)) = process_cpu_times() {
         family(
             "process_cpu_seconds_total",
             "counter",
             "Total user and system CPU time spent in seconds.",
-            cpu,
+            user + system,
         );
     }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -532,15 +532,16 @@ pub fn render_process(out: &mut String) {
     );
 }
 
-/// User plus system CPU time from `/proc/self/stat`, in seconds (the kernel's USER_HZ is 100).
-fn proc_cpu_seconds() -> Option<f64> {
+/// This process's user and system CPU time from `/proc/self/stat`, in seconds (the kernel's
+/// USER_HZ is 100).
+pub fn process_cpu_times() -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     // The command name (field 2) may hold spaces; fields after its closing parenthesis are fixed.
     let rest = &stat[stat.rfind(')')? + 2..];
     let mut fields = rest.split(' ').skip(11);
     let utime: f64 = fields.next()?.parse().ok()?;
     let stime: f64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) / 100.0)
+    Some((utime / 100.0, stime / 100.0))
 }
 
 fn status_field(status: &str, key: &str) -> Option<f64> {

@@ -83,8 +83,8 @@ struct LaneThread {
     _stop: oneshot::Sender<()>,
 }
 
-impl Lane {
-    fn start() -> std::io::Result<LaneThread> {
+impl LaneThread {
+    fn start() -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -104,9 +104,11 @@ impl Lane {
                 });
                 runtime.shutdown_timeout(FINAL_WAIT);
             })?;
-        Ok(LaneThread { lane, _stop: stop })
+        Ok(Self { lane, _stop: stop })
     }
+}
 
+impl Lane {
     /// Runs `task` on the lane, tracked by `tracker` too.
     fn spawn<F>(&self, tracker: &TaskTracker, task: F) -> JoinHandle<F::Output>
     where
@@ -293,7 +295,7 @@ impl Pipeline {
             dispatcher = dispatcher.with_stage(uplink.stage());
         }
         let pool = dispatcher.gauges();
-        let lane = Lane::start().expect("the pipeline thread starts");
+        let lane = LaneThread::start().expect("the pipeline thread starts");
         let dispatcher = lane.lane.spawn(tracker, dispatcher.run());
         let devices_cancel = cancel.child_token();
         let devices: Arc<Swap<[DeviceHandle]>> = Arc::new(Swap::new(Arc::from(Vec::new())));
@@ -535,7 +537,7 @@ mod tests {
 
     #[tokio::test]
     async fn lane_tasks_run_on_the_pipeline_thread_and_outlive_the_handle_until_they_end() {
-        let thread = Lane::start().expect("the lane starts");
+        let thread = LaneThread::start().expect("the lane starts");
         let lane = thread.lane.clone();
         let tracker = TaskTracker::new();
         let name = lane.spawn(&tracker, async {

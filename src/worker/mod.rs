@@ -549,16 +549,22 @@ mod tests {
         assert_eq!(lookups, [a.clone(), bb, a]);
     }
 
-    #[test]
-    fn runs_of_shared_labels_get_their_own_range_and_calibration() {
+    /// A worker reconfigured with `unit` ranged 0 to 1 and one device, `other`, of scale 10.
+    fn reconfigured(unit: &str) -> Worker {
         let worker = worker(10);
         let mut processing = Settings::default().processing;
         processing
             .units
-            .insert("V".to_owned(), ValueRange { min: 0.0, max: 1.0 });
+            .insert(unit.to_owned(), ValueRange { min: 0.0, max: 1.0 });
         let mut other = DeviceSettings::simulated("other");
         other.scale = 10.0;
         worker.reconfigure(&processing, &[other]);
+        worker
+    }
+
+    #[test]
+    fn runs_of_shared_labels_get_their_own_range_and_calibration() {
+        let worker = reconfigured("V");
         let volts = Labels::new("test", "V", DEFAULT_CHANNEL);
         let other_volts = Labels::new("other", "V", DEFAULT_CHANNEL);
         let free = Labels::new("test", "arb.units", DEFAULT_CHANNEL);
@@ -581,14 +587,7 @@ mod tests {
 
     #[test]
     fn reconfigure_applies_new_ranges_and_calibrations_and_keeps_removed_devices_calibrations() {
-        let worker = worker(10);
-        let mut processing = Settings::default().processing;
-        processing
-            .units
-            .insert("arb.units".to_owned(), ValueRange { min: 0.0, max: 1.0 });
-        let mut other = DeviceSettings::simulated("other");
-        other.scale = 10.0;
-        worker.reconfigure(&processing, &[other]);
+        let worker = reconfigured("arb.units");
         let mut from_other = Sample::test(1, 0.5);
         from_other.labels = Labels::new("other", "arb.units", DEFAULT_CHANNEL);
         // "test" is gone from the config but keeps scale 2, offset 1; 5.0 is now out of range.
