@@ -120,16 +120,6 @@ fn evict_device_samples(queue: &mut VecDeque<Sample>, n: usize) -> usize {
     removed
 }
 
-/// Moves the first `n` of `samples` to the back of `queue`: all of them (the common case) as a
-/// block copy, which `VecDeque::append` makes two `memcpy`s, instead of one move per sample.
-fn move_front(queue: &mut VecDeque<Sample>, samples: &mut VecDeque<Sample>, n: usize) {
-    if n == samples.len() {
-        queue.append(samples);
-    } else {
-        queue.extend(samples.drain(..n));
-    }
-}
-
 /// A whole queue as a batch: its allocation becomes the `Vec` (a move of the samples only when
 /// the ring had wrapped), given back down to size when a past backlog left it much larger.
 fn whole_queue(queue: VecDeque<Sample>) -> Vec<Sample> {
@@ -289,6 +279,27 @@ impl RingBuffer {
         }
     }
 
+    /// Moves the first `n` of `samples` (all of them, or as many as fit) to the back of `queue`.
+    ///
+    /// All of them into an empty queue (the usual case: the dispatcher takes everything queued,
+    /// allocation included) is a swap: the producer's allocation becomes the queue, and then the
+    /// batch, with no copy, no reallocation and no fresh pages to fault in. Taken only when that
+    /// allocation is within `capacity` samples, so memory stays within it. Otherwise all of them
+    /// as a block copy (`VecDeque::append`: two `memcpy`s), or one move per sample.
+    fn move_front(&self, queue: &mut VecDeque<Sample>, samples: &mut VecDeque<Sample>, n: usize) {
+        if n == samples.len() {
+            if queue.is_empty() && samples.capacity() <= self.capacity {
+                std::mem::swap(queue, samples);
+            } else {
+                self.grow_for(queue, n);
+                queue.append(samples);
+            }
+        } else {
+            self.grow_for(queue, n);
+            queue.extend(samples.drain(..n));
+        }
+    }
+
     /// Pushes what fits under the policy; with `Block`, leaves the rest in `samples`.
     ///
     /// Returns the arrival order given to the first sample (each next one gets the next).
@@ -310,15 +321,13 @@ impl RingBuffer {
         match self.policy {
             OverflowPolicy::Block => {
                 let n = room.min(samples.len());
-                self.grow_for(&mut inner.queue, n);
-                move_front(&mut inner.queue, samples, n);
+                self.move_front(&mut inner.queue, samples, n);
                 inner.ledger.arrive(source, n as u64);
                 inner.ledger.enqueue(n as u64);
             }
             OverflowPolicy::DropNewest => {
                 let n = room.min(samples.len());
-                self.grow_for(&mut inner.queue, n);
-                move_front(&mut inner.queue, samples, n);
+                self.move_front(&mut inner.queue, samples, n);
                 let dropped = samples.drain(..).count() as u64;
                 inner.ledger.arrive(source, n as u64 + dropped);
                 inner.ledger.enqueue(n as u64);
@@ -335,8 +344,8 @@ impl RingBuffer {
                 // leave too little room, the oldest arriving samples give way instead.
                 let short = evict - evicted;
                 samples.drain(..short);
-                self.grow_for(&mut inner.queue, samples.len());
-                inner.queue.append(samples);
+                let kept = samples.len();
+                self.move_front(&mut inner.queue, samples, kept);
                 let lost = (skip + short) as u64;
                 inner.ledger.arrive(source, n);
                 inner.ledger.discard(lost, DropReason::Overflow);
@@ -359,7 +368,7 @@ impl RingBuffer {
                     let n = max.min(inner.queue.len());
                     inner.ledger.dequeue(n as u64);
                     // Everything queued: the queue's allocation leaves with it (no copy under
-                    // the lock; the next push allocates, as collecting a batch did). Else the
+                    // the lock; the next push brings its own, see `move_front`). Else the
                     // oldest `n`, one by one.
                     let batch = if n == inner.queue.len() {
                         let queue = std::mem::take(&mut inner.queue);
@@ -638,6 +647,47 @@ mod tests {
             buffer.lock().queue.capacity(),
             1000,
             "evicting needs no more"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_push_into_an_empty_buffer_hands_its_allocation_through_to_the_batch() {
+        for policy in [
+            OverflowPolicy::Block,
+            OverflowPolicy::DropNewest,
+            OverflowPolicy::DropOldest,
+        ] {
+            let buffer = RingBuffer::new(100, policy);
+            let mut pushed = VecDeque::with_capacity(20);
+            pushed.extend(samples(0..10));
+            let allocation = pushed.as_slices().0.as_ptr();
+            buffer.push(Source::Device, &mut pushed).await;
+            assert!(pushed.is_empty(), "{policy:?}");
+            // Queued behind the first push: copied into the room it has.
+            buffer.push(Source::Device, &mut samples(10..15)).await;
+            let batch = buffer.pop(100).await.unwrap();
+            assert_eq!(seqs(&batch), (0..15).collect::<Vec<_>>(), "{policy:?}");
+            assert_eq!(batch.as_ptr(), allocation, "{policy:?}: no copy");
+            assert_eq!(
+                batch.iter().map(|s| s.order).collect::<Vec<_>>(),
+                (0..15).collect::<Vec<_>>(),
+                "{policy:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_allocation_larger_than_the_capacity_is_copied_not_adopted() {
+        let buffer = RingBuffer::new(100, OverflowPolicy::Block);
+        let mut pushed = VecDeque::with_capacity(1000);
+        pushed.extend(samples(0..10));
+        buffer.push(Source::Device, &mut pushed).await;
+        assert!(pushed.is_empty());
+        let capacity = buffer.lock().queue.capacity();
+        assert!((10..=100).contains(&capacity), "{capacity}");
+        assert_eq!(
+            seqs(&buffer.pop(100).await.unwrap()),
+            (0..10).collect::<Vec<_>>()
         );
     }
 
