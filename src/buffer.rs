@@ -144,8 +144,9 @@ pub struct RingBuffer {
 impl RingBuffer {
     /// An empty buffer holding at most `capacity` samples.
     ///
-    /// Memory follows the queue, never beyond `capacity` samples: it grows with the queue, a
-    /// pop that takes everything queued takes the allocation along, and nothing is reserved up
+    /// Memory follows the queue, never beyond `capacity` samples: it grows with the queue (or
+    /// is a producer's batch, handed over whole when it is at most `capacity` samples), a pop
+    /// that takes everything queued takes the allocation along, and nothing is reserved up
     /// front: a generous capacity costs nothing until it is used (reserving 1e9 samples aborted
     /// on a 104 GB allocation).
     pub fn new(capacity: usize, policy: OverflowPolicy) -> Self {
