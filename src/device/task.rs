@@ -657,7 +657,9 @@ impl<C: Connector> DeviceTask<C> {
                         abandoned = Some(DropReason::Shutdown);
                         break;
                     }
-                    request = self.requests.recv() => {
+                    // A retiring task (a live reload) serves no more requests and finishes its
+                    // push: its handle is gone by now, and a closed channel is no shutdown.
+                    request = self.requests.recv(), if !self.retiring => {
                         let Some(request) = request else {
                             abandoned = Some(DropReason::Shutdown);
                             break;

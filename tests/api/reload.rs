@@ -848,6 +848,15 @@ async fn reloads_under_block_with_a_tiny_buffer_drop_nothing() {
         let processed = app.processed().await;
         app.wait_processed_above(processed).await;
     }
+    // While the gateway runs, nothing at all is dropped: a retired task's handle is gone once
+    // the reload is done, and its push must not read that as a shutdown (it did, and dropped
+    // what it held as `shutdown` while the gateway ran on).
+    let running = app.status().await;
+    assert_eq!(
+        u64_at(&running, "/metrics/samples_dropped"),
+        0,
+        "no sample dropped while running: {running}"
+    );
     let summary = app.shut_down().await;
     eprintln!("{summary:?}");
     assert!(summary.balanced, "{summary:?}");
