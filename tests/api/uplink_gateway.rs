@@ -493,3 +493,62 @@ async fn without_an_uplink_there_is_no_spool_and_no_uplink_anywhere() {
     assert_eq!(summary.ledger.spooled + summary.ledger.spool_queue, 0);
     assert!(!spool.exists(), "no spool directory without an uplink");
 }
+
+/// An empty `POST /samples` promises nothing and is answered at once, with an uplink too. Its
+/// order range starts at the buffer's next order, which overflow drops move past every order
+/// a batch will ever end at: it waited for the spool to settle samples that never come (a
+/// timeout while the device was stopped), found by a defect hunt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_post_is_answered_at_once_after_overflow_drops() {
+    let spool = tempfile::tempdir().expect("a temp dir");
+    // The worker holds its batch until `gate` is dropped, so once the one-sample buffer is
+    // full every later arrival is dropped, the last ones included.
+    let (gate, held) = std::sync::mpsc::channel::<()>();
+    let held = std::sync::Mutex::new(held);
+    let slow: telemetryhub::dispatch::ProcessFn = std::sync::Arc::new(move |worker, batch, all| {
+        let _ = held.lock().expect("not poisoned").recv();
+        worker.process_into(batch, all)
+    });
+    let app = super::helpers::spawn_app_with(
+        |s| {
+            s.devices = vec![fast_device("sim0")];
+            s.buffer.capacity = 1;
+            s.buffer.overflow = telemetryhub::buffer::OverflowPolicy::DropNewest;
+            s.pipeline.workers = Some(1);
+            // Nothing listens there: the forwarder retries, the spool stage writes on.
+            s.uplink = Some(uplink_settings("mqtt://127.0.0.1:1".to_owned()));
+            s.spool.path = spool.path().to_owned();
+        },
+        Some(slow),
+    )
+    .await;
+    wait_until(DEADLINE, "samples dropped for overflow", async || {
+        u64_at(&app.status().await, "/metrics/samples_dropped") > 0
+    })
+    .await;
+    let (code, _) = app.post_json("/stop").await;
+    assert_eq!(code, StatusCode::OK);
+    drop(gate);
+    wait_until(DEADLINE, "everything read is settled", async || {
+        let s = app.status().await;
+        u64_at(&s, "/metrics/queue_depth") == 0
+            && u64_at(&s, "/metrics/samples_processed")
+                + u64_at(&s, "/metrics/samples_dropped")
+                + u64_at(&s, "/metrics/samples_rejected")
+                == u64_at(&s, "/devices/0/samples_read")
+    })
+    .await;
+    let response = app
+        .client
+        .post(app.url("/samples"))
+        .timeout(DEADLINE)
+        .json(&json!([]))
+        .send()
+        .await
+        .map(|r| r.status());
+    assert!(
+        matches!(response, Ok(StatusCode::ACCEPTED)),
+        "an empty POST /samples: {response:?}"
+    );
+    assert!(app.shut_down().await.balanced);
+}
