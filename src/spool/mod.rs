@@ -627,8 +627,16 @@ impl SpoolWriter {
                 .front()
                 .is_some_and(|s| s.end <= state.meta.head)
             {
-                // Acknowledged segments are waiting for durable metadata: store it now.
+                // Acknowledged segments are waiting for durable metadata: store it now. The
+                // active segment is never deleted, so when it is the only one (one large
+                // record, or a segment recovered under a larger `max_bytes`) a new one starts
+                // first: without it, this loop spun forever and the writer never wrote again.
+                let only = state.segments.len() == 1;
+                let tail = state.meta.tail;
                 drop(state);
+                if only {
+                    self.roll(tail)?;
+                }
                 self.sync()?;
                 continue;
             }
@@ -759,7 +767,8 @@ const READ_CHUNK: usize = 1 << 20;
 
 impl SpoolReader {
     /// Reads up to `max_records` records (and about `max_bytes` of payload) after the last one
-    /// read. Returns an empty list when there is nothing new.
+    /// read. Returns an empty list when there is nothing new, and an error when a segment that
+    /// is still there cannot be opened (nothing is skipped; call again later).
     pub fn read(&mut self, max_records: usize, max_bytes: usize) -> io::Result<Vec<Record>> {
         let mut out = Vec::new();
         let mut taken = 0usize;
@@ -787,12 +796,19 @@ impl SpoolReader {
                             first: segment.first,
                             pos: 0,
                         }),
-                        Err(err) => {
+                        // A segment that is gone is lost. Any other failure to open it (the
+                        // process out of descriptors, memory, a permission an operator
+                        // changed) is no proof of damage: the read fails and is tried again,
+                        // and the records stay (they were counted lost, and then deleted).
+                        Err(err) if err.kind() == io::ErrorKind::NotFound => {
                             let (first, end) = (segment.first, segment.end);
                             drop(state);
                             self.lose_rest(first, end, &err);
                             continue;
                         }
+                        // What was read before it is handed out first.
+                        Err(_) if !out.is_empty() => break,
+                        Err(err) => return Err(err),
                     };
                 }
                 (state.meta.head, segment.bytes, segment.first, segment.end)
