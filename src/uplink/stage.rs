@@ -256,7 +256,7 @@ fn write_loop(shared: &Shared, mut writer: SpoolWriter, fsync: Fsync) -> SpoolWr
     loop {
         let (batch, closed) = take_ready(shared, last_sync + interval);
         if !batch.is_empty() {
-            write(shared, &mut writer, batch);
+            write(shared, &mut writer, batch, closed);
         }
         if last_sync.elapsed() >= interval || closed {
             if let Err(err) = writer.sync() {
@@ -281,7 +281,8 @@ fn take_ready(shared: &Shared, until: Instant) -> (Vec<(Range<u64>, Item)>, bool
             break;
         }
         if queue.closed {
-            // Every batch was submitted before the close; whatever waits is written now.
+            // Whatever waits is written now, past any batch that never came (a worker still
+            // busy when shutdown stopped waiting): `write` marks that one's orders failed.
             let rest: Vec<_> = std::mem::take(&mut queue.waiting).into_values().collect();
             return (rest, true);
         }
@@ -329,12 +330,22 @@ fn append_in_groups(writer: &mut SpoolWriter, records: &[Append<'_>]) -> Result<
     Ok(())
 }
 
-fn write(shared: &Shared, writer: &mut SpoolWriter, batch: Vec<(Range<u64>, Item)>) {
+/// Writes `batch` (in order) and settles it. `closing`: the last write, which may pass over
+/// batches that were never submitted; the orders between one written batch and the next are
+/// then marked failed, so that no request whose samples were in a missing batch is told they
+/// are in the spool. (Between batches otherwise lie only the orders of samples dropped for
+/// overflow, which no request waits for.)
+fn write(shared: &Shared, writer: &mut SpoolWriter, batch: Vec<(Range<u64>, Item)>, closing: bool) {
     let mut appends = Vec::new();
     let mut samples = 0u64;
     let mut through = 0u64;
     let mut lost = Vec::new();
+    let mut written_through = shared.settled.borrow().through;
     for (orders, item) in &batch {
+        if closing && orders.start > written_through {
+            lost.push(written_through..orders.start);
+        }
+        written_through = written_through.max(orders.end);
         through = through.max(orders.end);
         match item {
             Item::Encoded(e) => {
@@ -368,6 +379,7 @@ fn write(shared: &Shared, writer: &mut SpoolWriter, batch: Vec<(Range<u64>, Item
         }
     }
     if !lost.is_empty() {
+        lost.sort_by_key(|range| range.start);
         let mut failures = shared.failures.lock().unwrap_or_else(|e| e.into_inner());
         for range in lost {
             match failures.back_mut() {

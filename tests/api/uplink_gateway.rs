@@ -552,3 +552,69 @@ async fn an_empty_post_is_answered_at_once_after_overflow_drops() {
     );
     assert!(app.shut_down().await.balanced);
 }
+
+/// With an uplink a 202 means "in the spool". A worker batch still running when shutdown stops
+/// waiting for it (grace, then 2 s) never reaches the spool; the spool stage's close writes the
+/// later batches past it, and its request was answered 202 (found by a defect hunt). Its
+/// orders are now marked failed: 503, send them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_abandoned_at_shutdown_is_not_answered_202() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let spool = tempfile::tempdir().expect("a temp dir");
+    let slow_started = Arc::new(AtomicBool::new(false));
+    let started = slow_started.clone();
+    // Longer than the grace period below plus the 2 s shutdown waits after it.
+    let process: telemetryhub::dispatch::ProcessFn = Arc::new(move |worker, batch, all| {
+        if batch.iter().any(|s| s.value == 999.0) {
+            started.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        worker.process_into(batch, all)
+    });
+    let app = super::helpers::spawn_app_with(
+        |s| {
+            s.devices[0].autostart = false;
+            s.pipeline.workers = Some(2);
+            s.pipeline.shutdown_grace_ms = 200;
+            s.uplink = Some(uplink_settings("mqtt://127.0.0.1:1".to_owned()));
+            s.spool.path = spool.path().to_owned();
+        },
+        Some(process),
+    )
+    .await;
+    let post = |value: f64| {
+        let (client, url) = (app.client.clone(), app.url("/samples"));
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&json!([{"device": "sim0", "value": value, "unit": "V"}]))
+                .send()
+                .await
+                .map(|r| r.status())
+        })
+    };
+    let slow = post(999.0);
+    wait_until(DEADLINE, "the slow batch is in a worker", async || {
+        slow_started.load(Ordering::SeqCst)
+    })
+    .await;
+    let fast = post(1.0);
+    // The fast batch is processed; its 202 waits for the slow one, written first.
+    wait_until(DEADLINE, "the fast batch is processed", async || {
+        u64_at(&app.status().await, "/metrics/samples_processed") >= 1
+    })
+    .await;
+    app.shutdown.cancel();
+    let slow = slow.await.expect("the request task");
+    let fast = fast.await.expect("the request task");
+    let summary = app.handle.await.expect("the app task");
+    assert!(
+        matches!(slow, Ok(StatusCode::SERVICE_UNAVAILABLE)),
+        "the abandoned batch's request: {slow:?}; {summary:?}"
+    );
+    assert!(
+        matches!(fast, Ok(StatusCode::ACCEPTED)),
+        "the written batch's request: {fast:?}; {summary:?}"
+    );
+}
