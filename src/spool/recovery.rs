@@ -187,12 +187,18 @@ pub fn recover(dir: &Path, loaded: Loaded) -> io::Result<Recovered> {
     while let Some(end) = holes.remove(&meta.head) {
         meta.head = end;
     }
+    // No metadata beside segments is metadata lost (deleted, or emptied), not a new spool.
+    let meta_damaged = match loaded {
+        Loaded::Damaged => true,
+        Loaded::Missing => !segments.is_empty(),
+        Loaded::Valid(_) => false,
+    };
     Ok(Recovered {
         segments,
         meta,
         holes,
         skipped,
-        meta_damaged: matches!(loaded, Loaded::Damaged),
+        meta_damaged,
     })
 }
 

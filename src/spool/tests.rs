@@ -640,3 +640,29 @@ fn a_segment_that_cannot_be_opened_for_a_while_loses_nothing() {
     assert_eq!(records.len(), 60, "every record, once the segment opens");
     assert_eq!(spool.stats().dropped_corrupt, 0);
 }
+
+/// A deleted or emptied `spool.meta` beside segments is metadata lost, not a new spool: the
+/// counts restart and acknowledged records are sent again, and opening says so (it said
+/// nothing; found by a defect hunt). A spool opened for the first time reports nothing.
+#[test]
+fn metadata_missing_beside_segments_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = options(tmp.path());
+    let (_spool, _writer, _reader, report) = open(&options);
+    assert!(!report.meta_damaged, "a new spool");
+    drop((_spool, _writer, _reader));
+    let (tmp, options) = damaged_fixture();
+    for emptied in [false, true] {
+        let path = tmp.path().join(meta::FILE_NAME);
+        if emptied {
+            fs::write(&path, b"").unwrap();
+        } else {
+            fs::remove_file(&path).unwrap();
+        }
+        let (spool, _writer, mut reader, report) = open(&options);
+        assert!(report.meta_damaged, "emptied {emptied}");
+        // Nothing is lost for it: every record is there to be sent again.
+        assert_eq!(read_all(&mut reader).len(), 60, "emptied {emptied}");
+        assert_balanced(&spool.stats());
+    }
+}
