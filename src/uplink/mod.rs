@@ -318,22 +318,32 @@ impl Uplink {
         handle.stage.close();
         let joined = tokio::task::spawn_blocking(move || writer.join());
         let mut joined = std::pin::pin!(joined);
-        if tokio::time::timeout(WRITER_WAIT, &mut joined)
-            .await
-            .is_err()
-        {
-            warn!("The spool writer is still waiting for room; closing the spool.");
-            handle.spool.close();
-            if joined.await.is_err() {
-                error!("The spool writer could not be joined.");
+        let spool_writer = match tokio::time::timeout(WRITER_WAIT, &mut joined).await {
+            Ok(joined) => joined.ok().flatten(),
+            Err(_) => {
+                warn!("The spool writer is still waiting for room; closing the spool.");
+                handle.spool.close();
+                let joined = joined.await;
+                if joined.is_err() {
+                    error!("The spool writer could not be joined.");
+                }
+                joined.ok().flatten()
             }
-        }
+        };
         forwarder_cancel.cancel();
         if tokio::time::timeout(FORWARDER_WAIT, forwarder)
             .await
             .is_err()
         {
             warn!("The uplink forwarder did not stop in time.");
+        }
+        // The acknowledgements the forwarder collected after the writer's last sync are stored
+        // too: without this last sync the next start sent those samples again.
+        if let Some(mut spool_writer) = spool_writer {
+            let synced = tokio::task::spawn_blocking(move || spool_writer.sync()).await;
+            if let Ok(Err(err)) = synced {
+                error!(error = %err, "Cannot sync the spool at stop.");
+            }
         }
         handle.spool.close();
     }

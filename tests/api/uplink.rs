@@ -284,6 +284,11 @@ struct SlowBroker {
 
 impl SlowBroker {
     async fn start() -> SlowBroker {
+        Self::start_with(Duration::ZERO).await
+    }
+
+    /// Like [`Self::start`], answering every PUBLISH only `puback_delay` after it arrived.
+    async fn start_with(puback_delay: Duration) -> SlowBroker {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -300,7 +305,7 @@ impl SlowBroker {
                 };
                 let record = record.clone();
                 tokio::spawn(async move {
-                    let _ = Self::serve(stream, index, &record).await;
+                    let _ = Self::serve(stream, index, &record, puback_delay).await;
                 });
             }
         });
@@ -311,6 +316,7 @@ impl SlowBroker {
         stream: tokio::net::TcpStream,
         index: usize,
         seen: &Seen,
+        puback_delay: Duration,
     ) -> std::io::Result<()> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut rd, mut wr) = stream.into_split();
@@ -335,6 +341,7 @@ impl SlowBroker {
                     let at = 2 + topic;
                     let pkid = u16::from_be_bytes([body[at], body[at + 1]]);
                     seen.lock().unwrap()[index].push((pkid, body[at + 2..].to_vec()));
+                    tokio::time::sleep(puback_delay).await;
                     wr.write_all(&[0x40, 0x02, body[at], body[at + 1]]).await?;
                     packets += 1;
                     if packets % 4 == 0 {
@@ -412,4 +419,51 @@ async fn a_slow_broker_gets_every_packet_id_in_sequence_on_one_connection() {
         );
     }
     up.stop().await;
+}
+
+/// A graceful stop stores the acknowledgements the forwarder collected after the spool
+/// writer's last sync: the broker here answers each PUBLISH 500 ms late, so the one
+/// acknowledgement arrives while the forwarder is stopping, after the writer's last sync. The
+/// stop threw the writer away and never synced again, so the next start sent those samples a
+/// second time (found by a defect hunt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_stores_the_acknowledgements_that_came_while_stopping() {
+    let broker = SlowBroker::start_with(Duration::from_millis(500)).await;
+    let spool = tempfile::tempdir().unwrap();
+    let app = super::helpers::spawn_app(|s| {
+        s.devices[0].autostart = false;
+        s.uplink = Some(uplink_settings(format!("mqtt://127.0.0.1:{}", broker.port)));
+        s.spool.path = spool.path().to_owned();
+    })
+    .await;
+    let samples: Vec<_> = (0..10)
+        .map(|seq| serde_json::json!({"device": "sim0", "value": 1.0, "unit": "V", "seq": seq}))
+        .collect();
+    let response = app
+        .client
+        .post(app.url("/samples"))
+        .json(&samples)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    wait_until(DEADLINE, "the broker has the message", async || {
+        broker.connections().iter().map(Vec::len).sum::<usize>() == 1
+    })
+    .await;
+    let summary = app.shut_down().await;
+    assert!(summary.balanced, "{summary:?}");
+    let (_spool, _writer, _reader, report) = Spool::open(SpoolOptions {
+        dir: spool.path().to_owned(),
+        max_bytes: 64 << 20,
+        when_full: WhenFull::Block,
+        fsync: Fsync::Always,
+    })
+    .unwrap();
+    assert_eq!(
+        (report.stats.forwarded, report.stats.pending),
+        (10, 0),
+        "the acknowledgement that came while stopping is stored: {:?}",
+        report.stats
+    );
 }
