@@ -288,15 +288,15 @@ impl RingBuffer {
     /// allocation is within `capacity` samples, so memory stays within it. Otherwise all of them
     /// as a block copy (`VecDeque::append`: two `memcpy`s), or one move per sample.
     fn move_front(&self, queue: &mut VecDeque<Sample>, samples: &mut VecDeque<Sample>, n: usize) {
-        if n == samples.len() {
-            if queue.is_empty() && samples.capacity() <= self.capacity {
-                std::mem::swap(queue, samples);
-            } else {
-                self.grow_for(queue, n);
-                queue.append(samples);
-            }
+        let all = n == samples.len();
+        if all && queue.is_empty() && samples.capacity() <= self.capacity {
+            std::mem::swap(queue, samples);
+            return;
+        }
+        self.grow_for(queue, n);
+        if all {
+            queue.append(samples);
         } else {
-            self.grow_for(queue, n);
             queue.extend(samples.drain(..n));
         }
     }

@@ -565,20 +565,7 @@ fn block_finds_room_when_the_only_segment_is_acknowledged() {
         reader.ack(r.offset, r.count);
     }
     assert_eq!(spool.stats().pending, 0);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let written = writer.append(&[Append {
-            payload: &big,
-            count: 1,
-        }]);
-        let _ = tx.send(written.is_ok());
-    });
-    assert_eq!(
-        rx.recv_timeout(Duration::from_secs(10)),
-        Ok(true),
-        "the writer found no room in an acknowledged spool: {:?}",
-        spool.stats()
-    );
+    assert_appends_in_time(writer, big, &spool);
     assert_balanced(&spool.stats());
 }
 
@@ -597,14 +584,20 @@ fn a_smaller_max_bytes_after_a_restart_still_finds_room() {
         writer.sync().unwrap();
     }
     options.max_bytes = 1 << 20;
-    let (spool, mut writer, mut reader, _) = open(&options);
+    let (spool, writer, mut reader, _) = open(&options);
     for r in read_all(&mut reader) {
         reader.ack(r.offset, r.count);
     }
+    assert_appends_in_time(writer, b"small".to_vec(), &spool);
+}
+
+/// Appends `payload` on a thread of its own and asserts it is written within 10 s (a writer
+/// that finds no room would wait, or spin, for good).
+fn assert_appends_in_time(mut writer: SpoolWriter, payload: Vec<u8>, spool: &Spool) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let written = writer.append(&[Append {
-            payload: b"small",
+            payload: &payload,
             count: 1,
         }]);
         let _ = tx.send(written.is_ok());
@@ -612,7 +605,7 @@ fn a_smaller_max_bytes_after_a_restart_still_finds_room() {
     assert_eq!(
         rx.recv_timeout(Duration::from_secs(10)),
         Ok(true),
-        "the writer found no room: {:?}",
+        "the writer found no room in an acknowledged spool: {:?}",
         spool.stats()
     );
 }

@@ -318,18 +318,18 @@ impl Uplink {
         handle.stage.close();
         let joined = tokio::task::spawn_blocking(move || writer.join());
         let mut joined = std::pin::pin!(joined);
-        let spool_writer = match tokio::time::timeout(WRITER_WAIT, &mut joined).await {
-            Ok(joined) => joined.ok().flatten(),
+        let joined = match tokio::time::timeout(WRITER_WAIT, &mut joined).await {
+            Ok(joined) => joined,
             Err(_) => {
                 warn!("The spool writer is still waiting for room; closing the spool.");
                 handle.spool.close();
-                let joined = joined.await;
-                if joined.is_err() {
-                    error!("The spool writer could not be joined.");
-                }
-                joined.ok().flatten()
+                joined.await
             }
         };
+        let spool_writer = joined.unwrap_or_else(|_| {
+            error!("The spool writer could not be joined.");
+            None
+        });
         forwarder_cancel.cancel();
         if tokio::time::timeout(FORWARDER_WAIT, forwarder)
             .await

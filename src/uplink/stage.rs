@@ -344,16 +344,14 @@ fn append_in_groups(
 fn write(shared: &Shared, writer: &mut SpoolWriter, batch: Vec<(Range<u64>, Item)>, closing: bool) {
     let mut appends = Vec::new();
     let mut samples = 0u64;
-    let mut through = 0u64;
     let mut lost = Vec::new();
-    let mut written_through = shared.settled.borrow().through;
+    let mut through = shared.settled.borrow().through;
     // Per batch, where its records end among `appends`.
     let mut ends = Vec::with_capacity(batch.len());
     for (orders, item) in &batch {
-        if closing && orders.start > written_through {
-            lost.push(written_through..orders.start);
+        if closing && orders.start > through {
+            lost.push(through..orders.start);
         }
-        written_through = written_through.max(orders.end);
         through = through.max(orders.end);
         match item {
             Item::Encoded(e) => {
