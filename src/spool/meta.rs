@@ -160,6 +160,20 @@ impl MetaFile {
     }
 
     /// What was last made durable.
+    /// The generation of the store that was loaded or made last (0 when there was none).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Makes the next store's generation at least `next`. Its slot stays the one the next store
+    /// would have used anyway, so the newest durable slot is never the one overwritten.
+    pub fn skip_to(&mut self, next: u64) {
+        if next > self.generation + 1 {
+            let skip = next - (self.generation + 1);
+            self.generation += skip + skip % 2;
+        }
+    }
+
     pub fn stored(&self) -> Meta {
         self.stored
     }
@@ -211,5 +225,36 @@ mod tests {
         assert_eq!(loaded, Loaded::Valid(meta(1)));
         file.store(&meta(2)).unwrap();
         assert_eq!(MetaFile::open(dir).unwrap().1, Loaded::Valid(meta(2)));
+    }
+
+    #[test]
+    fn skipped_generations_keep_the_slot_the_next_store_would_use() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (mut file, _) = MetaFile::open(dir).unwrap();
+        file.store(&meta(1)).unwrap();
+        file.store(&meta(2)).unwrap();
+        for next in [3, 4, 10, 11] {
+            let (mut file, _) = MetaFile::open(dir).unwrap();
+            let before = file.generation();
+            let slot_before = (before + 1) % 2;
+            file.skip_to(next);
+            assert!(file.generation() + 1 >= next, "{next}");
+            assert_eq!((file.generation() + 1) % 2, slot_before, "{next}");
+            file.store(&meta(next)).unwrap();
+            let (file, loaded) = MetaFile::open(dir).unwrap();
+            assert_eq!(loaded, Loaded::Valid(meta(next)));
+            assert!(file.generation() >= next);
+            // The store before it is still whole in the other slot.
+            let bytes = std::fs::read(dir.join(FILE_NAME)).unwrap();
+            let older = (file.generation() + 1) % 2;
+            let slot = &bytes[older as usize * SLOT_LEN..(older as usize + 1) * SLOT_LEN];
+            assert_eq!(decode(slot).map(|(g, _)| g), Some(before), "{next}");
+        }
+        // A lower target changes nothing.
+        let (mut file, _) = MetaFile::open(dir).unwrap();
+        let before = file.generation();
+        file.skip_to(1);
+        assert_eq!(file.generation(), before);
     }
 }

@@ -303,14 +303,16 @@ impl Spool {
         options: SpoolOptions,
     ) -> io::Result<(Spool, SpoolWriter, SpoolReader, OpenReport)> {
         fs::create_dir_all(&options.dir)?;
-        let (meta_file, loaded) = MetaFile::open(&options.dir)?;
+        let (mut meta_file, loaded) = MetaFile::open(&options.dir)?;
         let Recovered {
             segments,
             meta,
             holes,
             skipped,
             meta_damaged,
-        } = recovery::recover(&options.dir, loaded)?;
+            generation,
+        } = recovery::recover(&options.dir, loaded, meta_file.generation())?;
+        meta_file.skip_to(generation);
         for s in &skipped {
             warn!(
                 file = %s.path.display(),
@@ -859,7 +861,7 @@ impl SpoolReader {
                     Decoded::Incomplete | Decoded::Invalid => {
                         // Damage that appeared after recovery (the disk, or someone else):
                         // skip to the next intact record, counting the items in between.
-                        match self.skip_damage(at, limit) {
+                        match self.skip_damage(at, limit, end) {
                             Ok(skipped) => at += skipped,
                             Err(err) => {
                                 self.lose_rest(first, end, &err);
@@ -896,8 +898,10 @@ impl SpoolReader {
         self.shared.changed.notify_all();
     }
 
-    /// Skips damaged bytes at `at` in the read buffer; returns how many.
-    fn skip_damage(&mut self, at: usize, limit: u64) -> io::Result<usize> {
+    /// Skips damaged bytes at `at` in the read buffer; returns how many. `limit` and `end` are
+    /// the segment's length in bytes and its end offset, as read together: when no intact
+    /// record follows the damage, the items up to `end` are lost, and none appended after it.
+    fn skip_damage(&mut self, at: usize, limit: u64, end: u64) -> io::Result<usize> {
         let cursor = self.cursor.as_ref().expect("reading");
         let start = cursor.pos + at as u64;
         let rest_len = (limit - start) as usize;
@@ -913,15 +917,7 @@ impl SpoolReader {
                 };
                 (i, h.offset)
             }
-            None => {
-                let state = self.shared.lock();
-                let end = state
-                    .segments
-                    .iter()
-                    .find(|s| s.first == cursor.first)
-                    .map_or(self.next, |s| s.end);
-                (rest.len(), end)
-            }
+            None => (rest.len(), end),
         };
         warn!(
             segment = cursor.first,

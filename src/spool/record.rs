@@ -4,7 +4,9 @@
 //! offset  size  field
 //!      0     4  crc32c of bytes 4 .. 32 + len (everything after this field)
 //!      4     1  version (1)
-//!      5     1  kind: 0 data, 1 lost (a tombstone for items recovery could not save; len 0)
+//!      5     1  kind: 0 data, 1 lost (a tombstone for items recovery could not save; len 8:
+//!                 the generation of the metadata store that counts them, or 0 as written by
+//!                 the first spool version, which counted them already)
 //!      6     2  reserved, zero
 //!      8     4  len: payload bytes
 //!     12     4  count: items in the payload (samples), at least 1
@@ -34,7 +36,8 @@ pub enum Kind {
     /// Items: an opaque payload.
     Data,
     /// A tombstone written by recovery for items that were lost, so that the loss is counted
-    /// once, not again at every start. It has no payload.
+    /// once, not again at every start. Its payload is the generation of the metadata store that
+    /// counts the loss ([`lost_counted_by`]).
     Lost,
 }
 
@@ -127,7 +130,7 @@ pub fn peek(bytes: &[u8]) -> Decoded {
     };
     if bytes[4] != VERSION
         || bytes[6..8] != [0; 2]
-        || (kind == Kind::Lost && header.len != 0)
+        || (kind == Kind::Lost && header.len != 0 && header.len != 8)
         || header.count == 0
         || header.len as usize > MAX_PAYLOAD
         || header.offset.checked_add(u64::from(header.count)).is_none()
@@ -137,21 +140,33 @@ pub fn peek(bytes: &[u8]) -> Decoded {
     Decoded::Record(header)
 }
 
-/// Appends tombstones covering the lost items `[from, to)`.
-pub fn encode_lost(from: u64, to: u64, written_ms: u64, out: &mut Vec<u8>) {
+/// Appends tombstones covering the lost items `[from, to)`, to be counted by the metadata
+/// store of generation `counted_by`: until a store of that generation is durable, the next
+/// start counts them (recovery writes them first and stores the counts second, so a crash in
+/// between neither loses the count nor counts it twice).
+pub fn encode_lost(from: u64, to: u64, written_ms: u64, counted_by: u64, out: &mut Vec<u8>) {
     let mut at = from;
     while at < to {
         let count = (to - at).min(u64::from(u32::MAX)) as u32;
         let header = Header {
             kind: Kind::Lost,
-            len: 0,
+            len: 8,
             count,
             offset: at,
             written_ms,
         };
-        encode(&header, &[], out);
+        encode(&header, &counted_by.to_le_bytes(), out);
         at += u64::from(count);
     }
+}
+
+/// The metadata generation that counts a tombstone, from the whole record (header and
+/// payload); 0 for the first version's tombstones without a payload, which were counted when
+/// they were written.
+pub fn lost_counted_by(record: &[u8]) -> u64 {
+    record
+        .get(HEADER_LEN..HEADER_LEN + 8)
+        .map_or(0, |b| u64_at(b, 0))
 }
 
 /// Parses and checks the record at the start of `bytes`.
@@ -221,5 +236,33 @@ mod tests {
             assert_eq!(decode(&bytes[..cut]), Decoded::Incomplete, "cut at {cut}");
         }
         assert_eq!(decode(&[0; 64]), Decoded::Invalid);
+    }
+
+    #[test]
+    fn tombstones_carry_the_generation_that_counts_them() {
+        let mut out = Vec::new();
+        encode_lost(10, 15, 1_700_000_000_000, 42, &mut out);
+        let Decoded::Record(h) = decode(&out) else {
+            panic!("not decoded")
+        };
+        assert_eq!((h.kind, h.offset, h.count, h.len), (Kind::Lost, 10, 5, 8));
+        assert_eq!(h.total_len(), out.len());
+        assert_eq!(lost_counted_by(&out), 42);
+        // The first version's tombstones have no payload: counted when written.
+        let mut old = Vec::new();
+        let header = Header {
+            kind: Kind::Lost,
+            len: 0,
+            count: 5,
+            offset: 10,
+            written_ms: 1,
+        };
+        encode(&header, &[], &mut old);
+        assert!(matches!(decode(&old), Decoded::Record(h) if h.kind == Kind::Lost));
+        assert_eq!(lost_counted_by(&old), 0);
+        // Any other payload length is damage.
+        let mut odd = Vec::new();
+        encode(&Header { len: 3, ..header }, b"abc", &mut odd);
+        assert_eq!(decode(&odd), Decoded::Invalid);
     }
 }

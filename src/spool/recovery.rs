@@ -81,14 +81,21 @@ pub struct Recovered {
     pub skipped: Vec<Skipped>,
     /// Whether the metadata file was damaged (counts then restart from what the files show).
     pub meta_damaged: bool,
+    /// The lowest generation the metadata store that makes this recovery durable may have: the
+    /// one its tombstones name, and no lower than any tombstone found.
+    pub generation: u64,
 }
 
-/// Rebuilds the spool's state from `dir` and the metadata read from it.
+/// Rebuilds the spool's state from `dir` and the metadata read from it, whose store had
+/// generation `generation` (0 when there is none).
 ///
 /// Every loss it finds is counted once in `dropped_corrupt` and written down as a tombstone
 /// record (a damaged segment is rewritten with its intact records and tombstones for the rest;
-/// a missing range gets a segment of its own), so the next start does not count it again.
-pub fn recover(dir: &Path, loaded: Loaded) -> io::Result<Recovered> {
+/// a missing range gets a segment of its own), so the next start does not count it again. The
+/// tombstones name the metadata store that will count them, `generation + 1`: when a start
+/// stops between writing them and storing that, the next start finds tombstones newer than
+/// the metadata and counts them itself.
+pub fn recover(dir: &Path, loaded: Loaded, generation: u64) -> io::Result<Recovered> {
     let (mut meta, meta_known) = match loaded {
         Loaded::Valid(meta) => (meta, true),
         Loaded::Missing | Loaded::Damaged => (Meta::default(), false),
@@ -123,6 +130,10 @@ pub fn recover(dir: &Path, loaded: Loaded) -> io::Result<Recovered> {
         lost: 0,
         skipped,
         now_ms: super::unix_ms(std::time::SystemTime::now()),
+        // Without metadata the counts restart from what the files show, tombstones included.
+        counted: meta_known.then_some(generation),
+        counted_by: generation + 1,
+        newest_tag: 0,
     };
     // The next offset expected; starts at the head when the metadata is known, else at the
     // first segment (counts restart).
@@ -176,6 +187,8 @@ pub fn recover(dir: &Path, loaded: Loaded) -> io::Result<Recovered> {
         mut holes,
         lost,
         skipped,
+        counted_by,
+        newest_tag,
         ..
     } = recovery;
     meta.dropped_corrupt += lost;
@@ -199,6 +212,7 @@ pub fn recover(dir: &Path, loaded: Loaded) -> io::Result<Recovered> {
         holes,
         skipped,
         meta_damaged,
+        generation: counted_by.max(newest_tag),
     })
 }
 
@@ -210,6 +224,13 @@ struct Recovery<'a> {
     lost: u64,
     skipped: Vec<Skipped>,
     now_ms: u64,
+    /// Tombstones naming a generation up to this one are in the loaded metadata's counts
+    /// (`None`: there are no counts, every tombstone is counted).
+    counted: Option<u64>,
+    /// The generation the tombstones written now name.
+    counted_by: u64,
+    /// The highest generation any tombstone found names.
+    newest_tag: u64,
 }
 
 impl Recovery<'_> {
@@ -230,7 +251,7 @@ impl Recovery<'_> {
         }
         self.holes.insert(from, to);
         let mut bytes = Vec::new();
-        record::encode_lost(from, to, self.now_ms, &mut bytes);
+        record::encode_lost(from, to, self.now_ms, self.counted_by, &mut bytes);
         let path = self.dir.join(segment_name(from));
         match replace_file(self.dir, &path, &bytes) {
             Ok(()) => self.segments.push(Segment {
@@ -321,7 +342,7 @@ impl Recovery<'_> {
             let mut at = entry.max(self.head);
             for (range, header) in &kept {
                 if header.offset > at {
-                    record::encode_lost(at, header.offset, self.now_ms, &mut out);
+                    record::encode_lost(at, header.offset, self.now_ms, self.counted_by, &mut out);
                 }
                 out.extend_from_slice(&bytes[range.clone()]);
                 at = header.end();
@@ -345,11 +366,30 @@ impl Recovery<'_> {
             }
         }
         let mut times = Vec::new();
-        for (_, header) in &kept {
+        for (range, header) in &kept {
             match header.kind {
                 Kind::Data => times.push((header.end(), header.written_ms)),
                 Kind::Lost => {
                     self.holes.insert(header.offset, header.end());
+                    let tag = record::lost_counted_by(&bytes[range.clone()]);
+                    self.newest_tag = self.newest_tag.max(tag);
+                    let what = match self.counted {
+                        None => "a loss written down earlier; counted again as counts restart",
+                        // Written by a start that stopped before it stored its counts.
+                        Some(counted) if tag > counted => {
+                            "a loss written down by a start that stopped before storing its \
+                             counts; counted now"
+                        }
+                        Some(_) => continue,
+                    };
+                    self.lost += u64::from(header.count);
+                    self.skipped.push(Skipped {
+                        path: path.to_owned(),
+                        at: range.start as u64,
+                        bytes: 0,
+                        items: u64::from(header.count),
+                        what,
+                    });
                 }
             }
         }

@@ -386,6 +386,62 @@ fn a_hole_at_the_start_of_a_later_segment_is_counted_once() {
     }
 }
 
+/// Flips a byte in the first segment's third record and deletes the second segment.
+fn damage_two_ways(dir: &Path) {
+    let files = segments(dir);
+    let mut bytes = fs::read(&files[0]).unwrap();
+    bytes[2 * (record::HEADER_LEN + 6_000) + 100] ^= 0x55;
+    fs::write(&files[0], &bytes).unwrap();
+    fs::remove_file(&files[1]).unwrap();
+}
+
+#[test]
+fn a_start_that_stops_before_storing_its_counts_leaves_them_to_the_next() {
+    let (tmp, options) = damaged_fixture();
+    damage_two_ways(tmp.path());
+    let meta_path = tmp.path().join(meta::FILE_NAME);
+    let before = fs::read(&meta_path).unwrap();
+    let (offsets, stats, _) = reopen_and_read(&options);
+    let lost = stats.dropped_corrupt;
+    assert!(lost > 1, "a record and a segment: {stats:?}");
+    // The crash: recovery's tombstones are on disk, the metadata store counting them is not.
+    fs::write(&meta_path, &before).unwrap();
+    let (again, stats, report) = reopen_and_read(&options);
+    assert_eq!(again, offsets);
+    assert_eq!(stats.dropped_corrupt, lost, "{:?}", report.skipped);
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|s| s.what.contains("counted now")),
+        "{:?}",
+        report.skipped
+    );
+    // Counted once, and not again.
+    let (again, stats, report) = reopen_and_read(&options);
+    assert_eq!(again, offsets);
+    assert_eq!(stats.dropped_corrupt, lost);
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+}
+
+#[test]
+fn tombstones_older_than_damaged_metadata_are_never_counted_later() {
+    let (tmp, options) = damaged_fixture();
+    damage_two_ways(tmp.path());
+    let (offsets, before, _) = reopen_and_read(&options);
+    // The metadata lost: counts restart from what the files show, tombstones included.
+    fs::write(tmp.path().join(meta::FILE_NAME), vec![0x5a; 128]).unwrap();
+    let (again, restarted, report) = reopen_and_read(&options);
+    assert!(report.meta_damaged);
+    assert_eq!(again, offsets);
+    assert_eq!(restarted.dropped_corrupt, before.dropped_corrupt);
+    for _ in 0..2 {
+        let (again, stats, report) = reopen_and_read(&options);
+        assert_eq!(again, offsets);
+        assert_eq!(stats, restarted, "{:?}", report.skipped);
+    }
+}
+
 #[test]
 fn a_segment_named_far_beyond_the_spool_is_left_alone() {
     let (tmp, options) = damaged_fixture();
@@ -442,6 +498,35 @@ fn damage_that_appears_after_opening_is_skipped_by_the_reader() {
     let (again, stats, _) = reopen_and_read(&options);
     assert_eq!(again, (1..60).collect::<Vec<_>>());
     assert_eq!(stats.dropped_corrupt, 1);
+}
+
+#[test]
+fn damage_at_the_active_tail_loses_nothing_appended_after_the_read_began() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = options(tmp.path());
+    let (spool, mut writer, mut reader, _) = open(&options);
+    append(&mut writer, 0, 1);
+    append(&mut writer, 1, 1);
+    writer.sync().unwrap();
+    let file = segments(tmp.path()).remove(0);
+    let mut bytes = fs::read(&file).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0xff; // the second record's payload
+    fs::write(&file, &bytes).unwrap();
+    assert_eq!(reader.read(1, 1 << 20).unwrap().len(), 1);
+    // What a read sees of the active segment, then a record appended before it handles the
+    // damage it found there (the writer runs on another thread).
+    let (limit, end) = {
+        let state = spool.shared.lock();
+        let segment = state.segments.back().unwrap();
+        (segment.bytes, segment.end)
+    };
+    append(&mut writer, 2, 1);
+    reader.skip_damage(0, limit, end).unwrap();
+    let offsets: Vec<u64> = read_all(&mut reader).iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, [2]);
+    assert_eq!(spool.stats().dropped_corrupt, 1);
+    assert_balanced(&spool.stats());
 }
 
 // ---- The model: random appends, reads, acks, syncs and crashes. ----
