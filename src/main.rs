@@ -259,14 +259,14 @@ fn main() -> ExitCode {
             })
         }
         None => {
-            if let Some(path) = &cli.stats_file {
-                if let Err(err) = prepare_stats_file(path) {
-                    eprintln!(
-                        "telemetryhub: cannot write the stats file {}: {err}",
-                        path.display()
-                    );
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+            if let Some(path) = &cli.stats_file
+                && let Err(err) = prepare_stats_file(path)
+            {
+                eprintln!(
+                    "telemetryhub: cannot write the stats file {}: {err}",
+                    path.display()
+                );
+                return ExitCode::from(EXIT_CONFIG);
             }
             let log = telemetryhub::telemetry::init(&settings.log.level, settings.log.format);
             block_on(run(settings, source, log, cli.stats_file))

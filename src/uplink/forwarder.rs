@@ -536,10 +536,10 @@ impl Forwarder {
                 }
             }
         };
-        if let Some(task) = read_task {
-            if let Ok((r, _)) = task.await {
-                reader = Some(r);
-            }
+        if let Some(task) = read_task
+            && let Ok((r, _)) = task.await
+        {
+            reader = Some(r);
         }
         if matches!(outcome, Session::Cancelled | Session::Reconfigured) && connected {
             finish(

@@ -76,7 +76,7 @@ fn spawn_writer(path: PathBuf, garbage: bool, stop: CancellationToken) {
             };
             loop {
                 let mut buf = BytesMut::new();
-                if garbage && seq % 10 == 0 {
+                if garbage && seq.is_multiple_of(10) {
                     buf.extend_from_slice(b"\x00\xffnoise on the line\r\n");
                 }
                 encode_frame(seq, 40.0 + f64::from(seq % 7), "degC", &mut buf);

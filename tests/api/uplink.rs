@@ -344,7 +344,7 @@ impl SlowBroker {
                     tokio::time::sleep(puback_delay).await;
                     wr.write_all(&[0x40, 0x02, body[at], body[at + 1]]).await?;
                     packets += 1;
-                    if packets % 4 == 0 {
+                    if packets.is_multiple_of(4) {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                 }
