@@ -118,6 +118,15 @@ impl MetaFile {
             .create(true)
             .truncate(false)
             .open(&path)?;
+        // One opener at a time: two gateways appending to and deleting from the same segments
+        // would lose records and count their losses wrongly. The lock goes with the file.
+        file.try_lock().map_err(|err| match err {
+            std::fs::TryLockError::WouldBlock => io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the spool is in use by another process (its spool.meta is locked)",
+            ),
+            std::fs::TryLockError::Error(err) => err,
+        })?;
         let mut bytes = Vec::new();
         io::Read::read_to_end(&mut &file, &mut bytes)?;
         let slots = [bytes.get(..SLOT_LEN), bytes.get(SLOT_LEN..2 * SLOT_LEN)];
@@ -159,7 +168,6 @@ impl MetaFile {
         Ok(())
     }
 
-    /// What was last made durable.
     /// The generation of the store that was loaded or made last (0 when there was none).
     pub fn generation(&self) -> u64 {
         self.generation
@@ -174,6 +182,7 @@ impl MetaFile {
         }
     }
 
+    /// What was last made durable.
     pub fn stored(&self) -> Meta {
         self.stored
     }
@@ -201,6 +210,7 @@ mod tests {
         assert_eq!(loaded, Loaded::Missing);
         file.store(&meta(5)).unwrap();
         file.store(&meta(9)).unwrap();
+        drop(file); // one opener at a time
         assert_eq!(MetaFile::open(dir).unwrap().1, Loaded::Valid(meta(9)));
         // Damage the newer slot (generation 2 lives in slot 0): the older one is used.
         let path = dir.join(FILE_NAME);
@@ -221,9 +231,11 @@ mod tests {
         let dir = tmp.path();
         let (mut file, _) = MetaFile::open(dir).unwrap();
         file.store(&meta(1)).unwrap();
+        drop(file); // one opener at a time
         let (mut file, loaded) = MetaFile::open(dir).unwrap();
         assert_eq!(loaded, Loaded::Valid(meta(1)));
         file.store(&meta(2)).unwrap();
+        drop(file);
         assert_eq!(MetaFile::open(dir).unwrap().1, Loaded::Valid(meta(2)));
     }
 
@@ -234,6 +246,7 @@ mod tests {
         let (mut file, _) = MetaFile::open(dir).unwrap();
         file.store(&meta(1)).unwrap();
         file.store(&meta(2)).unwrap();
+        drop(file); // one opener at a time
         for next in [3, 4, 10, 11] {
             let (mut file, _) = MetaFile::open(dir).unwrap();
             let before = file.generation();
@@ -242,6 +255,7 @@ mod tests {
             assert!(file.generation() + 1 >= next, "{next}");
             assert_eq!((file.generation() + 1) % 2, slot_before, "{next}");
             file.store(&meta(next)).unwrap();
+            drop(file);
             let (file, loaded) = MetaFile::open(dir).unwrap();
             assert_eq!(loaded, Loaded::Valid(meta(next)));
             assert!(file.generation() >= next);

@@ -92,9 +92,10 @@ pub struct Recovered {
 /// Every loss it finds is counted once in `dropped_corrupt` and written down as a tombstone
 /// record (a damaged segment is rewritten with its intact records and tombstones for the rest;
 /// a missing range gets a segment of its own), so the next start does not count it again. The
-/// tombstones name the metadata store that will count them, `generation + 1`: when a start
-/// stops between writing them and storing that, the next start finds tombstones newer than
-/// the metadata and counts them itself.
+/// tombstones name the metadata store that will count them, `generation + 1` (the caller
+/// stores with at least [`Recovered::generation`]): when a start stops between writing them
+/// and storing that, the next start finds tombstones newer than the metadata and counts them
+/// itself.
 pub fn recover(dir: &Path, loaded: Loaded, generation: u64) -> io::Result<Recovered> {
     let (mut meta, meta_known) = match loaded {
         Loaded::Valid(meta) => (meta, true),

@@ -443,6 +443,57 @@ fn tombstones_older_than_damaged_metadata_are_never_counted_later() {
 }
 
 #[test]
+fn first_version_tombstones_stay_counted_until_the_counts_restart() {
+    let (tmp, options) = damaged_fixture();
+    damage_two_ways(tmp.path());
+    let (offsets, before, _) = reopen_and_read(&options);
+    // Every tombstone rewritten as the first version wrote them: no generation.
+    let mut rewritten = 0;
+    for path in segments(tmp.path()) {
+        let bytes = fs::read(&path).unwrap();
+        let (mut out, mut pos) = (Vec::new(), 0);
+        while pos < bytes.len() {
+            let Decoded::Record(h) = record::decode(&bytes[pos..]) else {
+                panic!("recovery left only intact records")
+            };
+            match h.kind {
+                Kind::Data => out.extend_from_slice(&bytes[pos..pos + h.total_len()]),
+                Kind::Lost => {
+                    record::encode(&Header { len: 0, ..h }, &[], &mut out);
+                    rewritten += 1;
+                }
+            }
+            pos += h.total_len();
+        }
+        fs::write(&path, &out).unwrap();
+    }
+    assert!(rewritten >= 2, "{rewritten}");
+    let (again, stats, report) = reopen_and_read(&options);
+    assert_eq!(again, offsets);
+    assert_eq!(stats.dropped_corrupt, before.dropped_corrupt);
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    // Counts restart from the files: those tombstones are counted like any other.
+    fs::write(tmp.path().join(meta::FILE_NAME), vec![0x5a; 128]).unwrap();
+    let (again, restarted, _) = reopen_and_read(&options);
+    assert_eq!(again, offsets);
+    assert_eq!(restarted.dropped_corrupt, before.dropped_corrupt);
+}
+
+#[test]
+fn a_spool_in_use_by_another_opener_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = options(tmp.path());
+    let first = open(&options);
+    let err = Spool::open(options.clone())
+        .err()
+        .expect("a second opener is refused");
+    assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+    assert!(err.to_string().contains("in use"), "{err}");
+    drop(first);
+    open(&options);
+}
+
+#[test]
 fn a_segment_named_far_beyond_the_spool_is_left_alone() {
     let (tmp, options) = damaged_fixture();
     let stray = tmp.path().join("99999999999999999999.seg");
