@@ -113,6 +113,8 @@ impl Names {
         Self::name(&mut self.channel, bytes, valid_channel)
     }
 
+    /// The repeated name in line, anything else in [`Self::new_name`].
+    #[inline(always)]
     fn name(
         cached: &mut Option<SmolStr>,
         bytes: &[u8],
@@ -123,6 +125,15 @@ impl Names {
         {
             return Some(name.clone());
         }
+        Self::new_name(cached, bytes, valid)
+    }
+
+    #[inline(never)]
+    fn new_name(
+        cached: &mut Option<SmolStr>,
+        bytes: &[u8],
+        valid: fn(&[u8]) -> bool,
+    ) -> Option<SmolStr> {
         if !valid(bytes) {
             return None;
         }
@@ -332,6 +343,7 @@ fn parse_line_with(line: &[u8], names: &mut Names) -> Result<RawSample, InvalidR
 
 /// [`parse_line_with`] given the scan of the line's payload. `scan` may also count commas
 /// after the payload (in `*CC`): such a line fails the `*CC` checks before any comma is used.
+#[inline(always)]
 fn parse_scanned(line: &[u8], scan: &Scan, names: &mut Names) -> Result<RawSample, InvalidReason> {
     let body = line.strip_prefix(b"$").ok_or(InvalidReason::Syntax)?;
     let star = body.len().checked_sub(3).ok_or(InvalidReason::Syntax)?;
