@@ -375,9 +375,10 @@ mod tests {
             prop_assert_eq!(result.is_ok(), words.len() == usize::from(data_type.width()));
             // Decoding then encoding gives the registers back (NaN payloads included).
             if let Ok(raw) = result
-                && !matches!(raw, Raw::Float(f) if f.is_nan() && data_type == Float32) {
-                    prop_assert_eq!(encode(data_type, order, raw).unwrap(), words);
-                }
+                && !matches!(raw, Raw::Float(f) if f.is_nan() && data_type == Float32)
+            {
+                prop_assert_eq!(encode(data_type, order, raw).unwrap(), words);
+            }
         }
 
         #[test]
