@@ -12,14 +12,19 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use telemetryhub::device::codec::{
-    Frame, FrameCodec, REPLY_PREFIXES, valid_channel, valid_unit,
+    Frame, FrameCodec, NameTrail, REPLY_PREFIXES, valid_channel, valid_unit,
 };
 use tokio_util::codec::Encoder;
 use tokio_util::codec::Decoder;
 
-fn check(frame: &Frame) {
+/// Checks one item of the stream `trail` follows the names of.
+fn check(frame: &Frame, trail: &mut NameTrail) {
     match frame {
         Frame::Sample(sample) => {
+            // Names come with a codec's first sample, so every sample has some.
+            let sample = trail
+                .resolve(sample.clone())
+                .expect("a sample without names before any with them");
             assert!(valid_unit(sample.unit.as_bytes()), "{sample:?}");
             if let Some(channel) = &sample.channel {
                 assert!(valid_channel(channel.as_bytes()), "{sample:?}");
@@ -28,9 +33,12 @@ fn check(frame: &Frame) {
             // same sequence, unit and channel.
             let mut again = BytesMut::new();
             let mut codec = FrameCodec::new(16);
-            codec.encode(sample, &mut again).expect("encoding never fails");
+            codec.encode(&sample, &mut again).expect("encoding never fails");
             match FrameCodec::new(again.len().max(16)).decode(&mut again) {
                 Ok(Some(Frame::Sample(back))) => {
+                    let back = NameTrail::default()
+                        .resolve(back)
+                        .expect("a codec's first sample carries its names");
                     assert_eq!(
                         (back.seq, &back.unit, &back.channel),
                         (sample.seq, &sample.unit, &sample.channel)
@@ -64,6 +72,7 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = BytesMut::new();
     let mut batch_buf = BytesMut::new();
     let (mut one_by_one, mut batched) = (Vec::new(), Vec::new());
+    let mut trail = NameTrail::default();
     // Read sizes vary with a tiny deterministic generator, from 1 byte to 256.
     let mut state = u32::from(step_byte) | 1;
     let mut rest = link;
@@ -74,7 +83,7 @@ fuzz_target!(|data: &[u8]| {
         batch_buf.extend_from_slice(&rest[..n]);
         rest = &rest[n..];
         while let Some(frame) = codec.decode(&mut buf).expect("the decoder never fails") {
-            check(&frame);
+            check(&frame, &mut trail);
             one_by_one.push(frame);
         }
         assert!(
@@ -93,7 +102,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(batch_buf, buf, "both ways leave the same bytes for the next read");
     }
     while let Some(frame) = codec.decode_eof(&mut buf).expect("the decoder never fails") {
-        check(&frame);
+        check(&frame, &mut trail);
         one_by_one.push(frame);
     }
     assert!(buf.is_empty(), "bytes left at end of stream: {buf:?}");

@@ -26,7 +26,8 @@ use bytes::{Buf, BytesMut};
 use smol_str::SmolStr;
 use tokio_util::codec::{Decoder, Encoder};
 
-/// A sample as the device sent it, before the gateway stamps it.
+/// A sample as the device sent it, whole: what [`parse_line`] reads from one line and what the
+/// [`Encoder`] writes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawSample {
     /// The device's own counter.
@@ -38,6 +39,71 @@ pub struct RawSample {
     /// The channel the frame names, if it names one (the second frame form); `None` means the
     /// device's default channel.
     pub channel: Option<SmolStr>,
+}
+
+/// A sample as a decoder yields it, before the gateway stamps it: its unit and channel only
+/// when they differ from the previous sample's.
+///
+/// A device repeats one unit (and channel) in frame after frame, so a decoder hands them out
+/// once per change instead of once per sample: a sample is 24 bytes instead of 64, and a
+/// consumer builds what it derives from the names (the device task's labels) once per change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameSample {
+    /// The device's own counter.
+    pub seq: u32,
+    /// The value as sent.
+    pub value: f64,
+    /// The unit and channel, when they are not those of the sample this codec yielded before
+    /// (always for its first sample); `None` means the same as that one's.
+    pub names: Option<Box<SampleNames>>,
+}
+
+impl From<RawSample> for FrameSample {
+    /// The sample with its names, as a codec yields a first sample.
+    fn from(sample: RawSample) -> Self {
+        FrameSample {
+            seq: sample.seq,
+            value: sample.value,
+            names: Some(Box::new(SampleNames {
+                unit: sample.unit,
+                channel: sample.channel,
+            })),
+        }
+    }
+}
+
+/// The unit and channel a frame was sent with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SampleNames {
+    /// The unit token.
+    pub unit: SmolStr,
+    /// The channel the frame names, if it names one (the second frame form); `None` means the
+    /// device's default channel.
+    pub channel: Option<SmolStr>,
+}
+
+/// The names of one decoded stream, followed from sample to sample: what a consumer that wants
+/// every sample whole (a test, a tool) keeps beside the decoder.
+#[derive(Debug, Clone, Default)]
+pub struct NameTrail {
+    last: Option<SampleNames>,
+}
+
+impl NameTrail {
+    /// `sample` whole, with the names it carries or else those of the sample before it; `None`
+    /// for a sample without names before any sample with them, which one codec never yields.
+    pub fn resolve(&mut self, sample: FrameSample) -> Option<RawSample> {
+        if let Some(names) = sample.names {
+            self.last = Some(*names);
+        }
+        let names = self.last.as_ref()?;
+        Some(RawSample {
+            seq: sample.seq,
+            value: sample.value,
+            unit: names.unit.clone(),
+            channel: names.channel.clone(),
+        })
+    }
 }
 
 /// Why a frame was skipped.
@@ -74,7 +140,7 @@ impl InvalidReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     /// A valid data frame.
-    Sample(RawSample),
+    Sample(FrameSample),
     /// A device's answer to a command: a line starting `OK:`, `ERROR:` or `STATUS:`.
     Reply(String),
     /// Skipped bytes, and why.
@@ -90,57 +156,55 @@ pub struct FrameCodec {
     max_len: usize,
     /// Inside an over-long frame or a run of garbage: skip until `$` or a line end.
     skipping: bool,
-    /// The last unit and channel decoded: a device repeats them in every frame.
-    names: Names,
+    /// The names of the last sample decoded: a device repeats them in every frame.
+    names: NameCache,
 }
 
-/// The last unit and channel a codec decoded, reused (a copy, or a reference count for a long
-/// channel) when the next frame spells the same bytes, instead of checked and built again.
+/// The unit and channel of the last sample a codec yielded: a frame spelling the same bytes
+/// carries no names ([`FrameSample::names`] is `None`) and needs no charset check.
 #[derive(Debug, Clone, Default)]
-struct Names {
-    unit: Option<SmolStr>,
-    channel: Option<SmolStr>,
+struct NameCache {
+    last: Option<SampleNames>,
 }
 
-impl Names {
-    /// `bytes` as a unit (1 to 16 bytes of its charset), from `cached` when it repeats.
-    fn unit(&mut self, bytes: &[u8]) -> Option<SmolStr> {
-        Self::name(&mut self.unit, bytes, valid_unit)
-    }
-
-    /// `bytes` as a channel name, from `cached` when it repeats.
-    fn channel(&mut self, bytes: &[u8]) -> Option<SmolStr> {
-        Self::name(&mut self.channel, bytes, valid_channel)
-    }
-
-    /// The repeated name in line, anything else in [`Self::new_name`].
+impl NameCache {
+    /// The names of a frame whose other fields are valid: `Some(None)` when they repeat the
+    /// last sample's, `Some(Some(..))` when they are new and valid (and now the last), `None`
+    /// when invalid. Nothing that can still refuse the frame may come after this call: the
+    /// names it takes as the last must be the ones a consumer received.
     #[inline(always)]
-    fn name(
-        cached: &mut Option<SmolStr>,
-        bytes: &[u8],
-        valid: fn(&[u8]) -> bool,
-    ) -> Option<SmolStr> {
-        if let Some(name) = cached
-            && same_bytes(name.as_bytes(), bytes)
+    fn of(&mut self, unit: &[u8], channel: Option<&[u8]>) -> Option<Option<Box<SampleNames>>> {
+        if let Some(last) = &self.last
+            && same_bytes(last.unit.as_bytes(), unit)
+            && match (&last.channel, channel) {
+                (None, None) => true,
+                (Some(last), Some(channel)) => same_bytes(last.as_bytes(), channel),
+                _ => false,
+            }
         {
-            return Some(name.clone());
+            return Some(None);
         }
-        Self::new_name(cached, bytes, valid)
+        self.new_names(unit, channel).map(Some)
     }
 
+    /// Names unlike the last: checked, and kept as the last when valid.
     #[inline(never)]
-    fn new_name(
-        cached: &mut Option<SmolStr>,
-        bytes: &[u8],
-        valid: fn(&[u8]) -> bool,
-    ) -> Option<SmolStr> {
-        if !valid(bytes) {
-            return None;
-        }
-        // Valid names are ASCII, so this cannot fail.
-        let name = SmolStr::new(std::str::from_utf8(bytes).ok()?);
-        *cached = Some(name.clone());
-        Some(name)
+    fn new_names(&mut self, unit: &[u8], channel: Option<&[u8]>) -> Option<Box<SampleNames>> {
+        // Valid names are ASCII, so `from_utf8` cannot fail on them.
+        let name = |bytes, valid: fn(&[u8]) -> bool| {
+            valid(bytes)
+                .then(|| std::str::from_utf8(bytes).ok().map(SmolStr::new))
+                .flatten()
+        };
+        let names = SampleNames {
+            unit: name(unit, valid_unit)?,
+            channel: match channel {
+                None => None,
+                Some(channel) => Some(name(channel, valid_channel)?),
+            },
+        };
+        self.last = Some(names.clone());
+        Some(Box::new(names))
     }
 }
 
@@ -151,7 +215,7 @@ impl FrameCodec {
         Self {
             max_len,
             skipping: false,
-            names: Names::default(),
+            names: NameCache::default(),
         }
     }
 
@@ -223,9 +287,10 @@ impl FrameCodec {
     fn frame_at(&mut self, src: &[u8], pos: &mut usize) -> Option<Frame> {
         let limit = src.len().min(self.max_len);
         // The common case, a whole well-formed line followed by more bytes, in one pass.
-        if let Some((end, scan)) = scan_line(src, limit) {
-            let parsed = parse_scanned(&src[..end], &scan, &mut self.names);
-            return Self::hand_out(src, end, pos, parsed);
+        let mut scan = Scan::default();
+        if let Some(end) = scan_line(src, limit, &mut scan) {
+            let frame = parse_scanned(&src[..end], &scan, &mut self.names);
+            return Self::hand_out(src, end, pos, frame);
         }
         let window = &src[..limit];
         // A second `$` before the line end means this frame lost its end: resync there.
@@ -241,22 +306,13 @@ impl FrameCodec {
             *pos += end;
             return Some(Frame::Invalid(InvalidReason::Syntax));
         }
-        let parsed = parse_line_with(&src[..end], &mut self.names);
-        Self::hand_out(src, end, pos, parsed)
+        let frame = parse_line_with(&src[..end], &mut self.names);
+        Self::hand_out(src, end, pos, frame)
     }
 
     /// Hands out the frame parsed from `src[..end]` and moves `pos` past its line end.
     #[inline(always)]
-    fn hand_out(
-        src: &[u8],
-        end: usize,
-        pos: &mut usize,
-        parsed: Result<RawSample, InvalidReason>,
-    ) -> Option<Frame> {
-        let frame = match parsed {
-            Ok(sample) => Frame::Sample(sample),
-            Err(reason) => Frame::Invalid(reason),
-        };
+    fn hand_out(src: &[u8], end: usize, pos: &mut usize, frame: Frame) -> Option<Frame> {
         // The line and its first line-end byte, and the `\n` of a `\r\n` when it is already
         // here (otherwise it is an empty line, skipped when it comes).
         let crlf = src[end] == b'\r' && src.get(end + 1) == Some(&b'\n');
@@ -331,20 +387,38 @@ fn could_be_reply(src: &[u8]) -> bool {
 /// `str::parse` version it replaces accepted (a property test in this file checks the two
 /// against each other); every field is ASCII-checked on the way, so no UTF-8 pass is needed.
 pub fn parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
-    parse_line_with(line, &mut Names::default())
+    match parse_line_with(line, &mut NameCache::default()) {
+        // A first sample always carries its names.
+        Frame::Sample(sample) => NameTrail::default()
+            .resolve(sample)
+            .ok_or(InvalidReason::Syntax),
+        Frame::Invalid(reason) => Err(reason),
+        Frame::Reply(_) => Err(InvalidReason::Syntax),
+    }
 }
 
-/// [`parse_line`], reusing the unit and channel of the codec's last frame when they repeat.
-fn parse_line_with(line: &[u8], names: &mut Names) -> Result<RawSample, InvalidReason> {
-    let body = line.strip_prefix(b"$").ok_or(InvalidReason::Syntax)?;
-    let star = body.len().checked_sub(3).ok_or(InvalidReason::Syntax)?;
-    parse_scanned(line, &Scan::of(&body[..star]), names)
+/// [`parse_line`] as a codec decodes a line: a [`Frame::Sample`] (without the names when they
+/// repeat the codec's last sample's) or a [`Frame::Invalid`], never a reply.
+fn parse_line_with(line: &[u8], names: &mut NameCache) -> Frame {
+    let Some(star) = line.len().checked_sub(4).filter(|_| line.starts_with(b"$")) else {
+        return Frame::Invalid(InvalidReason::Syntax);
+    };
+    parse_scanned(line, &Scan::of(&line[1..=star]), names)
 }
 
 /// [`parse_line_with`] given the scan of the line's payload. `scan` may also count commas
 /// after the payload (in `*CC`): such a line fails the `*CC` checks before any comma is used.
 #[inline(always)]
-fn parse_scanned(line: &[u8], scan: &Scan, names: &mut Names) -> Result<RawSample, InvalidReason> {
+fn parse_scanned(line: &[u8], scan: &Scan, names: &mut NameCache) -> Frame {
+    match check_sum(line, scan) {
+        Ok(()) => parse_payload(line, scan, names),
+        Err(reason) => Frame::Invalid(reason),
+    }
+}
+
+/// Whether `line` ends in a `*CC` that matches the checksum of `scan`.
+#[inline(always)]
+fn check_sum(line: &[u8], scan: &Scan) -> Result<(), InvalidReason> {
     let body = line.strip_prefix(b"$").ok_or(InvalidReason::Syntax)?;
     let star = body.len().checked_sub(3).ok_or(InvalidReason::Syntax)?;
     if body[star] != b'*' {
@@ -354,7 +428,7 @@ fn parse_scanned(line: &[u8], scan: &Scan, names: &mut Names) -> Result<RawSampl
     if scan.checksum != sent {
         return Err(InvalidReason::Checksum);
     }
-    parse_payload(line, scan, names).ok_or(InvalidReason::Syntax)
+    Ok(())
 }
 
 /// Finds the end of the line at the front of `src` (which starts with `$`) and scans its
@@ -363,22 +437,22 @@ fn parse_scanned(line: &[u8], scan: &Scan, names: &mut Names) -> Result<RawSampl
 ///
 /// Every byte of a well-formed frame between `$` and its line end is at least `%` (0x25),
 /// while `\r`, `\n` and `$` are below it; so the first byte below `%` ends the line. Returns
-/// the line end's index (below `limit`) and the scan when that byte is `\r` or `\n` and the
-/// line is at least `$*CC` long; `None` for everything else (a `$` or another low byte first,
-/// no line end yet, fewer than 8 bytes left to load), which the two-pass path decides as before.
+/// the line end's index (below `limit`), with the scan in `scan` (which starts empty: filled in
+/// place, not returned, so it is not copied), when that byte is `\r` or `\n` and the line is at
+/// least `$*CC` long; `None` for everything else (a `$` or another low byte first, no line end
+/// yet, fewer than 8 bytes left to load), which the two-pass path decides as before.
 #[inline(always)]
-fn scan_line(src: &[u8], limit: usize) -> Option<(usize, Scan)> {
+fn scan_line(src: &[u8], limit: usize, scan: &mut Scan) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
-    let mut scan = Scan::default();
     let mut wide = 0u64;
-    // Index in `src` of the word's first byte; payload positions are one less.
-    let mut base = 1;
-    loop {
-        if base >= limit {
-            return None;
-        }
-        let word = load8(src, base)?;
+    // The words from `src[1]` that start below `limit` and have 8 bytes to load: those of this
+    // slice, so no step checks bounds of its own.
+    let words = src.get(1..src.len().min(limit.saturating_add(7)))?;
+    for (i, word) in words.chunks_exact(8).enumerate() {
+        let word = u64::from_le_bytes(word.try_into().expect("chunks_exact(8) yields 8 bytes"));
+        // Payload position of the word's first byte (its index in `src` is one more).
+        let at = i * 8;
         // 0x80 in the bytes below `%`: exact for the lowest one, which is all that is used
         // (a borrow only runs towards higher bytes).
         let low = word.wrapping_sub(ONES * 0x25) & !word & HIGH;
@@ -386,21 +460,28 @@ fn scan_line(src: &[u8], limit: usize) -> Option<(usize, Scan)> {
         if low != 0 {
             // The line ends in this word: only its bytes before the end count.
             let keep = ((1u64 << low.trailing_zeros()) - 1) >> 7;
-            scan.commas_in(commas & keep, base - 1);
-            let end = base + (low.trailing_zeros() / 8) as usize;
+            scan.commas_in(commas & keep, at);
+            let end = at + 1 + (low.trailing_zeros() / 8) as usize;
             if end >= limit || end < 4 || !is_line_end(src[end]) {
                 return None;
             }
             // The payload's checksum: every byte before the line end but `*CC`.
-            let wide = wide ^ (word & keep);
-            let folded = wide.to_le_bytes().iter().fold(0, |acc, &b| acc ^ b);
+            let folded = xor_bytes(wide ^ (word & keep));
             scan.checksum = folded ^ src[end - 3] ^ src[end - 2] ^ src[end - 1];
-            return Some((end, scan));
+            return Some(end);
         }
         wide ^= word;
-        scan.commas_in(commas, base - 1);
-        base += 8;
+        scan.commas_in(commas, at);
     }
+    None
+}
+
+/// The XOR of the 8 bytes of `word`: three folds of its halves instead of eight byte steps.
+#[inline(always)]
+fn xor_bytes(word: u64) -> u8 {
+    let word = word ^ (word >> 32);
+    let word = word ^ (word >> 16);
+    (word ^ (word >> 8)) as u8
 }
 
 /// `a == b`, without a `memcmp` call for the short names a device repeats: two overlapping
@@ -524,8 +605,10 @@ fn swar_value(line: &[u8], start: usize, end: usize) -> Option<f64> {
 #[derive(Default)]
 struct Scan {
     checksum: u8,
-    /// The first commas' positions; `commas` counts all of them.
-    at: [usize; 5],
+    /// Where the commas are, the `i`th at `at[i % 8]`: each in a slot of its own up to 8 of
+    /// them (a valid line has 3 or 4; one with more is refused by its count alone, whatever its
+    /// slots hold); `commas` counts all of them.
+    at: [usize; 8],
     commas: usize,
 }
 
@@ -540,7 +623,7 @@ impl Scan {
             wide ^= word;
             scan.commas_in(bytes_equal_to(word, b','), i * 8);
         }
-        scan.checksum = wide.to_le_bytes().iter().fold(0, |acc, &b| acc ^ b);
+        scan.checksum = xor_bytes(wide);
         let tail = payload.len() - words.remainder().len();
         for (i, &b) in words.remainder().iter().enumerate() {
             scan.checksum ^= b;
@@ -562,18 +645,30 @@ impl Scan {
     }
 
     fn comma(&mut self, at: usize) {
-        if let Some(slot) = self.at.get_mut(self.commas) {
-            *slot = at;
-        }
+        // No bounds check: a mask instead of `get_mut` in the hottest loop of the scan.
+        self.at[self.commas % 8] = at;
         self.commas += 1;
     }
 }
 
 /// The fields of a checksummed line's payload: `TH,<seq>,<value>,<unit>[,<channel>]` (`scan`
 /// counts from the payload's first byte, `line[1]`).
-fn parse_payload(line: &[u8], scan: &Scan, names: &mut Names) -> Option<RawSample> {
+///
+/// Returns the frame itself (its sample, or why it was refused) rather than an `Option` to
+/// convert: the device task's decode loop moves it once less.
+#[inline(never)]
+fn parse_payload(line: &[u8], scan: &Scan, names: &mut NameCache) -> Frame {
+    match payload_sample(line, scan, names) {
+        Some(sample) => Frame::Sample(sample),
+        None => Frame::Invalid(InvalidReason::Syntax),
+    }
+}
+
+/// The sample of [`parse_payload`], if its fields are valid.
+#[inline(always)]
+fn payload_sample(line: &[u8], scan: &Scan, names: &mut NameCache) -> Option<FrameSample> {
     let payload = &line[1..line.len() - 3];
-    let [first, seq_end, value_end, unit_end, _] = scan.at;
+    let [first, seq_end, value_end, unit_end, ..] = scan.at;
     // Four fields, or five with a channel; a sixth is an error.
     let (unit, channel) = match scan.commas {
         3 => (&payload[value_end + 1..], None),
@@ -589,18 +684,10 @@ fn parse_payload(line: &[u8], scan: &Scan, names: &mut Names) -> Option<RawSampl
     // In `line`, one byte further than in `payload`.
     let seq = seq_at(line, first + 2, seq_end + 1)?;
     let value = value_at(line, seq_end + 2, value_end + 1)?;
-    let unit = names.unit(unit)?;
-    let channel = match channel {
-        None => None,
-        // A sixth field (its comma fails the charset), or an empty or badly spelled channel.
-        Some(channel) => Some(names.channel(channel)?),
-    };
-    Some(RawSample {
-        seq,
-        value,
-        unit,
-        channel,
-    })
+    // Last: a frame refused after its names were taken as the last would hide them from the
+    // consumer. (A sixth field's comma fails the channel's charset.)
+    let names = names.of(unit, channel)?;
+    Some(FrameSample { seq, value, names })
 }
 
 /// What `u32::from_str` accepts: an optional `+`, then 1 or more ASCII digits, no overflow.
@@ -700,7 +787,7 @@ pub fn checksum(bytes: &[u8]) -> u8 {
     let wide = words.by_ref().fold(0u64, |acc, word| {
         acc ^ u64::from_le_bytes(word.try_into().expect("chunks_exact(8) yields 8 bytes"))
     });
-    let folded = wide.to_le_bytes().iter().fold(0, |acc, &b| acc ^ b);
+    let folded = xor_bytes(wide);
     words.remainder().iter().fold(folded, |acc, &b| acc ^ b)
 }
 
@@ -861,16 +948,48 @@ mod tests {
         buf
     }
 
+    /// Every item `buf` holds, each sample with its names (see [`whole`]).
     fn decode_all(codec: &mut FrameCodec, buf: &mut BytesMut) -> Vec<Frame> {
         let mut out = Vec::new();
         while let Some(f) = codec.decode(buf).unwrap() {
             out.push(f);
         }
-        out
+        whole(out)
+    }
+
+    /// `frames` with the names a consumer follows written into every sample: what a test
+    /// compares whole samples with. A sample without names before any (the codec handed them
+    /// out in an earlier call) stays without.
+    fn whole(frames: Vec<Frame>) -> Vec<Frame> {
+        let mut trail = NameTrail::default();
+        frames
+            .into_iter()
+            .map(|frame| match frame {
+                Frame::Sample(sample) => match trail.resolve(sample.clone()) {
+                    Some(sample) => full(sample),
+                    None => Frame::Sample(sample),
+                },
+                other => other,
+            })
+            .collect()
+    }
+
+    /// A sample repeating the names of the one before it.
+    fn repeat(seq: u32, value: f64) -> Frame {
+        Frame::Sample(FrameSample {
+            seq,
+            value,
+            names: None,
+        })
+    }
+
+    /// `sample` as a frame carrying its names.
+    fn full(sample: RawSample) -> Frame {
+        Frame::Sample(sample.into())
     }
 
     fn sample(seq: u32, value: f64) -> Frame {
-        Frame::Sample(RawSample {
+        full(RawSample {
             seq,
             value,
             unit: "arb.units".into(),
@@ -922,7 +1041,7 @@ mod tests {
     }
 
     #[test]
-    fn a_repeated_unit_or_channel_is_reused_and_a_new_one_checked() {
+    fn names_are_handed_out_once_per_change_and_only_for_samples_handed_out() {
         let mut buf = BytesMut::new();
         encode_channel_frame(1, 1.0, "V", "rail_5v", &mut buf);
         encode_channel_frame(2, 2.0, "V", "rail_5v", &mut buf);
@@ -930,25 +1049,49 @@ mod tests {
         encode_channel_frame(4, 4.0, "m V", "rail_3v3", &mut buf);
         encode_channel_frame(5, 5.0, "mV", "rail 3v3", &mut buf);
         encode_frame(6, 6.0, "mV", &mut buf);
-        let frames = decode_all(&mut FrameCodec::default(), &mut buf);
+        encode_frame(7, 7.0, "mV", &mut buf);
+        // A valid new unit in a frame refused for its value: not taken as the last names.
+        let payload = "TH,8,x,kV";
+        buf.extend_from_slice(
+            format!("${payload}*{:02X}\r\n", checksum(payload.as_bytes())).as_bytes(),
+        );
+        encode_frame(9, 9.0, "kV", &mut buf);
+        encode_channel_frame(10, 10.0, "kV", "rail_5v", &mut buf);
+        encode_channel_frame(11, 11.0, "kV", "rail_12v", &mut buf);
+        let mut codec = FrameCodec::default();
+        let mut frames = Vec::new();
+        while let Some(frame) = codec.decode(&mut buf).unwrap() {
+            frames.push(frame);
+        }
         let named = |seq, unit: &str, channel: Option<&str>| {
-            Frame::Sample(RawSample {
+            full(RawSample {
                 seq,
                 value: f64::from(seq),
                 unit: unit.into(),
                 channel: channel.map(Into::into),
             })
         };
+        let same = |seq| repeat(seq, f64::from(seq));
         assert_eq!(
             frames,
             vec![
                 named(1, "V", Some("rail_5v")),
-                named(2, "V", Some("rail_5v")),
+                same(2),
                 named(3, "mV", Some("rail_3v3")),
                 Frame::Invalid(InvalidReason::Syntax),
                 Frame::Invalid(InvalidReason::Syntax),
                 named(6, "mV", None),
+                same(7),
+                Frame::Invalid(InvalidReason::Syntax),
+                named(9, "kV", None),
+                named(10, "kV", Some("rail_5v")),
+                named(11, "kV", Some("rail_12v")),
             ]
+        );
+        // Decoded alone, every line carries its names.
+        assert_eq!(
+            parse_line(b"$TH,2,2.0,V,rail_5v*5E").map(|s| (s.unit, s.channel)),
+            Ok(("V".into(), Some("rail_5v".into())))
         );
     }
 
@@ -964,8 +1107,9 @@ mod tests {
                 let scan = Scan::of(&payload);
                 let commas: Vec<usize> = (0..len).filter(|&i| payload[i] == b',').collect();
                 assert_eq!(scan.commas, commas.len(), "{payload:?}");
-                let n = commas.len().min(5);
-                assert_eq!(&scan.at[..n], &commas[..n], "{payload:?}");
+                if commas.len() <= 8 {
+                    assert_eq!(&scan.at[..commas.len()], &commas[..], "{payload:?}");
+                }
                 assert_eq!(scan.checksum, checksum(&payload), "{payload:?}");
             }
         }
@@ -1091,13 +1235,14 @@ mod tests {
         encode_channel_frame(42, 21.5, "degC", "temperature", &mut src);
         let end = src.len() - 2;
         encode_frame(43, 42.9148, "arb.units", &mut src);
-        let (found, scan) = scan_line(&src, 128).expect("the one-pass path takes it");
+        let mut scan = Scan::default();
+        let found = scan_line(&src, 128, &mut scan).expect("the one-pass path takes it");
         assert_eq!(found, end);
         assert_eq!(scan.checksum, checksum(&src[1..end - 3]));
         assert_eq!((scan.commas, &scan.at[..4]), (4, &[2, 5, 15, 20][..]));
         // Within `limit` only, and never the last frame of a read (no 8 bytes to load past it).
-        assert!(scan_line(&src, end).is_none());
-        assert!(scan_line(&src[..end + 2], 128).is_none());
+        assert!(scan_line(&src, end, &mut Scan::default()).is_none());
+        assert!(scan_line(&src[..end + 2], 128, &mut Scan::default()).is_none());
     }
 
     #[test]
@@ -1296,7 +1441,7 @@ mod tests {
         let frames = decode_all(&mut codec, &mut BytesMut::from(line.as_bytes()));
         assert_eq!(
             frames,
-            vec![Frame::Sample(RawSample {
+            vec![full(RawSample {
                 seq: 3,
                 value: 0.5,
                 unit: "V".into(),
@@ -1315,7 +1460,7 @@ mod tests {
         assert_eq!(
             decode_all(&mut codec, &mut buf),
             vec![
-                Frame::Sample(RawSample {
+                full(RawSample {
                     seq: 42,
                     value: 21.5,
                     unit: "degC".into(),
@@ -1344,7 +1489,7 @@ mod tests {
         codec.encode(&plain, &mut buf).unwrap();
         assert_eq!(
             decode_all(&mut codec, &mut buf),
-            vec![Frame::Sample(named), Frame::Sample(plain)]
+            vec![full(named), full(plain)]
         );
     }
 
@@ -1374,7 +1519,7 @@ mod tests {
             &mut BytesMut::from(line.as_bytes()),
         );
         assert!(
-            matches!(&frames[..], [Frame::Sample(s)] if s.channel.as_deref() == Some(&"c".repeat(32)[..])),
+            matches!(&frames[..], [Frame::Sample(s)] if s.names.as_ref().and_then(|n| n.channel.as_deref()) == Some(&"c".repeat(32)[..])),
             "{frames:?}"
         );
     }
@@ -1430,7 +1575,7 @@ mod tests {
         assert_eq!(decode_all(&mut codec, &mut buf), vec![]);
         buf.extend_from_slice(&ended(2, b"\r"));
         buf.extend_from_slice(b"\n\r\n\n");
-        assert_eq!(decode_all(&mut codec, &mut buf), vec![sample(2, 2.0)]);
+        assert_eq!(decode_all(&mut codec, &mut buf), vec![repeat(2, 2.0)]);
         assert!(buf.is_empty());
     }
 
@@ -1468,9 +1613,11 @@ mod tests {
                 frames,
                 [sample(1, 1.0), Frame::Invalid(InvalidReason::TooLong)]
                     .map(|f| match f {
-                        Frame::Sample(s) => Frame::Sample(RawSample {
+                        Frame::Sample(s) => full(RawSample {
+                            seq: s.seq,
+                            value: s.value,
                             unit: "u".into(),
-                            ..s
+                            channel: None,
                         }),
                         other => other,
                     })
@@ -1669,10 +1816,10 @@ mod tests {
                     stream.extend_from_slice(&buf);
                     stream.extend_from_slice(LINE_ENDS[*end]);
                 }
-                let decoded = decode_in_pieces(&stream, &cuts);
+                let decoded = whole(decode_in_pieces(&stream, &cuts));
                 let expected: Vec<_> = frames
                     .iter()
-                    .map(|(seq, _)| Frame::Sample(RawSample { seq: *seq, value: 1.5, unit: "V".into(), channel: None }))
+                    .map(|(seq, _)| full(RawSample { seq: *seq, value: 1.5, unit: "V".into(), channel: None }))
                     .collect();
                 prop_assert_eq!(decoded, expected);
             }
@@ -1716,13 +1863,14 @@ mod tests {
                 }
                 src.extend_from_slice(&after);
                 let limit = limit.min(src.len());
-                if let Some((end, scan)) = scan_line(&src, limit) {
+                let mut scan = Scan::default();
+                if let Some(end) = scan_line(&src, limit, &mut scan) {
                     let two_pass = memchr::memchr3(b'\r', b'\n', b'$', &src[1..limit]).map(|p| p + 1);
                     prop_assert_eq!(Some(end), two_pass);
                     let line = &src[..end];
                     prop_assert_eq!(
-                        parse_scanned(line, &scan, &mut Names::default()),
-                        parse_line_with(line, &mut Names::default())
+                        parse_scanned(line, &scan, &mut NameCache::default()),
+                        parse_line_with(line, &mut NameCache::default())
                     );
                 }
             }
@@ -1753,10 +1901,12 @@ mod tests {
                         Piece::Garbage(_) => {}
                     }
                 }
+                let mut trail = NameTrail::default();
                 let decoded: Vec<_> = decode_in_pieces(&stream, &cuts)
                     .into_iter()
                     .filter_map(|f| match f {
                         Frame::Sample(s) => {
+                            let s = trail.resolve(s).expect("the first sample carries its names");
                             Some((s.seq, s.value, s.unit.to_string(), s.channel.map(|c| c.to_string())))
                         }
                         _ => None,
@@ -1827,7 +1977,8 @@ mod tests {
                     Some(Frame::Sample(s)) => {
                         prop_assert_eq!(s.seq, seq);
                         prop_assert_eq!(s.value.to_bits(), sent(value).to_bits());
-                        prop_assert_eq!(s.channel.map(|c| c.to_string()), channel);
+                        let names = s.names.expect("a codec's first sample carries its names");
+                        prop_assert_eq!(names.channel.map(|c| c.to_string()), channel);
                     }
                     other => prop_assert!(false, "{:?} -> {:?}", value, other),
                 }

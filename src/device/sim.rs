@@ -373,7 +373,7 @@ mod tests {
     use tokio_util::codec::Decoder;
 
     use super::*;
-    use crate::device::codec::{Frame, FrameCodec, InvalidReason};
+    use crate::device::codec::{Frame, FrameCodec, InvalidReason, NameTrail};
 
     fn settings() -> SimulatorSettings {
         SimulatorSettings {
@@ -409,10 +409,14 @@ mod tests {
     async fn unpaced_frames_are_valid_sequential_and_follow_the_signal() {
         let frames = frames_from(Simulator::new(settings(), Duration::ZERO), 8000).await;
         assert!(frames.len() > 100);
-        for (i, frame) in frames.iter().enumerate() {
+        let mut trail = NameTrail::default();
+        for (i, frame) in frames.into_iter().enumerate() {
             let Frame::Sample(s) = frame else {
                 panic!("frame {i} invalid: {frame:?}")
             };
+            let s = trail
+                .resolve(s)
+                .expect("the first sample carries its names");
             assert_eq!(s.seq, i as u32);
             assert!(
                 (s.value - Simulator::signal(s.seq)).abs() <= 0.0100001,
@@ -440,10 +444,14 @@ mod tests {
         );
         let frames = frames_from(sim, 8000).await;
         assert!(frames.len() > 100);
-        for (i, frame) in frames.iter().enumerate() {
+        let mut trail = NameTrail::default();
+        for (i, frame) in frames.into_iter().enumerate() {
             let Frame::Sample(s) = frame else {
                 panic!("frame {i} invalid: {frame:?}")
             };
+            let s = trail
+                .resolve(s)
+                .expect("the first sample carries its names");
             assert_eq!(s.seq, i as u32, "one sequence across channels");
             let ch = i % channels.len();
             assert_eq!(s.channel.as_deref(), Some(channels[ch].as_str()), "{s:?}");

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::codec::{Frame, FrameCodec, RawSample};
+use super::codec::{Frame, FrameCodec, InvalidReason, SampleNames};
 use super::modbus::link::{ModbusFailure, ModbusLink, ModbusMap, Outcome, WriteRequest};
 use super::rate::{limits_for, requested_rate};
 use super::reader::{Chunk, End, FrameReader};
@@ -146,10 +146,9 @@ pub struct DeviceTask<C: Connector> {
     channel: SmolStr,
     /// The labels its samples share.
     labels: LabelCache,
-    /// The labels of the last frame, and whether it named its channel (if not, they carry the
-    /// default channel): a link sends runs of one unit and channel, so a frame like the last
-    /// costs one or two comparisons instead of the cache's three.
-    last_labels: Option<(Arc<Labels>, bool)>,
+    /// The labels of the link's samples since its codec last handed out names (a codec does
+    /// once per change of unit or channel, and for its first sample).
+    frame_labels: Option<Arc<Labels>>,
     timing: Timing,
     autostart: bool,
     connector: C,
@@ -212,7 +211,7 @@ impl<C: Connector> DeviceTask<C> {
             id,
             channel,
             labels: LabelCache::default(),
-            last_labels: None,
+            frame_labels: None,
             timing: Timing {
                 configured_interval: settings.interval(),
                 explicit_read_timeout,
@@ -397,6 +396,8 @@ impl<C: Connector> DeviceTask<C> {
             LinkEvent::Connected(io) => {
                 let (reader, writer) = tokio::io::split(io);
                 let codec = FrameCodec::new(self.timing.max_frame_len);
+                // A new codec hands out the names of its first sample.
+                self.frame_labels = None;
                 self.link = Some(Open::Frames(Link {
                     frames: FrameReader::new(reader, codec),
                     writer,
@@ -456,10 +457,21 @@ impl<C: Connector> DeviceTask<C> {
         for frame in frames {
             match frame {
                 Frame::Sample(raw) => {
+                    let labels = match raw.names {
+                        Some(names) => self.labels_of(&names),
+                        None => match &self.frame_labels {
+                            Some(labels) => labels.clone(),
+                            None => {
+                                // Names before any: not what a codec yields, so counted.
+                                invalid[InvalidReason::Syntax.index()] += 1;
+                                continue;
+                            }
+                        },
+                    };
                     gaps += seq_gap(self.last_seq, raw.seq);
                     self.last_seq = Some(raw.seq);
                     samples.push_back(Sample {
-                        labels: self.labels_of(&raw),
+                        labels,
                         seq: Some(raw.seq),
                         value: raw.value,
                         timestamp,
@@ -494,20 +506,11 @@ impl<C: Connector> DeviceTask<C> {
         }
     }
 
-    /// The shared labels of a frame's samples.
-    fn labels_of(&mut self, raw: &RawSample) -> Arc<Labels> {
-        if let Some((last, named)) = &self.last_labels
-            && last.unit == raw.unit
-            && match &raw.channel {
-                None => !named,
-                Some(channel) => last.channel == *channel,
-            }
-        {
-            return last.clone();
-        }
-        let channel = raw.channel.as_deref().unwrap_or(&self.channel);
-        let labels = self.labels.get(&self.id, &raw.unit, channel);
-        self.last_labels = Some((labels.clone(), raw.channel.is_some()));
+    /// The shared labels of the samples a codec names `names`, kept for those that follow.
+    fn labels_of(&mut self, names: &SampleNames) -> Arc<Labels> {
+        let channel = names.channel.as_deref().unwrap_or(&self.channel);
+        let labels = self.labels.get(&self.id, &names.unit, channel);
+        self.frame_labels = Some(labels.clone());
         labels
     }
 
