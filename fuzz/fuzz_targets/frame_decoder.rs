@@ -5,26 +5,43 @@
 //! bytes between reads (memory stays bounded), must only yield samples and replies that are
 //! well-formed, and must leave nothing behind at end of stream. The same reads decoded the
 //! device task's way (`decode_into` per read, a few items per call, then `finish_into`) must
-//! yield exactly the same items.
+//! yield exactly the same items. A sample's names, which a codec hands out only when they
+//! change, are followed across the stream and must be those its own line spells.
 
 #![no_main]
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use telemetryhub::device::codec::{
-    Frame, FrameCodec, NameTrail, REPLY_PREFIXES, valid_channel, valid_unit,
+    Frame, FrameCodec, NameTrail, REPLY_PREFIXES, parse_line, valid_channel, valid_unit,
 };
 use tokio_util::codec::Encoder;
 use tokio_util::codec::Decoder;
 
-/// Checks one item of the stream `trail` follows the names of.
-fn check(frame: &Frame, trail: &mut NameTrail) {
+/// Checks one item of the stream `trail` follows the names of, decoded from `consumed` (the
+/// bytes the call that yielded it took from the buffer).
+fn check(frame: &Frame, trail: &mut NameTrail, consumed: &[u8]) {
     match frame {
         Frame::Sample(sample) => {
             // Names come with a codec's first sample, so every sample has some.
             let sample = trail
                 .resolve(sample.clone())
                 .expect("a sample without names before any with them");
+            // And they are its own line's: the line (from the last `$` of what the call took,
+            // since a line holds no other, to its line end) parsed alone says the same.
+            let start = consumed.iter().rposition(|&b| b == b'$').expect("a frame starts at `$`");
+            let line = &consumed[start..];
+            let end = line
+                .iter()
+                .position(|&b| b == b'\r' || b == b'\n')
+                .unwrap_or(line.len());
+            let alone = parse_line(&line[..end]).expect("a decoded line parses alone");
+            assert_eq!(
+                (alone.seq, alone.value.to_bits(), &alone.unit, &alone.channel),
+                (sample.seq, sample.value.to_bits(), &sample.unit, &sample.channel),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
             assert!(valid_unit(sample.unit.as_bytes()), "{sample:?}");
             if let Some(channel) = &sample.channel {
                 assert!(valid_channel(channel.as_bytes()), "{sample:?}");
@@ -82,8 +99,12 @@ fuzz_target!(|data: &[u8]| {
         buf.extend_from_slice(&rest[..n]);
         batch_buf.extend_from_slice(&rest[..n]);
         rest = &rest[n..];
-        while let Some(frame) = codec.decode(&mut buf).expect("the decoder never fails") {
-            check(&frame, &mut trail);
+        loop {
+            let before = buf.clone();
+            let Some(frame) = codec.decode(&mut buf).expect("the decoder never fails") else {
+                break;
+            };
+            check(&frame, &mut trail, &before[..before.len() - buf.len()]);
             one_by_one.push(frame);
         }
         assert!(
@@ -101,8 +122,12 @@ fuzz_target!(|data: &[u8]| {
         }
         assert_eq!(batch_buf, buf, "both ways leave the same bytes for the next read");
     }
-    while let Some(frame) = codec.decode_eof(&mut buf).expect("the decoder never fails") {
-        check(&frame, &mut trail);
+    loop {
+        let before = buf.clone();
+        let Some(frame) = codec.decode_eof(&mut buf).expect("the decoder never fails") else {
+            break;
+        };
+        check(&frame, &mut trail, &before[..before.len() - buf.len()]);
         one_by_one.push(frame);
     }
     assert!(buf.is_empty(), "bytes left at end of stream: {buf:?}");

@@ -47,6 +47,8 @@ pub struct RawSample {
 /// A device repeats one unit (and channel) in frame after frame, so a decoder hands them out
 /// once per change instead of once per sample: a sample is 24 bytes instead of 64, and a
 /// consumer builds what it derives from the names (the device task's labels) once per change.
+/// A consumer must therefore follow every sample of the stream in order: one that skips a
+/// sample may skip a change of names.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FrameSample {
     /// The device's own counter.
@@ -151,6 +153,9 @@ pub enum Frame {
 pub const REPLY_PREFIXES: [&[u8]; 3] = [b"OK:", b"ERROR:", b"STATUS:"];
 
 /// Decodes `$TH,...*CC` lines and encodes samples as such lines.
+///
+/// What it keeps between calls (a garbage run being skipped, the names of the last sample)
+/// belongs to one stream: a clone continues that stream, and a new stream takes a new codec.
 #[derive(Debug, Clone)]
 pub struct FrameCodec {
     max_len: usize,
@@ -1050,11 +1055,12 @@ mod tests {
         encode_channel_frame(5, 5.0, "mV", "rail 3v3", &mut buf);
         encode_frame(6, 6.0, "mV", &mut buf);
         encode_frame(7, 7.0, "mV", &mut buf);
-        // A valid new unit in a frame refused for its value: not taken as the last names.
-        let payload = "TH,8,x,kV";
-        buf.extend_from_slice(
-            format!("${payload}*{:02X}\r\n", checksum(payload.as_bytes())).as_bytes(),
-        );
+        // A valid new unit in frames refused for their value and for their channel: not taken
+        // as the last names, so the next frame with that unit carries it.
+        for payload in ["TH,8,x,kV", "TH,8,8.0,kV,rail 5v"] {
+            let line = format!("${payload}*{:02X}\r\n", checksum(payload.as_bytes()));
+            buf.extend_from_slice(line.as_bytes());
+        }
         encode_frame(9, 9.0, "kV", &mut buf);
         encode_channel_frame(10, 10.0, "kV", "rail_5v", &mut buf);
         encode_channel_frame(11, 11.0, "kV", "rail_12v", &mut buf);
@@ -1082,6 +1088,7 @@ mod tests {
                 Frame::Invalid(InvalidReason::Syntax),
                 named(6, "mV", None),
                 same(7),
+                Frame::Invalid(InvalidReason::Syntax),
                 Frame::Invalid(InvalidReason::Syntax),
                 named(9, "kV", None),
                 named(10, "kV", Some("rail_5v")),
@@ -1639,22 +1646,39 @@ mod tests {
         enum Piece {
             /// A frame, naming a channel or not, ending in `LINE_ENDS[.4]`.
             Frame(u32, f64, String, Option<String>, usize),
+            /// A checksummed frame with a valid unit that is refused for another field: a bad
+            /// value (`.2` 0), a bad channel (1) or a sixth field (2).
+            Refused(String, Option<String>, u8),
             Garbage(Vec<u8>),
+        }
+
+        /// A unit: mostly from a pool of three, so runs repeat and return (samples without
+        /// names between samples with them), sometimes anything valid.
+        fn unit() -> impl Strategy<Value = String> {
+            prop_oneof![
+                3 => prop::sample::select(vec!["V", "mV", "degC"]).prop_map(String::from),
+                1 => "[A-Za-z0-9._/%-]{1,16}",
+            ]
+        }
+
+        /// A channel or none, the same way.
+        fn channel() -> impl Strategy<Value = Option<String>> {
+            prop_oneof![
+                3 => prop::sample::select(vec![None, Some("a"), Some("b")])
+                    .prop_map(|c| c.map(String::from)),
+                1 => proptest::option::of("[A-Za-z0-9_.-]{1,32}"),
+            ]
         }
 
         fn piece() -> impl Strategy<Value = Piece> {
             prop_oneof![
-                (
-                    any::<u32>(),
-                    -1e9..1e9f64,
-                    "[A-Za-z0-9._/%-]{1,16}",
-                    proptest::option::of("[A-Za-z0-9_.-]{1,32}"),
-                    0..LINE_ENDS.len()
-                )
+                4 => (any::<u32>(), -1e9..1e9f64, unit(), channel(), 0..LINE_ENDS.len())
                     .prop_map(|(seq, value, unit, channel, end)| {
                         Piece::Frame(seq, value, unit, channel, end)
                     }),
-                proptest::collection::vec(any::<u8>(), 0..300).prop_map(Piece::Garbage),
+                1 => (unit(), channel(), 0..3u8)
+                    .prop_map(|(unit, channel, why)| Piece::Refused(unit, channel, why)),
+                1 => proptest::collection::vec(any::<u8>(), 0..300).prop_map(Piece::Garbage),
             ]
         }
 
@@ -1671,6 +1695,15 @@ mod tests {
                         buf.truncate(buf.len() - 2);
                         buf.extend_from_slice(LINE_ENDS[*end]);
                         buf.to_vec()
+                    }
+                    Piece::Refused(unit, channel, why) => {
+                        let channel = channel.as_deref().unwrap_or("c");
+                        let payload = match why {
+                            0 => format!("TH,1,x,{unit},{channel}"),
+                            1 => format!("TH,1,1.0,{unit},bad {channel}"),
+                            _ => format!("TH,1,1.0,{unit},{channel},extra"),
+                        };
+                        format!("${payload}*{:02X}\r\n", checksum(payload.as_bytes())).into_bytes()
                     }
                     Piece::Garbage(bytes) => bytes.clone(),
                 }
@@ -1898,7 +1931,7 @@ mod tests {
                             let sent: f64 = format!("{value:.6}").parse().unwrap();
                             expected.push((*seq, sent, unit.clone(), channel.clone()));
                         }
-                        Piece::Garbage(_) => {}
+                        Piece::Refused(..) | Piece::Garbage(_) => {}
                     }
                 }
                 let mut trail = NameTrail::default();

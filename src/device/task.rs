@@ -457,19 +457,21 @@ impl<C: Connector> DeviceTask<C> {
         for frame in frames {
             match frame {
                 Frame::Sample(raw) => {
+                    gaps += seq_gap(self.last_seq, raw.seq);
+                    self.last_seq = Some(raw.seq);
                     let labels = match raw.names {
                         Some(names) => self.labels_of(&names),
                         None => match &self.frame_labels {
                             Some(labels) => labels.clone(),
                             None => {
-                                // Names before any: not what a codec yields, so counted.
+                                // No names before any: not what a codec yields (a new link
+                                // has a new codec, whose first sample names them), so counted
+                                // rather than given labels it never had.
                                 invalid[InvalidReason::Syntax.index()] += 1;
                                 continue;
                             }
                         },
                     };
-                    gaps += seq_gap(self.last_seq, raw.seq);
-                    self.last_seq = Some(raw.seq);
                     samples.push_back(Sample {
                         labels,
                         seq: Some(raw.seq),

@@ -427,6 +427,45 @@ async fn each_frame_gets_its_own_unit_and_channel_and_equal_ones_share_labels() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn labels_follow_the_names_across_reads_and_reconnects() {
+    let (script, mut first, dev) = measuring_device(&settings()).await;
+    // One unit in two reads: the codec names it once, and the later read's sample carries
+    // the labels the first one built.
+    send(&mut first, &frames([2])).await;
+    let earlier = dev.samples(1).await;
+    send(&mut first, &frames([3])).await;
+    let later = dev.samples(1).await;
+    assert_eq!(later[0].labels.names(), ("dev", "V", DEFAULT_CHANNEL));
+    assert!(Arc::ptr_eq(&earlier[0].labels, &later[0].labels));
+
+    // A new link: its first frame, the same unit as the last link's, and then changes.
+    let mut second = script.link();
+    drop(first);
+    script.wait_connects(2).await;
+    let mut bytes = frames([4]);
+    encode_channel_frame(5, 5.0, "mV", "rail", &mut bytes);
+    bytes.extend_from_slice(&frame(6, 6.0, "mV"));
+    bytes.extend_from_slice(&frames([7]));
+    send(&mut second, &bytes).await;
+    let samples = dev.samples(4).await;
+    let names: Vec<_> = samples.iter().map(|s| s.labels.names()).collect();
+    assert_eq!(
+        names,
+        [
+            ("dev", "V", DEFAULT_CHANNEL),
+            ("dev", "mV", "rail"),
+            ("dev", "mV", DEFAULT_CHANNEL),
+            ("dev", "V", DEFAULT_CHANNEL),
+        ]
+    );
+    assert_eq!(seqs(&samples), [4, 5, 6, 7]);
+    assert_eq!(
+        dev.handle.counters().frames_invalid,
+        InvalidCounts::default()
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn stop_drops_the_link_and_start_opens_a_new_one() {
     let (script, mut first, dev) = measuring_device(&settings()).await;
 
