@@ -60,20 +60,6 @@ pub struct FrameSample {
     pub names: Option<Box<SampleNames>>,
 }
 
-impl From<RawSample> for FrameSample {
-    /// The sample with its names, as a codec yields a first sample.
-    fn from(sample: RawSample) -> Self {
-        FrameSample {
-            seq: sample.seq,
-            value: sample.value,
-            names: Some(Box::new(SampleNames {
-                unit: sample.unit,
-                channel: sample.channel,
-            })),
-        }
-    }
-}
-
 /// The unit and channel a frame was sent with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SampleNames {
@@ -393,12 +379,22 @@ fn could_be_reply(src: &[u8]) -> bool {
 /// against each other); every field is ASCII-checked on the way, so no UTF-8 pass is needed.
 pub fn parse_line(line: &[u8]) -> Result<RawSample, InvalidReason> {
     match parse_line_with(line, &mut NameCache::default()) {
-        // A first sample always carries its names.
-        Frame::Sample(sample) => NameTrail::default()
-            .resolve(sample)
-            .ok_or(InvalidReason::Syntax),
+        // A fresh cache: a valid line's sample always carries its names.
+        Frame::Sample(FrameSample {
+            seq,
+            value,
+            names: Some(names),
+        }) => {
+            let SampleNames { unit, channel } = *names;
+            Ok(RawSample {
+                seq,
+                value,
+                unit,
+                channel,
+            })
+        }
         Frame::Invalid(reason) => Err(reason),
-        Frame::Reply(_) => Err(InvalidReason::Syntax),
+        Frame::Sample(_) | Frame::Reply(_) => Err(InvalidReason::Syntax),
     }
 }
 
@@ -990,7 +986,14 @@ mod tests {
 
     /// `sample` as a frame carrying its names.
     fn full(sample: RawSample) -> Frame {
-        Frame::Sample(sample.into())
+        Frame::Sample(FrameSample {
+            seq: sample.seq,
+            value: sample.value,
+            names: Some(Box::new(SampleNames {
+                unit: sample.unit,
+                channel: sample.channel,
+            })),
+        })
     }
 
     fn sample(seq: u32, value: f64) -> Frame {

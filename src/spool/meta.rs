@@ -225,13 +225,20 @@ mod tests {
         assert_eq!(MetaFile::open(dir).unwrap().1, Loaded::Damaged);
     }
 
+    /// Opens the metadata in `dir`, stores `meta(n)` for each `n`, and closes it again (one
+    /// opener at a time).
+    fn store_all(dir: &Path, ns: &[u64]) {
+        let (mut file, _) = MetaFile::open(dir).unwrap();
+        for &n in ns {
+            file.store(&meta(n)).unwrap();
+        }
+    }
+
     #[test]
     fn writing_after_a_fallback_never_overwrites_the_valid_slot_first() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let (mut file, _) = MetaFile::open(dir).unwrap();
-        file.store(&meta(1)).unwrap();
-        drop(file); // one opener at a time
+        store_all(dir, &[1]);
         let (mut file, loaded) = MetaFile::open(dir).unwrap();
         assert_eq!(loaded, Loaded::Valid(meta(1)));
         file.store(&meta(2)).unwrap();
@@ -243,10 +250,7 @@ mod tests {
     fn skipped_generations_keep_the_slot_the_next_store_would_use() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let (mut file, _) = MetaFile::open(dir).unwrap();
-        file.store(&meta(1)).unwrap();
-        file.store(&meta(2)).unwrap();
-        drop(file); // one opener at a time
+        store_all(dir, &[1, 2]);
         for next in [3, 4, 10, 11] {
             let (mut file, _) = MetaFile::open(dir).unwrap();
             let before = file.generation();
